@@ -1,0 +1,106 @@
+"""The `llama-tune` command: parse, validate, call one function, report.
+
+User mistakes (a bad recipe, a missing file, a run folder in the way) print one clear message and
+exit with code 2; a stop signal saves a checkpoint and exits with 128 + the signal number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from llama_tune import __version__, config
+from llama_tune.errors import UserError
+
+USAGE_ERROR = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llama-tune", description="Recipe-driven fine-tuning of Llama models."
+    )
+    parser.add_argument("--version", action="version", version=f"llama-tune {__version__}")
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    train = verbs.add_parser("train", help="train the adapter a recipe describes")
+    train.add_argument("recipe", help="path to a recipe YAML file")
+    train.add_argument(
+        "overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=1e-4"
+    )
+    train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    train.add_argument(
+        "--overwrite", action="store_true", help="replace whatever the run folder holds"
+    )
+    train.add_argument("--data", help="data folder; sets LLAMA_TUNE_DATA for the recipe")
+
+    validate = verbs.add_parser("validate", help="check recipes without loading any model")
+    validate.add_argument("recipes", nargs="+", help="recipe YAML files")
+    validate.add_argument("--data", help="data folder; sets LLAMA_TUNE_DATA for the recipes")
+    return parser
+
+
+def _train(args: argparse.Namespace) -> int:
+    # Imported here so `validate` and `--help` stay fast: torch and transformers load slowly.
+    from llama_tune import train
+
+    recipe = config.load(args.recipe, args.overrides)
+    try:
+        result = train.run(recipe, args.recipe, resume=args.resume, overwrite=args.overwrite)
+    except train.Interrupted as stop:
+        print(f"\nstopped: checkpoint saved to {stop.checkpoint_dir}", file=sys.stderr)
+        print(f"continue with: llama-tune train {args.recipe} --resume", file=sys.stderr)
+        return stop.exit_code
+    summary = result.summary
+    if summary.get("status") != "finished":
+        return 0
+    print(f"\nrun folder:  {result.run_dir}")
+    print(f"adapter:     {result.adapter_dir}")
+    print(f"summary:     {result.run_dir / train.SUMMARY}")
+    print(f"metrics:     {result.run_dir / train.METRICS}")
+    if "train_loss_first" in summary:
+        print(
+            f"train loss:  {summary['train_loss_first']:.4f} (first log) -> "
+            f"{summary['train_loss_last']:.4f} (last log)"
+        )
+    if "eval_loss_before" in summary:
+        print(
+            f"eval loss:   {summary['eval_loss_before']:.4f} (before) -> "
+            f"{summary['eval_loss_after']:.4f} (after)"
+        )
+    print(
+        f"time:        {summary['train_seconds']:.0f} s for {summary['steps']} steps, "
+        f"{summary['tokens_per_s']:.0f} tokens/s"
+    )
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    failed = 0
+    for path in args.recipes:
+        try:
+            config.load(path)
+        except config.RecipeError as error:
+            failed += 1
+            print(error, file=sys.stderr)
+        else:
+            print(f"ok: {path}")
+    return USAGE_ERROR if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `llama-tune` console script."""
+    args = _parser().parse_args(argv)
+    if args.data:
+        if not Path(args.data).is_dir():
+            print(f"error: --data {args.data}: no such folder", file=sys.stderr)
+            return USAGE_ERROR
+        os.environ["LLAMA_TUNE_DATA"] = str(Path(args.data).resolve())
+    handlers = {"train": _train, "validate": _validate}
+    try:
+        return handlers[args.verb](args)
+    except UserError as error:
+        # Anything else is a bug and keeps its traceback.
+        print(f"error: {error}", file=sys.stderr)
+        return USAGE_ERROR

@@ -1,0 +1,327 @@
+"""The recipe: a YAML file validated into small pydantic models, one per section.
+
+Every problem in a recipe is reported at once, each under its dotted key, before any model or
+dataset is loaded. Command-line overrides are dotted `key=value` pairs applied to the YAML before
+validation, so they are checked exactly like the file itself.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from llama_tune.errors import UserError
+from llama_tune.tasks import TASKS, template_problems
+
+
+class RecipeError(UserError):
+    """A recipe (or its overrides) is invalid; `problems` holds one line per broken key."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        listing = "\n".join(f"  - {problem}" for problem in problems)
+        super().__init__(f"{source}: {len(problems)} problem(s)\n{listing}")
+
+
+class Section(BaseModel):
+    """Base of every recipe section: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True, use_attribute_docstrings=True)
+
+
+class ModelConfig(Section):
+    """Which model to adapt and how to hold its weights."""
+
+    name: str = "smollm2-135m-instruct"
+    """A built-in name, a local folder, or a Hugging Face Hub id."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) when `name` is a Hub id."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Storage dtype of the base weights (compute precision is `train.precision`)."""
+    quantization: Literal["none", "4bit", "8bit"] = "none"
+    """bitsandbytes quantisation of the frozen base: 4bit is NF4 (QLoRA)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward: less memory, about 30% slower."""
+
+
+class AdapterConfig(Section):
+    """LoRA adapter settings (peft)."""
+
+    r: int = Field(8, ge=1, le=1024)
+    """Rank of the low-rank update."""
+    alpha: float = Field(16.0, gt=0)
+    """Scale numerator: the update is scaled by alpha / r (alpha / sqrt(r) with rsLoRA)."""
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    """Dropout on the adapter input."""
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    """Module names to adapt, or every linear layer except the output head."""
+    use_dora: bool = False
+    """Weight-decomposed LoRA (DoRA)."""
+    use_rslora: bool = False
+    """Rank-stabilised scaling alpha / sqrt(r)."""
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets_not_empty(cls, value: list[str] | str) -> list[str] | str:
+        if isinstance(value, list) and not value:
+            raise ValueError("name at least one module, or use 'all-linear'")
+        return value
+
+
+TaskName = Literal["classification", "summarisation", "translation", "instruction"]
+
+
+class SplitsConfig(Section):
+    """Names of the splits inside the data source; null turns a split off."""
+
+    train: str = "train"
+    """Split to train on."""
+    validation: str | None = "validation"
+    """Split for the eval loss; skipped when the source has none."""
+    test: str | None = "test"
+    """Split kept for final scoring."""
+
+
+class DataConfig(Section):
+    """Where rows come from and how they become prompt and target text."""
+
+    source: str
+    """A folder of {train,validation,test}.jsonl|csv|parquet, a single file, or a Hub dataset id."""
+    task: TaskName
+    """Task template: classification, summarisation, translation or instruction."""
+    splits: SplitsConfig = SplitsConfig()
+    fields: dict[str, str] = {}
+    """Task field -> column name in the data, e.g. {text: sentence}; defaults fit the task."""
+    template: str | None = None
+    """Prompt template with {field} placeholders; the task's default when null."""
+    chat_template: bool = False
+    """Wrap the prompt in the tokenizer's chat template as a user turn."""
+    labels: list[str] | None = None
+    """Classification label set; collected from the training split when null."""
+    source_lang: str | None = None
+    """Translation: source language name or code; read from the rows when null."""
+    target_lang: str | None = None
+    """Translation: target language name or code; read from the rows when null."""
+    max_length: int = Field(512, ge=8)
+    """Longest prompt + target in tokens."""
+    truncation: Literal["truncate", "drop", "error"] = "truncate"
+    """Over-long rows: shorten the input text, drop the row, or stop with an error."""
+    bad_rows: Literal["skip", "error"] = "skip"
+    """Rows with missing, empty, mistyped or undecodable fields: count and skip, or stop."""
+    max_train_rows: int | None = Field(None, ge=1)
+    """Use only the first N usable training rows."""
+    max_eval_rows: int | None = Field(None, ge=1)
+    """Use only the first N usable validation rows for the eval loss."""
+
+    @model_validator(mode="after")
+    def _fits_task(self) -> DataConfig:
+        task = TASKS[self.task]
+        problems = []
+        unknown = sorted(set(self.fields) - task.fields)
+        if unknown:
+            allowed = ", ".join(sorted(task.fields))
+            problems.append(f"fields: unknown task field(s) {unknown}; allowed: {allowed}")
+        if self.template is not None:
+            problems += [
+                f"template: {problem}" for problem in template_problems(self.template, task)
+            ]
+        if self.labels is not None and self.task != "classification":
+            problems.append("labels: only classification recipes take labels")
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+
+class TrainConfig(Section):
+    """The optimisation loop."""
+
+    epochs: float | None = Field(1.0, gt=0)
+    """Passes over the training split; ignored when max_steps is set."""
+    max_steps: int | None = Field(None, ge=1)
+    """Optimizer steps to run; overrides epochs."""
+    batch_size: int = Field(8, ge=1)
+    """Examples per micro-batch on each process."""
+    grad_accumulation: int = Field(1, ge=1)
+    """Micro-batches per optimizer step."""
+    lr: float = Field(2e-4, gt=0)
+    """Peak learning rate."""
+    scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    """Decay after warmup."""
+    warmup_steps: int | None = Field(None, ge=0)
+    """Linear warmup steps; overrides warmup_ratio."""
+    warmup_ratio: float = Field(0.05, ge=0.0, le=1.0)
+    """Warmup as a fraction of all steps."""
+    weight_decay: float = Field(0.0, ge=0.0)
+    """AdamW decoupled weight decay."""
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    """Clip the global gradient norm; null turns clipping off."""
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"
+    """Compute precision: autocast to bf16/fp16, or auto (fastest safe option here)."""
+    seed: int = 42
+    """Seeds adapter init, dropout and data order; runs with the same seed are identical."""
+    log_steps: int = Field(10, ge=1)
+    """Write a metrics line every N steps."""
+    eval_steps: int | None = Field(None, ge=1)
+    """Eval loss on the validation split every N steps (and always before and after)."""
+    save_steps: int | None = Field(None, ge=1)
+    """Checkpoint every N steps; null saves only on interruption."""
+    keep_last_checkpoints: int = Field(2, ge=1)
+    """How many step checkpoints to keep."""
+    max_nonfinite_steps: int = Field(0, ge=0)
+    """Steps with a NaN/inf loss to skip before stopping with an error."""
+    length_bucket: int = Field(16, ge=1)
+    """Pad batches to a multiple of this many tokens (fewer distinct kernel shapes)."""
+    trackers: list[Literal["tensorboard", "wandb"]] = []
+    """Accelerate trackers to log to, besides metrics.jsonl."""
+
+
+class OutputConfig(Section):
+    """Where the run folder goes."""
+
+    dir: str = "runs/{recipe}"
+    """Run folder; {recipe} is the recipe file's name without extension."""
+
+
+class Recipe(Section):
+    """A whole recipe: what to train, on what, and where the results go."""
+
+    model: ModelConfig = ModelConfig()
+    adapter: AdapterConfig = AdapterConfig()
+    data: DataConfig
+    train: TrainConfig = TrainConfig()
+    output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Recipe:
+        if self.train.epochs is None and self.train.max_steps is None:
+            raise ValueError("train.epochs: set epochs or train.max_steps")
+        return self
+
+
+_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand_env(value: Any, path: str, problems: list[str]) -> Any:
+    """Replace ${VAR} and ${VAR:-default} in every string, recording unset variables."""
+    if isinstance(value, dict):
+        return {
+            key: _expand_env(item, f"{path}.{key}" if path else str(key), problems)
+            for key, item in value.items()
+        }
+    if isinstance(value, list):
+        return [_expand_env(item, f"{path}.{index}", problems) for index, item in enumerate(value)]
+    if not isinstance(value, str):
+        return value
+
+    def substitute(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in os.environ:
+            return os.environ[name]
+        if default is not None:
+            return default
+        problems.append(f"{path}: environment variable {name} is not set")
+        return match.group(0)
+
+    return _ENV_REFERENCE.sub(substitute, value)
+
+
+def _override_value(text: str) -> Any:
+    """`1e-4` -> 1e-4, `[q_proj]` -> list, `null` or empty -> None, anything else -> the text."""
+    if not text:
+        return None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> list[str]:
+    """Set dotted `key=value` pairs in the raw recipe; values parse as YAML scalars or lists."""
+    problems = []
+    for override in overrides:
+        key, sep, text = override.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            problems.append(f"override {override!r}: expected dotted.key=value")
+            continue
+        *parents, leaf = key.split(".")
+        node = raw
+        for depth, part in enumerate(parents):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                problems.append(
+                    f"override {key}: {'.'.join(parents[: depth + 1])} is not a section"
+                )
+                break
+            node = child
+        else:
+            node[leaf] = _override_value(text)
+    return problems
+
+
+def _describe(error: dict[str, Any]) -> list[str]:
+    """Turn one pydantic error into lines of `dotted.key: message`."""
+    location = ".".join(str(part) for part in error["loc"])
+    # Literal unions report each branch as an extra location part; keep the key readable.
+    location = re.sub(r"\.(literal\[.*?\]|list\[str\])", "", location)
+    if error["type"] == "extra_forbidden":
+        return [f"{location}: unknown key"]
+    message = error["msg"].removeprefix("Value error, ")
+    lines = []
+    for line in message.split("\n"):
+        # Section validators prefix each line with the key inside the section.
+        key, sep, rest = line.partition(": ")
+        if sep and key.isidentifier():
+            lines.append(f"{location}.{key}: {rest}" if location else line)
+        else:
+            lines.append(f"{location}: {line}" if location else line)
+    return lines
+
+
+def parse(raw: Any, source: str, overrides: list[str] | None = None) -> Recipe:
+    """Override and validate a loaded recipe mapping; raise RecipeError listing every problem."""
+    if not isinstance(raw, dict):
+        raise RecipeError(source, ["the recipe must be a mapping of sections (model, data, ...)"])
+    problems = apply_overrides(raw, overrides or [])
+    expanded = _expand_env(raw, "", problems)
+    try:
+        recipe = Recipe.model_validate(expanded)
+    except ValidationError as error:
+        problems += [line for item in error.errors() for line in _describe(item)]
+    if problems:
+        raise RecipeError(source, list(dict.fromkeys(problems)))
+    return recipe
+
+
+def load(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe file."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise RecipeError(str(path), ["file not found"]) from None
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise RecipeError(str(path), [f"not valid YAML: {error}".replace("\n", " ")]) from None
+    return parse(raw, str(path), overrides)
+
+
+def run_dir(recipe: Recipe, recipe_path: str | Path) -> Path:
+    """The run folder named by `output.dir`, with {recipe} filled in."""
+    return Path(recipe.output.dir.replace("{recipe}", Path(recipe_path).stem))
+
+
+def to_yaml(recipe: Recipe) -> str:
+    """The resolved recipe as YAML (environment variables expanded, defaults filled in)."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

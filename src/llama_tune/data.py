@@ -1,0 +1,444 @@
+"""Rows -> prompt and target text -> token ids with a loss mask -> length-grouped batches.
+
+Rows come from a local folder of split files, a single file, or a Hub dataset. A row with a
+missing, empty, mistyped or undecodable field is counted under its reason and skipped, or stops
+the run naming the file and row, as `data.bad_rows` says.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from llama_tune.config import DataConfig
+from llama_tune.errors import UserError
+from llama_tune.tasks import TASKS, TaskSpec, language_name
+
+SPLIT_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+IGNORE_INDEX = -100
+
+
+class DataError(UserError):
+    """Data that cannot be read or a bad row under `bad_rows: error`."""
+
+
+@dataclass
+class RawRow:
+    """One row as read, or the reason it could not be read."""
+
+    number: int
+    """1-based row number in its file (line number for JSON Lines)."""
+    values: dict[str, Any] | None
+    problem: str | None = None
+
+
+@dataclass
+class Example:
+    """A usable row rendered for its task."""
+
+    prompt: str
+    target: str
+    input_ids: list[int]
+    prompt_length: int
+    """Tokens before the target starts; the loss covers the rest."""
+    row: int
+
+
+@dataclass
+class SplitStats:
+    """What happened to the rows of one split; goes into the run summary."""
+
+    origin: str
+    rows_read: int = 0
+    rows_used: int = 0
+    truncated: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "origin": self.origin,
+            "rows_read": self.rows_read,
+            "rows_used": self.rows_used,
+            "truncated": self.truncated,
+            "skipped": dict(sorted(self.skipped.items())),
+        }
+
+
+@dataclass
+class Split:
+    """The encoded examples of one split and how they were obtained."""
+
+    examples: list[Example]
+    stats: SplitStats
+
+
+# --------------------------------------------------------------------------------------- reading
+
+
+def split_file(source: Path, split: str) -> Path | None:
+    """The file holding `split` inside a data folder, if any."""
+    for suffix in SPLIT_SUFFIXES:
+        candidate = source / f"{split}{suffix}"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _read_json_lines(path: Path) -> Iterator[RawRow]:
+    with path.open("rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                values = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError:
+                yield RawRow(number, None, "undecodable")
+                continue
+            except json.JSONDecodeError:
+                yield RawRow(number, None, "invalid_json")
+                continue
+            if isinstance(values, dict):
+                yield RawRow(number, values)
+            else:
+                yield RawRow(number, None, "not_an_object")
+
+
+def _read_json_array(path: Path) -> Iterator[RawRow]:
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DataError(f"{path}: not a readable JSON file ({error})") from None
+    if not isinstance(records, list):
+        raise DataError(f"{path}: expected a JSON array of objects")
+    for number, values in enumerate(records, start=1):
+        yield (
+            RawRow(number, values)
+            if isinstance(values, dict)
+            else RawRow(number, None, "not_an_object")
+        )
+
+
+def _read_csv(path: Path) -> Iterator[RawRow]:
+    # surrogateescape keeps undecodable bytes visible as lone surrogates, so they can be counted.
+    with path.open(encoding="utf-8", errors="surrogateescape", newline="") as handle:
+        reader = csv.DictReader(handle)
+        for number, values in enumerate(reader, start=2):
+            text = "".join(str(value) for value in values.values() if value is not None)
+            if any("\udc80" <= char <= "\udcff" for char in text):
+                yield RawRow(number, None, "undecodable")
+            else:
+                yield RawRow(number, dict(values))
+
+
+def _read_parquet(path: Path) -> Iterator[RawRow]:
+    import pyarrow.parquet
+
+    try:
+        records = pyarrow.parquet.read_table(path).to_pylist()
+    except Exception as error:  # pyarrow raises several unrelated types for corrupt files
+        raise DataError(f"{path}: not a readable Parquet file ({error})") from None
+    for number, values in enumerate(records, start=1):
+        yield RawRow(number, values)
+
+
+READERS = {
+    ".jsonl": _read_json_lines,
+    ".json": _read_json_array,
+    ".csv": _read_csv,
+    ".parquet": _read_parquet,
+}
+
+
+def _read_hub(dataset_id: str, split: str) -> Iterator[RawRow]:
+    import datasets
+
+    try:
+        rows = datasets.load_dataset(dataset_id, split=split)
+    except Exception as error:  # datasets raises many types for unreachable or unknown ids
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        raise DataError(
+            f"cannot load dataset {dataset_id!r} split {split!r}: {first_line}"
+        ) from None
+    for number, values in enumerate(rows, start=1):
+        yield RawRow(number, dict(values))
+
+
+def open_split(source: str, split: str) -> tuple[str, Iterator[RawRow]] | None:
+    """(origin, rows) of a split, or None when the source has no such split.
+
+    A folder holds one file per split; a single file is the train split; anything else that is
+    not a local path is taken as a Hub dataset id.
+    """
+    path = Path(source).expanduser()
+    if path.is_dir():
+        found = split_file(path, split)
+        if found is None:
+            return None
+        return str(found), READERS[found.suffix](found)
+    if path.is_file():
+        if path.suffix not in READERS:
+            raise DataError(f"{source}: unsupported file type; use {', '.join(SPLIT_SUFFIXES)}")
+        return (str(path), READERS[path.suffix](path)) if split == "train" else None
+    if source.startswith((".", "/", "~")) or path.suffix in READERS:
+        raise DataError(f"data source {source} not found")
+    return f"{source}[{split}]", _read_hub(source, split)
+
+
+# ------------------------------------------------------------------------------------- rendering
+
+
+class TaskFormatter:
+    """Renders rows of one task into prompt and target text, as the recipe says."""
+
+    def __init__(self, config: DataConfig, labels: list[str] | None = None) -> None:
+        self.config = config
+        self.task: TaskSpec = TASKS[config.task]
+        self.template = config.template or self.task.template
+        self.labels = labels
+        self.columns = {**dict(self.task.default_columns), **config.fields}
+
+    def column(self, task_field: str) -> str:
+        return self.columns.get(task_field, task_field)
+
+    def text_field(self, values: dict[str, Any], task_field: str) -> str:
+        """A row's text for `task_field`; raises ValueError naming the bad-row reason."""
+        column = self.column(task_field)
+        if column not in values or values[column] is None:
+            raise ValueError(f"missing_field:{column}")
+        value = values[column]
+        if task_field == self.task.target_field and isinstance(value, bool | int):
+            value = str(value)
+        if not isinstance(value, str):
+            raise ValueError(f"wrong_type:{column}")
+        if not value.strip():
+            raise ValueError(f"empty_field:{column}")
+        return value
+
+    def fields(self, values: dict[str, Any]) -> dict[str, str]:
+        """Every placeholder value of a row, plus the target; raises ValueError on a bad row."""
+        rendered = {name: self.text_field(values, name) for name in self.task.input_fields}
+        rendered[self.task.target_field] = self.text_field(values, self.task.target_field).strip()
+        if self.labels is not None:
+            if rendered[self.task.target_field] not in self.labels:
+                raise ValueError("unknown_label")
+            rendered["labels"] = ", ".join(self.labels)
+        for name, configured in (
+            ("source_lang", self.config.source_lang),
+            ("target_lang", self.config.target_lang),
+        ):
+            if name in self.task.extra_placeholders:
+                code = configured or self.text_field(values, name)
+                rendered[name] = language_name(code)
+        return rendered
+
+    def prompt(self, fields: dict[str, str], tokenizer: PreTrainedTokenizerBase) -> str:
+        prompt = self.template.format(**fields)
+        if self.config.chat_template:
+            return tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
+        return prompt
+
+    def target(self, fields: dict[str, str]) -> str:
+        # The prompt template ends before the answer; a plain template needs the separating space.
+        target = fields[self.task.target_field]
+        return target if self.config.chat_template else f" {target}"
+
+
+# -------------------------------------------------------------------------------------- encoding
+
+
+def _encode_text(tokenizer: PreTrainedTokenizerBase, text: str, special: bool) -> list[int]:
+    return tokenizer(text, add_special_tokens=special)["input_ids"]
+
+
+def encode(
+    fields: dict[str, str],
+    formatter: TaskFormatter,
+    tokenizer: PreTrainedTokenizerBase,
+) -> tuple[list[int], int, bool] | None:
+    """(input_ids, prompt_length, truncated) for one row, or None when it is too long to keep.
+
+    Too-long rows lose the end of their long input text (the instruction and the answer cue stay),
+    then, if the target alone still does not fit, the end of the target.
+    """
+    config = formatter.config
+    # A chat-rendered prompt already holds its special tokens as text.
+    special = not config.chat_template
+    target_ids = _encode_text(tokenizer, formatter.target(fields), False)
+    target_ids.append(tokenizer.eos_token_id)
+    prompt_ids = _encode_text(tokenizer, formatter.prompt(fields, tokenizer), special)
+    overflow = len(prompt_ids) + len(target_ids) - config.max_length
+    if overflow <= 0:
+        return prompt_ids + target_ids, len(prompt_ids), False
+    if config.truncation == "drop":
+        return None
+    if config.truncation == "error":
+        raise ValueError(f"too_long ({len(prompt_ids) + len(target_ids)} > {config.max_length})")
+    long_field = formatter.task.truncatable_field
+    field_ids = _encode_text(tokenizer, fields[long_field], False)
+    shortened = dict(fields)
+    # Re-tokenising decoded text can merge tokens differently, so trim until it fits.
+    for extra in (0, 2, 8, 32):
+        keep = max(len(field_ids) - overflow - extra, 1)
+        shortened[long_field] = tokenizer.decode(field_ids[:keep])
+        prompt_ids = _encode_text(tokenizer, formatter.prompt(shortened, tokenizer), special)
+        if len(prompt_ids) + len(target_ids) <= config.max_length or keep == 1:
+            break
+    room_for_target = max(config.max_length - len(prompt_ids), 1)
+    return prompt_ids + target_ids[:room_for_target], len(prompt_ids), True
+
+
+def collect_labels(config: DataConfig, rows: Iterator[RawRow]) -> list[str]:
+    """The sorted set of label strings in the training rows (classification)."""
+    formatter = TaskFormatter(config)
+    labels = set()
+    for row in rows:
+        if row.values is None:
+            continue
+        try:
+            labels.add(formatter.text_field(row.values, "label").strip())
+        except ValueError:
+            continue
+    return sorted(labels)
+
+
+def build_split(
+    origin: str,
+    rows: Iterator[RawRow],
+    formatter: TaskFormatter,
+    tokenizer: PreTrainedTokenizerBase,
+    limit: int | None = None,
+) -> Split:
+    """Encode the usable rows of one split, counting every skipped row under its reason."""
+    stats = SplitStats(origin=origin)
+    examples = []
+    for row in rows:
+        if limit is not None and len(examples) >= limit:
+            break
+        stats.rows_read += 1
+        try:
+            if row.problem is not None:
+                raise ValueError(row.problem)
+            assert row.values is not None
+            fields = formatter.fields(row.values)
+            encoded = encode(fields, formatter, tokenizer)
+        except ValueError as error:
+            if formatter.config.bad_rows == "error" or str(error).startswith("too_long"):
+                raise DataError(f"{origin}: row {row.number}: {error}") from None
+            stats.skipped[str(error)] += 1
+            continue
+        if encoded is None:
+            stats.skipped["too_long"] += 1
+            continue
+        input_ids, prompt_length, truncated = encoded
+        stats.truncated += truncated
+        examples.append(
+            Example(
+                prompt=formatter.prompt(fields, tokenizer),
+                target=fields[formatter.task.target_field],
+                input_ids=input_ids,
+                prompt_length=prompt_length,
+                row=row.number,
+            )
+        )
+    stats.rows_used = len(examples)
+    return Split(examples=examples, stats=stats)
+
+
+@dataclass
+class Datasets:
+    """The encoded splits of a recipe and the label set (classification)."""
+
+    train: Split
+    validation: Split | None
+    labels: list[str] | None
+
+    def summary(self) -> dict[str, Any]:
+        splits = {"train": self.train.stats.as_dict()}
+        if self.validation is not None:
+            splits["validation"] = self.validation.stats.as_dict()
+        return {"labels": self.labels, "splits": splits}
+
+
+def build(config: DataConfig, tokenizer: PreTrainedTokenizerBase) -> Datasets:
+    """Read, render and encode the train and validation splits of a recipe."""
+    opened = open_split(config.source, config.splits.train)
+    if opened is None:
+        raise DataError(f"data source {config.source} has no {config.splits.train!r} split")
+    labels = config.labels
+    if config.task == "classification" and labels is None:
+        labels = collect_labels(config, opened[1])
+        if not labels:
+            raise DataError(f"{opened[0]}: no usable labels found")
+        opened = open_split(config.source, config.splits.train)
+        assert opened is not None
+    formatter = TaskFormatter(config, labels)
+    train = build_split(*opened, formatter, tokenizer, config.max_train_rows)
+    if not train.examples:
+        raise DataError(f"{train.stats.origin}: no usable rows ({dict(train.stats.skipped)})")
+    validation = None
+    if config.splits.validation is not None:
+        opened = open_split(config.source, config.splits.validation)
+        if opened is not None:
+            validation = build_split(*opened, formatter, tokenizer, config.max_eval_rows)
+    return Datasets(train=train, validation=validation, labels=labels)
+
+
+# -------------------------------------------------------------------------------------- batching
+
+
+def plan_epoch(
+    lengths: list[int], step_size: int, generator: torch.Generator, group: int = 64
+) -> list[list[int]]:
+    """Example indices of each optimizer step of one epoch, grouped by length.
+
+    The shuffled order is cut into chunks of `group` steps; each chunk is sorted by length and
+    cut into steps, and the steps are shuffled, so a step holds rows of similar length (little
+    padding) while the epoch stays random. The incomplete last step is dropped so that every
+    step has the same number of examples.
+    """
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    steps = []
+    chunk_size = step_size * group
+    for start in range(0, len(order) - step_size + 1, chunk_size):
+        chunk = sorted(order[start : start + chunk_size], key=lambda index: lengths[index])
+        steps += [chunk[i : i + step_size] for i in range(0, len(chunk) - step_size + 1, step_size)]
+    shuffled = torch.randperm(len(steps), generator=generator).tolist()
+    return [steps[i] for i in shuffled]
+
+
+def micro_batches(step: list[int], lengths: list[int], count: int) -> list[list[int]]:
+    """Split one step's examples into `count` equal micro-batches of similar length."""
+    ordered = sorted(step, key=lambda index: lengths[index])
+    size = len(ordered) // count
+    return [ordered[i * size : (i + 1) * size] for i in range(count)]
+
+
+def collate(examples: list[Example], pad_token_id: int, bucket: int) -> dict[str, torch.Tensor]:
+    """Right-pad to a multiple of `bucket`; labels are -100 outside the target tokens."""
+    longest = max(len(example.input_ids) for example in examples)
+    width = -(-longest // bucket) * bucket
+    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    for row, example in enumerate(examples):
+        ids = torch.tensor(example.input_ids, dtype=torch.long)
+        input_ids[row, : len(ids)] = ids
+        attention_mask[row, : len(ids)] = 1
+        labels[row, example.prompt_length : len(ids)] = ids[example.prompt_length :]
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def eval_batches(split: Split, batch_size: int) -> list[list[Example]]:
+    """Fixed, length-sorted batches for evaluation (no randomness, little padding)."""
+    ordered = sorted(split.examples, key=lambda example: len(example.input_ids))
+    return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]

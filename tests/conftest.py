@@ -1,0 +1,101 @@
+"""Shared fixtures: the real datasets, a tiny random Llama with the real SmolLM2 tokenizer."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from llama_tune import models
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = Path(os.environ.get("LLAMA_TUNE_DATA", REPO.parent / "shared" / "datasets"))
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    """The shared real datasets (SST-2, TREC, AESLC, Multi30k)."""
+    if not (SHARED_DATA / "classification" / "sst2" / "train.jsonl").is_file():
+        pytest.fail(f"shared datasets not found at {SHARED_DATA}; set LLAMA_TUNE_DATA")
+    return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def _data_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLAMA_TUNE_DATA", str(SHARED_DATA))
+
+
+@pytest.fixture(scope="session")
+def builtin_dir() -> Path:
+    """The built-in SmolLM2 converted to safetensors (converted once, then cached)."""
+    return models.builtin_folder("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(builtin_dir: Path):
+    return models.load_tokenizer(str(builtin_dir))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Path:
+    """A 2-layer, 64-wide random Llama with the real SmolLM2 tokenizer, saved as a folder."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def tiny_recipe(tiny_model_dir: Path, tmp_path: Path):
+    """Factory: write a fast SST-2 recipe on the tiny model; returns its path.
+
+    `run` names the run folder inside tmp_path; `train` keys override the loop defaults.
+    """
+
+    def make(run: str = "run", **train: object) -> Path:
+        recipe = {
+            "model": {"name": str(tiny_model_dir)},
+            "adapter": {"r": 4, "alpha": 8, "dropout": 0.0},
+            "data": {
+                "source": str(SHARED_DATA / "classification" / "sst2"),
+                "task": "classification",
+                "max_train_rows": 256,
+                "max_eval_rows": 32,
+                "max_length": 96,
+            },
+            "train": {"max_steps": 8, "batch_size": 8, "lr": 1e-3, "log_steps": 1, **train},
+            "output": {"dir": str(tmp_path / run)},
+        }
+        path = tmp_path / f"{run}.yaml"
+        # JSON is valid YAML.
+        path.write_text(json.dumps(recipe, indent=2))
+        return path
+
+    return make
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state() -> None:
+    """Each in-process run builds its own Accelerator; Accelerate keeps process-wide state."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()

@@ -1,0 +1,126 @@
+"""The real CLI end to end: train, stop with a signal, resume, launch through Accelerate."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+REPO = Path(__file__).resolve().parents[2]
+CLI = [sys.executable, "-m", "llama_tune"]
+
+
+def _run(*args: str, expect: int = 0, command: list[str] = CLI) -> subprocess.CompletedProcess:
+    done = subprocess.run(
+        [*command, *args], capture_output=True, text=True, check=False, cwd=REPO, timeout=600
+    )
+    assert done.returncode == expect, done.stderr[-3000:]
+    return done
+
+
+def _adapter(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "adapter" / "adapter_model.safetensors")
+
+
+def _metric_lines(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.is_file() else 0
+
+
+def test_train_prints_the_run_and_the_adapter_loads(tiny_recipe, tiny_model_dir: Path) -> None:
+    path = tiny_recipe(max_steps=4)
+    done = _run("train", str(path), "train.lr=2e-3")
+    run_dir = path.parent / "run"
+    assert f"run folder:  {run_dir}" in done.stdout
+    assert f"adapter:     {run_dir / 'adapter'}" in done.stdout
+    assert "eval loss:" in done.stdout
+    assert "train loss:" in done.stdout
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "finished"
+
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), run_dir / "adapter"
+    )
+    trained = [p for name, p in model.named_parameters() if "lora_B" in name]
+    assert trained
+    assert all(p.abs().sum() > 0 for p in trained)
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_then_resume_equals_an_uninterrupted_run(
+    tiny_recipe, signum: int, code: int
+) -> None:
+    # Dropout on, so the resumed run must also restore the RNG state to match.
+    overrides = ["adapter.dropout=0.1", "train.max_steps=80", "train.warmup_steps=5"]
+    straight = tiny_recipe("straight")
+    _run("train", str(straight), *overrides)
+
+    stopped = tiny_recipe("stopped")
+    run_dir = stopped.parent / "stopped"
+    process = subprocess.Popen(
+        [*CLI, "train", str(stopped), *overrides],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 300
+    while _metric_lines(run_dir) < 10 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == code, stderr[-3000:]
+    assert "checkpoint saved" in stderr
+    assert "Traceback" not in stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted"
+    assert 10 <= summary["state"]["step"] < 80
+
+    _run("train", str(stopped), *overrides, "--resume")
+    expected, resumed = _adapter(straight.parent / "straight"), _adapter(run_dir)
+    assert expected.keys() == resumed.keys()
+    for name in expected:
+        torch.testing.assert_close(resumed[name], expected[name], rtol=0, atol=1e-6)
+    losses = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in losses if "loss" in record] == list(range(1, 81))
+
+
+def test_user_mistakes_exit_2_without_traceback(tiny_recipe, tmp_path: Path) -> None:
+    path = tiny_recipe()
+    cases = [
+        (["train", str(path), "model.name=/no/such/model"], "built-in models: smollm2-135m"),
+        (["train", str(path), "train.batch_size=0", "adapter.r=-1"], "train.batch_size"),
+        (["train", str(path), "data.source=/no/such/data"], "data source /no/such/data"),
+        (["train", str(tmp_path / "absent.yaml")], "file not found"),
+        (["train", str(path), "--data", str(tmp_path / "none")], "no such folder"),
+        (["train", str(path), "--resume"], "no complete checkpoint"),
+    ]
+    for args, message in cases:
+        done = _run(*args, expect=2)
+        assert message in done.stderr, (args, done.stderr)
+        assert "Traceback" not in done.stderr
+
+
+def test_accelerate_launch_runs_the_same_recipe(tiny_recipe) -> None:
+    path = tiny_recipe(max_steps=3)
+    launch = [sys.executable, "-m", "accelerate.commands.launch"]
+    _run(
+        "--config_file",
+        "configs/cpu.yaml",
+        "-m",
+        "llama_tune",
+        "train",
+        str(path),
+        command=launch,
+    )
+    summary = json.loads((path.parent / "run" / "summary.json").read_text())
+    assert summary["status"] == "finished"
+    assert summary["processes"] == 1

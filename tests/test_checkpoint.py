@@ -1,0 +1,98 @@
+"""Checkpoints: atomic saves, pruning, exact resume, refusing incompatible resumes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llama_tune import checkpoint, config, train
+
+
+def _adapter(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / train.ADAPTER / "adapter_model.safetensors")
+
+
+def _assert_same_adapter(a: Path, b: Path) -> None:
+    first, second = _adapter(a), _adapter(b)
+    assert first.keys() == second.keys()
+    for name in first:
+        torch.testing.assert_close(first[name], second[name], rtol=0, atol=1e-6)
+
+
+def test_crash_mid_save_keeps_the_previous_checkpoint(
+    tiny_recipe, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reference = tiny_recipe("reference", max_steps=12, save_steps=4)
+    crashing = tiny_recipe("crashing", max_steps=12, save_steps=4)
+    expected = train.run(config.load(reference), reference)
+
+    real_save = torch.save
+
+    def failing_save(obj: object, path: Path, *args: object, **kwargs: object) -> None:
+        if "step-00000008" in str(path) and Path(path).name == "scheduler.pt":
+            raise OSError("disk full (injected)")
+        real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.torch, "save", failing_save)
+    with pytest.raises(OSError, match="injected"):
+        train.run(config.load(crashing), crashing)
+    monkeypatch.setattr(checkpoint.torch, "save", real_save)
+
+    run_dir = config.run_dir(config.load(crashing), crashing)
+    assert checkpoint.latest(run_dir).name == "step-00000004"
+    assert [path.name for path in (run_dir / "checkpoints").iterdir()] == ["step-00000004"]
+
+    resumed = train.run(config.load(crashing), crashing, resume=True)
+    assert resumed.summary["steps"] == 12
+    _assert_same_adapter(expected.run_dir, resumed.run_dir)
+
+
+def test_only_the_last_checkpoints_are_kept(tiny_recipe) -> None:
+    path = tiny_recipe(max_steps=10, save_steps=2, keep_last_checkpoints=2)
+    result = train.run(config.load(path), path)
+    kept = [folder.name for folder in checkpoint.complete_checkpoints(result.run_dir)]
+    assert kept == ["step-00000006", "step-00000008"]
+    state = (result.run_dir / "checkpoints" / "step-00000008" / "state.json").read_text()
+    assert '"step": 8' in state
+
+
+def test_half_written_checkpoint_is_ignored(tmp_path: Path) -> None:
+    (tmp_path / "checkpoints" / "step-00000002").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step-00000002" / "state.json").write_text("{}")
+    (tmp_path / "checkpoints" / "step-00000004").mkdir()
+    (tmp_path / "checkpoints" / ".tmp-step-00000006").mkdir()
+    assert checkpoint.latest(tmp_path).name == "step-00000002"
+
+
+def test_resume_refuses_a_changed_model_or_adapter(tiny_recipe) -> None:
+    path = tiny_recipe(max_steps=4, save_steps=2)
+    result = train.run(config.load(path), path)
+    # Make the finished run look interrupted after its step-2 checkpoint.
+    (result.run_dir / train.SUMMARY).unlink()
+    assert checkpoint.latest(result.run_dir).name == "step-00000002"
+    with pytest.raises(train.TrainError, match=r"changed adapter\.r, train\.batch_size"):
+        train.run(config.load(path, ["adapter.r=8", "train.batch_size=4"]), path, resume=True)
+    resumed = train.run(config.load(path, ["train.lr=5e-4"]), path, resume=True)
+    assert resumed.summary["steps"] == 4
+
+
+def test_unfinished_run_needs_resume_or_overwrite(tiny_recipe) -> None:
+    path = tiny_recipe(max_steps=6, save_steps=2)
+    run_dir = config.run_dir(config.load(path), path)
+    (run_dir / "checkpoints" / "step-00000002").mkdir(parents=True)
+    (run_dir / "checkpoints" / "step-00000002" / "state.json").write_text("{}")
+    with pytest.raises(train.TrainError, match="unfinished run; use --resume"):
+        train.run(config.load(path), path)
+
+
+def test_recipe_hash_tracks_resume_keys(tmp_path: Path) -> None:
+    path = tmp_path / "r.yaml"
+    path.write_text("data: {source: /d, task: classification}\n")
+    base = config.load(path)
+    assert checkpoint.recipe_hash(base) == checkpoint.recipe_hash(config.load(path, ["train.lr=1"]))
+    assert checkpoint.recipe_hash(base) != checkpoint.recipe_hash(
+        config.load(path, ["adapter.r=4"])
+    )

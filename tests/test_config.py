@@ -1,0 +1,164 @@
+"""Recipe schema: shipped recipes validate, broken ones fail with every problem named."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llama_tune import config
+
+RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
+
+
+def test_recipes_are_shipped() -> None:
+    names = {path.stem for path in RECIPES}
+    assert {"quickstart", "sst2_lora", "trec_lora", "aeslc_lora", "multi30k_lora"} <= names
+    assert "sst2_qlora" in names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda path: path.stem)
+def test_every_shipped_recipe_validates(path: Path, data_root: Path) -> None:
+    recipe = config.load(path)
+    assert Path(recipe.data.source).exists(), recipe.data.source
+    assert str(data_root) in recipe.data.source
+    first_line = path.read_text().splitlines()[0]
+    assert first_line.startswith("#")
+    assert "llama-tune" in path.read_text().split("\n\n")[0]
+
+
+def _problems(tmp_path: Path, text: str, overrides: list[str] | None = None) -> list[str]:
+    path = tmp_path / "broken.yaml"
+    path.write_text(text)
+    with pytest.raises(config.RecipeError) as caught:
+        config.load(path, overrides)
+    return caught.value.problems
+
+
+def test_every_problem_is_named_at_once(tmp_path: Path) -> None:
+    problems = _problems(
+        tmp_path,
+        """
+model: {name: x, dtype: fp8, colour: blue}
+adapter: {r: 0, target_modules: []}
+data: {source: /data, task: classification, template: "{txt}", fields: {doc: body}}
+train: {lr: -1, trackers: [mlflow], precision: fp64}
+""",
+    )
+    keys = {problem.split(":")[0] for problem in problems}
+    assert keys == {
+        "model.dtype",
+        "model.colour",
+        "adapter.r",
+        "adapter.target_modules",
+        "data.template",
+        "data.fields",
+        "train.lr",
+        "train.trackers.0",
+        "train.precision",
+    }
+    assert any("unknown key" in problem for problem in problems)
+    assert any("'txt'" in problem for problem in problems)
+
+
+def test_missing_required_section_and_bad_task(tmp_path: Path) -> None:
+    assert _problems(tmp_path, "model: {name: x}\n") == ["data: Field required"]
+    problems = _problems(tmp_path, "data: {source: /d, task: poetry}\n")
+    assert len(problems) == 1
+    assert problems[0].startswith("data.task:")
+
+
+def test_not_a_mapping_and_not_yaml(tmp_path: Path) -> None:
+    assert "mapping" in _problems(tmp_path, "- a\n- b\n")[0]
+    assert "not valid YAML" in _problems(tmp_path, "data: {source: [\n")[0]
+    with pytest.raises(config.RecipeError, match="file not found"):
+        config.load(tmp_path / "absent.yaml")
+
+
+def test_overrides_are_validated_like_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "ok.yaml"
+    path.write_text("data: {source: /d, task: classification}\n")
+    recipe = config.load(
+        path, ["train.lr=1e-4", "data.max_length=256", "adapter.target_modules=[q_proj]"]
+    )
+    assert recipe.train.lr == 1e-4
+    assert recipe.data.max_length == 256
+    assert recipe.adapter.target_modules == ["q_proj"]
+    problems = _problems(
+        tmp_path,
+        path.read_text(),
+        ["train.batch_size=many", "nokey", "train.nope=1", "data.source.x=1"],
+    )
+    assert problems[0] == "override 'nokey': expected dotted.key=value"
+    assert any(problem.startswith("override data.source.x") for problem in problems)
+    assert any(problem.startswith("train.batch_size:") for problem in problems)
+    assert "train.nope: unknown key" in problems
+
+
+def test_environment_variables_expand(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MY_DATA", "/somewhere")
+    monkeypatch.delenv("UNSET_DATA", raising=False)
+    path = tmp_path / "env.yaml"
+    path.write_text(
+        "data: {source: '${MY_DATA}/sst2', task: translation, source_lang: '${UNSET_DATA:-en}'}\n"
+    )
+    recipe = config.load(path)
+    assert recipe.data.source == "/somewhere/sst2"
+    assert recipe.data.source_lang == "en"
+    problems = _problems(tmp_path, "data: {source: '${UNSET_DATA}/x', task: classification}\n")
+    assert problems == ["data.source: environment variable UNSET_DATA is not set"]
+
+
+def test_epochs_or_steps_required(tmp_path: Path) -> None:
+    problems = _problems(
+        tmp_path, "data: {source: /d, task: classification}\ntrain: {epochs: null}\n"
+    )
+    assert problems == ["train.epochs: set epochs or train.max_steps"]
+
+
+def test_resolved_recipe_round_trips(tmp_path: Path) -> None:
+    path = tmp_path / "r.yaml"
+    path.write_text("data: {source: /d, task: translation, source_lang: en}\n")
+    recipe = config.load(path)
+    again = tmp_path / "again.yaml"
+    again.write_text(config.to_yaml(recipe))
+    assert config.load(again) == recipe
+    assert config.run_dir(recipe, path) == Path("runs/r")
+
+
+def test_cli_validate_reports_without_traceback(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: {source: /d, task: classification}\ntrain: {batch_size: 0, lr: x}\n")
+    good = RECIPES[0]
+    done = subprocess.run(
+        [sys.executable, "-m", "llama_tune", "validate", str(good), str(bad)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert f"ok: {good}" in done.stdout
+    assert "train.batch_size" in done.stderr
+    assert "train.lr" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def _keys(section: type[config.Section], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in section.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, config.Section):
+            keys += _keys(annotation, f"{prefix}{name}.")
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def test_readme_documents_every_recipe_key() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    keys = _keys(config.Recipe)
+    assert len(keys) > 40
+    missing = [key for key in keys if f"| `{key}` |" not in readme]
+    assert not missing

@@ -1,0 +1,218 @@
+"""Data: the shared datasets load by task name alone; bad rows are counted or named."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from llama_tune import data
+from llama_tune.config import DataConfig
+
+
+def _config(source: Path | str, task: str, **extra: object) -> DataConfig:
+    return DataConfig(source=str(source), task=task, **extra)
+
+
+@pytest.mark.parametrize(
+    ("folder", "task", "has_validation"),
+    [
+        ("classification/sst2", "classification", True),
+        ("classification/trec", "classification", False),
+        ("summarisation/aeslc", "summarisation", True),
+        ("translation/multi30k_en_de", "translation", True),
+    ],
+)
+def test_shared_datasets_load_by_task_alone(
+    data_root: Path, tokenizer, folder: str, task: str, has_validation: bool
+) -> None:
+    built = data.build(
+        _config(data_root / folder, task, max_train_rows=200, max_eval_rows=50), tokenizer
+    )
+    assert len(built.train.examples) == 200
+    assert not built.train.stats.skipped
+    assert (built.validation is not None) == has_validation
+    example = built.train.examples[0]
+    assert example.input_ids[-1] == tokenizer.eos_token_id
+    target_text = tokenizer.decode(example.input_ids[example.prompt_length : -1])
+    assert target_text.strip() == example.target
+    if task == "classification":
+        assert built.labels is not None
+        assert example.target in built.labels
+        assert ", ".join(built.labels) in example.prompt
+    if task == "translation":
+        assert "from English to German" in example.prompt
+    if task == "summarisation":
+        assert "Summary:" in example.prompt
+
+
+def test_trec_labels_are_the_six_coarse_classes(data_root: Path, tokenizer) -> None:
+    built = data.build(
+        _config(data_root / "classification/trec", "classification", max_train_rows=10), tokenizer
+    )
+    assert built.labels == ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]
+
+
+BAD_ROWS = [
+    b'{"text": "a fine film", "label": "positive"}',
+    b'{"text": "", "label": "negative"}',
+    b'{"label": "negative"}',
+    b'{"text": 42, "label": "negative"}',
+    b'{"text": "broken \xff\xfe bytes", "label": "negative"}',
+    b"{not json",
+    b'["a list"]',
+    b'{"text": "dull", "label": "negative"}',
+    b'{"text": "ok", "label": null}',
+]
+
+
+@pytest.fixture
+def bad_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "train.jsonl").write_bytes(b"\n".join(BAD_ROWS) + b"\n")
+    return folder
+
+
+def test_bad_rows_are_counted_by_reason(bad_folder: Path, tokenizer) -> None:
+    built = data.build(_config(bad_folder, "classification"), tokenizer)
+    stats = built.train.stats
+    assert stats.rows_read == len(BAD_ROWS)
+    assert stats.rows_used == 2
+    assert stats.skipped == Counter(
+        {
+            "empty_field:text": 1,
+            "missing_field:text": 1,
+            "wrong_type:text": 1,
+            "undecodable": 1,
+            "invalid_json": 1,
+            "not_an_object": 1,
+            "missing_field:label": 1,
+        }
+    )
+    assert built.summary()["splits"]["train"]["skipped"]["undecodable"] == 1
+
+
+def test_bad_rows_error_names_file_and_row(bad_folder: Path, tokenizer) -> None:
+    with pytest.raises(data.DataError, match=r"train\.jsonl: row 2: empty_field:text"):
+        data.build(_config(bad_folder, "classification", bad_rows="error"), tokenizer)
+
+
+def test_unknown_label_with_a_fixed_label_set(bad_folder: Path, tokenizer) -> None:
+    built = data.build(_config(bad_folder, "classification", labels=["positive"]), tokenizer)
+    assert built.train.stats.skipped["unknown_label"] == 1
+    assert built.labels == ["positive"]
+
+
+def test_field_mapping_and_csv(tmp_path: Path, tokenizer) -> None:
+    path = tmp_path / "reviews.csv"
+    path.write_text('sentence,sentiment\ngreat fun,pos\n"long, slow",neg\nmeh,\n')
+    built = data.build(
+        _config(path, "classification", fields={"text": "sentence", "label": "sentiment"}),
+        tokenizer,
+    )
+    assert [example.target for example in built.train.examples] == ["pos", "neg"]
+    assert built.train.stats.skipped == Counter({"empty_field:sentiment": 1})
+    assert built.validation is None
+
+
+def test_parquet_split_folder(tmp_path: Path, tokenizer) -> None:
+    import pyarrow
+    import pyarrow.parquet
+
+    rows = [{"prompt": "Say hi.", "completion": "hi"}, {"prompt": "Say bye.", "completion": "bye"}]
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), tmp_path / "train.parquet")
+    built = data.build(_config(tmp_path, "instruction"), tokenizer)
+    assert [example.prompt for example in built.train.examples] == ["Say hi.", "Say bye."]
+
+
+def test_chat_template_wraps_the_prompt(data_root: Path, tokenizer) -> None:
+    built = data.build(
+        _config(
+            data_root / "classification/sst2",
+            "classification",
+            chat_template=True,
+            max_train_rows=3,
+        ),
+        tokenizer,
+    )
+    example = built.train.examples[0]
+    assert example.prompt.startswith("<|im_start|>")
+    assert example.prompt.endswith("<|im_start|>assistant\n")
+    assert tokenizer.decode(example.input_ids[example.prompt_length :]) == (
+        f"{example.target}{tokenizer.eos_token}"
+    )
+
+
+def _long_rows(folder: Path) -> Path:
+    folder.mkdir()
+    document = " ".join(f"word{i}" for i in range(400))
+    rows = [{"document": document, "summary": "many words"}, {"document": "short", "summary": "s"}]
+    (folder / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return folder
+
+
+def test_truncation_keeps_the_cue_and_the_target(tmp_path: Path, tokenizer) -> None:
+    folder = _long_rows(tmp_path / "long")
+    built = data.build(_config(folder, "summarisation", max_length=64), tokenizer)
+    long_example = built.train.examples[0]
+    assert len(long_example.input_ids) <= 64
+    assert built.train.stats.truncated == 1
+    assert tokenizer.decode(long_example.input_ids[: long_example.prompt_length]).endswith(
+        "Summary:"
+    )
+    assert tokenizer.decode(long_example.input_ids[long_example.prompt_length : -1]).strip() == (
+        "many words"
+    )
+
+
+def test_truncation_drop_and_error(tmp_path: Path, tokenizer) -> None:
+    folder = _long_rows(tmp_path / "long")
+    dropped = data.build(
+        _config(folder, "summarisation", max_length=64, truncation="drop"), tokenizer
+    )
+    assert dropped.train.stats.skipped == Counter({"too_long": 1})
+    with pytest.raises(data.DataError, match=r"row 1: too_long"):
+        data.build(_config(folder, "summarisation", max_length=64, truncation="error"), tokenizer)
+
+
+def test_missing_sources_are_clear_errors(tmp_path: Path, tokenizer) -> None:
+    with pytest.raises(data.DataError, match="not found"):
+        data.build(_config(tmp_path / "nowhere", "classification"), tokenizer)
+    with pytest.raises(data.DataError, match="no 'train' split"):
+        data.build(_config(tmp_path, "classification"), tokenizer)
+    with pytest.raises(data.DataError, match="cannot load dataset"):
+        data.build(_config("no-such-user/no-such-dataset", "classification"), tokenizer)
+
+
+def test_epoch_plan_is_seeded_grouped_and_complete() -> None:
+    lengths = [
+        int(n) for n in torch.randint(5, 200, (1000,), generator=torch.Generator().manual_seed(1))
+    ]
+    plan = data.plan_epoch(lengths, 16, torch.Generator().manual_seed(7))
+    again = data.plan_epoch(lengths, 16, torch.Generator().manual_seed(7))
+    other = data.plan_epoch(lengths, 16, torch.Generator().manual_seed(8))
+    assert plan == again
+    assert plan != other
+    assert len(plan) == 1000 // 16
+    assert all(len(step) == 16 for step in plan)
+    used = [index for step in plan for index in step]
+    assert len(set(used)) == len(used)
+    # Grouping by length: a step's spread is far below that of a random step.
+    spread = sum(max(lengths[i] for i in s) - min(lengths[i] for i in s) for s in plan) / len(plan)
+    assert spread < 30
+
+
+def test_collate_masks_prompt_and_padding() -> None:
+    examples = [
+        data.Example(prompt="p", target="t", input_ids=[5, 6, 7, 8], prompt_length=2, row=1),
+        data.Example(prompt="p", target="t", input_ids=[5, 6, 9], prompt_length=1, row=2),
+    ]
+    batch = data.collate(examples, pad_token_id=0, bucket=8)
+    assert batch["input_ids"].shape == (2, 8)
+    assert batch["labels"][0].tolist() == [-100, -100, 7, 8] + [-100] * 4
+    assert batch["labels"][1].tolist() == [-100, 6, 9] + [-100] * 5
+    assert batch["attention_mask"].sum().item() == 7

@@ -1,0 +1,104 @@
+"""Models: name resolution, the built-in cache, LoRA and QLoRA adapters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import bitsandbytes
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from llama_tune import models
+from llama_tune.config import AdapterConfig, ModelConfig
+
+
+def test_unknown_names_list_the_built_in_models(tmp_path: Path) -> None:
+    with pytest.raises(models.ModelError, match="built-in models: smollm2-135m-instruct"):
+        models.resolve("./no/such/folder")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(models.ModelError, match=r"has no config\.json"):
+        models.resolve(str(tmp_path / "empty"))
+    with pytest.raises(models.ModelError, match="built-in models"):
+        models.load_tokenizer("nobody-here/no-such-model-xyz")
+
+
+def test_hub_ids_pass_through_unchanged() -> None:
+    assert models.resolve("HuggingFaceTB/SmolLM2-135M-Instruct") == (
+        "HuggingFaceTB/SmolLM2-135M-Instruct"
+    )
+
+
+def test_built_in_model_is_converted_once(builtin_dir: Path) -> None:
+    weights = builtin_dir / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    assert models.builtin_folder("smollm2-135m-instruct") == builtin_dir
+    assert weights.stat().st_mtime_ns == stamp
+    config = AutoModelForCausalLM.from_pretrained(builtin_dir).config
+    assert (config.num_hidden_layers, config.hidden_size, config.vocab_size) == (30, 576, 49152)
+    assert not hasattr(config, "quantization_config")
+    assert not list(builtin_dir.parent.glob(".smollm2-135m-instruct-*"))
+
+
+def test_lora_adapts_every_linear_layer(tiny_model_dir: Path) -> None:
+    bundle = models.load(ModelConfig(name=str(tiny_model_dir)), AdapterConfig(r=4))
+    adapted = {
+        name.split(".")[-4] for name, _ in bundle.model.named_parameters() if "lora_A" in name
+    }
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    trainable, total = models.parameter_counts(bundle.model)
+    assert 0 < trainable < total
+    assert bundle.tokenizer.pad_token is not None
+
+
+def test_unknown_target_module_is_a_model_error(tiny_model_dir: Path) -> None:
+    with pytest.raises(models.ModelError, match=r"adapter\.target_modules"):
+        models.load(ModelConfig(name=str(tiny_model_dir)), AdapterConfig(target_modules=["nope"]))
+
+
+def _lora_gradients(model: torch.nn.Module, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    model(input_ids=input_ids, labels=input_ids).loss.backward()
+    return {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+
+def test_qlora_gradients_match_a_dequantised_reference_after_eval(tiny_model_dir: Path) -> None:
+    adapter = AdapterConfig(r=4, dropout=0.0)
+    quantised = models.add_adapter(
+        models.load_base_model(ModelConfig(name=str(tiny_model_dir), quantization="4bit")), adapter
+    )
+    linear_4bit = {
+        name.replace(".base_layer", ""): module
+        for name, module in quantised.get_base_model().named_modules()
+        if isinstance(module, bitsandbytes.nn.Linear4bit)
+    }
+    assert len(linear_4bit) == 14
+    reference_base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    dequantised = {
+        f"{name}.weight": bitsandbytes.functional.dequantize_4bit(
+            module.weight.data, module.weight.quant_state
+        ).float()
+        for name, module in linear_4bit.items()
+    }
+    reference_base.load_state_dict(dequantised, strict=False)
+    reference = models.add_adapter(reference_base, adapter)
+    quantised_lora = dict(quantised.named_parameters())
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(0)
+        for name, parameter in reference.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+                quantised_lora[name].copy_(parameter)
+    input_ids = torch.randint(0, 1000, (8, 40), generator=generator)
+    # An evaluation pass first: bitsandbytes may repack CPU weights for inference in eval mode,
+    # and training after it must still get the right gradients.
+    quantised.eval()
+    with torch.no_grad():
+        quantised(input_ids=input_ids)
+    quantised.train()
+    expected = _lora_gradients(reference, input_ids)
+    actual = _lora_gradients(quantised, input_ids)
+    assert expected.keys() == actual.keys()
+    assert len(expected) == 28
+    for name, gradient in expected.items():
+        error = (actual[name] - gradient).abs().max() / gradient.abs().max()
+        assert error < 0.02, name

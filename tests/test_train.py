@@ -1,0 +1,101 @@
+"""The training loop: accumulation equivalence, non-finite losses, QLoRA, real learning."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from llama_tune import config, train
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    lines = (run_dir / train.METRICS).read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def _train(path: Path, *overrides: str, **options: bool) -> train.RunResult:
+    return train.run(config.load(path, list(overrides)), path, **options)
+
+
+def test_accumulation_gives_the_same_steps(tiny_recipe) -> None:
+    whole = _train(tiny_recipe("whole", batch_size=8, grad_accumulation=1, max_steps=6))
+    split = _train(tiny_recipe("split", batch_size=2, grad_accumulation=4, max_steps=6))
+    whole_losses = [record["loss"] for record in _metrics(whole.run_dir) if "loss" in record]
+    split_losses = [record["loss"] for record in _metrics(split.run_dir) if "loss" in record]
+    assert len(whole_losses) == len(split_losses) == 6
+    assert whole_losses[-1] < whole_losses[0]
+    for a, b in zip(whole_losses, split_losses, strict=True):
+        assert abs(a - b) <= 1e-5 * abs(a)
+
+
+def test_summary_and_metrics(tiny_recipe) -> None:
+    result = _train(tiny_recipe(max_steps=6, eval_steps=3, log_steps=2))
+    summary = json.loads((result.run_dir / train.SUMMARY).read_text())
+    assert summary["status"] == "finished"
+    assert summary["steps"] == 6
+    assert summary["data"]["splits"]["train"]["rows_used"] == 256
+    assert summary["data"]["labels"] == ["negative", "positive"]
+    assert summary["eval_loss_after"] < summary["eval_loss_before"]
+    records = _metrics(result.run_dir)
+    assert [r["step"] for r in records if "loss" in r] == [2, 4, 6]
+    assert [r["step"] for r in records if "eval_loss" in r] == [3, 6]
+    assert (result.adapter_dir / "adapter_model.safetensors").is_file()
+    assert (result.run_dir / train.RECIPE_COPY).is_file()
+
+
+def test_non_finite_loss_stops_naming_the_step(tiny_recipe) -> None:
+    with pytest.raises(train.TrainError, match=r"non-finite loss \(nan\) at step \d+"):
+        _train(tiny_recipe(lr=1e30, max_steps=6, max_grad_norm=None))
+
+
+def test_non_finite_steps_can_be_skipped(tiny_recipe) -> None:
+    result = _train(tiny_recipe(lr=1e30, max_steps=6, max_grad_norm=None, max_nonfinite_steps=6))
+    assert 1 <= result.summary["nonfinite_steps"] <= 6
+
+
+def test_finished_run_is_not_overwritten(tiny_recipe) -> None:
+    path = tiny_recipe(max_steps=2)
+    first = _train(path)
+    adapter = (first.adapter_dir / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(train.TrainError, match="finished run; use --overwrite"):
+        _train(path)
+    with pytest.raises(train.TrainError, match="finished run"):
+        _train(path, resume=True)
+    assert (first.adapter_dir / "adapter_model.safetensors").read_bytes() == adapter
+    _train(path, "train.lr=5e-3", overwrite=True)
+    assert (first.adapter_dir / "adapter_model.safetensors").read_bytes() != adapter
+
+
+def test_qlora_trains_on_cpu(tiny_recipe) -> None:
+    result = _train(tiny_recipe(max_steps=6, lr=5e-3), "model.quantization=4bit")
+    assert result.summary["eval_loss_after"] < result.summary["eval_loss_before"]
+    assert result.summary["parameters"]["trainable"] > 0
+
+
+def test_too_few_rows_for_one_step(tiny_recipe) -> None:
+    with pytest.raises(train.TrainError, match="fewer than one step"):
+        _train(tiny_recipe(batch_size=300))
+
+
+@pytest.mark.slow
+def test_built_in_model_learns_sst2(tmp_path: Path, data_root: Path) -> None:
+    path = tmp_path / "real.yaml"
+    path.write_text(
+        json.dumps(
+            {
+                "data": {
+                    "source": str(data_root / "classification" / "sst2"),
+                    "task": "classification",
+                    "max_train_rows": 160,
+                    "max_eval_rows": 64,
+                    "max_length": 96,
+                },
+                "train": {"max_steps": 20, "batch_size": 8, "lr": 5e-4, "log_steps": 5},
+                "output": {"dir": str(tmp_path / "real")},
+            }
+        )
+    )
+    result = _train(path)
+    assert result.summary["eval_loss_after"] < 0.7 * result.summary["eval_loss_before"]
