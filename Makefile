@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 SHARED_DATA := $(abspath ../shared/datasets)
 export LLAMA_TUNE_DATA ?= $(if $(wildcard $(SHARED_DATA)),$(SHARED_DATA),)
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,8 +29,14 @@ test: install
 	$(BIN)/pytest
 
 lint: install
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+# Ratios against TRL's SFTTrainer, measured in the same invocation; see docs/BENCHMARKS.md.
+bench: install
+	$(BIN)/pip install --quiet -e '.[bench]'
+	$(BIN)/python benchmarks/train_throughput.py --precision bf16
+	$(BIN)/python benchmarks/train_throughput.py --precision fp32
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

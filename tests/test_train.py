@@ -99,3 +99,8 @@ def test_built_in_model_learns_sst2(tmp_path: Path, data_root: Path) -> None:
     )
     result = _train(path)
     assert result.summary["eval_loss_after"] < 0.7 * result.summary["eval_loss_before"]
+
+
+def test_tensorboard_tracker_writes_events(tiny_recipe) -> None:
+    result = _train(tiny_recipe(max_steps=2, trackers=["tensorboard"]))
+    assert list(result.run_dir.rglob("events.out.tfevents.*"))

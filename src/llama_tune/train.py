@@ -349,6 +349,8 @@ def run(
                         "loss": window_loss / max(window_tokens, 1),
                         "lr": scheduler.get_last_lr()[0],
                         "grad_norm": grad_norm,
+                        "tokens": window_inputs,
+                        "seconds": elapsed,
                         "tokens_per_s": window_inputs / elapsed if elapsed > 0 else None,
                     }
                     summary.setdefault("train_loss_first", record["loss"])

@@ -1,0 +1,169 @@
+"""Training throughput: llama-tune's loop against TRL's SFTTrainer, in one invocation.
+
+Both train the same LoRA (r=8, all linear layers) on the built-in SmolLM2-135M-Instruct, on the
+same SST-2 prompts and targets, with the same batch size, precision and number of steps, with
+the loss on the target tokens only. Throughput counts prompt and target tokens (not padding)
+per second of optimizer steps, after warm-up steps that are not counted.
+
+Run: make bench   (or: python benchmarks/train_throughput.py --steps 30 --precision bf16)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from llama_tune import config, data, models, train
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default=os.environ.get("LLAMA_TUNE_DATA", "../shared/datasets"))
+    parser.add_argument("--steps", type=int, default=30, help="measured steps per trainer")
+    parser.add_argument("--warmup", type=int, default=5, help="steps run first and not counted")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--rows", type=int, default=2000)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
+    parser.add_argument("--output", default=str(REPO / "benchmarks" / "results"))
+    return parser.parse_args()
+
+
+def _recipe(args: argparse.Namespace, run_dir: Path) -> config.Recipe:
+    return config.parse(
+        {
+            "adapter": {"r": 8, "alpha": 16, "dropout": 0.05},
+            "data": {
+                "source": str(Path(args.data) / "classification" / "sst2"),
+                "task": "classification",
+                "max_train_rows": args.rows,
+                "max_length": 128,
+                "splits": {"validation": None},
+            },
+            "train": {
+                "max_steps": args.warmup + args.steps,
+                "batch_size": args.batch_size,
+                "lr": 2e-4,
+                "warmup_steps": 0,
+                "scheduler": "constant",
+                "precision": args.precision,
+                "log_steps": 1,
+            },
+            "output": {"dir": str(run_dir)},
+        },
+        "benchmark",
+    )
+
+
+def measure_llama_tune(recipe: config.Recipe, warmup: int) -> dict[str, float]:
+    """Tokens/s of llama-tune's loop over the steps after `warmup`."""
+    result = train.run(recipe, "benchmark.yaml")
+    records = [
+        json.loads(line) for line in (result.run_dir / train.METRICS).read_text().splitlines()
+    ]
+    counted = [record for record in records if "loss" in record and record["step"] > warmup]
+    tokens = sum(record["tokens"] for record in counted)
+    seconds = sum(record["seconds"] for record in counted)
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+
+
+def measure_trl(recipe: config.Recipe, warmup: int) -> dict[str, float]:
+    """Tokens/s of TRL's SFTTrainer on the same prompts, targets, LoRA and batch size."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer = models.load_tokenizer(recipe.model.name)
+    examples = data.build(recipe.data, tokenizer).train.examples
+    # TRL appends the EOS token to the completion itself, as llama-tune does.
+    rows = [{"prompt": example.prompt, "completion": f" {example.target}"} for example in examples]
+
+    step_tokens: list[int] = []
+    step_seconds: list[float] = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, *_args: object, **_kwargs: object) -> None:
+            self.started = time.perf_counter()
+
+        def on_step_end(self, *_args: object, **_kwargs: object) -> None:
+            step_seconds.append(time.perf_counter() - self.started)
+
+    settings = recipe.train
+    with tempfile.TemporaryDirectory() as output_dir:
+        arguments = SFTConfig(
+            output_dir=output_dir,
+            max_steps=settings.max_steps,
+            per_device_train_batch_size=settings.batch_size,
+            learning_rate=settings.lr,
+            lr_scheduler_type="constant",
+            bf16=settings.precision == "bf16",
+            use_cpu=not torch.cuda.is_available(),
+            logging_steps=1,
+            save_strategy="no",
+            report_to=[],
+            max_length=recipe.data.max_length,
+            packing=False,
+            completion_only_loss=True,
+            seed=settings.seed,
+            dataloader_num_workers=0,
+        )
+        model = AutoModelForCausalLM.from_pretrained(models.resolve(recipe.model.name))
+        trainer = SFTTrainer(
+            model=model,
+            args=arguments,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tokenizer,
+            peft_config=models.lora_config(recipe.adapter),
+            callbacks=[StepTimer()],
+        )
+        collator = trainer.data_collator
+
+        def counting_collator(features: list[dict]) -> dict[str, torch.Tensor]:
+            batch = collator(features)
+            step_tokens.append(int(batch["attention_mask"].sum()))
+            return batch
+
+        trainer.data_collator = counting_collator
+        trainer.train()
+    tokens = sum(step_tokens[warmup : warmup + len(step_seconds)])
+    seconds = sum(step_seconds[warmup:])
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+
+
+def main() -> None:
+    args = _arguments()
+    with tempfile.TemporaryDirectory() as scratch:
+        recipe = _recipe(args, Path(scratch) / "run")
+        ours = measure_llama_tune(recipe, args.warmup)
+        peer = measure_trl(recipe, args.warmup)
+    report = {
+        "benchmark": "train_throughput",
+        "model": recipe.model.name,
+        "precision": args.precision,
+        "batch_size": args.batch_size,
+        "measured_steps": args.steps,
+        "threads": torch.get_num_threads(),
+        "llama_tune": ours,
+        "trl": peer,
+        "ratio": ours["tokens_per_s"] / peer["tokens_per_s"],
+    }
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    path = output / f"train_throughput_{args.precision}.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(
+        f"\n{args.precision}, batch {args.batch_size}, {args.steps} steps: "
+        f"llama-tune {ours['tokens_per_s']:.0f} tokens/s, TRL {peer['tokens_per_s']:.0f} tokens/s, "
+        f"ratio {report['ratio']:.2f}x  ({path})"
+    )
+
+
+if __name__ == "__main__":
+    main()
