@@ -1,9 +1,10 @@
 """Training throughput: llama-tune's loop against TRL's SFTTrainer, in one invocation.
 
-Both train the same LoRA (r=8, all linear layers) on the built-in SmolLM2-135M-Instruct, on the
-same SST-2 prompts and targets, with the same batch size, precision and number of steps, with
-the loss on the target tokens only. Throughput counts prompt and target tokens (not padding)
-per second of optimizer steps, after warm-up steps that are not counted.
+Both train the same LoRA (r=8, all linear layers) on the built-in SmolLM2-135M-Instruct, with
+the base stored in the same dtype, on the same SST-2 prompts and targets, with the same batch
+size, precision and number of steps, and the loss on the target tokens only. Throughput counts
+prompt and target tokens (not padding) per second of optimizer steps, after warm-up steps that
+are not counted.
 
 Run: make bench   (or: python benchmarks/train_throughput.py --steps 30 --precision bf16)
 """
@@ -32,6 +33,11 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--rows", type=int, default=2000)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
+    parser.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout (ablation)")
+    parser.add_argument(
+        "--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="base storage"
+    )
+    parser.add_argument("--ours-only", action="store_true", help="ablations: skip the TRL run")
     parser.add_argument("--output", default=str(REPO / "benchmarks" / "results"))
     return parser.parse_args()
 
@@ -39,7 +45,8 @@ def _arguments() -> argparse.Namespace:
 def _recipe(args: argparse.Namespace, run_dir: Path) -> config.Recipe:
     return config.parse(
         {
-            "adapter": {"r": 8, "alpha": 16, "dropout": 0.05},
+            "model": {"dtype": args.dtype},
+            "adapter": {"r": 8, "alpha": 16, "dropout": args.dropout},
             "data": {
                 "source": str(Path(args.data) / "classification" / "sst2"),
                 "task": "classification",
@@ -114,7 +121,12 @@ def measure_trl(recipe: config.Recipe, warmup: int) -> dict[str, float]:
             seed=settings.seed,
             dataloader_num_workers=0,
         )
-        model = AutoModelForCausalLM.from_pretrained(models.resolve(recipe.model.name))
+        # The same storage dtype as llama-tune's (bf16 under bf16 autocast): only the loops differ.
+        mixed_precision = "bf16" if settings.precision == "bf16" else "no"
+        model = AutoModelForCausalLM.from_pretrained(
+            models.resolve(recipe.model.name),
+            dtype=models.storage_dtype(recipe.model, mixed_precision),
+        )
         trainer = SFTTrainer(
             model=model,
             args=arguments,
@@ -142,6 +154,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         recipe = _recipe(args, Path(scratch) / "run")
         ours = measure_llama_tune(recipe, args.warmup)
+        if args.ours_only:
+            print(f"\nllama-tune alone: {ours['tokens_per_s']:.0f} tokens/s ({vars(args)})")
+            return
         peer = measure_trl(recipe, args.warmup)
     report = {
         "benchmark": "train_throughput",

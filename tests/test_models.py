@@ -102,3 +102,15 @@ def test_qlora_gradients_match_a_dequantised_reference_after_eval(tiny_model_dir
     for name, gradient in expected.items():
         error = (actual[name] - gradient).abs().max() / gradient.abs().max()
         assert error < 0.02, name
+
+
+def test_auto_dtype_stores_the_base_in_the_compute_dtype(tiny_model_dir: Path) -> None:
+    bundle = models.load(ModelConfig(name=str(tiny_model_dir)), AdapterConfig(r=4), "bf16")
+    dtypes = {name: p.dtype for name, p in bundle.model.named_parameters()}
+    assert dtypes["base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"] == (
+        torch.bfloat16
+    )
+    # Trainable adapter weights stay fp32 so optimizer updates keep their precision.
+    assert {dtypes[name] for name in dtypes if "lora_" in name} == {torch.float32}
+    fp32 = models.load(ModelConfig(name=str(tiny_model_dir)), AdapterConfig(r=4), "no")
+    assert {p.dtype for p in fp32.model.parameters()} == {torch.float32}

@@ -223,5 +223,8 @@ class StopSignals:
 
     @property
     def exit_code(self) -> int:
-        """128 + signal number: 143 for SIGTERM, 130 for SIGINT."""
-        return 128 + (self.requested or 0)
+        """128 + signal number: 143 for SIGTERM, 130 for SIGINT.
+
+        A process stopping because another one got the signal reports SIGTERM.
+        """
+        return 128 + (self.requested or signal.SIGTERM)

@@ -50,6 +50,8 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
 }
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Accelerate's mixed-precision names -> the storage dtype `model.dtype: auto` picks.
+AUTO_DTYPES = {"no": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 @dataclass
@@ -138,28 +140,40 @@ def _load_failure(name: str, error: Exception) -> str:
     return f"cannot load model {name!r}: {first_line} (built-in models: {_builtin_names()})"
 
 
-def _quantization(config: ModelConfig) -> BitsAndBytesConfig | None:
+def storage_dtype(config: ModelConfig, mixed_precision: str) -> torch.dtype:
+    """The dtype of the frozen base weights.
+
+    `auto` stores them in the compute dtype: under bf16 autocast, fp32 weights would be cast
+    again at every forward (measured: ~40% of a CPU step). Adapter weights stay fp32 either way
+    (peft upcasts them), so optimizer updates keep full precision.
+    """
+    name = AUTO_DTYPES[mixed_precision] if config.dtype == "auto" else config.dtype
+    return DTYPES[name]
+
+
+def _quantization(config: ModelConfig, dtype: torch.dtype) -> BitsAndBytesConfig | None:
     if config.quantization == "4bit":
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=DTYPES[config.dtype],
+            bnb_4bit_compute_dtype=dtype,
         )
     if config.quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     return None
 
 
-def load_base_model(config: ModelConfig) -> PreTrainedModel:
-    """The base causal LM in the recipe's dtype, quantised when the recipe asks."""
+def load_base_model(config: ModelConfig, mixed_precision: str = "no") -> PreTrainedModel:
+    """The base causal LM in its storage dtype, quantised when the recipe asks."""
     location = resolve(config.name)
-    quantization = _quantization(config)
+    dtype = storage_dtype(config, mixed_precision)
+    quantization = _quantization(config, dtype)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             location,
             revision=config.revision,
-            dtype=DTYPES[config.dtype],
+            dtype=dtype,
             quantization_config=quantization,
         )
     except (OSError, ValueError) as error:
@@ -212,10 +226,15 @@ def add_adapter(model: PreTrainedModel, adapter: AdapterConfig) -> PeftModel:
         raise ModelError(f"adapter.target_modules: {error}") from None
 
 
-def load(model_config: ModelConfig, adapter: AdapterConfig) -> ModelBundle:
-    """Tokenizer, base model and a new LoRA adapter, as the recipe describes them."""
+def load(
+    model_config: ModelConfig, adapter: AdapterConfig, mixed_precision: str = "no"
+) -> ModelBundle:
+    """Tokenizer, base model and a new LoRA adapter, as the recipe describes them.
+
+    `mixed_precision` is Accelerate's name for the compute precision (no, bf16, fp16).
+    """
     tokenizer = load_tokenizer(model_config.name, model_config.revision)
-    model = add_adapter(load_base_model(model_config), adapter)
+    model = add_adapter(load_base_model(model_config, mixed_precision), adapter)
     return ModelBundle(model=model, tokenizer=tokenizer)
 
 

@@ -111,7 +111,10 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
         if status == "finished":
             raise TrainError(f"{run_dir} holds a finished run; use --overwrite to train again")
         if checkpoint.latest(run_dir) is None:
-            raise TrainError(f"{run_dir} has no complete checkpoint to resume from")
+            raise TrainError(
+                f"{run_dir} has no complete checkpoint to resume from; "
+                "use --overwrite to start again"
+            )
     elif status == "finished":
         raise TrainError(f"{run_dir} holds a finished run; use --overwrite to replace it")
     elif checkpoint.latest(run_dir) is not None or status is not None:
@@ -204,7 +207,7 @@ def run(
     accelerator.wait_for_everyone()
     set_seed(settings.seed)
 
-    bundle = models.load(recipe.model, recipe.adapter)
+    bundle = models.load(recipe.model, recipe.adapter, accelerator.mixed_precision)
     tokenizer = bundle.tokenizer
     datasets = data.build(recipe.data, tokenizer)
     train_split, validation = datasets.train, datasets.validation
@@ -382,9 +385,10 @@ def run(
                     window_start = time.perf_counter()
 
                 save_due = settings.save_steps and state.step % settings.save_steps == 0
-                if (save_due or signals.requested) and state.step < total_steps:
+                stop = _any_process(accelerator, signals.requested is not None)
+                if (save_due or stop) and state.step < total_steps:
                     summary.update(
-                        status="interrupted" if signals.requested else "running",
+                        status="interrupted" if stop else "running",
                         train_seconds=train_seconds,
                         input_tokens=input_tokens,
                         state=asdict(state),
@@ -399,7 +403,7 @@ def run(
                         summary,
                         settings.keep_last_checkpoints,
                     )
-                    if signals.requested:
+                    if stop:
                         progress.close()
                         raise Interrupted(signals.exit_code, saved)
             else:
@@ -428,6 +432,14 @@ def run(
         write_json(summary_path, summary)
     accelerator.end_training()
     return RunResult(run_dir=run_dir, adapter_dir=adapter_dir, summary=summary)
+
+
+def _any_process(accelerator: Accelerator, flag: bool) -> bool:
+    """True on every process when it is true on any: all must stop at the same step."""
+    if accelerator.num_processes == 1:
+        return flag
+    # One tiny all-reduce per step; without it a signal seen by one rank would deadlock the rest.
+    return bool(accelerator.reduce(torch.tensor(float(flag), device=accelerator.device)).item())
 
 
 def _save_checkpoint(
