@@ -35,6 +35,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--data", help="data folder; sets LLAMA_TUNE_DATA for the recipe")
 
+    evaluate = verbs.add_parser(
+        "evaluate", help="score the base model, a run's adapter, or both side by side"
+    )
+    evaluate.add_argument("target", help="a run folder (scores its adapter) or a recipe (base)")
+    evaluate.add_argument("overrides", nargs="*", help="dotted key=value recipe overrides")
+    evaluate.add_argument("--split", help="split to score (default: evaluation.split)")
+    evaluate.add_argument("--limit", type=int, help="score only the first N usable rows")
+    evaluate.add_argument(
+        "--base", action="store_true", help="with a run folder: score the base model too"
+    )
+    evaluate.add_argument("--data", help="data folder; sets LLAMA_TUNE_DATA for the recipe")
+
     validate = verbs.add_parser("validate", help="check recipes without loading any model")
     validate.add_argument("recipes", nargs="+", help="recipe YAML files")
     validate.add_argument("--data", help="data folder; sets LLAMA_TUNE_DATA for the recipes")
@@ -76,6 +88,33 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _format_interval(interval: dict[str, float]) -> str:
+    return f"{interval['value']:.4f} [{interval['low']:.4f}, {interval['high']:.4f}]"
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from llama_tune import evaluation
+
+    if args.limit is not None and args.limit < 1:
+        print("error: --limit must be at least 1", file=sys.stderr)
+        return USAGE_ERROR
+    results = evaluation.run(args.target, args.overrides, args.split, args.limit, args.base)
+    data = results["data"]
+    skipped = ", ".join(f"{reason}: {count}" for reason, count in data["skipped"].items())
+    print(f"\n{data['origin']}: {results['n']} examples scored (skipped: {skipped or 'none'})")
+    if data["unknown_reference_labels"]:
+        print(f"reference labels outside the label set: {data['unknown_reference_labels']}")
+    for system, result in results["systems"].items():
+        shown = ", ".join(
+            f"{name} {_format_interval(interval)}" for name, interval in result["metrics"].items()
+        )
+        print(f"{system:>6}: {shown}  ({result['examples_per_s']:.1f} examples/s)")
+    for name, interval in results.get("difference", {}).items():
+        print(f"tuned - base {name}: {_format_interval(interval)}")
+    print(f"results:     {Path(results['output_dir']) / evaluation.RESULTS}")
+    return 0
+
+
 def _validate(args: argparse.Namespace) -> int:
     failed = 0
     for path in args.recipes:
@@ -97,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: --data {args.data}: no such folder", file=sys.stderr)
             return USAGE_ERROR
         os.environ["LLAMA_TUNE_DATA"] = str(Path(args.data).resolve())
-    handlers = {"train": _train, "validate": _validate}
+    handlers = {"train": _train, "evaluate": _evaluate, "validate": _validate}
     try:
         return handlers[args.verb](args)
     except UserError as error:

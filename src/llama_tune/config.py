@@ -188,6 +188,27 @@ class TrainConfig(Section):
     """Accelerate trackers to log to, besides metrics.jsonl."""
 
 
+class EvaluationConfig(Section):
+    """How `llama-tune evaluate` scores the base model and the adapter."""
+
+    split: str = "test"
+    """Split to score: test, validation, or any split name of the source."""
+    max_rows: int | None = Field(None, ge=1)
+    """Score only the first N usable rows."""
+    batch_size: int = Field(16, ge=1)
+    """Prompts per forward pass."""
+    max_new_tokens: int = Field(48, ge=1)
+    """Summarisation and translation: longest generated answer."""
+    num_beams: int = Field(1, ge=1)
+    """Summarisation and translation: 1 is greedy search."""
+    length_normalise: bool = False
+    """Classification: rank labels by mean instead of summed token log-probability."""
+    bootstrap_resamples: int = Field(1000, ge=10)
+    """Resamples for the 95% confidence intervals."""
+    seed: int = 0
+    """Seed of the bootstrap resampling."""
+
+
 class OutputConfig(Section):
     """Where the run folder goes."""
 
@@ -202,6 +223,7 @@ class Recipe(Section):
     adapter: AdapterConfig = AdapterConfig()
     data: DataConfig
     train: TrainConfig = TrainConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
     output: OutputConfig = OutputConfig()
 
     @model_validator(mode="after")

@@ -198,8 +198,12 @@ def open_split(source: str, split: str) -> tuple[str, Iterator[RawRow]] | None:
 class TaskFormatter:
     """Renders rows of one task into prompt and target text, as the recipe says."""
 
-    def __init__(self, config: DataConfig, labels: list[str] | None = None) -> None:
+    def __init__(
+        self, config: DataConfig, labels: list[str] | None = None, strict_labels: bool = True
+    ) -> None:
+        """`strict_labels=False` keeps rows whose label is outside `labels` (for scoring)."""
         self.config = config
+        self.strict_labels = strict_labels
         self.task: TaskSpec = TASKS[config.task]
         self.template = config.template or self.task.template
         self.labels = labels
@@ -227,7 +231,7 @@ class TaskFormatter:
         rendered = {name: self.text_field(values, name) for name in self.task.input_fields}
         rendered[self.task.target_field] = self.text_field(values, self.task.target_field).strip()
         if self.labels is not None:
-            if rendered[self.task.target_field] not in self.labels:
+            if self.strict_labels and rendered[self.task.target_field] not in self.labels:
                 raise ValueError("unknown_label")
             rendered["labels"] = ", ".join(self.labels)
         for name, configured in (
@@ -369,18 +373,28 @@ class Datasets:
         return {"labels": self.labels, "splits": splits}
 
 
-def build(config: DataConfig, tokenizer: PreTrainedTokenizerBase) -> Datasets:
-    """Read, render and encode the train and validation splits of a recipe."""
+def _open_train(config: DataConfig) -> tuple[str, Iterator[RawRow]]:
     opened = open_split(config.source, config.splits.train)
     if opened is None:
         raise DataError(f"data source {config.source} has no {config.splits.train!r} split")
-    labels = config.labels
-    if config.task == "classification" and labels is None:
-        labels = collect_labels(config, opened[1])
-        if not labels:
-            raise DataError(f"{opened[0]}: no usable labels found")
-        opened = open_split(config.source, config.splits.train)
-        assert opened is not None
+    return opened
+
+
+def label_set(config: DataConfig) -> list[str] | None:
+    """The classification labels: the recipe's, or those of the training split; else None."""
+    if config.task != "classification" or config.labels is not None:
+        return config.labels
+    origin, rows = _open_train(config)
+    labels = collect_labels(config, rows)
+    if not labels:
+        raise DataError(f"{origin}: no usable labels found")
+    return labels
+
+
+def build(config: DataConfig, tokenizer: PreTrainedTokenizerBase) -> Datasets:
+    """Read, render and encode the train and validation splits of a recipe."""
+    labels = label_set(config)
+    opened = _open_train(config)
     formatter = TaskFormatter(config, labels)
     train = build_split(*opened, formatter, tokenizer, config.max_train_rows)
     if not train.examples:

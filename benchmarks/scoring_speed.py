@@ -1,0 +1,112 @@
+"""Classification scoring speed: label likelihood against free generation, in one invocation.
+
+Both score the same SST-2 validation prompts with the same model (the built-in one, or a run
+folder's adapter with --run): label likelihood scores every label as a continuation of the
+prompt; free generation decodes greedily until the end of the line and matches the text to a
+label (text that matches no label counts as wrong). Reports examples/second and accuracy.
+
+Run: python benchmarks/scoring_speed.py [--run runs/quickstart] [--rows 872]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+from peft import PeftModel
+
+from llama_tune import config, models, scoring
+from llama_tune.train import resolve_precision
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default=os.environ.get("LLAMA_TUNE_DATA", "../shared/datasets"))
+    parser.add_argument("--run", help="a run folder whose adapter to score (default: base model)")
+    parser.add_argument("--rows", type=int, default=872)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--output", default=str(REPO / "benchmarks" / "results"))
+    return parser.parse_args()
+
+
+def _accuracy(eval_set: scoring.EvalSet) -> float:
+    examples = eval_set.examples
+    return sum(e.prediction == e.references[0] for e in examples) / len(examples)
+
+
+def main() -> None:
+    args = _arguments()
+    recipe = config.parse(
+        {
+            "data": {
+                "source": str(Path(args.data) / "classification" / "sst2"),
+                "task": "classification",
+                "max_length": 128,
+            },
+            "train": {"precision": args.precision},
+            "evaluation": {"batch_size": args.batch_size},
+        },
+        "benchmark",
+    )
+    precision = resolve_precision(args.precision)
+    tokenizer = models.load_tokenizer(recipe.model.name)
+    model = models.load_base_model(recipe.model, precision)
+    if args.run:
+        model = PeftModel.from_pretrained(model, Path(args.run) / "adapter")
+    eval_set = scoring.load_eval_set(recipe, tokenizer, "validation", args.rows)
+
+    likelihood_seconds = scoring.predict(model, tokenizer, recipe, eval_set, precision)
+    likelihood_accuracy = _accuracy(eval_set)
+
+    labels = eval_set.labels or []
+    longest = max(len(ids) for ids in scoring.label_token_ids(tokenizer, labels, False))
+    settings = recipe.evaluation.model_copy(update={"max_new_tokens": longest + 1})
+    started = time.perf_counter()
+    with scoring.autocast_for(model, precision):
+        for batch in scoring.length_sorted_batches(eval_set.examples, args.batch_size):
+            texts = scoring.generate(
+                model, tokenizer, [e.prompt_ids for e in batch], settings, stop_at_newline=True
+            )
+            for example, text in zip(batch, texts, strict=True):
+                example.prediction = text
+    generation_seconds = time.perf_counter() - started
+    generation_accuracy = _accuracy(eval_set)
+
+    count = len(eval_set.examples)
+    report = {
+        "benchmark": "scoring_speed",
+        "model": recipe.model.name,
+        "adapter": args.run,
+        "examples": count,
+        "precision": precision,
+        "label_likelihood": {
+            "examples_per_s": count / likelihood_seconds,
+            "accuracy": likelihood_accuracy,
+        },
+        "free_generation": {
+            "examples_per_s": count / generation_seconds,
+            "accuracy": generation_accuracy,
+            "max_new_tokens": longest + 1,
+        },
+        "ratio": generation_seconds / likelihood_seconds,
+    }
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    name = "scoring_speed_tuned.json" if args.run else "scoring_speed_base.json"
+    (output / name).write_text(json.dumps(report, indent=2) + "\n")
+    print(
+        f"\n{count} SST-2 examples: label likelihood {count / likelihood_seconds:.1f} examples/s "
+        f"(accuracy {likelihood_accuracy:.3f}), free generation "
+        f"{count / generation_seconds:.1f} examples/s (accuracy {generation_accuracy:.3f}); "
+        f"ratio {report['ratio']:.2f}x"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""`llama-tune evaluate`: score the base model, a trained adapter, or both side by side.
+
+The target is a recipe (scores the base model) or a run folder (scores its adapter, and with
+`base=True` the base model too, on the same examples, with the paired difference). Results go
+to `<run folder>/evaluation/<split>/`: results.json and one predictions file per system.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import peft
+import torch
+import transformers
+from peft import PeftModel
+
+from llama_tune import config, models, scoring
+from llama_tune.checkpoint import write_json
+from llama_tune.errors import UserError
+from llama_tune.train import ADAPTER, RECIPE_COPY, resolve_precision
+
+RESULTS = "results.json"
+
+
+class EvaluationError(UserError):
+    """An evaluation target that cannot be scored (no adapter in the run folder, ...)."""
+
+
+@dataclass
+class Target:
+    """What to score: the recipe, where results go, and the adapter if there is one."""
+
+    recipe: config.Recipe
+    run_dir: Path
+    adapter_dir: Path | None
+
+
+def resolve_target(target: str | Path, overrides: list[str]) -> Target:
+    """A run folder (its recipe.yaml and adapter) or a recipe file (the base model)."""
+    path = Path(target)
+    if path.is_dir():
+        recipe_path = path / RECIPE_COPY
+        if not recipe_path.is_file():
+            raise EvaluationError(f"{path} is not a run folder: it has no {RECIPE_COPY}")
+        adapter_dir = path / ADAPTER
+        if not (adapter_dir / "adapter_config.json").is_file():
+            raise EvaluationError(f"{path} has no trained adapter yet; finish training first")
+        return Target(config.load(recipe_path, overrides), path, adapter_dir)
+    recipe = config.load(path, overrides)
+    return Target(recipe, config.run_dir(recipe, path), None)
+
+
+def _versions() -> dict[str, str]:
+    import evaluate
+    import sacrebleu
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "evaluate": evaluate.__version__,
+        "sacrebleu": sacrebleu.__version__,
+    }
+
+
+def _system_result(
+    eval_set: scoring.EvalSet, scores: scoring.Scores, seconds: float
+) -> dict[str, Any]:
+    count = len(eval_set.examples)
+    return {
+        "metrics": {name: interval.as_dict() for name, interval in scores.intervals.items()},
+        "details": scores.details,
+        "empty_predictions": sum(not example.prediction for example in eval_set.examples),
+        "seconds": seconds,
+        "examples_per_s": count / seconds if seconds > 0 else None,
+    }
+
+
+def _write_predictions(path: Path, eval_set: scoring.EvalSet) -> None:
+    with path.open("w") as handle:
+        for example in eval_set.examples:
+            record = {
+                "row": example.row,
+                "input": example.input,
+                "reference": example.references[0],
+                "references": example.references,
+                "prediction": example.prediction,
+                "score": example.score,
+            }
+            if example.label_logprobs is not None:
+                record["label_logprobs"] = example.label_logprobs
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def run(
+    target: str | Path,
+    overrides: list[str] | None = None,
+    split: str | None = None,
+    limit: int | None = None,
+    base: bool = False,
+) -> dict[str, Any]:
+    """Score the target on one split and write results.json and predictions; returns results."""
+    resolved = resolve_target(target, overrides or [])
+    recipe, settings = resolved.recipe, resolved.recipe.evaluation
+    split = split or settings.split
+    precision = resolve_precision(recipe.train.precision)
+    tokenizer = models.load_tokenizer(recipe.model.name, recipe.model.revision)
+    eval_set = scoring.load_eval_set(recipe, tokenizer, split, limit or settings.max_rows)
+
+    model = models.load_base_model(recipe.model, precision)
+    systems = ["base"]
+    if resolved.adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, resolved.adapter_dir)
+        systems = ["tuned", "base"] if base else ["tuned"]
+
+    out_dir = resolved.run_dir / "evaluation" / split
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {
+        "task": recipe.data.task,
+        "model": recipe.model.name,
+        "adapter": str(resolved.adapter_dir) if resolved.adapter_dir else None,
+        "data": {
+            "source": recipe.data.source,
+            "split": split,
+            "origin": eval_set.origin,
+            "rows_read": eval_set.rows_read,
+            "skipped": dict(sorted(eval_set.skipped.items())),
+            "unknown_reference_labels": dict(eval_set.unknown_reference_labels),
+            "labels": eval_set.labels,
+        },
+        "n": len(eval_set.examples),
+        "precision": precision,
+        "settings": settings.model_dump(mode="json"),
+        "systems": {},
+        "versions": _versions(),
+    }
+    if not eval_set.examples:
+        # Nothing to score is a result too: recorded with its reasons, not a crash.
+        systems = []
+        results["note"] = f"no usable rows in {eval_set.origin}"
+    scored: dict[str, scoring.Scores] = {}
+    for system in systems:
+        examples = [dataclasses.replace(example) for example in eval_set.examples]
+        system_set = dataclasses.replace(eval_set, examples=examples)
+        if system == "base" and isinstance(model, PeftModel):
+            with model.disable_adapter():
+                seconds = scoring.predict(model, tokenizer, recipe, system_set, precision)
+        else:
+            seconds = scoring.predict(model, tokenizer, recipe, system_set, precision)
+        scored[system] = scoring.score(system_set, recipe.data.task, settings)
+        results["systems"][system] = _system_result(system_set, scored[system], seconds)
+        name = "predictions.jsonl" if system == systems[0] else f"predictions-{system}.jsonl"
+        _write_predictions(out_dir / name, system_set)
+    if len(systems) == 2:
+        results["difference"] = scoring.compare(
+            scored["tuned"], scored["base"], len(eval_set.examples), settings
+        )
+    write_json(out_dir / RESULTS, results)
+    results["output_dir"] = str(out_dir)
+    return results

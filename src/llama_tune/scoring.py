@@ -1,0 +1,378 @@
+"""Task scorers: classification by label likelihood, generation tasks by batched decoding.
+
+Classification never generates: every label string is scored as a continuation of the prompt
+(one forward over the prompts, then one over all labels reusing the prompts' KV cache), and the
+most likely label is the prediction. Summarisation and translation decode greedily or with beam
+search from left-padded prompts. Every headline metric carries a 95% bootstrap interval.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy
+import sacrebleu
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from llama_tune import data, metrics
+from llama_tune.config import EvaluationConfig, Recipe
+from llama_tune.uncertainty import Interval, Statistic, bootstrap, mean_of, paired_difference
+
+
+@dataclass
+class EvalExample:
+    """One scored row: what went in, what was expected, what came out."""
+
+    row: int
+    input: str
+    prompt_ids: list[int]
+    references: list[str]
+    prediction: str = ""
+    score: float = 0.0
+    """Per-example score: correctness (classification) or ROUGE-L / chrF (generation)."""
+    label_logprobs: dict[str, float] | None = None
+
+
+@dataclass
+class EvalSet:
+    """The examples of the split being scored and what happened to its other rows."""
+
+    origin: str
+    examples: list[EvalExample]
+    labels: list[str] | None
+    rows_read: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)
+    unknown_reference_labels: Counter[str] = field(default_factory=Counter)
+
+
+def _references(values: dict[str, Any], target: str) -> list[str]:
+    """The row's references: a non-empty `references` list column when present (AESLC)."""
+    extra = values.get("references")
+    if isinstance(extra, list):
+        cleaned = [text.strip() for text in extra if isinstance(text, str) and text.strip()]
+        if cleaned:
+            return cleaned
+    return [target]
+
+
+def load_eval_set(
+    recipe: Recipe, tokenizer: PreTrainedTokenizerBase, split: str, limit: int | None
+) -> EvalSet:
+    """Read and render the split to score; bad rows are counted, never silently dropped."""
+    opened = data.open_split(recipe.data.source, split)
+    if opened is None:
+        raise data.DataError(f"data source {recipe.data.source} has no {split!r} split")
+    origin, rows = opened
+    labels = data.label_set(recipe.data)
+    formatter = data.TaskFormatter(recipe.data, labels, strict_labels=False)
+    eval_set = EvalSet(origin=origin, examples=[], labels=labels)
+    for row in rows:
+        if limit is not None and len(eval_set.examples) >= limit:
+            break
+        eval_set.rows_read += 1
+        try:
+            if row.problem is not None:
+                raise ValueError(row.problem)
+            assert row.values is not None
+            fields = formatter.fields(row.values)
+            encoded = data.encode(fields, formatter, tokenizer)
+        except ValueError as error:
+            eval_set.skipped[str(error).split(" (")[0]] += 1
+            continue
+        if encoded is None:
+            eval_set.skipped["too_long"] += 1
+            continue
+        input_ids, prompt_length, _ = encoded
+        target = fields[formatter.task.target_field]
+        if labels is not None and target not in labels:
+            eval_set.unknown_reference_labels[target] += 1
+        eval_set.examples.append(
+            EvalExample(
+                row=row.number,
+                input=fields[formatter.task.truncatable_field],
+                prompt_ids=input_ids[:prompt_length],
+                references=_references(row.values, target),
+            )
+        )
+    return eval_set
+
+
+def length_sorted_batches(examples: list[EvalExample], size: int) -> Iterator[list[EvalExample]]:
+    # Similar lengths together: less padding, fewer distinct shapes.
+    ordered = sorted(examples, key=lambda example: len(example.prompt_ids))
+    for start in range(0, len(ordered), size):
+        yield ordered[start : start + size]
+
+
+def _left_pad(
+    sequences: list[list[int]], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(sequence) for sequence in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        input_ids[row, width - len(sequence) :] = torch.tensor(sequence)
+        attention_mask[row, width - len(sequence) :] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def label_token_ids(
+    tokenizer: PreTrainedTokenizerBase, labels: list[str], chat_template: bool
+) -> list[list[int]]:
+    """Token ids of each label as the target would start (a space first in plain templates)."""
+    prefix = "" if chat_template else " "
+    return [tokenizer(prefix + label, add_special_tokens=False)["input_ids"] for label in labels]
+
+
+@torch.no_grad()
+def label_logprobs(
+    model: PreTrainedModel,
+    prompts: list[list[int]],
+    label_ids: list[list[int]],
+    pad_id: int,
+) -> torch.Tensor:
+    """[prompts, labels] summed log-probabilities of each label continuing each prompt.
+
+    The prompts run once; the labels' later tokens run against the prompts' KV cache, repeated
+    once per label, so a prompt is never recomputed for each label.
+    """
+    device = next(model.parameters()).device
+    input_ids, attention_mask = _left_pad(prompts, pad_id, device)
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=positions,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+    first_ids = torch.tensor([ids[0] for ids in label_ids], device=device)
+    scores = first[:, first_ids]
+    longest = max(len(ids) for ids in label_ids)
+    if longest == 1:
+        return scores
+    count = len(label_ids)
+    cache = out.cache
+    cache.batch_repeat_interleave(count)
+    # Row (prompt p, label j) feeds label j's tokens but the last, to predict tokens 1.. of it.
+    feed = torch.full((count, longest - 1), pad_id, dtype=torch.long)
+    wanted = torch.full((count, longest - 1), -1, dtype=torch.long)
+    for j, ids in enumerate(label_ids):
+        feed[j, : len(ids) - 1] = torch.tensor(ids[:-1])
+        wanted[j, : len(ids) - 1] = torch.tensor(ids[1:])
+    feed, wanted = (
+        feed.to(device).repeat(len(prompts), 1),
+        wanted.to(device).repeat(len(prompts), 1),
+    )
+    prompt_mask = attention_mask.repeat_interleave(count, dim=0)
+    full_mask = torch.cat([prompt_mask, (wanted >= 0).long()], dim=1)
+    start = attention_mask.sum(-1).repeat_interleave(count).unsqueeze(1)
+    later = model(
+        input_ids=feed,
+        attention_mask=full_mask,
+        position_ids=start + torch.arange(longest - 1, device=device),
+        cache=cache,
+        use_cache=True,
+    )
+    logprobs = torch.log_softmax(later.logits.float(), dim=-1)
+    picked = logprobs.gather(-1, wanted.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    picked = (picked * (wanted >= 0)).sum(-1).view(len(prompts), count)
+    return scores + picked
+
+
+@torch.no_grad()
+def generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[list[int]],
+    settings: EvaluationConfig,
+    stop_at_newline: bool,
+) -> list[str]:
+    """Greedy or beam-search completions of left-padded prompts, cut at the answer's end."""
+    device = next(model.parameters()).device
+    input_ids, attention_mask = _left_pad(prompts, tokenizer.pad_token_id, device)
+    output = model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        max_new_tokens=settings.max_new_tokens,
+        num_beams=settings.num_beams,
+        do_sample=False,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        stop_strings=["\n"] if stop_at_newline else None,
+        tokenizer=tokenizer,
+    )
+    texts = tokenizer.batch_decode(output[:, input_ids.shape[1] :], skip_special_tokens=True)
+    # A plain template's answer is one line; a chat answer ends at the end-of-turn token.
+    return [
+        text.strip().split("\n")[0].strip() if stop_at_newline else text.strip() for text in texts
+    ]
+
+
+def autocast_for(model: PreTrainedModel, precision: str) -> contextlib.AbstractContextManager:
+    device_type = next(model.parameters()).device.type
+    if precision == "bf16":
+        return torch.autocast(device_type, dtype=torch.bfloat16)
+    if precision == "fp16":
+        return torch.autocast(device_type, dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def predict(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    recipe: Recipe,
+    eval_set: EvalSet,
+    precision: str,
+) -> float:
+    """Fill in every example's prediction; returns the seconds spent."""
+    settings = recipe.evaluation
+    model.eval()
+    started = time.perf_counter()
+    with autocast_for(model, precision):
+        if eval_set.labels is not None:
+            label_ids = label_token_ids(tokenizer, eval_set.labels, recipe.data.chat_template)
+            lengths = torch.tensor([len(ids) for ids in label_ids], dtype=torch.float)
+            for batch in length_sorted_batches(eval_set.examples, settings.batch_size):
+                scores = label_logprobs(
+                    model, [e.prompt_ids for e in batch], label_ids, tokenizer.pad_token_id
+                ).cpu()
+                ranked = scores / lengths if settings.length_normalise else scores
+                for example, row_scores, ranking in zip(batch, scores, ranked, strict=True):
+                    example.prediction = eval_set.labels[int(ranking.argmax())]
+                    example.label_logprobs = dict(
+                        zip(eval_set.labels, row_scores.tolist(), strict=True)
+                    )
+        else:
+            for batch in length_sorted_batches(eval_set.examples, settings.batch_size):
+                texts = generate(
+                    model,
+                    tokenizer,
+                    [e.prompt_ids for e in batch],
+                    settings,
+                    stop_at_newline=not recipe.data.chat_template,
+                )
+                for example, text in zip(batch, texts, strict=True):
+                    example.prediction = text
+    return time.perf_counter() - started
+
+
+# ------------------------------------------------------------------------------------- metrics
+
+
+@dataclass
+class Scores:
+    """Headline metrics with intervals, the statistics behind them, and details."""
+
+    intervals: dict[str, Interval]
+    statistics: dict[str, Statistic]
+    details: dict[str, Any]
+
+
+def _macro_f1(references: numpy.ndarray, predictions: numpy.ndarray, count: int) -> Statistic:
+    def statistic(indices: numpy.ndarray) -> float:
+        truth, guess = references[indices], predictions[indices]
+        f1 = []
+        for label in range(count):
+            true_positive = numpy.sum((truth == label) & (guess == label))
+            denominator = numpy.sum(truth == label) + numpy.sum(guess == label)
+            f1.append(2 * true_positive / denominator if denominator else 0.0)
+        return float(numpy.mean(f1))
+
+    return statistic
+
+
+def classification_scores(eval_set: EvalSet) -> Scores:
+    """Accuracy and macro-F1 with intervals, per-class scores and the confusion matrix."""
+    assert eval_set.labels is not None
+    examples = eval_set.examples
+    predictions = [example.prediction for example in examples]
+    references = [example.references[0] for example in examples]
+    details = metrics.load("classification").compute(
+        predictions=predictions, references=references, labels=eval_set.labels
+    )
+    correct = [float(p == r) for p, r in zip(predictions, references, strict=True)]
+    for example, value in zip(examples, correct, strict=True):
+        example.score = value
+    # Unknown reference labels get index -1: never predicted, so always counted wrong.
+    index = {label: i for i, label in enumerate(eval_set.labels)}
+    truth = numpy.array([index.get(label, -1) for label in references])
+    guess = numpy.array([index[label] for label in predictions])
+    statistics = {
+        "accuracy": mean_of(correct),
+        "macro_f1": _macro_f1(truth, guess, len(eval_set.labels)),
+    }
+    return Scores(intervals={}, statistics=statistics, details=details)
+
+
+def sacrebleu_statistic(
+    metric: Any, predictions: list[str], references: list[list[str]]
+) -> Statistic:
+    # sacrebleu's per-sentence sufficient statistics (the same ones its own paired bootstrap
+    # uses): a resample's corpus score is computed from their sum, as on the whole corpus.
+    width = max(len(refs) for refs in references)
+    padded = [refs + [refs[0]] * (width - len(refs)) for refs in references]
+    streams = [list(stream) for stream in zip(*padded, strict=True)]
+    stats = numpy.array(metric._extract_corpus_statistics(predictions, streams), dtype=float)
+    return lambda indices: float(
+        metric._compute_score_from_stats(stats[indices].sum(axis=0).tolist()).score
+    )
+
+
+def generation_scores(eval_set: EvalSet, task: str) -> Scores:
+    """ROUGE (summarisation) or BLEU and chrF (translation) with intervals."""
+    predictions = [example.prediction for example in eval_set.examples]
+    references = [example.references for example in eval_set.examples]
+    if task == "summarisation":
+        result = metrics.load("rouge").compute(
+            predictions=predictions, references=references, per_example=True
+        )
+        per_example = result.pop("per_example")
+        for example, value in zip(eval_set.examples, per_example["rougeL"], strict=True):
+            example.score = value
+        statistics = {name: mean_of(values) for name, values in per_example.items()}
+        return Scores(intervals={}, statistics=statistics, details=result)
+    result = metrics.load("bleu_chrf").compute(predictions=predictions, references=references)
+    chrf = sacrebleu.metrics.CHRF()
+    for example in eval_set.examples:
+        example.score = chrf.sentence_score(example.prediction, example.references).score
+    statistics = {
+        "bleu": sacrebleu_statistic(sacrebleu.metrics.BLEU(), predictions, references),
+        "chrf": sacrebleu_statistic(chrf, predictions, references),
+    }
+    return Scores(intervals={}, statistics=statistics, details=result)
+
+
+def score(eval_set: EvalSet, task: str, settings: EvaluationConfig) -> Scores:
+    """The task's metrics on predicted examples, each with its bootstrap interval."""
+    if eval_set.labels is not None:
+        scores = classification_scores(eval_set)
+    else:
+        scores = generation_scores(eval_set, task)
+    count = len(eval_set.examples)
+    scores.intervals = {
+        name: bootstrap(statistic, count, settings.bootstrap_resamples, settings.seed)
+        for name, statistic in scores.statistics.items()
+    }
+    return scores
+
+
+def compare(tuned: Scores, base: Scores, count: int, settings: EvaluationConfig) -> dict:
+    """Paired bootstrap interval of tuned - base for every shared metric."""
+    return {
+        name: paired_difference(
+            tuned.statistics[name],
+            base.statistics[name],
+            count,
+            settings.bootstrap_resamples,
+            settings.seed,
+        ).as_dict()
+        for name in tuned.statistics
+    }

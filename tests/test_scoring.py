@@ -1,0 +1,149 @@
+"""Scoring: label likelihood, generation, metric modules against their libraries, intervals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy
+import pytest
+import sacrebleu
+import torch
+from rouge_score import rouge_scorer
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
+from transformers import AutoModelForCausalLM
+
+from llama_tune import config, evaluation, metrics, scoring, train
+from llama_tune.uncertainty import bootstrap, mean_of, paired_difference
+
+
+def test_label_logprobs_equal_full_sequence_scoring(tiny_model_dir: Path, tokenizer) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    prompts = [
+        tokenizer("Review: a great film.\nLabel:")["input_ids"],
+        tokenizer("Review: dull and far, far too long for anyone.\nLabel:")["input_ids"],
+    ]
+    labels = ["positive", "negative", "very mixed feelings"]
+    label_ids = scoring.label_token_ids(tokenizer, labels, chat_template=False)
+    assert max(len(ids) for ids in label_ids) > 1
+    fast = scoring.label_logprobs(model, prompts, label_ids, tokenizer.pad_token_id)
+    for p, prompt in enumerate(prompts):
+        for j, ids in enumerate(label_ids):
+            sequence = torch.tensor([prompt + ids])
+            with torch.no_grad():
+                logprobs = torch.log_softmax(model(sequence).logits[0].float(), dim=-1)
+            expected = sum(logprobs[len(prompt) - 1 + k, token] for k, token in enumerate(ids))
+            assert fast[p, j].item() == pytest.approx(expected.item(), abs=1e-4)
+
+
+def test_classification_module_matches_scikit_learn() -> None:
+    references = ["a", "b", "c", "a", "b", "a", "c", "c"]
+    predictions = ["a", "b", "a", "a", "c", "b", "c", "c"]
+    result = metrics.load("classification").compute(
+        predictions=predictions, references=references, labels=["a", "b", "c"]
+    )
+    assert result["accuracy"] == pytest.approx(accuracy_score(references, predictions))
+    assert result["macro_f1"] == pytest.approx(f1_score(references, predictions, average="macro"))
+    assert result["confusion_matrix"] == confusion_matrix(references, predictions).tolist()
+    assert result["per_class"]["c"]["support"] == 3
+
+
+def test_rouge_module_matches_rouge_score_with_multiple_references() -> None:
+    predictions = ["meeting confirmed for tuesday", "budget report due"]
+    references = [["meeting confirmation", "tuesday meeting confirmed"], ["quarterly budget"]]
+    result = metrics.load("rouge").compute(predictions=predictions, references=references)
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL", "rougeLsum"], use_stemmer=True)
+    for name in ("rouge1", "rouge2", "rougeL", "rougeLsum"):
+        expected = numpy.mean(
+            [
+                max(scorer.score(ref, pred)[name].fmeasure for ref in refs)
+                for pred, refs in zip(predictions, references, strict=True)
+            ]
+        )
+        assert result[name] == pytest.approx(expected)
+
+
+def test_bleu_chrf_module_matches_sacrebleu() -> None:
+    predictions = ["Ein Mann fährt Fahrrad.", "Zwei Hunde spielen im Schnee."]
+    references = [["Ein Mann fährt ein Fahrrad."], ["Zwei Hunde spielen draußen im Schnee."]]
+    result = metrics.load("bleu_chrf").compute(predictions=predictions, references=references)
+    streams = [[refs[0] for refs in references]]
+    assert result["bleu"] == pytest.approx(sacrebleu.corpus_bleu(predictions, streams).score)
+    assert result["chrf"] == pytest.approx(sacrebleu.corpus_chrf(predictions, streams).score)
+    assert result["bleu_signature"].startswith("nrefs:1|")
+    # The bootstrap statistic on every example is the corpus score itself.
+    statistic = scoring.sacrebleu_statistic(sacrebleu.metrics.BLEU(), predictions, references)
+    assert statistic(numpy.arange(2)) == pytest.approx(result["bleu"])
+
+
+def test_bootstrap_contains_the_estimate_and_narrows_with_n() -> None:
+    generator = numpy.random.default_rng(3)
+    small = generator.random(50) < 0.7
+    large = generator.random(2000) < 0.7
+    narrow = bootstrap(mean_of(large), len(large), resamples=500)
+    wide = bootstrap(mean_of(small), len(small), resamples=500)
+    assert wide.low <= wide.value <= wide.high
+    assert narrow.low <= narrow.value <= narrow.high
+    assert narrow.high - narrow.low < (wide.high - wide.low) / 3
+    assert bootstrap(mean_of(large), len(large), resamples=500) == narrow
+    same = paired_difference(mean_of(large), mean_of(large), len(large), resamples=200)
+    assert (same.low, same.value, same.high) == (0.0, 0.0, 0.0)
+
+
+def _two_row_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "two"
+    folder.mkdir()
+    rows = [
+        {"text": "the film was a joy from start to end", "label": "positive"},
+        {"text": "a tedious and lifeless mess of a movie", "label": "negative"},
+    ]
+    text = "".join(json.dumps(row) + "\n" for row in rows)
+    (folder / "train.jsonl").write_text(text)
+    (folder / "test.jsonl").write_text(text + '{"text": "odd one", "label": "neutral"}\n')
+    return folder
+
+
+def test_label_scoring_learns_two_overfit_examples(tiny_recipe, tmp_path: Path) -> None:
+    path = tiny_recipe(max_steps=30, batch_size=2, lr=1e-2, warmup_steps=0)
+    folder = _two_row_folder(tmp_path)
+    recipe = config.load(path, [f"data.source={folder}", "data.max_train_rows=null"])
+    result = train.run(recipe, path)
+    results = evaluation.run(result.run_dir, [f"data.source={folder}"], split="test", base=True)
+    tuned = results["systems"]["tuned"]
+    assert results["n"] == 3
+    assert results["data"]["unknown_reference_labels"] == {"neutral": 1}
+    assert tuned["metrics"]["accuracy"]["value"] == pytest.approx(2 / 3)
+    assert set(results["difference"]) == {"accuracy", "macro_f1"}
+    out = Path(results["output_dir"])
+    lines = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [line["prediction"] for line in lines[:2]] == ["positive", "negative"]
+    assert (out / "predictions-base.jsonl").is_file()
+
+
+def test_generation_scores_summaries_with_intervals(
+    tiny_model_dir: Path, tmp_path: Path, data_root: Path
+) -> None:
+    path = tmp_path / "aeslc.yaml"
+    path.write_text(
+        json.dumps(
+            {
+                "model": {"name": str(tiny_model_dir)},
+                "data": {
+                    "source": str(data_root / "summarisation" / "aeslc"),
+                    "task": "summarisation",
+                    "max_length": 256,
+                },
+                "evaluation": {"max_new_tokens": 6, "batch_size": 4, "bootstrap_resamples": 50},
+                "output": {"dir": str(tmp_path / "aeslc")},
+            }
+        )
+    )
+    results = evaluation.run(path, split="validation", limit=6)
+    base = results["systems"]["base"]
+    assert results["n"] == 6
+    assert set(base["metrics"]) == {"rouge1", "rouge2", "rougeL", "rougeLsum"}
+    lines = (Path(results["output_dir"]) / "predictions.jsonl").read_text().splitlines()
+    first = json.loads(lines[0])
+    assert len(first["references"]) == 3
+    mean_rouge_l = numpy.mean([json.loads(line)["score"] for line in lines])
+    assert base["metrics"]["rougeL"]["value"] == pytest.approx(mean_rouge_l)
