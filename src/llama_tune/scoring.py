@@ -18,6 +18,7 @@ from typing import Any
 import numpy
 import sacrebleu
 import torch
+from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from llama_tune import data, metrics
@@ -110,10 +111,16 @@ def length_sorted_batches(examples: list[EvalExample], size: int) -> Iterator[li
         yield ordered[start : start + size]
 
 
+# Prompts are left-padded to a multiple of this: a new input shape rebuilds kernels (bf16 on
+# CPUs), so few distinct shapes is faster than the least padding.
+LENGTH_BUCKET = 16
+
+
 def _left_pad(
     sequences: list[list[int]], pad_id: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(sequence) for sequence in sequences)
+    longest = max(len(sequence) for sequence in sequences)
+    width = -(-longest // LENGTH_BUCKET) * LENGTH_BUCKET
     input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, sequence in enumerate(sequences):
@@ -130,6 +137,19 @@ def label_token_ids(
     return [tokenizer(prefix + label, add_special_tokens=False)["input_ids"] for label in labels]
 
 
+def _decoder_and_head(model: PreTrainedModel) -> tuple[torch.nn.Module, torch.nn.Module]:
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    return base.get_decoder(), base.get_output_embeddings()
+
+
+def _head_logprobs(head: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    # The head gets a contiguous 2-D input: a strided 3-D slice makes torch.matmul expand the
+    # 49,152-wide weight per row (measured: 2.5x slower scoring on the CPU).
+    flat = hidden.reshape(-1, hidden.shape[-1]).contiguous()
+    logprobs = torch.log_softmax(head(flat).float(), dim=-1)
+    return logprobs.view(*hidden.shape[:-1], -1)
+
+
 @torch.no_grad()
 def label_logprobs(
     model: PreTrainedModel,
@@ -140,22 +160,23 @@ def label_logprobs(
     """[prompts, labels] summed log-probabilities of each label continuing each prompt.
 
     The prompts run once; the labels' later tokens run against the prompts' KV cache, repeated
-    once per label, so a prompt is never recomputed for each label.
+    once per label, so a prompt is never recomputed for each label. The output head runs only
+    where a label token is predicted.
     """
-    device = next(model.parameters()).device
+    decoder, head = _decoder_and_head(model)
+    device = head.weight.device
     input_ids, attention_mask = _left_pad(prompts, pad_id, device)
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(
+    longest = max(len(ids) for ids in label_ids)
+    out = decoder(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=positions,
-        use_cache=True,
-        logits_to_keep=1,
+        use_cache=longest > 1,
     )
-    first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+    first = _head_logprobs(head, out.last_hidden_state[:, -1])
     first_ids = torch.tensor([ids[0] for ids in label_ids], device=device)
     scores = first[:, first_ids]
-    longest = max(len(ids) for ids in label_ids)
     if longest == 1:
         return scores
     count = len(label_ids)
@@ -167,21 +188,19 @@ def label_logprobs(
     for j, ids in enumerate(label_ids):
         feed[j, : len(ids) - 1] = torch.tensor(ids[:-1])
         wanted[j, : len(ids) - 1] = torch.tensor(ids[1:])
-    feed, wanted = (
-        feed.to(device).repeat(len(prompts), 1),
-        wanted.to(device).repeat(len(prompts), 1),
-    )
+    feed = feed.to(device).repeat(len(prompts), 1)
+    wanted = wanted.to(device).repeat(len(prompts), 1)
     prompt_mask = attention_mask.repeat_interleave(count, dim=0)
     full_mask = torch.cat([prompt_mask, (wanted >= 0).long()], dim=1)
     start = attention_mask.sum(-1).repeat_interleave(count).unsqueeze(1)
-    later = model(
+    later = decoder(
         input_ids=feed,
         attention_mask=full_mask,
         position_ids=start + torch.arange(longest - 1, device=device),
         cache=cache,
         use_cache=True,
     )
-    logprobs = torch.log_softmax(later.logits.float(), dim=-1)
+    logprobs = _head_logprobs(head, later.last_hidden_state)
     picked = logprobs.gather(-1, wanted.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     picked = (picked * (wanted >= 0)).sum(-1).view(len(prompts), count)
     return scores + picked
