@@ -147,3 +147,30 @@ def test_generation_scores_summaries_with_intervals(
     assert len(first["references"]) == 3
     mean_rouge_l = numpy.mean([json.loads(line)["score"] for line in lines])
     assert base["metrics"]["rougeL"]["value"] == pytest.approx(mean_rouge_l)
+
+
+def test_empty_split_and_bad_references_are_reported(tiny_model_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text('{"text": "fine", "label": "positive"}\n')
+    (folder / "validation.jsonl").write_text("")
+    (folder / "test.jsonl").write_text(
+        '{"text": "fine", "label": "positive"}\n{"text": "meh", "label": ""}\n{"label": "x"}\n'
+    )
+    path = tmp_path / "recipe.yaml"
+    path.write_text(
+        json.dumps(
+            {
+                "model": {"name": str(tiny_model_dir)},
+                "data": {"source": str(folder), "task": "classification"},
+                "output": {"dir": str(tmp_path / "run")},
+            }
+        )
+    )
+    empty = evaluation.run(path, split="validation")
+    assert empty["n"] == 0
+    assert empty["systems"] == {}
+    assert "no usable rows" in empty["note"]
+    scored = evaluation.run(path, split="test")
+    assert scored["n"] == 1
+    assert scored["data"]["skipped"] == {"empty_field:label": 1, "missing_field:text": 1}

@@ -124,3 +124,27 @@ def test_accelerate_launch_runs_the_same_recipe(tiny_recipe) -> None:
     summary = json.loads((path.parent / "run" / "summary.json").read_text())
     assert summary["status"] == "finished"
     assert summary["processes"] == 1
+
+
+def test_evaluate_a_trained_run_against_its_base(tiny_recipe, tmp_path: Path) -> None:
+    path = tiny_recipe(max_steps=6, lr=5e-3)
+    _run("train", str(path))
+    run_dir = path.parent / "run"
+    done = _run("evaluate", str(run_dir), "--split", "validation", "--limit", "40", "--base")
+    assert "40 examples scored" in done.stdout
+    assert "tuned - base accuracy:" in done.stdout
+    out = run_dir / "evaluation" / "validation"
+    results = json.loads((out / "results.json").read_text())
+    predictions = [
+        json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()
+    ]
+    assert len(predictions) == results["n"] == 40
+    accuracy = sum(p["prediction"] == p["reference"] for p in predictions) / len(predictions)
+    assert results["systems"]["tuned"]["metrics"]["accuracy"]["value"] == accuracy
+    assert set(results["systems"]) == {"tuned", "base"}
+
+    not_a_run = tmp_path / "empty"
+    not_a_run.mkdir()
+    failed = _run("evaluate", str(not_a_run), expect=2)
+    assert "is not a run folder" in failed.stderr
+    assert "Traceback" not in failed.stderr
