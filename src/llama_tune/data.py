@@ -315,6 +315,49 @@ def collect_labels(config: DataConfig, rows: Iterator[RawRow]) -> list[str]:
     return sorted(labels)
 
 
+@dataclass
+class RenderedRow:
+    """A row that rendered and encoded."""
+
+    row: RawRow
+    fields: dict[str, str]
+    input_ids: list[int]
+    prompt_length: int
+    truncated: bool
+
+
+def rendered_rows(
+    origin: str,
+    rows: Iterator[RawRow],
+    formatter: TaskFormatter,
+    tokenizer: PreTrainedTokenizerBase,
+    skipped: Counter[str],
+    strict: bool,
+) -> Iterator[RenderedRow]:
+    """The rows that render and encode; the rest are counted in `skipped` by reason.
+
+    With `strict`, a bad row (under `bad_rows: error`) or an over-long one (under
+    `truncation: error`) stops with a DataError naming the file and row instead.
+    """
+    for row in rows:
+        try:
+            if row.problem is not None:
+                raise ValueError(row.problem)
+            assert row.values is not None
+            fields = formatter.fields(row.values)
+            encoded = encode(fields, formatter, tokenizer)
+        except ValueError as error:
+            too_long = str(error).startswith("too_long")
+            if strict and (too_long or formatter.config.bad_rows == "error"):
+                raise DataError(f"{origin}: row {row.number}: {error}") from None
+            skipped["too_long" if too_long else str(error)] += 1
+            continue
+        if encoded is None:
+            skipped["too_long"] += 1
+            continue
+        yield RenderedRow(row, fields, *encoded)
+
+
 def build_split(
     origin: str,
     rows: Iterator[RawRow],
@@ -325,36 +368,21 @@ def build_split(
     """Encode the usable rows of one split, counting every skipped row under its reason."""
     stats = SplitStats(origin=origin)
     examples = []
-    for row in rows:
-        if limit is not None and len(examples) >= limit:
-            break
-        stats.rows_read += 1
-        try:
-            if row.problem is not None:
-                raise ValueError(row.problem)
-            assert row.values is not None
-            fields = formatter.fields(row.values)
-            encoded = encode(fields, formatter, tokenizer)
-        except ValueError as error:
-            if formatter.config.bad_rows == "error" or str(error).startswith("too_long"):
-                raise DataError(f"{origin}: row {row.number}: {error}") from None
-            stats.skipped[str(error)] += 1
-            continue
-        if encoded is None:
-            stats.skipped["too_long"] += 1
-            continue
-        input_ids, prompt_length, truncated = encoded
-        stats.truncated += truncated
+    for rendered in rendered_rows(origin, rows, formatter, tokenizer, stats.skipped, strict=True):
+        stats.truncated += rendered.truncated
         examples.append(
             Example(
-                prompt=formatter.prompt(fields, tokenizer),
-                target=fields[formatter.task.target_field],
-                input_ids=input_ids,
-                prompt_length=prompt_length,
-                row=row.number,
+                prompt=formatter.prompt(rendered.fields, tokenizer),
+                target=rendered.fields[formatter.task.target_field],
+                input_ids=rendered.input_ids,
+                prompt_length=rendered.prompt_length,
+                row=rendered.row.number,
             )
         )
+        if limit is not None and len(examples) >= limit:
+            break
     stats.rows_used = len(examples)
+    stats.rows_read = stats.rows_used + sum(stats.skipped.values())
     return Split(examples=examples, stats=stats)
 
 

@@ -73,34 +73,25 @@ def load_eval_set(
     labels = data.label_set(recipe.data)
     formatter = data.TaskFormatter(recipe.data, labels, strict_labels=False)
     eval_set = EvalSet(origin=origin, examples=[], labels=labels)
-    for row in rows:
-        if limit is not None and len(eval_set.examples) >= limit:
-            break
-        eval_set.rows_read += 1
-        try:
-            if row.problem is not None:
-                raise ValueError(row.problem)
-            assert row.values is not None
-            fields = formatter.fields(row.values)
-            encoded = data.encode(fields, formatter, tokenizer)
-        except ValueError as error:
-            eval_set.skipped[str(error).split(" (")[0]] += 1
-            continue
-        if encoded is None:
-            eval_set.skipped["too_long"] += 1
-            continue
-        input_ids, prompt_length, _ = encoded
-        target = fields[formatter.task.target_field]
+    # Scoring never stops on a bad row: every one is counted under its reason in the results.
+    for rendered in data.rendered_rows(
+        origin, rows, formatter, tokenizer, eval_set.skipped, strict=False
+    ):
+        target = rendered.fields[formatter.task.target_field]
         if labels is not None and target not in labels:
             eval_set.unknown_reference_labels[target] += 1
+        assert rendered.row.values is not None
         eval_set.examples.append(
             EvalExample(
-                row=row.number,
-                input=fields[formatter.task.truncatable_field],
-                prompt_ids=input_ids[:prompt_length],
-                references=_references(row.values, target),
+                row=rendered.row.number,
+                input=rendered.fields[formatter.task.truncatable_field],
+                prompt_ids=rendered.input_ids[: rendered.prompt_length],
+                references=_references(rendered.row.values, target),
             )
         )
+        if limit is not None and len(eval_set.examples) >= limit:
+            break
+    eval_set.rows_read = len(eval_set.examples) + sum(eval_set.skipped.values())
     return eval_set
 
 
