@@ -118,6 +118,13 @@ def test_label_scoring_learns_two_overfit_examples(tiny_recipe, tmp_path: Path) 
     lines = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert [line["prediction"] for line in lines[:2]] == ["positive", "negative"]
     assert (out / "predictions-base.jsonl").is_file()
+    markdown = (out / "report.md").read_text()
+    assert "| tuned - base |" in markdown
+    assert "'neutral': 1" in markdown
+    page = (out / "report.html").read_text()
+    assert page.count("src='data:image/png;base64,") == 3
+    for image in ("metrics.png", "loss_curves.png", "confusion_matrix.png"):
+        assert (out / image).read_bytes().startswith(b"\x89PNG")
 
 
 def test_generation_scores_summaries_with_intervals(

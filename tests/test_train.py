@@ -40,7 +40,7 @@ def test_summary_and_metrics(tiny_recipe) -> None:
     assert summary["eval_loss_after"] < summary["eval_loss_before"]
     records = _metrics(result.run_dir)
     assert [r["step"] for r in records if "loss" in r] == [2, 4, 6]
-    assert [r["step"] for r in records if "eval_loss" in r] == [3, 6]
+    assert [r["step"] for r in records if "eval_loss" in r] == [0, 3, 6]
     assert (result.adapter_dir / "adapter_model.safetensors").is_file()
     assert (result.run_dir / train.RECIPE_COPY).is_file()
 

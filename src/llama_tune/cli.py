@@ -47,6 +47,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--data", help="data folder; sets LLAMA_TUNE_DATA for the recipe")
 
+    compare = verbs.add_parser("report", help="put several evaluated runs side by side")
+    compare.add_argument("runs", nargs="+", help="run folders scored with llama-tune evaluate")
+    compare.add_argument("--split", help="only this split's results (default: every split)")
+    compare.add_argument("--output", default="runs/comparison", help="folder for the report")
+
     validate = verbs.add_parser("validate", help="check recipes without loading any model")
     validate.add_argument("recipes", nargs="+", help="recipe YAML files")
     validate.add_argument("--data", help="data folder; sets LLAMA_TUNE_DATA for the recipes")
@@ -112,6 +117,30 @@ def _evaluate(args: argparse.Namespace) -> int:
     for name, interval in results.get("difference", {}).items():
         print(f"tuned - base {name}: {_format_interval(interval)}")
     print(f"results:     {Path(results['output_dir']) / evaluation.RESULTS}")
+    print(f"report:      {Path(results['output_dir']) / 'report.html'}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from llama_tune import evaluation, report
+
+    found = []
+    for run in args.runs:
+        pattern = f"{args.split or '*'}/{evaluation.RESULTS}"
+        paths = sorted((Path(run) / "evaluation").glob(pattern))
+        if not paths:
+            print(
+                f"error: {run} has no evaluation results; run llama-tune evaluate first",
+                file=sys.stderr,
+            )
+            return USAGE_ERROR
+        found += paths
+    output = Path(args.output)
+    rows = report.compare_runs(found, output)
+    for name, metrics in rows.items():
+        shown = ", ".join(f"{metric} {_format_interval(v)}" for metric, v in metrics.items())
+        print(f"{name}: {shown}")
+    print(f"report:      {output / report.REPORT_HTML}")
     return 0
 
 
@@ -131,12 +160,12 @@ def _validate(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `llama-tune` console script."""
     args = _parser().parse_args(argv)
-    if args.data:
+    if getattr(args, "data", None):
         if not Path(args.data).is_dir():
             print(f"error: --data {args.data}: no such folder", file=sys.stderr)
             return USAGE_ERROR
         os.environ["LLAMA_TUNE_DATA"] = str(Path(args.data).resolve())
-    handlers = {"train": _train, "evaluate": _evaluate, "validate": _validate}
+    handlers = {"train": _train, "evaluate": _evaluate, "report": _report, "validate": _validate}
     try:
         return handlers[args.verb](args)
     except UserError as error:

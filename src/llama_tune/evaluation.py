@@ -2,7 +2,8 @@
 
 The target is a recipe (scores the base model) or a run folder (scores its adapter, and with
 `base=True` the base model too, on the same examples, with the paired difference). Results go
-to `<run folder>/evaluation/<split>/`: results.json and one predictions file per system.
+to `<run folder>/evaluation/<split>/`: results.json, one predictions file per system, and
+report.md / report.html with plots.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 import transformers
 from peft import PeftModel
 
-from llama_tune import config, models, scoring
+from llama_tune import config, models, report, scoring
 from llama_tune.checkpoint import write_json
 from llama_tune.errors import UserError
 from llama_tune.train import ADAPTER, RECIPE_COPY, resolve_precision
@@ -162,5 +163,6 @@ def run(
             scored["tuned"], scored["base"], len(eval_set.examples), settings
         )
     write_json(out_dir / RESULTS, results)
+    report.write_run_report(out_dir, results, resolved.run_dir)
     results["output_dir"] = str(out_dir)
     return results

@@ -268,6 +268,8 @@ def run(
     )
     if validation is not None and validation.examples and "eval_loss_before" not in summary:
         summary["eval_loss_before"] = eval_loss(loss_module, validation, *eval_args)
+        if accelerator.is_main_process:
+            _write_metrics(metrics_path, {"step": 0, "eval_loss": summary["eval_loss_before"]})
     if accelerator.is_main_process:
         write_json(summary_path, summary)
     if settings.trackers:

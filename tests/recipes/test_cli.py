@@ -143,8 +143,16 @@ def test_evaluate_a_trained_run_against_its_base(tiny_recipe, tmp_path: Path) ->
     assert results["systems"]["tuned"]["metrics"]["accuracy"]["value"] == accuracy
     assert set(results["systems"]) == {"tuned", "base"}
 
+    compared = _run("report", str(run_dir), "--output", str(tmp_path / "comparison"))
+    assert "run (tuned, validation): accuracy" in compared.stdout
+    page = (tmp_path / "comparison" / "report.html").read_text()
+    assert "run (base, validation)" in page
+    assert "data:image/png;base64," in page
+
     not_a_run = tmp_path / "empty"
     not_a_run.mkdir()
     failed = _run("evaluate", str(not_a_run), expect=2)
     assert "is not a run folder" in failed.stderr
     assert "Traceback" not in failed.stderr
+    missing = _run("report", str(not_a_run), expect=2)
+    assert "no evaluation results" in missing.stderr

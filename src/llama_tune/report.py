@@ -1,0 +1,198 @@
+"""Evaluation reports: report.md and a self-contained report.html with PNG plots.
+
+A run's report shows its loss curves, every metric of every system scored with its interval,
+the tuned - base difference, and for classification the confusion matrix. `compare` puts the
+results of several runs side by side in one table and one chart.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on servers
+import matplotlib.pyplot as plt
+
+REPORT_MD = "report.md"
+REPORT_HTML = "report.html"
+
+
+def _png(figure: plt.Figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def loss_plot(metrics_path: Path) -> bytes | None:
+    """Training and validation loss against the step, from metrics.jsonl."""
+    if not metrics_path.is_file():
+        return None
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    validation = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    if not train:
+        return None
+    figure, axes = plt.subplots(figsize=(6, 3.5))
+    axes.plot(*zip(*train, strict=True), label="train loss")
+    if validation:
+        axes.plot(*zip(*validation, strict=True), "o-", label="validation loss")
+    axes.set_xlabel("step")
+    axes.set_ylabel("target-token cross-entropy")
+    axes.legend()
+    axes.grid(alpha=0.3)
+    return _png(figure)
+
+
+def metric_plot(series: dict[str, dict[str, dict[str, float]]]) -> bytes:
+    """Bars of each metric for each named system, with their 95% interval as error bars."""
+    systems = list(series)
+    names = sorted({name for metrics in series.values() for name in metrics})
+    figure, axes = plt.subplots(figsize=(max(4, 1.6 * len(names) * len(systems) / 2 + 2), 3.5))
+    width = 0.8 / max(len(systems), 1)
+    for offset, system in enumerate(systems):
+        values, below, above, positions = [], [], [], []
+        for index, name in enumerate(names):
+            interval = series[system].get(name)
+            if interval is None:
+                continue
+            positions.append(index + offset * width)
+            values.append(interval["value"])
+            below.append(interval["value"] - interval["low"])
+            above.append(interval["high"] - interval["value"])
+        axes.bar(positions, values, width, yerr=[below, above], capsize=4, label=system)
+    axes.set_xticks([index + width * (len(systems) - 1) / 2 for index in range(len(names))])
+    axes.set_xticklabels(names)
+    axes.set_ylabel("score (95% interval)")
+    axes.legend()
+    axes.grid(axis="y", alpha=0.3)
+    return _png(figure)
+
+
+def confusion_plot(labels: list[str], matrix: list[list[int]]) -> bytes:
+    """The confusion matrix: rows are references, columns predictions."""
+    size = max(3, 0.6 * len(labels) + 1.5)
+    figure, axes = plt.subplots(figsize=(size, size))
+    axes.imshow(matrix, cmap="Blues")
+    axes.set_xticks(range(len(labels)), labels=labels, rotation=45, ha="right")
+    axes.set_yticks(range(len(labels)), labels=labels)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("reference")
+    for row, counts in enumerate(matrix):
+        for column, count in enumerate(counts):
+            axes.text(column, row, str(count), ha="center", va="center")
+    return _png(figure)
+
+
+def _interval(interval: dict[str, float]) -> str:
+    return f"{interval['value']:.4f} [{interval['low']:.4f}, {interval['high']:.4f}]"
+
+
+def _metric_table(rows: dict[str, dict[str, dict[str, float]]]) -> list[list[str]]:
+    names = sorted({name for metrics in rows.values() for name in metrics})
+    table = [["", *names]]
+    for row_name, metrics in rows.items():
+        table.append([row_name, *(_interval(metrics[n]) if n in metrics else "" for n in names)])
+    return table
+
+
+def _markdown_table(table: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(table[0]) + " |", "|" + "---|" * len(table[0])]
+    lines += ["| " + " | ".join(row) + " |" for row in table[1:]]
+    return "\n".join(lines)
+
+
+def _html_table(table: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(cell)}</th>" for cell in table[0])
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>"
+        for row in table[1:]
+    )
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+Section = tuple[str, str, list[list[str]] | None, bytes | None]
+"""(heading, text, table rows with a header row first, PNG bytes)."""
+
+
+def _write(out_dir: Path, title: str, sections: list[Section]) -> None:
+    """report.md (PNGs beside it) and report.html (PNGs embedded, self-contained)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    markdown = [f"# {title}"]
+    page = [
+        "<!doctype html><meta charset='utf-8'>",
+        f"<title>{html.escape(title)}</title>",
+        "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.3em .6em}</style>",
+        f"<h1>{html.escape(title)}</h1>",
+    ]
+    for heading, text, table, image in sections:
+        markdown.append(f"\n## {heading}\n")
+        page.append(f"<h2>{html.escape(heading)}</h2>")
+        if text:
+            markdown.append(f"{text}\n")
+            page.append(f"<p>{html.escape(text)}</p>")
+        if table is not None:
+            markdown.append(_markdown_table(table))
+            page.append(_html_table(table))
+        if image is not None:
+            name = heading.lower().replace(" ", "_") + ".png"
+            (out_dir / name).write_bytes(image)
+            markdown.append(f"\n![{heading}]({name})")
+            encoded = base64.b64encode(image).decode()
+            page.append(f"<img alt='{html.escape(heading)}' src='data:image/png;base64,{encoded}'>")
+    (out_dir / REPORT_MD).write_text("\n".join(markdown) + "\n")
+    (out_dir / REPORT_HTML).write_text("\n".join(page) + "\n")
+
+
+def write_run_report(out_dir: Path, results: dict[str, Any], run_dir: Path) -> None:
+    """The report of one evaluation: data, metrics with intervals, loss curves, confusion."""
+    systems = {name: result["metrics"] for name, result in results["systems"].items()}
+    data = results["data"]
+    summary = (
+        f"Task {results['task']}, model {results['model']}, adapter {results['adapter']}; "
+        f"{results['n']} examples of {data['origin']} scored, {data['rows_read']} read, "
+        f"skipped: {data['skipped'] or 'none'}; reference labels outside the label set: "
+        f"{data['unknown_reference_labels'] or 'none'}."
+    )
+    sections: list[Section] = [("Data", summary, None, None)]
+    if systems:
+        table = _metric_table(systems)
+        if "difference" in results:
+            table += _metric_table({"tuned - base": results["difference"]})[1:]
+        sections.append(
+            ("Metrics", "Each value with its 95% bootstrap interval.", table, metric_plot(systems))
+        )
+    curves = loss_plot(run_dir / "metrics.jsonl")
+    if curves is not None:
+        sections.append(("Loss curves", "", None, curves))
+    primary = next(iter(results["systems"].values()), None)
+    if primary is not None and "confusion_matrix" in primary["details"]:
+        details = primary["details"]
+        plot = confusion_plot(details["labels"], details["confusion_matrix"])
+        sections.append(
+            ("Confusion matrix", f"{next(iter(systems))}: rows are references.", None, plot)
+        )
+    _write(out_dir, f"Evaluation of {run_dir.name} on {data['split']}", sections)
+
+
+def compare_runs(results_paths: list[Path], out_dir: Path) -> dict[str, dict[str, Any]]:
+    """One table and one chart of several evaluations' metrics; returns the rows shown."""
+    rows: dict[str, dict[str, Any]] = {}
+    for path in results_paths:
+        results = json.loads(path.read_text())
+        run_name = path.parents[2].name
+        for system, result in results["systems"].items():
+            rows[f"{run_name} ({system}, {results['data']['split']})"] = result["metrics"]
+    text = f"{len(results_paths)} evaluation(s); each value with its 95% bootstrap interval."
+    sections: list[Section] = [
+        ("Metrics", text, _metric_table(rows), metric_plot(rows) if rows else None)
+    ]
+    _write(out_dir, "Comparison of runs", sections)
+    return rows
