@@ -70,6 +70,7 @@ def _train(args: argparse.Namespace) -> int:
         print(f"continue with: llama-tune train {args.recipe} --resume", file=sys.stderr)
         return stop.exit_code
     summary = result.summary
+    # Only the main process marks the run finished; the others stop here.
     if summary.get("status") != "finished":
         return 0
     print(f"\nrun folder:  {result.run_dir}")
@@ -90,6 +91,10 @@ def _train(args: argparse.Namespace) -> int:
         f"time:        {summary['train_seconds']:.0f} s for {summary['steps']} steps, "
         f"{summary['tokens_per_s']:.0f} tokens/s"
     )
+    if recipe.evaluation.after_training:
+        from llama_tune import evaluation
+
+        _print_results(evaluation.run(result.run_dir, base=True))
     return 0
 
 
@@ -103,7 +108,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         print("error: --limit must be at least 1", file=sys.stderr)
         return USAGE_ERROR
-    results = evaluation.run(args.target, args.overrides, args.split, args.limit, args.base)
+    _print_results(evaluation.run(args.target, args.overrides, args.split, args.limit, args.base))
+    return 0
+
+
+def _print_results(results: dict) -> None:
     data = results["data"]
     skipped = ", ".join(f"{reason}: {count}" for reason, count in data["skipped"].items())
     print(f"\n{data['origin']}: {results['n']} examples scored (skipped: {skipped or 'none'})")
@@ -116,9 +125,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(f"{system:>6}: {shown}  ({result['examples_per_s']:.1f} examples/s)")
     for name, interval in results.get("difference", {}).items():
         print(f"tuned - base {name}: {_format_interval(interval)}")
-    print(f"results:     {Path(results['output_dir']) / evaluation.RESULTS}")
+    print(f"results:     {Path(results['output_dir']) / 'results.json'}")
     print(f"report:      {Path(results['output_dir']) / 'report.html'}")
-    return 0
 
 
 def _report(args: argparse.Namespace) -> int:

@@ -207,6 +207,8 @@ class EvaluationConfig(Section):
     """Resamples for the 95% confidence intervals."""
     seed: int = 0
     """Seed of the bootstrap resampling."""
+    after_training: bool = False
+    """Score the split, adapter against base, when `llama-tune train` finishes."""
 
 
 class OutputConfig(Section):

@@ -38,13 +38,17 @@ def _metric_lines(run_dir: Path) -> int:
 
 def test_train_prints_the_run_and_the_adapter_loads(tiny_recipe, tiny_model_dir: Path) -> None:
     path = tiny_recipe(max_steps=4)
-    done = _run("train", str(path), "train.lr=2e-3")
+    overrides = ["evaluation.after_training=true", "evaluation.split=validation"]
+    done = _run("train", str(path), "train.lr=2e-3", *overrides, "evaluation.max_rows=24")
     run_dir = path.parent / "run"
     assert f"run folder:  {run_dir}" in done.stdout
     assert f"adapter:     {run_dir / 'adapter'}" in done.stdout
     assert "eval loss:" in done.stdout
     assert "train loss:" in done.stdout
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "finished"
+    assert "24 examples scored" in done.stdout
+    assert "tuned - base accuracy:" in done.stdout
+    assert (run_dir / "evaluation" / "validation" / "report.html").is_file()
 
     model = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(tiny_model_dir), run_dir / "adapter"
