@@ -178,6 +178,7 @@ def load_base_model(config: ModelConfig, mixed_precision: str = "no") -> PreTrai
         )
     except (OSError, ValueError) as error:
         raise ModelError(_load_failure(config.name, error)) from None
+    _contiguous_head_input(model)
     if quantization is not None:
         _keep_4bit_weights_trainable(model)
         model = prepare_model_for_kbit_training(
@@ -188,6 +189,18 @@ def load_base_model(config: ModelConfig, mixed_precision: str = "no") -> PreTrai
         # Inputs of a frozen embedding carry no grad; checkpointed blocks need one to backprop.
         model.enable_input_require_grads()
     return model
+
+
+def _contiguous_head_input(model: PreTrainedModel) -> None:
+    """Hand the output head a contiguous input.
+
+    Generation keeps only the last position (`logits_to_keep`), a strided slice of the hidden
+    states; once peft wraps the layers, torch.matmul then expands the vocabulary-wide weight
+    once per row (measured: greedy decoding with an adapter 2.06 -> 2.44 examples/s).
+    """
+    model.get_output_embeddings().register_forward_pre_hook(
+        lambda _module, args: (args[0].contiguous(), *args[1:])
+    )
 
 
 def _keep_4bit_weights_trainable(model: PreTrainedModel) -> None:
