@@ -10,20 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import platform
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import peft
-import torch
-import transformers
 from peft import PeftModel
 
 from llama_tune import config, models, report, scoring
 from llama_tune.checkpoint import write_json
 from llama_tune.errors import UserError
-from llama_tune.train import ADAPTER, RECIPE_COPY, resolve_precision
+from llama_tune.train import ADAPTER, RECIPE_COPY, library_versions, resolve_precision
 
 RESULTS = "results.json"
 
@@ -61,10 +57,7 @@ def _versions() -> dict[str, str]:
     import sacrebleu
 
     return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
+        **library_versions(),
         "evaluate": evaluate.__version__,
         "sacrebleu": sacrebleu.__version__,
     }

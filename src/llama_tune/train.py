@@ -138,7 +138,8 @@ def check_resumable(run_dir: Path, recipe: config.Recipe) -> None:
         )
 
 
-def _library_versions() -> dict[str, str]:
+def library_versions() -> dict[str, str]:
+    """Versions of Python and the libraries that shape the numbers of a run."""
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -264,7 +265,7 @@ def run(
         data=datasets.summary(),
         total_steps=total_steps,
         steps_per_epoch=steps_per_epoch,
-        versions=_library_versions(),
+        versions=library_versions(),
     )
     if validation is not None and validation.examples and "eval_loss_before" not in summary:
         summary["eval_loss_before"] = eval_loss(loss_module, validation, *eval_args)
