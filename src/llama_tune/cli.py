@@ -98,10 +98,6 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _format_interval(interval: dict[str, float]) -> str:
-    return f"{interval['value']:.4f} [{interval['low']:.4f}, {interval['high']:.4f}]"
-
-
 def _evaluate(args: argparse.Namespace) -> int:
     from llama_tune import evaluation
 
@@ -113,6 +109,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _print_results(results: dict) -> None:
+    from llama_tune.report import format_interval
+
     data = results["data"]
     skipped = ", ".join(f"{reason}: {count}" for reason, count in data["skipped"].items())
     print(f"\n{data['origin']}: {results['n']} examples scored (skipped: {skipped or 'none'})")
@@ -120,11 +118,11 @@ def _print_results(results: dict) -> None:
         print(f"reference labels outside the label set: {data['unknown_reference_labels']}")
     for system, result in results["systems"].items():
         shown = ", ".join(
-            f"{name} {_format_interval(interval)}" for name, interval in result["metrics"].items()
+            f"{name} {format_interval(interval)}" for name, interval in result["metrics"].items()
         )
         print(f"{system:>6}: {shown}  ({result['examples_per_s']:.1f} examples/s)")
     for name, interval in results.get("difference", {}).items():
-        print(f"tuned - base {name}: {_format_interval(interval)}")
+        print(f"tuned - base {name}: {format_interval(interval)}")
     print(f"results:     {Path(results['output_dir']) / 'results.json'}")
     print(f"report:      {Path(results['output_dir']) / 'report.html'}")
 
@@ -146,7 +144,7 @@ def _report(args: argparse.Namespace) -> int:
     output = Path(args.output)
     rows = report.compare_runs(found, output)
     for name, metrics in rows.items():
-        shown = ", ".join(f"{metric} {_format_interval(v)}" for metric, v in metrics.items())
+        shown = ", ".join(f"{metric} {report.format_interval(v)}" for metric, v in metrics.items())
         print(f"{name}: {shown}")
     print(f"report:      {output / report.REPORT_HTML}")
     return 0

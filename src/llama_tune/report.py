@@ -90,7 +90,8 @@ def confusion_plot(labels: list[str], matrix: list[list[int]]) -> bytes:
     return _png(figure)
 
 
-def _interval(interval: dict[str, float]) -> str:
+def format_interval(interval: dict[str, float]) -> str:
+    """`value [low, high]` with four decimals, as tables and the CLI show intervals."""
     return f"{interval['value']:.4f} [{interval['low']:.4f}, {interval['high']:.4f}]"
 
 
@@ -98,7 +99,8 @@ def _metric_table(rows: dict[str, dict[str, dict[str, float]]]) -> list[list[str
     names = sorted({name for metrics in rows.values() for name in metrics})
     table = [["", *names]]
     for row_name, metrics in rows.items():
-        table.append([row_name, *(_interval(metrics[n]) if n in metrics else "" for n in names)])
+        cells = (format_interval(metrics[name]) if name in metrics else "" for name in names)
+        table.append([row_name, *cells])
     return table
 
 
