@@ -162,3 +162,26 @@ def test_readme_documents_every_recipe_key() -> None:
     assert len(keys) > 40
     missing = [key for key in keys if f"| `{key}` |" not in readme]
     assert not missing
+
+
+def test_best_adapter_keys_are_checked_together(tmp_path: Path) -> None:
+    summarisation = "data: {source: d, task: summarisation}\n"
+    assert _problems(tmp_path, summarisation + "train: {best_metric: accuracy, eval_steps: 5}") == [
+        "train.best_metric: 'accuracy' is not one of eval_loss, rouge1, rouge2, rougeL, rougeLsum"
+    ]
+    assert _problems(tmp_path, summarisation + "train: {best_metric: rougeL}") == [
+        "train.best_metric: rougeL needs train.eval_metric_rows",
+        "train.best_metric: needs train.eval_steps",
+    ]
+    no_validation = (
+        "data: {source: d, task: classification, splits: {validation: null}}\n"
+        "train: {eval_steps: 5, eval_metric_rows: 10}\nevaluation: {adapter: best}\n"
+    )
+    assert _problems(tmp_path, no_validation) == [
+        "train.eval_metric_rows: needs a validation split (data.splits.validation)",
+        "evaluation.adapter: 'best' needs train.best_metric",
+    ]
+    fine = "data: {source: d, task: translation}\ntrain: {eval_steps: 5, eval_metric_rows: 10}\n"
+    path = tmp_path / "fine.yaml"
+    path.write_text(fine)
+    assert config.load(path, ["train.best_metric=chrf"]).train.best_metric == "chrf"

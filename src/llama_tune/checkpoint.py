@@ -74,6 +74,10 @@ class TrainState:
     """Steps skipped because the loss was NaN or inf."""
     tokens: int = 0
     """Target tokens trained on so far."""
+    best_step: int | None = None
+    """Step of the adapter in best/ (train.best_metric)."""
+    best_value: float | None = None
+    """Its value of train.best_metric."""
     recipe_hash: str = ""
 
 

@@ -176,6 +176,10 @@ class TrainConfig(Section):
     """Write a metrics line every N steps."""
     eval_steps: int | None = Field(None, ge=1)
     """Eval loss on the validation split every N steps (and always before and after)."""
+    eval_metric_rows: int | None = Field(None, ge=1)
+    """At every eval, also score the task's metrics on the first N validation rows."""
+    best_metric: str | None = None
+    """Keep the adapter that scores best on this metric in best/: eval_loss or a task metric."""
     save_steps: int | None = Field(None, ge=1)
     """Checkpoint every N steps; null saves only on interruption."""
     keep_last_checkpoints: int = Field(2, ge=1)
@@ -209,6 +213,8 @@ class EvaluationConfig(Section):
     """Seed of the bootstrap resampling."""
     after_training: bool = False
     """Score the split, adapter against base, when `llama-tune train` finishes."""
+    adapter: Literal["final", "best"] = "final"
+    """Which adapter of a run to score: the last one, or best/ (needs train.best_metric)."""
 
 
 class OutputConfig(Section):
@@ -230,9 +236,33 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
+        problems = []
         if self.train.epochs is None and self.train.max_steps is None:
-            raise ValueError("train.epochs: set epochs or train.max_steps")
+            problems.append("train.epochs: set epochs or train.max_steps")
+        problems += self._selection_problems()
+        if problems:
+            raise ValueError("\n".join(problems))
         return self
+
+    def _selection_problems(self) -> list[str]:
+        """Checks of the keys that choose the best adapter, which span three sections."""
+        settings, problems = self.train, []
+        task_metrics = TASKS[self.data.task].metrics
+        metric = settings.best_metric
+        if metric is not None and metric != "eval_loss" and metric not in task_metrics:
+            choices = ", ".join(("eval_loss", *task_metrics))
+            problems.append(f"train.best_metric: {metric!r} is not one of {choices}")
+        elif metric in task_metrics and settings.eval_metric_rows is None:
+            problems.append(f"train.best_metric: {metric} needs train.eval_metric_rows")
+        needs_eval = {"best_metric": metric, "eval_metric_rows": settings.eval_metric_rows}
+        for key, value in needs_eval.items():
+            if value is not None and settings.eval_steps is None:
+                problems.append(f"train.{key}: needs train.eval_steps")
+            if value is not None and self.data.splits.validation is None:
+                problems.append(f"train.{key}: needs a validation split (data.splits.validation)")
+        if self.evaluation.adapter == "best" and metric is None:
+            problems.append("evaluation.adapter: 'best' needs train.best_metric")
+        return problems
 
 
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")

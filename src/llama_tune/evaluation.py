@@ -19,6 +19,7 @@ from peft import PeftModel
 from llama_tune import config, models, report, scoring
 from llama_tune.checkpoint import write_json
 from llama_tune.errors import UserError
+from llama_tune.selection import BEST
 from llama_tune.train import ADAPTER, RECIPE_COPY, library_versions, resolve_precision
 
 RESULTS = "results.json"
@@ -38,16 +39,22 @@ class Target:
 
 
 def resolve_target(target: str | Path, overrides: list[str]) -> Target:
-    """A run folder (its recipe.yaml and adapter) or a recipe file (the base model)."""
+    """A run folder (its recipe.yaml and adapter) or a recipe file (the base model).
+
+    `evaluation.adapter` picks the run's final adapter or the best one kept during training.
+    """
     path = Path(target)
     if path.is_dir():
         recipe_path = path / RECIPE_COPY
         if not recipe_path.is_file():
             raise EvaluationError(f"{path} is not a run folder: it has no {RECIPE_COPY}")
-        adapter_dir = path / ADAPTER
+        recipe = config.load(recipe_path, overrides)
+        adapter_dir = path / (BEST if recipe.evaluation.adapter == "best" else ADAPTER)
         if not (adapter_dir / "adapter_config.json").is_file():
-            raise EvaluationError(f"{path} has no trained adapter yet; finish training first")
-        return Target(config.load(recipe_path, overrides), path, adapter_dir)
+            raise EvaluationError(
+                f"{path} has no {adapter_dir.name}/ adapter yet; finish training first"
+            )
+        return Target(recipe, path, adapter_dir)
     recipe = config.load(path, overrides)
     return Target(recipe, config.run_dir(recipe, path), None)
 
@@ -113,7 +120,8 @@ def run(
         model = PeftModel.from_pretrained(model, resolved.adapter_dir)
         systems = ["tuned", "base"] if base else ["tuned"]
 
-    out_dir = resolved.run_dir / "evaluation" / split
+    best = resolved.adapter_dir is not None and resolved.adapter_dir.name == BEST
+    out_dir = resolved.run_dir / "evaluation" / (f"{split}-best" if best else split)
     out_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {
         "task": recipe.data.task,

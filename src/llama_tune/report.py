@@ -19,6 +19,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on servers
 import matplotlib.pyplot as plt
 
+from llama_tune import selection
+
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
 
@@ -30,11 +32,15 @@ def _png(figure: plt.Figure) -> bytes:
     return buffer.getvalue()
 
 
+def _records(metrics_path: Path) -> list[dict[str, Any]]:
+    if not metrics_path.is_file():
+        return []
+    return [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+
+
 def loss_plot(metrics_path: Path) -> bytes | None:
     """Training and validation loss against the step, from metrics.jsonl."""
-    if not metrics_path.is_file():
-        return None
-    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    records = _records(metrics_path)
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     validation = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
     if not train:
@@ -45,6 +51,25 @@ def loss_plot(metrics_path: Path) -> bytes | None:
         axes.plot(*zip(*validation, strict=True), "o-", label="validation loss")
     axes.set_xlabel("step")
     axes.set_ylabel("target-token cross-entropy")
+    axes.legend()
+    axes.grid(alpha=0.3)
+    return _png(figure)
+
+
+def validation_metric_plot(metrics_path: Path, best_step: int | None) -> bytes | None:
+    """Task metrics on the validation subset against the step (train.eval_metric_rows)."""
+    records = [r for r in _records(metrics_path) if "eval_loss" in r]
+    names = sorted({key for r in records for key in r} - {"step", "eval_loss"})
+    if not names:
+        return None
+    figure, axes = plt.subplots(figsize=(6, 3.5))
+    for name in names:
+        points = [(r["step"], r[name]) for r in records if name in r]
+        axes.plot(*zip(*points, strict=True), "o-", label=name.removeprefix("eval_"))
+    if best_step is not None:
+        axes.axvline(best_step, color="grey", linestyle="--", label=f"best (step {best_step})")
+    axes.set_xlabel("step")
+    axes.set_ylabel("validation score")
     axes.legend()
     axes.grid(alpha=0.3)
     return _png(figure)
@@ -174,6 +199,16 @@ def write_run_report(out_dir: Path, results: dict[str, Any], run_dir: Path) -> N
     curves = loss_plot(run_dir / "metrics.jsonl")
     if curves is not None:
         sections.append(("Loss curves", "", None, curves))
+    best = selection.best_record(run_dir)
+    best_step = best["step"] if best else None
+    during = validation_metric_plot(run_dir / "metrics.jsonl", best_step)
+    if during is not None:
+        text = (
+            f"Best adapter: step {best['step']}, {best['metric']} {best['value']:.4f}."
+            if best
+            else ""
+        )
+        sections.append(("Validation metrics during training", text, None, during))
     primary = next(iter(results["systems"].values()), None)
     if primary is not None and "confusion_matrix" in primary["details"]:
         details = primary["details"]
@@ -189,9 +224,10 @@ def compare_runs(results_paths: list[Path], out_dir: Path) -> dict[str, dict[str
     rows: dict[str, dict[str, Any]] = {}
     for path in results_paths:
         results = json.loads(path.read_text())
-        run_name = path.parents[2].name
+        # The folder name says the split, and "-best" for the best adapter of a run.
+        run_name, scored = path.parents[2].name, path.parent.name
         for system, result in results["systems"].items():
-            rows[f"{run_name} ({system}, {results['data']['split']})"] = result["metrics"]
+            rows[f"{run_name} ({system}, {scored})"] = result["metrics"]
     text = f"{len(results_paths)} evaluation(s); each value with its 95% bootstrap interval."
     sections: list[Section] = [
         ("Metrics", text, _metric_table(rows), metric_plot(rows) if rows else None)

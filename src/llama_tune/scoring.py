@@ -360,12 +360,22 @@ def generation_scores(eval_set: EvalSet, task: str) -> Scores:
     return Scores(intervals={}, statistics=statistics, details=result)
 
 
+def measure(eval_set: EvalSet, task: str) -> Scores:
+    """The task's metrics on predicted examples, without intervals yet."""
+    if eval_set.labels is not None:
+        return classification_scores(eval_set)
+    return generation_scores(eval_set, task)
+
+
+def point_values(scores: Scores, count: int) -> dict[str, float]:
+    """Each metric on all `count` examples: the point estimate, no resampling."""
+    every = numpy.arange(count)
+    return {name: statistic(every) for name, statistic in scores.statistics.items()}
+
+
 def score(eval_set: EvalSet, task: str, settings: EvaluationConfig) -> Scores:
     """The task's metrics on predicted examples, each with its bootstrap interval."""
-    if eval_set.labels is not None:
-        scores = classification_scores(eval_set)
-    else:
-        scores = generation_scores(eval_set, task)
+    scores = measure(eval_set, task)
     count = len(eval_set.examples)
     scores.intervals = {
         name: bootstrap(statistic, count, settings.bootstrap_resamples, settings.seed)

@@ -22,6 +22,8 @@ class TaskSpec:
     """Field shortened when a row is too long (the long input text)."""
     template: str
     """Default prompt template; the target follows it after a space."""
+    metrics: tuple[str, ...]
+    """Metrics its scorer reports, higher is better (results.json, train.best_metric)."""
     extra_placeholders: tuple[str, ...] = ()
     """Placeholders filled from the recipe or the data rather than a row field."""
     default_columns: tuple[tuple[str, str], ...] = ()
@@ -44,6 +46,7 @@ TASKS: dict[str, TaskSpec] = {
         target_field="label",
         truncatable_field="text",
         template="Classify the text as one of: {labels}.\nText: {text}\nLabel:",
+        metrics=("accuracy", "macro_f1"),
         extra_placeholders=("labels",),
     ),
     "summarisation": TaskSpec(
@@ -52,6 +55,7 @@ TASKS: dict[str, TaskSpec] = {
         target_field="summary",
         truncatable_field="document",
         template="Write a one-line summary of the text.\nText: {document}\nSummary:",
+        metrics=("rouge1", "rouge2", "rougeL", "rougeLsum"),
     ),
     "translation": TaskSpec(
         name="translation",
@@ -60,6 +64,7 @@ TASKS: dict[str, TaskSpec] = {
         truncatable_field="source",
         template="Translate from {source_lang} to {target_lang}.\n{source_lang}: {source}\n"
         "{target_lang}:",
+        metrics=("bleu", "chrf"),
         extra_placeholders=("source_lang", "target_lang"),
         default_columns=(("source_lang", "src_lang"), ("target_lang", "tgt_lang")),
     ),
@@ -69,6 +74,7 @@ TASKS: dict[str, TaskSpec] = {
         target_field="completion",
         truncatable_field="prompt",
         template="{prompt}",
+        metrics=("bleu", "chrf"),
     ),
 }
 

@@ -25,7 +25,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from llama_tune import checkpoint, config, data, models
+from llama_tune import checkpoint, config, data, models, selection
 from llama_tune.checkpoint import StopSignals, TrainState, write_json
 from llama_tune.errors import UserError
 
@@ -253,6 +253,22 @@ def run(
 
     pad_id = tokenizer.pad_token_id
     eval_args = (accelerator, settings.batch_size, pad_id, settings.length_bucket)
+    has_validation = validation is not None and bool(validation.examples)
+    probe = None
+    if settings.eval_metric_rows is not None and accelerator.is_main_process:
+        probe = selection.MetricProbe.load(recipe, tokenizer, accelerator.mixed_precision)
+
+    def evaluate(step: int) -> dict[str, Any]:
+        """Eval loss (all processes) and task metrics (main process) at `step`, logged."""
+        record = {"step": step, "eval_loss": eval_loss(loss_module, validation, *eval_args)}
+        if probe is not None:
+            record |= probe.score(accelerator.unwrap_model(loss_module).model)
+            loss_module.train()
+        if accelerator.is_main_process:
+            _write_metrics(metrics_path, record)
+        accelerator.log(record, step=step)
+        return record
+
     summary = json.loads(summary_path.read_text()) if resume and summary_path.is_file() else {}
     trainable_count, total_count = models.parameter_counts(bundle.model)
     summary.update(
@@ -267,10 +283,8 @@ def run(
         steps_per_epoch=steps_per_epoch,
         versions=library_versions(),
     )
-    if validation is not None and validation.examples and "eval_loss_before" not in summary:
-        summary["eval_loss_before"] = eval_loss(loss_module, validation, *eval_args)
-        if accelerator.is_main_process:
-            _write_metrics(metrics_path, {"step": 0, "eval_loss": summary["eval_loss_before"]})
+    if has_validation and "eval_loss_before" not in summary:
+        summary["eval_loss_before"] = evaluate(0)["eval_loss"]
     if accelerator.is_main_process:
         write_json(summary_path, summary)
     if settings.trackers:
@@ -372,19 +386,17 @@ def run(
                     window_loss, window_tokens, window_inputs = 0.0, 0, 0
                     window_start = time.perf_counter()
 
-                if (
-                    settings.eval_steps
-                    and state.step % settings.eval_steps == 0
-                    and validation is not None
-                    and validation.examples
-                ):
-                    record = {
-                        "step": state.step,
-                        "eval_loss": eval_loss(loss_module, validation, *eval_args),
-                    }
-                    if accelerator.is_main_process:
-                        _write_metrics(metrics_path, record)
-                    accelerator.log(record, step=state.step)
+                eval_due = state.step == total_steps or (
+                    settings.eval_steps and state.step % settings.eval_steps == 0
+                )
+                if has_validation and eval_due:
+                    record = evaluate(state.step)
+                    summary["eval_loss_after"] = record["eval_loss"]
+                    if settings.best_metric and accelerator.is_main_process:
+                        model = accelerator.unwrap_model(loss_module).model
+                        _keep_if_best(
+                            run_dir, model, tokenizer, settings.best_metric, record, state
+                        )
                     window_start = time.perf_counter()
 
                 save_due = settings.save_steps and state.step % settings.save_steps == 0
@@ -414,8 +426,6 @@ def run(
                 state.step_in_epoch = 0
     progress.close()
 
-    if validation is not None and validation.examples:
-        summary["eval_loss_after"] = eval_loss(loss_module, validation, *eval_args)
     adapter_dir = run_dir / ADAPTER
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -431,10 +441,26 @@ def run(
             train_seconds=train_seconds,
             tokens_per_s=input_tokens / train_seconds if train_seconds else None,
             adapter=str(adapter_dir),
+            best=selection.best_record(run_dir),
         )
         write_json(summary_path, summary)
     accelerator.end_training()
     return RunResult(run_dir=run_dir, adapter_dir=adapter_dir, summary=summary)
+
+
+def _keep_if_best(
+    run_dir: Path,
+    model: peft.PeftModel,
+    tokenizer: Any,
+    metric: str,
+    record: dict[str, Any],
+    state: TrainState,
+) -> None:
+    """Save the adapter to best/ when this eval beats every earlier one on `metric`."""
+    value = record[metric if metric == selection.EVAL_LOSS else f"eval_{metric}"]
+    if selection.is_better(metric, value, state.best_value):
+        selection.save_best(run_dir, model, tokenizer, state.step, metric, value)
+        state.best_step, state.best_value = state.step, value
 
 
 def _any_process(accelerator: Accelerator, flag: bool) -> bool:
