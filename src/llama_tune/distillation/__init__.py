@@ -1,0 +1,1 @@
+"""Knowledge distillation: a teacher's next-token distributions train a smaller student."""
