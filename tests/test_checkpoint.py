@@ -96,3 +96,31 @@ def test_recipe_hash_tracks_resume_keys(tmp_path: Path) -> None:
     assert checkpoint.recipe_hash(base) != checkpoint.recipe_hash(
         config.load(path, ["adapter.r=4"])
     )
+
+
+def test_full_fine_tuning_resumes_exactly(tiny_recipe, monkeypatch: pytest.MonkeyPatch) -> None:
+    reference = tiny_recipe("full-reference", max_steps=8, save_steps=3)
+    crashing = tiny_recipe("full-crashing", max_steps=8, save_steps=3)
+    full = ["adapter=null"]
+    expected = train.run(config.load(reference, full), reference)
+
+    real_save = torch.save
+
+    def failing_save(obj: object, path: Path, *args: object, **kwargs: object) -> None:
+        if "step-00000006" in str(path):
+            raise OSError("disk full (injected)")
+        real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.torch, "save", failing_save)
+    with pytest.raises(OSError, match="injected"):
+        train.run(config.load(crashing, full), crashing)
+    monkeypatch.setattr(checkpoint.torch, "save", real_save)
+    resumed = train.run(config.load(crashing, full), crashing, resume=True)
+
+    assert expected.weights_dir.name == resumed.weights_dir.name == train.FULL_MODEL
+    first = load_file(expected.weights_dir / "model.safetensors")
+    second = load_file(resumed.weights_dir / "model.safetensors")
+    assert first.keys() == second.keys()
+    assert len(first) > 10  # every weight, not an adapter
+    for name in first:
+        torch.testing.assert_close(first[name], second[name], rtol=0, atol=1e-6)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
@@ -148,11 +149,13 @@ def test_cli_validate_reports_without_traceback(tmp_path: Path) -> None:
 def _keys(section: type[config.Section], prefix: str = "") -> list[str]:
     keys = []
     for name, field in section.model_fields.items():
-        annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, config.Section):
-            keys += _keys(annotation, f"{prefix}{name}.")
-        else:
+        # A section that may be null (adapter: null) is documented itself and key by key.
+        choices = typing.get_args(field.annotation) or (field.annotation,)
+        sections = [c for c in choices if isinstance(c, type) and issubclass(c, config.Section)]
+        if not sections or type(None) in choices:
             keys.append(f"{prefix}{name}")
+        for nested in sections:
+            keys += _keys(nested, f"{prefix}{name}.")
     return keys
 
 

@@ -40,7 +40,7 @@ def test_best_adapter_is_the_one_that_scored_best(tiny_recipe) -> None:
     results = evaluation.run(
         result.run_dir, ["evaluation.adapter=best"], split="validation", limit=24
     )
-    assert results["adapter"].endswith(selection.BEST)
+    assert results["weights"].endswith(selection.BEST)
     assert Path(results["output_dir"]).name == "validation-best"
     assert results["systems"]["tuned"]["metrics"]["accuracy"]["value"] == best_value
     report = (Path(results["output_dir"]) / "report.md").read_text()

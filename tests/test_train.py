@@ -6,8 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
-from llama_tune import config, train
+from llama_tune import config, evaluation, train
 
 
 def _metrics(run_dir: Path) -> list[dict]:
@@ -41,7 +42,7 @@ def test_summary_and_metrics(tiny_recipe) -> None:
     records = _metrics(result.run_dir)
     assert [r["step"] for r in records if "loss" in r] == [2, 4, 6]
     assert [r["step"] for r in records if "eval_loss" in r] == [0, 3, 6]
-    assert (result.adapter_dir / "adapter_model.safetensors").is_file()
+    assert (result.weights_dir / "adapter_model.safetensors").is_file()
     assert (result.run_dir / train.RECIPE_COPY).is_file()
 
 
@@ -58,14 +59,14 @@ def test_non_finite_steps_can_be_skipped(tiny_recipe) -> None:
 def test_finished_run_is_not_overwritten(tiny_recipe) -> None:
     path = tiny_recipe(max_steps=2)
     first = _train(path)
-    adapter = (first.adapter_dir / "adapter_model.safetensors").read_bytes()
+    adapter = (first.weights_dir / "adapter_model.safetensors").read_bytes()
     with pytest.raises(train.TrainError, match="finished run; use --overwrite"):
         _train(path)
     with pytest.raises(train.TrainError, match="finished run"):
         _train(path, resume=True)
-    assert (first.adapter_dir / "adapter_model.safetensors").read_bytes() == adapter
+    assert (first.weights_dir / "adapter_model.safetensors").read_bytes() == adapter
     _train(path, "train.lr=5e-3", overwrite=True)
-    assert (first.adapter_dir / "adapter_model.safetensors").read_bytes() != adapter
+    assert (first.weights_dir / "adapter_model.safetensors").read_bytes() != adapter
 
 
 def test_qlora_trains_on_cpu(tiny_recipe) -> None:
@@ -104,3 +105,23 @@ def test_built_in_model_learns_sst2(tmp_path: Path, data_root: Path) -> None:
 def test_tensorboard_tracker_writes_events(tiny_recipe) -> None:
     result = _train(tiny_recipe(max_steps=2, trackers=["tensorboard"]))
     assert list(result.run_dir.rglob("events.out.tfevents.*"))
+
+
+def test_full_fine_tuning_trains_every_weight(tiny_recipe, tiny_model_dir: Path) -> None:
+    from safetensors.torch import load_file
+
+    result = _train(tiny_recipe(max_steps=6, eval_steps=3), "adapter=null")
+    summary = result.summary
+    assert summary["parameters"]["trainable"] == summary["parameters"]["total"]
+    assert summary["eval_loss_after"] < summary["eval_loss_before"]
+    assert result.weights_dir == result.run_dir / train.FULL_MODEL
+    trained = load_file(result.weights_dir / "model.safetensors")
+    original = load_file(tiny_model_dir / "model.safetensors")
+    changed = [name for name in original if not torch.equal(original[name], trained[name])]
+    assert len(changed) == len(original)
+    # Trained weights stay fp32 even though model.dtype is auto.
+    assert {value.dtype for value in trained.values()} == {torch.float32}
+
+    results = evaluation.run(result.run_dir, split="validation", limit=16, base=True)
+    assert set(results["systems"]) == {"tuned", "base"}
+    assert results["weights"] == str(result.weights_dir)

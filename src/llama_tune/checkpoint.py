@@ -2,8 +2,8 @@
 
 A checkpoint is written into a temporary folder and renamed into place, and `state.json` is its
 last file, so a crash mid-save never leaves a folder that `latest()` would pick up. It holds the
-adapter, optimizer, scheduler, RNG states and the data position: resuming from it continues the
-run as if it had never stopped.
+adapter (or, in full fine-tuning, every weight), optimizer, scheduler, RNG states and the data
+position: resuming from it continues the run as if it had never stopped.
 """
 
 from __future__ import annotations
@@ -21,12 +21,15 @@ from typing import Any
 import numpy
 import torch
 from peft import PeftModel, set_peft_model_state_dict
-from safetensors.torch import load_file
+from safetensors.torch import load_file, load_model, save_model
+from transformers import PreTrainedModel
 
 from llama_tune.config import Recipe
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "state.json"
+ADAPTER_FOLDER = "adapter"
+FULL_WEIGHTS = "model.safetensors"
 
 # Changing any of these between a run and its resume would make the saved state mean something
 # else (another model or adapter shape, another data order); other keys (lr, max_steps, logging)
@@ -88,7 +91,8 @@ def resume_values(recipe: Recipe) -> dict[str, Any]:
     for key in RESUME_KEYS:
         node: Any = dumped
         for part in key.split("."):
-            node = node[part]
+            # A section set to null (adapter: null) has no keys below it.
+            node = node.get(part) if isinstance(node, dict) else None
         values[key] = node
     return values
 
@@ -149,7 +153,7 @@ def _restore_rng(states: dict[str, Any]) -> None:
 
 def save(
     run_dir: Path,
-    model: PeftModel,
+    model: PeftModel | PreTrainedModel,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     state: TrainState,
@@ -162,7 +166,12 @@ def save(
     staging = root / f".tmp-{final.name}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        model.save_pretrained(staging / "adapter")
+        if isinstance(model, PeftModel):
+            model.save_pretrained(staging / ADAPTER_FOLDER)
+        else:
+            staging.mkdir(parents=True)
+            # save_model stores tied weights (embeddings and head) once and restores the tie.
+            save_model(model, str(staging / FULL_WEIGHTS))
         torch.save(optimizer.state_dict(), staging / "optimizer.pt")
         torch.save(scheduler.state_dict(), staging / "scheduler.pt")
         torch.save(_rng_states(), staging / "rng.pt")
@@ -180,12 +189,16 @@ def save(
 
 def load(
     folder: Path,
-    model: PeftModel,
+    model: PeftModel | PreTrainedModel,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
 ) -> TrainState:
-    """Restore adapter weights, optimizer, scheduler and RNG states from a checkpoint."""
-    set_peft_model_state_dict(model, load_file(folder / "adapter" / "adapter_model.safetensors"))
+    """Restore trained weights, optimizer, scheduler and RNG states from a checkpoint."""
+    if isinstance(model, PeftModel):
+        adapter = load_file(folder / ADAPTER_FOLDER / "adapter_model.safetensors")
+        set_peft_model_state_dict(model, adapter)
+    else:
+        load_model(model, str(folder / FULL_WEIGHTS))
     optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
     # RNG states hold numpy and Python tuples, which the weights-only loader refuses.

@@ -74,7 +74,7 @@ def _train(args: argparse.Namespace) -> int:
     if summary.get("status") != "finished":
         return 0
     print(f"\nrun folder:  {result.run_dir}")
-    print(f"adapter:     {result.adapter_dir}")
+    print(f"{result.weights_dir.name + ':':<13}{result.weights_dir}")
     print(f"summary:     {result.run_dir / train.SUMMARY}")
     print(f"metrics:     {result.run_dir / train.METRICS}")
     if "train_loss_first" in summary:

@@ -228,7 +228,8 @@ class Recipe(Section):
     """A whole recipe: what to train, on what, and where the results go."""
 
     model: ModelConfig = ModelConfig()
-    adapter: AdapterConfig = AdapterConfig()
+    adapter: AdapterConfig | None = AdapterConfig()
+    """LoRA settings; null trains every weight of the model (full fine-tuning)."""
     data: DataConfig
     train: TrainConfig = TrainConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
@@ -239,6 +240,11 @@ class Recipe(Section):
         problems = []
         if self.train.epochs is None and self.train.max_steps is None:
             problems.append("train.epochs: set epochs or train.max_steps")
+        if self.adapter is None and self.model.quantization != "none":
+            problems.append(
+                "adapter: full fine-tuning (adapter: null) cannot train quantised weights; "
+                "set model.quantization: none or add an adapter"
+            )
         problems += self._selection_problems()
         if problems:
             raise ValueError("\n".join(problems))

@@ -1,13 +1,14 @@
-"""`llama-tune evaluate`: score the base model, a trained adapter, or both side by side.
+"""`llama-tune evaluate`: score the base model, a trained adapter or model, or both side by side.
 
-The target is a recipe (scores the base model) or a run folder (scores its adapter, and with
-`base=True` the base model too, on the same examples, with the paired difference). Results go
-to `<run folder>/evaluation/<split>/`: results.json, one predictions file per system, and
-report.md / report.html with plots.
+The target is a recipe (scores the base model) or a run folder (scores its trained adapter or
+model, and with `base=True` the base model too, on the same examples, with the paired
+difference). Results go to `<run folder>/evaluation/<split>/`: results.json, one predictions file
+per system, and report.md / report.html with plots.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from dataclasses import dataclass
@@ -15,12 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from peft import PeftModel
+from transformers import PreTrainedModel
 
 from llama_tune import config, models, report, scoring
 from llama_tune.checkpoint import write_json
 from llama_tune.errors import UserError
 from llama_tune.selection import BEST
-from llama_tune.train import ADAPTER, RECIPE_COPY, library_versions, resolve_precision
+from llama_tune.train import RECIPE_COPY, library_versions, resolve_precision, weights_folder
 
 RESULTS = "results.json"
 
@@ -31,17 +33,18 @@ class EvaluationError(UserError):
 
 @dataclass
 class Target:
-    """What to score: the recipe, where results go, and the adapter if there is one."""
+    """What to score: the recipe, where results go, and the trained weights if there are any."""
 
     recipe: config.Recipe
     run_dir: Path
-    adapter_dir: Path | None
+    weights_dir: Path | None
+    """A LoRA adapter folder or a full model folder; None scores the base model alone."""
 
 
 def resolve_target(target: str | Path, overrides: list[str]) -> Target:
-    """A run folder (its recipe.yaml and adapter) or a recipe file (the base model).
+    """A run folder (its recipe.yaml and trained weights) or a recipe file (the base model).
 
-    `evaluation.adapter` picks the run's final adapter or the best one kept during training.
+    `evaluation.adapter` picks the run's final weights or the best ones kept during training.
     """
     path = Path(target)
     if path.is_dir():
@@ -49,14 +52,46 @@ def resolve_target(target: str | Path, overrides: list[str]) -> Target:
         if not recipe_path.is_file():
             raise EvaluationError(f"{path} is not a run folder: it has no {RECIPE_COPY}")
         recipe = config.load(recipe_path, overrides)
-        adapter_dir = path / (BEST if recipe.evaluation.adapter == "best" else ADAPTER)
-        if not (adapter_dir / "adapter_config.json").is_file():
+        final = weights_folder(path, recipe)
+        weights_dir = path / BEST if recipe.evaluation.adapter == "best" else final
+        marker = "config.json" if recipe.adapter is None else "adapter_config.json"
+        if not (weights_dir / marker).is_file():
             raise EvaluationError(
-                f"{path} has no {adapter_dir.name}/ adapter yet; finish training first"
+                f"{path} has no trained weights in {weights_dir.name}/ yet; finish training first"
             )
-        return Target(recipe, path, adapter_dir)
+        return Target(recipe, path, weights_dir)
     recipe = config.load(path, overrides)
     return Target(recipe, config.run_dir(recipe, path), None)
+
+
+@dataclass
+class System:
+    """One model to score, under the name the results use (tuned, base)."""
+
+    name: str
+    model: PreTrainedModel | PeftModel
+    adapter_off: bool = False
+    """Score a peft model with its adapter disabled: the base model, without a second copy."""
+
+    def scoring(self) -> contextlib.AbstractContextManager:
+        return self.model.disable_adapter() if self.adapter_off else contextlib.nullcontext()
+
+
+def load_systems(resolved: Target, precision: str, base: bool) -> list[System]:
+    """The tuned model of a run (and the base model with `base`), or the base model alone."""
+    recipe = resolved.recipe
+    if resolved.weights_dir is None:
+        return [System("base", models.load_base_model(recipe.model, precision))]
+    if recipe.adapter is None:
+        full = recipe.model.model_copy(update={"name": str(resolved.weights_dir)})
+        systems = [System("tuned", models.load_base_model(full, precision))]
+        if base:
+            systems.append(System("base", models.load_base_model(recipe.model, precision)))
+        return systems
+    model = PeftModel.from_pretrained(
+        models.load_base_model(recipe.model, precision), resolved.weights_dir
+    )
+    return [System("tuned", model), *([System("base", model, adapter_off=True)] if base else [])]
 
 
 def _versions() -> dict[str, str]:
@@ -114,19 +149,14 @@ def run(
     tokenizer = models.load_tokenizer(recipe.model.name, recipe.model.revision)
     eval_set = scoring.load_eval_set(recipe, tokenizer, split, limit or settings.max_rows)
 
-    model = models.load_base_model(recipe.model, precision)
-    systems = ["base"]
-    if resolved.adapter_dir is not None:
-        model = PeftModel.from_pretrained(model, resolved.adapter_dir)
-        systems = ["tuned", "base"] if base else ["tuned"]
-
-    best = resolved.adapter_dir is not None and resolved.adapter_dir.name == BEST
+    systems = load_systems(resolved, precision, base)
+    best = resolved.weights_dir is not None and resolved.weights_dir.name == BEST
     out_dir = resolved.run_dir / "evaluation" / (f"{split}-best" if best else split)
     out_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {
         "task": recipe.data.task,
         "model": recipe.model.name,
-        "adapter": str(resolved.adapter_dir) if resolved.adapter_dir else None,
+        "weights": str(resolved.weights_dir) if resolved.weights_dir else None,
         "data": {
             "source": recipe.data.source,
             "split": split,
@@ -150,16 +180,14 @@ def run(
     for system in systems:
         examples = [dataclasses.replace(example) for example in eval_set.examples]
         system_set = dataclasses.replace(eval_set, examples=examples)
-        if system == "base" and isinstance(model, PeftModel):
-            with model.disable_adapter():
-                seconds = scoring.predict(model, tokenizer, recipe, system_set, precision)
-        else:
-            seconds = scoring.predict(model, tokenizer, recipe, system_set, precision)
-        scored[system] = scoring.score(system_set, recipe.data.task, settings)
-        results["systems"][system] = _system_result(system_set, scored[system], seconds)
-        name = "predictions.jsonl" if system == systems[0] else f"predictions-{system}.jsonl"
+        with system.scoring():
+            seconds = scoring.predict(system.model, tokenizer, recipe, system_set, precision)
+        scored[system.name] = scoring.score(system_set, recipe.data.task, settings)
+        results["systems"][system.name] = _system_result(system_set, scored[system.name], seconds)
+        first = system is systems[0]
+        name = "predictions.jsonl" if first else f"predictions-{system.name}.jsonl"
         _write_predictions(out_dir / name, system_set)
-    if len(systems) == 2:
+    if {"tuned", "base"} <= scored.keys():
         results["difference"] = scoring.compare(
             scored["tuned"], scored["base"], len(eval_set.examples), settings
         )

@@ -140,15 +140,17 @@ def _load_failure(name: str, error: Exception) -> str:
     return f"cannot load model {name!r}: {first_line} (built-in models: {_builtin_names()})"
 
 
-def storage_dtype(config: ModelConfig, mixed_precision: str) -> torch.dtype:
-    """The dtype of the frozen base weights.
+def storage_dtype(config: ModelConfig, mixed_precision: str, trained: bool = False) -> torch.dtype:
+    """The dtype of the base weights.
 
-    `auto` stores them in the compute dtype: under bf16 autocast, fp32 weights would be cast
-    again at every forward (measured: ~40% of a CPU step). Adapter weights stay fp32 either way
-    (peft upcasts them), so optimizer updates keep full precision.
+    `auto` stores frozen weights in the compute dtype: under bf16 autocast, fp32 weights would be
+    cast again at every forward (measured: ~40% of a CPU step). Adapter weights stay fp32 either
+    way (peft upcasts them). Weights that train themselves (`trained`, full fine-tuning) stay
+    fp32 under `auto`, or optimizer updates smaller than bf16's resolution would be lost.
     """
-    name = AUTO_DTYPES[mixed_precision] if config.dtype == "auto" else config.dtype
-    return DTYPES[name]
+    if config.dtype != "auto":
+        return DTYPES[config.dtype]
+    return torch.float32 if trained else DTYPES[AUTO_DTYPES[mixed_precision]]
 
 
 def _quantization(config: ModelConfig, dtype: torch.dtype) -> BitsAndBytesConfig | None:
@@ -164,10 +166,15 @@ def _quantization(config: ModelConfig, dtype: torch.dtype) -> BitsAndBytesConfig
     return None
 
 
-def load_base_model(config: ModelConfig, mixed_precision: str = "no") -> PreTrainedModel:
-    """The base causal LM in its storage dtype, quantised when the recipe asks."""
+def load_base_model(
+    config: ModelConfig, mixed_precision: str = "no", trained: bool = False
+) -> PreTrainedModel:
+    """The base causal LM in its storage dtype, quantised when the recipe asks.
+
+    `trained` says its own weights will be trained (full fine-tuning), which keeps them fp32.
+    """
     location = resolve(config.name)
-    dtype = storage_dtype(config, mixed_precision)
+    dtype = storage_dtype(config, mixed_precision, trained)
     quantization = _quantization(config, dtype)
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -240,15 +247,21 @@ def add_adapter(model: PreTrainedModel, adapter: AdapterConfig) -> PeftModel:
 
 
 def load(
-    model_config: ModelConfig, adapter: AdapterConfig, mixed_precision: str = "no"
+    model_config: ModelConfig, adapter: AdapterConfig | None, mixed_precision: str = "no"
 ) -> ModelBundle:
-    """Tokenizer, base model and a new LoRA adapter, as the recipe describes them.
+    """Tokenizer, base model and a new LoRA adapter (or, without one, every weight trainable).
 
     `mixed_precision` is Accelerate's name for the compute precision (no, bf16, fp16).
     """
     tokenizer = load_tokenizer(model_config.name, model_config.revision)
-    model = add_adapter(load_base_model(model_config, mixed_precision), adapter)
-    return ModelBundle(model=model, tokenizer=tokenizer)
+    full = adapter is None
+    model = load_base_model(model_config, mixed_precision, trained=full)
+    return ModelBundle(model=model if full else add_adapter(model, adapter), tokenizer=tokenizer)
+
+
+def causal_lm(model: PreTrainedModel | PeftModel) -> PreTrainedModel:
+    """The transformers model inside a peft wrapper, or the model itself."""
+    return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
 def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:

@@ -183,7 +183,7 @@ def write_run_report(out_dir: Path, results: dict[str, Any], run_dir: Path) -> N
     systems = {name: result["metrics"] for name, result in results["systems"].items()}
     data = results["data"]
     summary = (
-        f"Task {results['task']}, model {results['model']}, adapter {results['adapter']}; "
+        f"Task {results['task']}, model {results['model']}, trained weights {results['weights']}; "
         f"{results['n']} examples of {data['origin']} scored, {data['rows_read']} read, "
         f"skipped: {data['skipped'] or 'none'}; reference labels outside the label set: "
         f"{data['unknown_reference_labels'] or 'none'}."

@@ -18,10 +18,9 @@ from typing import Any
 import numpy
 import sacrebleu
 import torch
-from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from llama_tune import data, metrics
+from llama_tune import data, metrics, models
 from llama_tune.config import EvaluationConfig, Recipe
 from llama_tune.uncertainty import Interval, Statistic, bootstrap, mean_of, paired_difference
 
@@ -129,7 +128,7 @@ def label_token_ids(
 
 
 def _decoder_and_head(model: PreTrainedModel) -> tuple[torch.nn.Module, torch.nn.Module]:
-    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    base = models.causal_lm(model)
     return base.get_decoder(), base.get_output_embeddings()
 
 

@@ -33,6 +33,12 @@ SUMMARY = "summary.json"
 METRICS = "metrics.jsonl"
 RECIPE_COPY = "recipe.yaml"
 ADAPTER = "adapter"
+FULL_MODEL = "model"
+
+
+def weights_folder(run_dir: Path, recipe: config.Recipe) -> Path:
+    """Where a run's trained weights go: adapter/ (LoRA) or model/ (full fine-tuning)."""
+    return run_dir / (FULL_MODEL if recipe.adapter is None else ADAPTER)
 
 
 class TrainError(UserError):
@@ -53,7 +59,8 @@ class RunResult:
     """What a finished run reports back to the CLI."""
 
     run_dir: Path
-    adapter_dir: Path
+    weights_dir: Path
+    """adapter/ (LoRA) or model/ (full fine-tuning)."""
     summary: dict[str, Any]
 
 
@@ -65,14 +72,14 @@ class TargetTokenLoss(torch.nn.Module):
     Accelerate prepare it (autocast, DDP) like any model.
     """
 
-    def __init__(self, model: peft.PeftModel) -> None:
+    def __init__(self, model: peft.PeftModel | transformers.PreTrainedModel) -> None:
         super().__init__()
         self.model = model
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
     ) -> torch.Tensor:
-        base = self.model.get_base_model()
+        base = models.causal_lm(self.model)
         hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask)
         # Position t predicts token t + 1.
         targets = labels[:, 1:]
@@ -192,7 +199,10 @@ def run(
     resume: bool = False,
     overwrite: bool = False,
 ) -> RunResult:
-    """Train the recipe's adapter into its run folder; raise Interrupted on a stop signal."""
+    """Train the recipe's adapter (or whole model) into its run folder.
+
+    Raises Interrupted on a stop signal, after saving a checkpoint.
+    """
     run_dir = config.run_dir(recipe, recipe_path)
     settings = recipe.train
     accelerator = Accelerator(
@@ -426,11 +436,11 @@ def run(
                 state.step_in_epoch = 0
     progress.close()
 
-    adapter_dir = run_dir / ADAPTER
+    weights_dir = weights_folder(run_dir, recipe)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        accelerator.unwrap_model(loss_module).model.save_pretrained(adapter_dir)
-        tokenizer.save_pretrained(adapter_dir)
+        accelerator.unwrap_model(loss_module).model.save_pretrained(weights_dir)
+        tokenizer.save_pretrained(weights_dir)
         summary.update(
             status="finished",
             steps=state.step,
@@ -440,17 +450,17 @@ def run(
             input_tokens=input_tokens,
             train_seconds=train_seconds,
             tokens_per_s=input_tokens / train_seconds if train_seconds else None,
-            adapter=str(adapter_dir),
+            weights=str(weights_dir),
             best=selection.best_record(run_dir),
         )
         write_json(summary_path, summary)
     accelerator.end_training()
-    return RunResult(run_dir=run_dir, adapter_dir=adapter_dir, summary=summary)
+    return RunResult(run_dir=run_dir, weights_dir=weights_dir, summary=summary)
 
 
 def _keep_if_best(
     run_dir: Path,
-    model: peft.PeftModel,
+    model: peft.PeftModel | transformers.PreTrainedModel,
     tokenizer: Any,
     metric: str,
     record: dict[str, Any],
@@ -474,7 +484,7 @@ def _any_process(accelerator: Accelerator, flag: bool) -> bool:
 def _save_checkpoint(
     accelerator: Accelerator,
     run_dir: Path,
-    model: peft.PeftModel,
+    model: peft.PeftModel | transformers.PreTrainedModel,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     state: TrainState,
