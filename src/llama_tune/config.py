@@ -224,6 +224,60 @@ class OutputConfig(Section):
     """Run folder; {recipe} is the recipe file's name without extension."""
 
 
+class TeacherConfig(ModelConfig):
+    """The teacher: any model spec, optionally wearing a trained LoRA adapter."""
+
+    adapter: str | None = None
+    """A run folder or adapter folder whose LoRA adapter the teacher wears (merged into it)."""
+
+
+class FromTeacherConfig(Section):
+    """Which of the teacher's decoder layers a student built from it keeps."""
+
+    every: int | None = Field(None, ge=1)
+    """Keep layers 0, every, 2 x every, ... (2 halves the depth)."""
+    keep_layers: list[int] | None = None
+    """Keep exactly these layer indices, in this order."""
+
+    @model_validator(mode="after")
+    def _one_choice(self) -> FromTeacherConfig:
+        if (self.every is None) == (self.keep_layers is None):
+            raise ValueError("every: set either every or keep_layers")
+        if self.keep_layers is not None and not self.keep_layers:
+            raise ValueError("keep_layers: keep at least one layer")
+        return self
+
+
+class StudentConfig(Section):
+    """Where the student comes from."""
+
+    from_teacher: FromTeacherConfig | None = None
+    """Build the student from the teacher's embeddings, norms, head and some of its layers;
+    null: the student is `model`."""
+
+
+class DistillConfig(Section):
+    """Knowledge distillation: the teacher's next-token distributions train the student."""
+
+    teacher: TeacherConfig
+    student: StudentConfig = StudentConfig()
+    loss: Literal["forward_kl", "reverse_kl", "jsd", "tvd"] = "forward_kl"
+    """Divergence between teacher and student distributions."""
+    beta: float = Field(0.5, gt=0.0, lt=1.0)
+    """jsd: weight of the teacher in the mixture (0.5 is the Jensen-Shannon divergence)."""
+    temperature: float = Field(1.0, gt=0.0)
+    """Softens both distributions; the loss is multiplied by temperature^2."""
+    alpha: float = Field(0.5, ge=0.0, le=1.0)
+    """Weight of the distillation loss; the task cross-entropy gets 1 - alpha."""
+    positions: Literal["target", "all"] = "target"
+    """Where to distil: target tokens only, or every position of prompt and target."""
+    label_tokens_only: bool = False
+    """Classification: distil only the teacher's distribution over the labels' first tokens, at
+    the first target position."""
+    chunk_size: int = Field(128, ge=1)
+    """Positions whose logits are computed at once; smaller uses less memory."""
+
+
 class Recipe(Section):
     """A whole recipe: what to train, on what, and where the results go."""
 
@@ -233,6 +287,8 @@ class Recipe(Section):
     data: DataConfig
     train: TrainConfig = TrainConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
+    distill: DistillConfig | None = None
+    """Distil a teacher into the model; null trains on the data alone."""
     output: OutputConfig = OutputConfig()
 
     @model_validator(mode="after")
@@ -246,9 +302,37 @@ class Recipe(Section):
                 "set model.quantization: none or add an adapter"
             )
         problems += self._selection_problems()
+        problems += self._distillation_problems()
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+    def _distillation_problems(self) -> list[str]:
+        """A student built from the teacher is named after it, and never quantised."""
+        if self.distill is None:
+            return []
+        problems = []
+        if self.distill.label_tokens_only and self.data.task != "classification":
+            problems.append("distill.label_tokens_only: only for classification recipes")
+        teacher = self.distill.teacher
+        if self.distill.student.from_teacher is not None:
+            if "name" in self.model.model_fields_set and self.model.name != teacher.name:
+                problems.append(
+                    "model.name: the student is built from the teacher "
+                    "(distill.student.from_teacher); leave model.name out"
+                )
+            if self.model.quantization != "none":
+                problems.append(
+                    "model.quantization: a student built from the teacher cannot be quantised"
+                )
+            if teacher.quantization != "none":
+                problems.append(
+                    "distill.teacher.quantization: a student is built from full-precision "
+                    "teacher weights; load the teacher unquantised"
+                )
+            # The student is the teacher's architecture and tokenizer, so it carries its name.
+            self.model.name, self.model.revision = teacher.name, teacher.revision
+        return problems
 
     def _selection_problems(self) -> list[str]:
         """Checks of the keys that choose the best adapter, which span three sections."""

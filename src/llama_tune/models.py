@@ -185,13 +185,19 @@ def load_base_model(
         )
     except (OSError, ValueError) as error:
         raise ModelError(_load_failure(config.name, error)) from None
-    _contiguous_head_input(model)
     if quantization is not None:
+        _contiguous_head_input(model)
         _keep_4bit_weights_trainable(model)
-        model = prepare_model_for_kbit_training(
+        return prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=config.gradient_checkpointing
         )
-    elif config.gradient_checkpointing:
+    return ready_for_training(model, config)
+
+
+def ready_for_training(model: PreTrainedModel, config: ModelConfig) -> PreTrainedModel:
+    """Finish an unquantised model however it was made: head hook, gradient checkpointing."""
+    _contiguous_head_input(model)
+    if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         # Inputs of a frozen embedding carry no grad; checkpointed blocks need one to backprop.
         model.enable_input_require_grads()

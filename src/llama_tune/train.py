@@ -12,9 +12,10 @@ import math
 import platform
 import shutil
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import accelerate
 import peft
@@ -70,15 +71,23 @@ class TargetTokenLoss(torch.nn.Module):
     The vocabulary is wide (49,152 for SmolLM2) and most positions are prompt, so projecting only
     the target positions saves much of the head's compute. Wrapping this as a module lets
     Accelerate prepare it (autocast, DDP) like any model.
+
+    Objectives return named loss sums; `weights` combine them and `counts` says over how many
+    positions of an example each is summed (the trainer divides by the step's total).
     """
+
+    weights: ClassVar[dict[str, float]] = {"ce": 1.0}
 
     def __init__(self, model: peft.PeftModel | transformers.PreTrainedModel) -> None:
         super().__init__()
         self.model = model
 
+    def counts(self, example: data.Example) -> dict[str, int]:
+        return {"ce": len(example.input_ids) - example.prompt_length}
+
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
-    ) -> torch.Tensor:
+    ) -> dict[str, torch.Tensor]:
         base = models.causal_lm(self.model)
         hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask)
         # Position t predicts token t + 1.
@@ -86,7 +95,8 @@ class TargetTokenLoss(torch.nn.Module):
         selected = targets != data.IGNORE_INDEX
         states = hidden.last_hidden_state[:, :-1][selected]
         logits = base.get_output_embeddings()(states).float()
-        return torch.nn.functional.cross_entropy(logits, targets[selected], reduction="sum")
+        loss = torch.nn.functional.cross_entropy(logits, targets[selected], reduction="sum")
+        return {"ce": loss}
 
 
 def resolve_precision(precision: str) -> str:
@@ -170,27 +180,54 @@ def _write_metrics(path: Path, record: dict[str, Any]) -> None:
         handle.write(json.dumps(record) + "\n")
 
 
+def step_counts(objective: torch.nn.Module, examples: list[data.Example]) -> Counter[str]:
+    """Positions each loss term is summed over in these examples."""
+    totals: Counter[str] = Counter()
+    for example in examples:
+        totals.update(objective.counts(example))
+    return totals
+
+
+def combined(objective: torch.nn.Module, sums: dict[str, Any], counts: Counter[str]) -> Any:
+    """The weighted sum of each term's mean: the loss the optimizer minimises."""
+    return sum(objective.weights[name] * sums[name] / max(counts[name], 1) for name in sums)
+
+
 @torch.no_grad()
-def eval_loss(
+def eval_losses(
     loss_module: torch.nn.Module,
+    objective: torch.nn.Module,
     split: data.Split,
     accelerator: Accelerator,
     batch_size: int,
     pad_token_id: int,
     bucket: int,
-) -> float:
-    """Mean target-token cross-entropy over a split, shared across processes."""
+) -> dict[str, float]:
+    """Mean of each loss term over a split, shared across processes.
+
+    `eval_loss` is the task cross-entropy, comparable across runs; a distillation run adds
+    `eval_distill_loss`.
+    """
     loss_module.eval()
-    totals = torch.zeros(2, device=accelerator.device)
+    names = list(objective.weights)
+    totals = torch.zeros(2 * len(names), device=accelerator.device)
     batches = data.eval_batches(split, batch_size)
     for batch in batches[accelerator.process_index :: accelerator.num_processes]:
         tensors = data.collate(batch, pad_token_id, bucket)
         tensors = {name: value.to(accelerator.device) for name, value in tensors.items()}
-        totals[0] += loss_module(**tensors).float()
-        totals[1] += (tensors["labels"][:, 1:] != data.IGNORE_INDEX).sum()
+        sums = loss_module(**tensors)
+        counts = step_counts(objective, batch)
+        for index, name in enumerate(names):
+            totals[2 * index] += sums[name].float()
+            totals[2 * index + 1] += counts[name]
     loss_module.train()
     totals = accelerator.reduce(totals, reduction="sum")
-    return (totals[0] / totals[1]).item()
+    return {
+        "eval_loss" if name == "ce" else f"eval_{name}_loss": (
+            totals[2 * index] / totals[2 * index + 1]
+        ).item()
+        for index, name in enumerate(names)
+    }
 
 
 def run(
@@ -218,7 +255,14 @@ def run(
     accelerator.wait_for_everyone()
     set_seed(settings.seed)
 
-    bundle = models.load(recipe.model, recipe.adapter, accelerator.mixed_precision)
+    if recipe.distill is None:
+        bundle = models.load(recipe.model, recipe.adapter, accelerator.mixed_precision)
+        objective: torch.nn.Module = TargetTokenLoss(bundle.model)
+    else:
+        # Imported here: plain fine-tuning never needs the distillation code.
+        from llama_tune.distillation import setup
+
+        bundle, objective = setup.load(recipe, accelerator, run_dir)
     tokenizer = bundle.tokenizer
     datasets = data.build(recipe.data, tokenizer)
     train_split, validation = datasets.train, datasets.validation
@@ -237,15 +281,14 @@ def run(
     if warmup is None:
         warmup = round(settings.warmup_ratio * total_steps)
 
-    loss_module = TargetTokenLoss(bundle.model)
-    trainable = [param for param in loss_module.parameters() if param.requires_grad]
+    trainable = [param for param in objective.parameters() if param.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = get_scheduler(
         settings.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps
     )
     # The scheduler is stepped by hand once per optimizer step, so it is not prepared: a
     # prepared scheduler steps once per process.
-    loss_module, optimizer = accelerator.prepare(loss_module, optimizer)
+    loss_module, optimizer = accelerator.prepare(objective, optimizer)
 
     state = TrainState(recipe_hash=checkpoint.recipe_hash(recipe))
     metrics_path = run_dir / METRICS
@@ -262,7 +305,7 @@ def run(
         metrics_path.write_text("")
 
     pad_id = tokenizer.pad_token_id
-    eval_args = (accelerator, settings.batch_size, pad_id, settings.length_bucket)
+    eval_args = (objective, validation, accelerator, settings.batch_size, pad_id)
     has_validation = validation is not None and bool(validation.examples)
     probe = None
     if settings.eval_metric_rows is not None and accelerator.is_main_process:
@@ -270,7 +313,7 @@ def run(
 
     def evaluate(step: int) -> dict[str, Any]:
         """Eval loss (all processes) and task metrics (main process) at `step`, logged."""
-        record = {"step": step, "eval_loss": eval_loss(loss_module, validation, *eval_args)}
+        record = {"step": step, **eval_losses(loss_module, *eval_args, settings.length_bucket)}
         if probe is not None:
             record |= probe.score(accelerator.unwrap_model(loss_module).model)
             loss_module.train()
@@ -308,7 +351,10 @@ def run(
         desc="train",
         dynamic_ncols=True,
     )
-    window_loss, window_tokens, window_inputs = 0.0, 0, 0
+    terms = list(objective.weights)
+    window_sums: Counter[str] = Counter()
+    window_counts: Counter[str] = Counter()
+    window_inputs = 0
     window_start = time.perf_counter()
     train_seconds = summary.get("train_seconds", 0.0)
     input_tokens = summary.get("input_tokens", 0)
@@ -323,26 +369,26 @@ def run(
                 step_started = time.perf_counter()
                 batches = data.micro_batches(step_examples, lengths, micro_batches_per_step)
                 own = batches[accelerator.process_index :: accelerator.num_processes]
-                step_tokens = sum(
-                    lengths[i] - train_split.examples[i].prompt_length for i in step_examples
-                )
+                counts = step_counts(objective, [train_split.examples[i] for i in step_examples])
                 step_inputs = sum(lengths[i] for i in step_examples)
-                # Accelerate divides each backward by grad_accumulation and DDP averages over
-                # processes; scaling by both makes the step's gradient sum / step_tokens.
-                scale = micro_batches_per_step / step_tokens
-                step_loss = torch.zeros((), device=accelerator.device)
+                step_sums = torch.zeros(len(terms), device=accelerator.device)
                 for indices in own:
                     batch = data.collate(
                         [train_split.examples[i] for i in indices], pad_id, settings.length_bucket
                     )
                     batch = {name: value.to(accelerator.device) for name, value in batch.items()}
                     with accelerator.accumulate(loss_module):
-                        loss_sum = loss_module(**batch)
-                        accelerator.backward(loss_sum * scale)
-                    step_loss += loss_sum.detach().float()
-                step_loss = accelerator.reduce(step_loss, reduction="sum") / step_tokens
-                # .item() syncs with the device once per step.
-                loss_value = step_loss.item()
+                        sums = loss_module(**batch)
+                        # Accelerate divides each backward by grad_accumulation and DDP averages
+                        # over processes; scaling by both makes the step's gradient that of the
+                        # weighted per-term means over the whole step.
+                        loss = combined(objective, sums, counts) * micro_batches_per_step
+                        accelerator.backward(loss)
+                    step_sums += torch.stack([sums[name].detach().float() for name in terms])
+                # .tolist() syncs with the device once per step.
+                step_sums = accelerator.reduce(step_sums, reduction="sum").tolist()
+                term_sums = dict(zip(terms, step_sums, strict=True))
+                loss_value = combined(objective, term_sums, counts)
                 grad_norm = None
                 if math.isfinite(loss_value):
                     if settings.max_grad_norm is not None:
@@ -362,13 +408,13 @@ def run(
                 optimizer.zero_grad(set_to_none=True)
                 state.step += 1
                 state.step_in_epoch += 1
-                state.tokens += step_tokens
+                state.tokens += counts["ce"]
                 input_tokens += step_inputs
                 train_seconds += time.perf_counter() - step_started
                 window_inputs += step_inputs
                 if math.isfinite(loss_value):
-                    window_loss += loss_value * step_tokens
-                    window_tokens += step_tokens
+                    window_sums.update(term_sums)
+                    window_counts.update(counts)
                 progress.update(1)
 
                 if state.step % settings.log_steps == 0 or state.step == total_steps:
@@ -376,13 +422,17 @@ def run(
                     record = {
                         "step": state.step,
                         "epoch": state.epoch + state.step_in_epoch / len(plan),
-                        "loss": window_loss / max(window_tokens, 1),
+                        "loss": combined(objective, window_sums, window_counts),
                         "lr": scheduler.get_last_lr()[0],
                         "grad_norm": grad_norm,
                         "tokens": window_inputs,
                         "seconds": elapsed,
                         "tokens_per_s": window_inputs / elapsed if elapsed > 0 else None,
                     }
+                    if len(terms) > 1:
+                        # Each term's own mean, unweighted: task CE and distillation apart.
+                        for name in terms:
+                            record[f"{name}_loss"] = window_sums[name] / max(window_counts[name], 1)
                     summary.setdefault("train_loss_first", record["loss"])
                     summary["train_loss_last"] = record["loss"]
                     progress.set_postfix(
@@ -393,7 +443,9 @@ def run(
                     if accelerator.is_main_process:
                         _write_metrics(metrics_path, record)
                     accelerator.log(record, step=state.step)
-                    window_loss, window_tokens, window_inputs = 0.0, 0, 0
+                    window_sums.clear()
+                    window_counts.clear()
+                    window_inputs = 0
                     window_start = time.perf_counter()
 
                 eval_due = state.step == total_steps or (
@@ -503,10 +555,15 @@ def _save_checkpoint(
 
 def _flat_config(recipe: config.Recipe) -> dict[str, Any]:
     """The recipe as flat `section.key` scalars, the form trackers accept."""
-    flat = {}
-    for section, values in recipe.model_dump(mode="json").items():
-        for key, value in values.items():
-            flat[f"{section}.{key}"] = (
-                value if isinstance(value, int | float | str | bool) else str(value)
-            )
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(f"{prefix}.{key}" if prefix else key, item)
+        else:
+            scalar = isinstance(value, int | float | str | bool)
+            flat[prefix] = value if scalar else str(value)
+
+    walk("", recipe.model_dump(mode="json"))
     return flat

@@ -88,12 +88,27 @@ class MemoryEstimate:
         )
 
 
-def parameter_count(location: str, revision: str | None = None) -> int:
-    """Parameters of a model from its config alone, built on the meta device (no weights)."""
+def _meta_model(location: str, revision: str | None) -> torch.nn.Module:
     model_config = AutoConfig.from_pretrained(location, revision=revision)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(model_config)
-    return sum(parameter.numel() for parameter in model.parameters())
+        return AutoModelForCausalLM.from_config(model_config)
+
+
+def layer_count(location: str, revision: str | None = None) -> int:
+    """Decoder layers of a model, from its config alone."""
+    return AutoConfig.from_pretrained(location, revision=revision).num_hidden_layers
+
+
+def parameter_count(
+    location: str, revision: str | None = None, keep_layers: list[int] | None = None
+) -> int:
+    """Parameters of a model (or of a student keeping only `keep_layers` of its decoder layers),
+    counted on the meta device: no weights are read."""
+    model = _meta_model(location, revision)
+    layers = model.get_decoder().layers
+    dropped = [] if keep_layers is None else [i for i in range(len(layers)) if i not in keep_layers]
+    dropped_parameters = sum(p.numel() for i in dropped for p in layers[i].parameters())
+    return sum(p.numel() for p in model.parameters()) - dropped_parameters
 
 
 def estimate_memory(

@@ -1,0 +1,115 @@
+"""The student's training objective: task cross-entropy plus distillation from the teacher.
+
+The teacher is held outside the module tree, so Accelerate never wraps it for gradients (no DDP
+buckets, no optimizer state) and it stays in eval mode under no_grad in its own dtype. Both terms
+come back as sums over their positions; the trainer divides each by its count for the whole
+step, so any split of a step into micro-batches gives the same gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+from peft import PeftModel
+from transformers import PreTrainedModel
+
+from llama_tune import data, models
+from llama_tune.config import DistillConfig
+from llama_tune.distillation.losses import chunked_distillation
+
+
+class FrozenTeacher:
+    """The teacher model, deliberately not an nn.Module attribute of the objective."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        self.model = model.eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        output = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask)
+        return output.last_hidden_state
+
+    @property
+    def head(self) -> torch.nn.Module:
+        return self.model.get_output_embeddings()
+
+
+def distilled_positions(
+    labels: torch.Tensor, attention_mask: torch.Tensor, settings: DistillConfig
+) -> torch.Tensor:
+    """[batch, seq - 1] mask of the positions whose next-token distribution is distilled."""
+    targets = labels[:, 1:] != data.IGNORE_INDEX
+    if settings.label_tokens_only:
+        # Only the position that predicts the first target token: where the label is chosen.
+        return targets & (targets.long().cumsum(dim=1) == 1)
+    if settings.positions == "all":
+        return attention_mask[:, 1:].bool()
+    return targets
+
+
+def distilled_count(example: data.Example, settings: DistillConfig) -> int:
+    """How many positions of one example `distilled_positions` selects."""
+    if settings.label_tokens_only:
+        return 1
+    if settings.positions == "all":
+        return len(example.input_ids) - 1
+    return len(example.input_ids) - example.prompt_length
+
+
+class DistillationObjective(torch.nn.Module):
+    """Summed task cross-entropy and summed distillation loss of a micro-batch."""
+
+    def __init__(
+        self,
+        model: PeftModel | PreTrainedModel,
+        teacher: FrozenTeacher,
+        settings: DistillConfig,
+        vocab_size: int,
+        token_subset: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.teacher = teacher
+        self.settings = settings
+        self.vocab_size = vocab_size
+        self.token_subset = token_subset
+        # The trainer's interface (see train.TargetTokenLoss): term weights and counts.
+        self.weights = {"ce": 1.0 - settings.alpha, "distill": settings.alpha}
+
+    def counts(self, example: data.Example) -> dict[str, int]:
+        return {
+            "ce": len(example.input_ids) - example.prompt_length,
+            "distill": distilled_count(example, self.settings),
+        }
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        base = models.causal_lm(self.model)
+        head = base.get_output_embeddings()
+        hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask)
+        student_states = hidden.last_hidden_state[:, :-1]
+        targets = labels[:, 1:]
+        selected = targets != data.IGNORE_INDEX
+        logits = head(student_states[selected]).float()
+        cross_entropy = torch.nn.functional.cross_entropy(
+            logits, targets[selected], reduction="sum"
+        )
+
+        distilled = distilled_positions(labels, attention_mask, self.settings)
+        teacher_states = self.teacher.hidden(input_ids, attention_mask)[:, :-1]
+        subset = self.token_subset
+        if subset is not None:
+            subset = subset.to(input_ids.device)
+        distillation = chunked_distillation(
+            student_states[distilled],
+            head,
+            teacher_states[distilled],
+            self.teacher.head,
+            self.settings.loss,
+            self.settings.temperature,
+            self.settings.beta,
+            self.settings.chunk_size,
+            self.vocab_size,
+            subset,
+        )
+        return {"ce": cross_entropy, "distill": distillation}

@@ -1,0 +1,148 @@
+"""Load teacher and student for a distillation recipe, after the checks that need no weights.
+
+Order matters: tokenizers are compared and memory is estimated from configs alone, so an
+incompatible pair or an impossible size fails in seconds, before gigabytes are read.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from peft import PeftModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from llama_tune import config, data, models, scoring
+from llama_tune.distillation import preflight, student
+from llama_tune.distillation.objective import DistillationObjective, FrozenTeacher
+from llama_tune.errors import UserError
+
+STUDENT_INIT = "student-init"
+"""Run-folder copy of a student built from the teacher, the base its LoRA adapter sits on."""
+
+
+class DistillationError(UserError):
+    """A distillation recipe that cannot run as written."""
+
+
+def teacher_adapter_dir(path: str) -> Path:
+    """An adapter folder, or the adapter/ (or best/) inside a run folder."""
+    folder = Path(path)
+    for candidate in (folder, folder / "adapter", folder / "best"):
+        if (candidate / "adapter_config.json").is_file():
+            return candidate
+    raise DistillationError(
+        f"distill.teacher.adapter: {path} is neither an adapter folder nor a run folder "
+        "with adapter/"
+    )
+
+
+def teacher_spec(settings: config.DistillConfig) -> config.ModelConfig:
+    """The teacher's model section without its adapter key."""
+    return config.ModelConfig(**settings.teacher.model_dump(exclude={"adapter"}))
+
+
+def load_teacher(settings: config.DistillConfig, mixed_precision: str) -> PreTrainedModel:
+    """The frozen teacher in its storage dtype, its LoRA adapter merged in when it has one."""
+    spec = settings.teacher
+    model = models.load_base_model(teacher_spec(settings), mixed_precision)
+    if spec.adapter is not None:
+        model = PeftModel.from_pretrained(model, teacher_adapter_dir(spec.adapter))
+        # Merging removes the adapter's extra matmuls from every teacher forward; a quantised
+        # base cannot take merged weights, so it keeps the adapter as is.
+        if spec.quantization == "none":
+            model = model.merge_and_unload()
+    return model.eval().requires_grad_(False)
+
+
+def label_first_tokens(recipe: config.Recipe, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
+    """The token id each label starts with; they must differ to tell the labels apart."""
+    labels = data.label_set(recipe.data)
+    assert labels is not None
+    label_ids = scoring.label_token_ids(tokenizer, labels, recipe.data.chat_template)
+    first_tokens = [ids[0] for ids in label_ids]
+    shared = sorted(
+        label
+        for label, token in zip(labels, first_tokens, strict=True)
+        if first_tokens.count(token) > 1
+    )
+    if shared:
+        raise DistillationError(
+            f"distill.label_tokens_only: labels {shared} start with the same token, so their "
+            "distributions cannot be told apart; use distill.positions instead"
+        )
+    return torch.tensor(first_tokens)
+
+
+def _memory_estimate(
+    recipe: config.Recipe, settings: config.DistillConfig, mixed_precision: str
+) -> preflight.MemoryEstimate:
+    spec = teacher_spec(settings)
+    teacher_location = models.resolve(spec.name)
+    teacher_parameters = preflight.parameter_count(teacher_location, spec.revision)
+    if settings.student.from_teacher is not None:
+        student_parameters = preflight.parameter_count(
+            teacher_location, spec.revision, _kept_layers(settings, teacher_location)
+        )
+    else:
+        student_parameters = preflight.parameter_count(
+            models.resolve(recipe.model.name), recipe.model.revision
+        )
+    full = recipe.adapter is None
+    student_dtype = models.storage_dtype(recipe.model, mixed_precision, trained=full)
+    teacher_dtype = models.storage_dtype(spec, mixed_precision)
+    return preflight.estimate_memory(
+        teacher_parameters,
+        teacher_dtype.itemsize,
+        student_parameters,
+        student_dtype.itemsize,
+        # A LoRA adapter is a small fraction of the model; count it as 2% of it.
+        student_parameters if full else student_parameters // 50,
+    )
+
+
+def _kept_layers(settings: config.DistillConfig, teacher_location: str) -> list[int]:
+    choice = settings.student.from_teacher
+    assert choice is not None
+    layer_count = preflight.layer_count(teacher_location, settings.teacher.revision)
+    return student.chosen_layers(layer_count, choice.every, choice.keep_layers)
+
+
+def load(
+    recipe: config.Recipe, accelerator: Accelerator, run_dir: Path
+) -> tuple[models.ModelBundle, DistillationObjective]:
+    """Check, then load teacher and student; the objective that trains the student."""
+    assert recipe.distill is not None
+    settings = recipe.distill
+    mixed_precision = accelerator.mixed_precision
+    spec = teacher_spec(settings)
+    teacher_tokenizer = models.load_tokenizer(spec.name, spec.revision)
+    student_tokenizer = models.load_tokenizer(recipe.model.name, recipe.model.revision)
+    preflight.check_tokenizers(teacher_tokenizer, student_tokenizer)
+    accelerator.print(_memory_estimate(recipe, settings, mixed_precision).describe())
+
+    teacher = load_teacher(settings, mixed_precision)
+    full = recipe.adapter is None
+    if settings.student.from_teacher is not None:
+        keep = _kept_layers(settings, models.resolve(spec.name))
+        dtype = models.storage_dtype(recipe.model, mixed_precision, trained=full)
+        built = student.from_teacher(teacher, keep).to(dtype).requires_grad_(True)
+        if not full and accelerator.is_main_process:
+            # The adapter's base must be found again at evaluation: keep it with the run.
+            built.save_pretrained(run_dir / STUDENT_INIT)
+            student_tokenizer.save_pretrained(run_dir / STUDENT_INIT)
+        student_model = models.ready_for_training(built, recipe.model)
+    else:
+        student_model = models.load_base_model(recipe.model, mixed_precision, trained=full)
+    if recipe.adapter is not None:
+        student_model = models.add_adapter(student_model, recipe.adapter)
+
+    teacher.to(accelerator.device)
+    token_subset = (
+        label_first_tokens(recipe, student_tokenizer) if settings.label_tokens_only else None
+    )
+    objective = DistillationObjective(
+        student_model, FrozenTeacher(teacher), settings, len(student_tokenizer), token_subset
+    )
+    return models.ModelBundle(model=student_model, tokenizer=student_tokenizer), objective

@@ -1,0 +1,52 @@
+"""The distillation objective: which positions count, and zero loss against itself."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from llama_tune import config, data
+from llama_tune.distillation import objective, student
+
+
+def _settings(**values: object) -> config.DistillConfig:
+    return config.DistillConfig(teacher={"name": "t"}, **values)
+
+
+def _batch(tokenizer) -> tuple[list[data.Example], dict[str, torch.Tensor]]:
+    examples = [
+        data.Example("p", "t", [5, 6, 7, 8, 9, tokenizer.eos_token_id], 3, 0),
+        data.Example("p", "t", [5, 6, 7, tokenizer.eos_token_id], 2, 1),
+    ]
+    return examples, data.collate(examples, tokenizer.pad_token_id, 8)
+
+
+def test_positions_follow_the_settings(tokenizer) -> None:
+    examples, batch = _batch(tokenizer)
+    labels, mask = batch["labels"], batch["attention_mask"]
+    for settings in (_settings(), _settings(positions="all"), _settings(label_tokens_only=True)):
+        chosen = objective.distilled_positions(labels, mask, settings)
+        counts = [objective.distilled_count(example, settings) for example in examples]
+        assert chosen.sum(dim=1).tolist() == counts
+    first = objective.distilled_positions(labels, mask, _settings(label_tokens_only=True))
+    # Position prompt_length - 1 predicts the first target token.
+    assert first.nonzero().tolist() == [[0, 2], [1, 1]]
+
+
+def test_no_distillation_loss_against_itself(tiny_model_dir: Path, tokenizer) -> None:
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    copy = student.from_teacher(teacher, [0, 1]).train()
+    settings = _settings(loss="jsd", temperature=2.0, positions="all")
+    module = objective.DistillationObjective(
+        copy, objective.FrozenTeacher(teacher), settings, len(tokenizer)
+    )
+    _, batch = _batch(tokenizer)
+    sums = module(**batch)
+    assert sums["distill"].item() < 1e-6
+    assert sums["ce"].item() > 1.0
+    sums["ce"].backward()
+    # The teacher is frozen and outside the module: no gradients, never an optimizer parameter.
+    assert all(parameter.grad is None for parameter in teacher.parameters())
+    assert not any(p is q for p in module.parameters() for q in teacher.parameters())

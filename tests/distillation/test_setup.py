@@ -1,0 +1,87 @@
+"""Distillation runs end to end: preflight refusals, the student trained, the loss falling."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from llama_tune import config, train
+from llama_tune.distillation import preflight, setup
+
+
+def _evals(run_dir: Path) -> list[dict]:
+    lines = (run_dir / train.METRICS).read_text().splitlines()
+    return [record for line in lines if "eval_loss" in (record := json.loads(line))]
+
+
+def test_incompatible_student_is_refused_before_training(
+    tiny_recipe, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    other = tmp_path / "other-student"
+    shutil.copytree(tiny_model_dir, other)
+    tokenizer = AutoTokenizer.from_pretrained(other)
+    tokenizer.add_tokens(["<|new|>"])
+    tokenizer.save_pretrained(other)
+    path = tiny_recipe()
+    recipe = config.load(path, [f"model.name={other}", f"distill.teacher.name={tiny_model_dir}"])
+    expected = re.escape("tokens only the student has: '<|new|>'")
+    with pytest.raises(preflight.IncompatibleTokenizers, match=expected):
+        train.run(recipe, path)
+    assert not (config.run_dir(recipe, path) / train.METRICS).exists()
+
+
+def test_lora_student_from_teacher_keeps_its_base(tiny_recipe, tiny_model_dir: Path) -> None:
+    path = tiny_recipe(max_steps=4)
+    overrides = [
+        f"distill.teacher.name={tiny_model_dir}",
+        "distill.student.from_teacher.keep_layers=[1]",
+    ]
+    recipe = config.load(path, overrides)
+    assert recipe.model.name == str(tiny_model_dir)
+    result = train.run(recipe, path)
+    init = AutoModelForCausalLM.from_pretrained(result.run_dir / setup.STUDENT_INIT)
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert init.config.num_hidden_layers == 1
+    assert torch.equal(
+        init.model.layers[0].mlp.up_proj.weight, teacher.model.layers[1].mlp.up_proj.weight
+    )
+    assert (result.weights_dir / "adapter_config.json").is_file()
+
+
+def test_real_distillation_on_sst2_lowers_the_distillation_loss(
+    tmp_path: Path, data_root: Path
+) -> None:
+    """The built-in model teaches a half-depth copy of itself (full fine-tuning)."""
+    path = tmp_path / "distil.yaml"
+    recipe = {
+        "adapter": None,
+        "data": {
+            "source": str(data_root / "classification" / "sst2"),
+            "task": "classification",
+            "template": "Review: {text}\nSentiment (positive or negative):",
+            "max_train_rows": 96,
+            "max_eval_rows": 32,
+            "max_length": 64,
+        },
+        "train": {"max_steps": 12, "batch_size": 8, "lr": 1e-4, "log_steps": 4, "eval_steps": 12},
+        "distill": {
+            "teacher": {"name": "smollm2-135m-instruct"},
+            "student": {"from_teacher": {"every": 2}},
+            "temperature": 2.0,
+            "alpha": 0.5,
+        },
+        "output": {"dir": str(tmp_path / "distil")},
+    }
+    path.write_text(json.dumps(recipe))
+    result = train.run(config.load(path), path)
+    before, after = _evals(result.run_dir)
+    assert after["eval_distill_loss"] < 0.7 * before["eval_distill_loss"]
+    assert after["eval_loss"] < before["eval_loss"]
+    trained = AutoModelForCausalLM.from_pretrained(result.weights_dir)
+    assert trained.config.num_hidden_layers == 15
