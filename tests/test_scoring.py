@@ -113,7 +113,7 @@ def test_label_scoring_learns_two_overfit_examples(tiny_recipe, tmp_path: Path) 
     assert results["n"] == 3
     assert results["data"]["unknown_reference_labels"] == {"neutral": 1}
     assert tuned["metrics"]["accuracy"]["value"] == pytest.approx(2 / 3)
-    assert set(results["difference"]) == {"accuracy", "macro_f1"}
+    assert set(results["differences"]["tuned - base"]) == {"accuracy", "macro_f1"}
     out = Path(results["output_dir"])
     lines = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert [line["prediction"] for line in lines[:2]] == ["positive", "negative"]

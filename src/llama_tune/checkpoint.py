@@ -60,6 +60,8 @@ RESUME_KEYS = (
     "train.batch_size",
     "train.grad_accumulation",
     "train.seed",
+    "distill.teacher",
+    "distill.student",
 )
 
 

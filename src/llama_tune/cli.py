@@ -120,9 +120,10 @@ def _print_results(results: dict) -> None:
         shown = ", ".join(
             f"{name} {format_interval(interval)}" for name, interval in result["metrics"].items()
         )
-        print(f"{system:>6}: {shown}  ({result['examples_per_s']:.1f} examples/s)")
-    for name, interval in results.get("difference", {}).items():
-        print(f"tuned - base {name}: {format_interval(interval)}")
+        print(f"{system:>7}: {shown}  ({result['examples_per_s']:.1f} examples/s)")
+    for pair, difference in results.get("differences", {}).items():
+        for name, interval in difference.items():
+            print(f"{pair} {name}: {format_interval(interval)}")
     print(f"results:     {Path(results['output_dir']) / 'results.json'}")
     print(f"report:      {Path(results['output_dir']) / 'report.html'}")
 

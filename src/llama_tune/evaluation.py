@@ -20,6 +20,8 @@ from transformers import PreTrainedModel
 
 from llama_tune import config, models, report, scoring
 from llama_tune.checkpoint import write_json
+from llama_tune.distillation import setup
+from llama_tune.distillation.setup import STUDENT_INIT
 from llama_tune.errors import UserError
 from llama_tune.selection import BEST
 from llama_tune.train import RECIPE_COPY, library_versions, resolve_precision, weights_folder
@@ -77,21 +79,49 @@ class System:
         return self.model.disable_adapter() if self.adapter_off else contextlib.nullcontext()
 
 
+def _trained_model(resolved: Target, precision: str) -> PreTrainedModel | PeftModel:
+    """The run's trained model: a full model folder, or an adapter on the base it trained on."""
+    recipe, weights_dir = resolved.recipe, resolved.weights_dir
+    assert weights_dir is not None
+    if recipe.adapter is None:
+        full = recipe.model.model_copy(update={"name": str(weights_dir)})
+        return models.load_base_model(full, precision)
+    base_spec = recipe.model
+    student_init = resolved.run_dir / STUDENT_INIT
+    if recipe.distill is not None and recipe.distill.student.from_teacher is not None:
+        base_spec = base_spec.model_copy(update={"name": str(student_init)})
+    return PeftModel.from_pretrained(models.load_base_model(base_spec, precision), weights_dir)
+
+
 def load_systems(resolved: Target, precision: str, base: bool) -> list[System]:
-    """The tuned model of a run (and the base model with `base`), or the base model alone."""
+    """The models to score, first the one the results are about.
+
+    A recipe scores its base model. A run folder scores its trained model ("tuned"), and with
+    `base` the base model too. A distillation run scores the student, the teacher, and with
+    `base` the teacher's base model (when the teacher wears an adapter).
+    """
     recipe = resolved.recipe
     if resolved.weights_dir is None:
         return [System("base", models.load_base_model(recipe.model, precision))]
-    if recipe.adapter is None:
-        full = recipe.model.model_copy(update={"name": str(resolved.weights_dir)})
-        systems = [System("tuned", models.load_base_model(full, precision))]
-        if base:
-            systems.append(System("base", models.load_base_model(recipe.model, precision)))
+    trained = _trained_model(resolved, precision)
+    if recipe.distill is not None:
+        systems = [System("student", trained)]
+        teacher = setup.load_teacher(recipe.distill, precision)
+        systems.append(System("teacher", teacher))
+        if base and recipe.distill.teacher.adapter is not None:
+            base_model = models.load_base_model(setup.teacher_spec(recipe.distill), precision)
+            systems.append(System("base", base_model))
         return systems
-    model = PeftModel.from_pretrained(
-        models.load_base_model(recipe.model, precision), resolved.weights_dir
-    )
-    return [System("tuned", model), *([System("base", model, adapter_off=True)] if base else [])]
+    systems = [System("tuned", trained)]
+    if base and isinstance(trained, PeftModel):
+        systems.append(System("base", trained, adapter_off=True))
+    elif base:
+        systems.append(System("base", models.load_base_model(recipe.model, precision)))
+    return systems
+
+
+# Paired differences reported when both systems were scored: (system, against).
+COMPARISONS = (("tuned", "base"), ("student", "teacher"), ("student", "base"))
 
 
 def _versions() -> dict[str, str]:
@@ -183,14 +213,19 @@ def run(
         with system.scoring():
             seconds = scoring.predict(system.model, tokenizer, recipe, system_set, precision)
         scored[system.name] = scoring.score(system_set, recipe.data.task, settings)
-        results["systems"][system.name] = _system_result(system_set, scored[system.name], seconds)
+        result = _system_result(system_set, scored[system.name], seconds)
+        result["parameters"] = sum(parameter.numel() for parameter in system.model.parameters())
+        results["systems"][system.name] = result
         first = system is systems[0]
         name = "predictions.jsonl" if first else f"predictions-{system.name}.jsonl"
         _write_predictions(out_dir / name, system_set)
-    if {"tuned", "base"} <= scored.keys():
-        results["difference"] = scoring.compare(
-            scored["tuned"], scored["base"], len(eval_set.examples), settings
+    results["differences"] = {
+        f"{system} - {against}": scoring.compare(
+            scored[system], scored[against], len(eval_set.examples), settings
         )
+        for system, against in COMPARISONS
+        if {system, against} <= scored.keys()
+    }
     write_json(out_dir / RESULTS, results)
     report.write_run_report(out_dir, results, resolved.run_dir)
     results["output_dir"] = str(out_dir)

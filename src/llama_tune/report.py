@@ -178,6 +178,30 @@ def _write(out_dir: Path, title: str, sections: list[Section]) -> None:
     (out_dir / REPORT_HTML).write_text("\n".join(page) + "\n")
 
 
+def _size_and_speed(systems: dict[str, Any]) -> Section:
+    """Parameters and scoring speed of each system; the student's speed-up over its teacher."""
+    table = [["system", "parameters", "examples/s", "seconds"]]
+    for name, result in systems.items():
+        speed = result["examples_per_s"]
+        table.append(
+            [
+                name,
+                f"{result['parameters'] / 1e6:.1f} M",
+                f"{speed:.1f}" if speed else "",
+                f"{result['seconds']:.1f}",
+            ]
+        )
+    text = "Scoring speed on this split, measured in this evaluation."
+    student, teacher = systems.get("student"), systems.get("teacher")
+    if student and teacher and student["examples_per_s"] and teacher["examples_per_s"]:
+        text += (
+            f" The student scores {student['examples_per_s'] / teacher['examples_per_s']:.2f}x"
+            f" as fast as the teacher, with {student['parameters'] / teacher['parameters']:.0%}"
+            " of its parameters."
+        )
+    return ("Size and speed", text, table, None)
+
+
 def write_run_report(out_dir: Path, results: dict[str, Any], run_dir: Path) -> None:
     """The report of one evaluation: data, metrics with intervals, loss curves, confusion."""
     systems = {name: result["metrics"] for name, result in results["systems"].items()}
@@ -191,11 +215,13 @@ def write_run_report(out_dir: Path, results: dict[str, Any], run_dir: Path) -> N
     sections: list[Section] = [("Data", summary, None, None)]
     if systems:
         table = _metric_table(systems)
-        if "difference" in results:
-            table += _metric_table({"tuned - base": results["difference"]})[1:]
+        for pair, difference in results.get("differences", {}).items():
+            table += _metric_table({pair: difference})[1:]
         sections.append(
             ("Metrics", "Each value with its 95% bootstrap interval.", table, metric_plot(systems))
         )
+    if systems:
+        sections.append(_size_and_speed(results["systems"]))
     curves = loss_plot(run_dir / "metrics.jsonl")
     if curves is not None:
         sections.append(("Loss curves", "", None, curves))

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from llama_tune import config, train
+from llama_tune import config, evaluation, train
 from llama_tune.distillation import preflight, setup
 
 
@@ -36,22 +36,37 @@ def test_incompatible_student_is_refused_before_training(
     assert not (config.run_dir(recipe, path) / train.METRICS).exists()
 
 
-def test_lora_student_from_teacher_keeps_its_base(tiny_recipe, tiny_model_dir: Path) -> None:
-    path = tiny_recipe(max_steps=4)
+def test_lora_student_of_a_tuned_teacher_is_scored_against_both(
+    tiny_recipe, tiny_model_dir: Path
+) -> None:
+    teacher_path = tiny_recipe("teacher", max_steps=4)
+    teacher_run = train.run(config.load(teacher_path), teacher_path)
+    path = tiny_recipe("student", max_steps=4)
     overrides = [
         f"distill.teacher.name={tiny_model_dir}",
+        f"distill.teacher.adapter={teacher_run.run_dir}",
         "distill.student.from_teacher.keep_layers=[1]",
     ]
     recipe = config.load(path, overrides)
     assert recipe.model.name == str(tiny_model_dir)
     result = train.run(recipe, path)
     init = AutoModelForCausalLM.from_pretrained(result.run_dir / setup.STUDENT_INIT)
-    teacher = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    teacher = setup.load_teacher(recipe.distill, "no")
     assert init.config.num_hidden_layers == 1
-    assert torch.equal(
-        init.model.layers[0].mlp.up_proj.weight, teacher.model.layers[1].mlp.up_proj.weight
-    )
+    # The student starts from the teacher's layer 1 with the teacher's adapter merged into it.
+    kept = init.model.layers[0].mlp.up_proj.weight
+    assert torch.equal(kept, teacher.model.layers[1].mlp.up_proj.weight)
+    original = AutoModelForCausalLM.from_pretrained(tiny_model_dir).model.layers[1]
+    assert not torch.equal(kept, original.mlp.up_proj.weight)
     assert (result.weights_dir / "adapter_config.json").is_file()
+
+    results = evaluation.run(result.run_dir, split="validation", limit=16, base=True)
+    systems = results["systems"]
+    assert list(systems) == ["student", "teacher", "base"]
+    assert systems["student"]["parameters"] < systems["teacher"]["parameters"]
+    assert set(results["differences"]) == {"student - teacher", "student - base"}
+    report = (Path(results["output_dir"]) / "report.md").read_text()
+    assert "as fast as the teacher" in report
 
 
 def test_real_distillation_on_sst2_lowers_the_distillation_loss(
