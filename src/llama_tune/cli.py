@@ -24,7 +24,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"llama-tune {__version__}")
     verbs = parser.add_subparsers(dest="verb", required=True)
 
-    train = verbs.add_parser("train", help="train the adapter a recipe describes")
+    train = verbs.add_parser("train", help="train the adapter (or model) a recipe describes")
     train.add_argument("recipe", help="path to a recipe YAML file")
     train.add_argument(
         "overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=1e-4"
@@ -51,6 +51,15 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("runs", nargs="+", help="run folders scored with llama-tune evaluate")
     compare.add_argument("--split", help="only this split's results (default: every split)")
     compare.add_argument("--output", default="runs/comparison", help="folder for the report")
+
+    distill = verbs.add_parser("distill", help="distillation tools")
+    distill_verbs = distill.add_subparsers(dest="distill_verb", required=True)
+    cache = distill_verbs.add_parser(
+        "cache", help="run the teacher once over the training split and store its top-k"
+    )
+    cache.add_argument("recipe", help="a distillation recipe with distill.cache")
+    cache.add_argument("overrides", nargs="*", help="dotted key=value recipe overrides")
+    cache.add_argument("--data", help="data folder; sets LLAMA_TUNE_DATA for the recipe")
 
     validate = verbs.add_parser("validate", help="check recipes without loading any model")
     validate.add_argument("recipes", nargs="+", help="recipe YAML files")
@@ -151,6 +160,15 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _distill(args: argparse.Namespace) -> int:
+    from llama_tune.distillation import setup
+
+    recipe = config.load(args.recipe, args.overrides)
+    folder = setup.build_cache(recipe, args.recipe)
+    print(f"teacher cache: {folder}")
+    return 0
+
+
 def _validate(args: argparse.Namespace) -> int:
     failed = 0
     for path in args.recipes:
@@ -172,7 +190,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: --data {args.data}: no such folder", file=sys.stderr)
             return USAGE_ERROR
         os.environ["LLAMA_TUNE_DATA"] = str(Path(args.data).resolve())
-    handlers = {"train": _train, "evaluate": _evaluate, "report": _report, "validate": _validate}
+    handlers = {
+        "train": _train,
+        "evaluate": _evaluate,
+        "report": _report,
+        "distill": _distill,
+        "validate": _validate,
+    }
     try:
         return handlers[args.verb](args)
     except UserError as error:

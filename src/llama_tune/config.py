@@ -256,6 +256,15 @@ class StudentConfig(Section):
     null: the student is `model`."""
 
 
+class TeacherCacheConfig(Section):
+    """Offline distillation: the teacher's top-k distributions, computed once and stored."""
+
+    top_k: int = Field(64, ge=1)
+    """Log-probabilities kept per position; the rest of the mass is kept as one number."""
+    examples_per_shard: int = Field(1000, ge=1)
+    """Training examples per cache file; an interrupted build redoes at most one file."""
+
+
 class DistillConfig(Section):
     """Knowledge distillation: the teacher's next-token distributions train the student."""
 
@@ -276,6 +285,9 @@ class DistillConfig(Section):
     the first target position."""
     chunk_size: int = Field(128, ge=1)
     """Positions whose logits are computed at once; smaller uses less memory."""
+    cache: TeacherCacheConfig | None = None
+    """Run the teacher once over the training split and train from its stored top-k
+    distributions (teacher-cache/ in the run folder); null runs the teacher at every step."""
 
 
 class Recipe(Section):

@@ -35,6 +35,7 @@ METRICS = "metrics.jsonl"
 RECIPE_COPY = "recipe.yaml"
 ADAPTER = "adapter"
 FULL_MODEL = "model"
+TEACHER_CACHE = "teacher-cache"
 
 
 def weights_folder(run_dir: Path, recipe: config.Recipe) -> Path:
@@ -85,6 +86,10 @@ class TargetTokenLoss(torch.nn.Module):
     def counts(self, example: data.Example) -> dict[str, int]:
         return {"ce": len(example.input_ids) - example.prompt_length}
 
+    def extra_inputs(self, _indices: list[int]) -> dict[str, torch.Tensor]:
+        """Tensors the forward needs besides the batch, by training example index: none."""
+        return {}
+
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
     ) -> dict[str, torch.Tensor]:
@@ -123,7 +128,12 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     summary_path = run_dir / SUMMARY
     status = json.loads(summary_path.read_text()).get("status") if summary_path.is_file() else None
     if overwrite and run_dir.exists():
-        shutil.rmtree(run_dir)
+        # A teacher cache is expensive and checks itself against the recipe: it stays.
+        for path in run_dir.iterdir():
+            if path.is_dir() and path.name != TEACHER_CACHE:
+                shutil.rmtree(path)
+            elif not path.is_dir():
+                path.unlink()
     elif resume:
         if status == "finished":
             raise TrainError(f"{run_dir} holds a finished run; use --overwrite to train again")
@@ -217,9 +227,12 @@ def eval_losses(
         tensors = {name: value.to(accelerator.device) for name, value in tensors.items()}
         sums = loss_module(**tensors)
         counts = step_counts(objective, batch)
+        # A term the objective cannot compute here (distillation from a training-split cache)
+        # is left out rather than reported as zero.
         for index, name in enumerate(names):
-            totals[2 * index] += sums[name].float()
-            totals[2 * index + 1] += counts[name]
+            if name in sums:
+                totals[2 * index] += sums[name].float()
+                totals[2 * index + 1] += counts[name]
     loss_module.train()
     totals = accelerator.reduce(totals, reduction="sum")
     return {
@@ -227,6 +240,7 @@ def eval_losses(
             totals[2 * index] / totals[2 * index + 1]
         ).item()
         for index, name in enumerate(names)
+        if totals[2 * index + 1] > 0
     }
 
 
@@ -258,13 +272,13 @@ def run(
     if recipe.distill is None:
         bundle = models.load(recipe.model, recipe.adapter, accelerator.mixed_precision)
         objective: torch.nn.Module = TargetTokenLoss(bundle.model)
+        datasets = data.build(recipe.data, bundle.tokenizer)
     else:
         # Imported here: plain fine-tuning never needs the distillation code.
         from llama_tune.distillation import setup
 
-        bundle, objective = setup.load(recipe, accelerator, run_dir)
+        bundle, objective, datasets = setup.load(recipe, accelerator, run_dir)
     tokenizer = bundle.tokenizer
-    datasets = data.build(recipe.data, tokenizer)
     train_split, validation = datasets.train, datasets.validation
     lengths = [len(example.input_ids) for example in train_split.examples]
 
@@ -376,6 +390,7 @@ def run(
                     batch = data.collate(
                         [train_split.examples[i] for i in indices], pad_id, settings.length_bucket
                     )
+                    batch |= objective.extra_inputs(indices)
                     batch = {name: value.to(accelerator.device) for name, value in batch.items()}
                     with accelerator.accumulate(loss_module):
                         sums = loss_module(**batch)

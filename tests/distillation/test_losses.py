@@ -61,11 +61,11 @@ def test_chunks_change_nothing_but_memory(loss: str) -> None:
     teacher_hidden = torch.randn(37, 24, generator=generator)
     results = []
     for chunk_size in (37, 5):
+        teacher = losses.OnlineTeacher(teacher_hidden, teacher_head, 100)
         total = losses.chunked_distillation(
             hidden,
             student_head,
-            teacher_hidden,
-            teacher_head,
+            teacher,
             loss,
             2.0,
             chunk_size=chunk_size,
@@ -87,8 +87,7 @@ def test_token_subset_compares_renormalised_label_distributions() -> None:
     student = torch.tensor([[0.0, 5.0, 1.0, 2.0]])
     teacher = torch.tensor([[9.0, 1.0, 3.0, 0.0]])
     subset = torch.tensor([1, 3])
-    total = losses.chunked_distillation(
-        student, head, teacher, head, "forward_kl", token_subset=subset
-    )
+    online = losses.OnlineTeacher(teacher, head, token_subset=subset)
+    total = losses.chunked_distillation(student, head, online, "forward_kl", token_subset=subset)
     expected = _reference(student[:, subset], teacher[:, subset], "forward_kl", 1.0, 0.5)
     torch.testing.assert_close(total.double(), expected.sum())

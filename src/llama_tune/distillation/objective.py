@@ -8,13 +8,18 @@ step, so any split of a step into micro-batches gives the same gradient.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from peft import PeftModel
 from transformers import PreTrainedModel
 
 from llama_tune import data, models
 from llama_tune.config import DistillConfig
-from llama_tune.distillation.losses import chunked_distillation
+
+if TYPE_CHECKING:
+    from llama_tune.distillation.cache import CachedTeacher
+from llama_tune.distillation.losses import OnlineTeacher, TopKTeacher, chunked_distillation
 
 
 class FrozenTeacher:
@@ -56,15 +61,21 @@ def distilled_count(example: data.Example, settings: DistillConfig) -> int:
 
 
 class DistillationObjective(torch.nn.Module):
-    """Summed task cross-entropy and summed distillation loss of a micro-batch."""
+    """Summed task cross-entropy and summed distillation loss of a micro-batch.
+
+    The teacher's side comes from `teacher` (online) or from the cached tensors the trainer adds
+    to each batch (`extra_inputs`). Without either (scoring the validation split of a cached
+    run), only the cross-entropy is returned.
+    """
 
     def __init__(
         self,
         model: PeftModel | PreTrainedModel,
-        teacher: FrozenTeacher,
+        teacher: FrozenTeacher | None,
         settings: DistillConfig,
         vocab_size: int,
         token_subset: torch.Tensor | None = None,
+        cached: CachedTeacher | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -72,6 +83,7 @@ class DistillationObjective(torch.nn.Module):
         self.settings = settings
         self.vocab_size = vocab_size
         self.token_subset = token_subset
+        self.cached = cached
         # The trainer's interface (see train.TargetTokenLoss): term weights and counts.
         self.weights = {"ce": 1.0 - settings.alpha, "distill": settings.alpha}
 
@@ -81,8 +93,18 @@ class DistillationObjective(torch.nn.Module):
             "distill": distilled_count(example, self.settings),
         }
 
+    def extra_inputs(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        """The cached teacher tensors of these training examples (nothing when online)."""
+        return {} if self.cached is None else self.cached.batch(indices)
+
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        teacher_ids: torch.Tensor | None = None,
+        teacher_log_probs: torch.Tensor | None = None,
+        teacher_rest: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         base = models.causal_lm(self.model)
         head = base.get_output_embeddings()
@@ -96,15 +118,25 @@ class DistillationObjective(torch.nn.Module):
         )
 
         distilled = distilled_positions(labels, attention_mask, self.settings)
-        teacher_states = self.teacher.hidden(input_ids, attention_mask)[:, :-1]
         subset = self.token_subset
         if subset is not None:
             subset = subset.to(input_ids.device)
+        if teacher_ids is not None:
+            assert self.cached is not None
+            assert teacher_log_probs is not None
+            assert teacher_rest is not None
+            side = TopKTeacher(teacher_ids, teacher_log_probs, teacher_rest, self.cached.has_rest)
+        elif self.teacher is not None:
+            teacher_states = self.teacher.hidden(input_ids, attention_mask)[:, :-1]
+            side = OnlineTeacher(
+                teacher_states[distilled], self.teacher.head, self.vocab_size, subset
+            )
+        else:
+            return {"ce": cross_entropy}
         distillation = chunked_distillation(
             student_states[distilled],
             head,
-            teacher_states[distilled],
-            self.teacher.head,
+            side,
             self.settings.loss,
             self.settings.temperature,
             self.settings.beta,

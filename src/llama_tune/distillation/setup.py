@@ -14,9 +14,10 @@ from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from llama_tune import config, data, models, scoring
-from llama_tune.distillation import preflight, student
+from llama_tune.distillation import cache, preflight, student
 from llama_tune.distillation.objective import DistillationObjective, FrozenTeacher
 from llama_tune.errors import UserError
+from llama_tune.train import resolve_precision
 
 STUDENT_INIT = "student-init"
 """Run-folder copy of a student built from the teacher, the base its LoRA adapter sits on."""
@@ -109,40 +110,103 @@ def _kept_layers(settings: config.DistillConfig, teacher_location: str) -> list[
     return student.chosen_layers(layer_count, choice.every, choice.keep_layers)
 
 
-def load(
-    recipe: config.Recipe, accelerator: Accelerator, run_dir: Path
-) -> tuple[models.ModelBundle, DistillationObjective]:
-    """Check, then load teacher and student; the objective that trains the student."""
-    assert recipe.distill is not None
-    settings = recipe.distill
-    mixed_precision = accelerator.mixed_precision
+def _checked_tokenizers(
+    recipe: config.Recipe, settings: config.DistillConfig
+) -> PreTrainedTokenizerBase:
+    """The student's tokenizer, once it is known to match the teacher's."""
     spec = teacher_spec(settings)
     teacher_tokenizer = models.load_tokenizer(spec.name, spec.revision)
     student_tokenizer = models.load_tokenizer(recipe.model.name, recipe.model.revision)
     preflight.check_tokenizers(teacher_tokenizer, student_tokenizer)
+    return student_tokenizer
+
+
+def _build_cache(
+    recipe: config.Recipe,
+    run_dir: Path,
+    teacher: PreTrainedModel,
+    examples: list[data.Example],
+    tokenizer: PreTrainedTokenizerBase,
+    token_subset: torch.Tensor | None,
+    precision: str,
+) -> Path:
+    assert recipe.distill is not None
+    return cache.build(
+        run_dir,
+        recipe.distill,
+        teacher,
+        examples,
+        len(tokenizer),
+        token_subset,
+        recipe.train.batch_size,
+        tokenizer.pad_token_id,
+        precision,
+    )
+
+
+def build_cache(recipe: config.Recipe, recipe_path: str | Path) -> Path:
+    """`llama-tune distill cache`: run the teacher over the training split and store it."""
+    settings = recipe.distill
+    if settings is None or settings.cache is None:
+        raise DistillationError(f"{recipe_path}: distill.cache is not set; nothing to cache")
+    precision = resolve_precision(recipe.train.precision)
+    tokenizer = _checked_tokenizers(recipe, settings)
+    datasets = data.build(recipe.data, tokenizer)
+    teacher = load_teacher(settings, precision)
+    token_subset = label_first_tokens(recipe, tokenizer) if settings.label_tokens_only else None
+    run_dir = config.run_dir(recipe, recipe_path)
+    return _build_cache(
+        recipe, run_dir, teacher, datasets.train.examples, tokenizer, token_subset, precision
+    )
+
+
+def load(
+    recipe: config.Recipe, accelerator: Accelerator, run_dir: Path
+) -> tuple[models.ModelBundle, DistillationObjective, data.Datasets]:
+    """Check, then load teacher, student and data; the objective that trains the student.
+
+    With `distill.cache`, the teacher first fills the cache (or its missing shards) and is
+    then released: training reads the cache.
+    """
+    assert recipe.distill is not None
+    settings = recipe.distill
+    mixed_precision = accelerator.mixed_precision
+    tokenizer = _checked_tokenizers(recipe, settings)
     accelerator.print(_memory_estimate(recipe, settings, mixed_precision).describe())
 
     teacher = load_teacher(settings, mixed_precision)
     full = recipe.adapter is None
     if settings.student.from_teacher is not None:
-        keep = _kept_layers(settings, models.resolve(spec.name))
+        keep = _kept_layers(settings, models.resolve(settings.teacher.name))
         dtype = models.storage_dtype(recipe.model, mixed_precision, trained=full)
         built = student.from_teacher(teacher, keep).to(dtype).requires_grad_(True)
         if not full and accelerator.is_main_process:
             # The adapter's base must be found again at evaluation: keep it with the run.
             built.save_pretrained(run_dir / STUDENT_INIT)
-            student_tokenizer.save_pretrained(run_dir / STUDENT_INIT)
+            tokenizer.save_pretrained(run_dir / STUDENT_INIT)
         student_model = models.ready_for_training(built, recipe.model)
     else:
         student_model = models.load_base_model(recipe.model, mixed_precision, trained=full)
     if recipe.adapter is not None:
         student_model = models.add_adapter(student_model, recipe.adapter)
 
+    datasets = data.build(recipe.data, tokenizer)
+    token_subset = label_first_tokens(recipe, tokenizer) if settings.label_tokens_only else None
     teacher.to(accelerator.device)
-    token_subset = (
-        label_first_tokens(recipe, student_tokenizer) if settings.label_tokens_only else None
-    )
+    frozen: FrozenTeacher | None = FrozenTeacher(teacher)
+    cached = None
+    if settings.cache is not None:
+        examples = datasets.train.examples
+        if accelerator.is_main_process and not cache.is_complete(run_dir, settings, examples):
+            _build_cache(
+                recipe, run_dir, teacher, examples, tokenizer, token_subset, mixed_precision
+            )
+        accelerator.wait_for_everyone()
+        cached = cache.CachedTeacher(run_dir / cache.CACHE_DIR)
+        frozen = None
+        del teacher
     objective = DistillationObjective(
-        student_model, FrozenTeacher(teacher), settings, len(student_tokenizer), token_subset
+        student_model, frozen, settings, len(tokenizer), token_subset, cached
     )
-    return models.ModelBundle(model=student_model, tokenizer=student_tokenizer), objective
+    bundle = models.ModelBundle(model=student_model, tokenizer=tokenizer)
+    return bundle, objective, datasets

@@ -1,0 +1,209 @@
+"""Offline distillation: the teacher runs once over the training split, training reads a cache.
+
+For every training example the cache holds, at each distilled position, the teacher's top-k
+log-probabilities (at the recipe's temperature, over the compared tokens) and the log of the
+probability mass left outside them. Training then compares the student's distribution over the
+same k tokens plus one "everything else" bucket, so no teacher weights are loaded at all. With k
+equal to the vocabulary there is no remainder and the loss equals online distillation.
+
+The cache lives in `<run>/teacher-cache/` as shards of `examples_per_shard` examples, each
+written atomically, with a manifest of what it was built from. Building resumes: finished shards
+are kept, and a manifest that no longer matches the recipe or data is an error, not a silent
+mix of two teachers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from llama_tune import config, data, scoring
+from llama_tune.checkpoint import write_json
+from llama_tune.distillation.losses import compared_logits, log_remainder, tempered_log_probs
+from llama_tune.distillation.objective import FrozenTeacher, distilled_positions
+from llama_tune.errors import UserError
+from llama_tune.train import TEACHER_CACHE
+
+CACHE_DIR = TEACHER_CACHE
+MANIFEST = "manifest.json"
+
+
+class CacheError(UserError):
+    """A teacher cache that does not belong to this recipe or data."""
+
+
+def _shard_path(folder: Path, shard: int) -> Path:
+    return folder / f"shard-{shard:05d}.safetensors"
+
+
+def data_fingerprint(examples: list[data.Example]) -> str:
+    """A hash of the encoded training examples, in order: the cache is only valid for them."""
+    digest = hashlib.sha256()
+    for example in examples:
+        digest.update(json.dumps([example.prompt_length, example.input_ids]).encode())
+    return digest.hexdigest()[:16]
+
+
+def manifest(
+    settings: config.DistillConfig, examples: list[data.Example], compared_width: int
+) -> dict[str, Any]:
+    """What a cache is built from; any difference makes an existing cache unusable."""
+    assert settings.cache is not None
+    return {
+        "teacher": settings.teacher.model_dump(mode="json"),
+        "temperature": settings.temperature,
+        "positions": settings.positions,
+        "label_tokens_only": settings.label_tokens_only,
+        "top_k": min(settings.cache.top_k, compared_width),
+        "compared_width": compared_width,
+        "examples": len(examples),
+        "examples_per_shard": settings.cache.examples_per_shard,
+        "data": data_fingerprint(examples),
+    }
+
+
+def _check_manifest(folder: Path, expected: dict[str, Any]) -> None:
+    path = folder / MANIFEST
+    if not path.is_file():
+        return
+    found = json.loads(path.read_text())
+    changed = sorted(
+        key for key in expected.keys() | found.keys() if found.get(key) != expected.get(key)
+    )
+    if changed:
+        raise CacheError(
+            f"{folder} was built for another teacher, data or setting ({', '.join(changed)} "
+            f"differ); delete the folder to build it again"
+        )
+
+
+@torch.no_grad()
+def _teacher_shard(
+    teacher: FrozenTeacher,
+    examples: list[data.Example],
+    settings: config.DistillConfig,
+    top_k: int,
+    vocab_size: int,
+    token_subset: torch.Tensor | None,
+    batch_size: int,
+    pad_token_id: int,
+    precision: str,
+) -> dict[str, torch.Tensor]:
+    """Top-k log-probabilities, their token indices and the remaining mass, per position."""
+    device = teacher.head.weight.device
+    subset = None if token_subset is None else token_subset.to(device)
+    ids, log_probs, rest, counts = [], [], [], []
+    with scoring.autocast_for(teacher.model, precision):
+        for start in range(0, len(examples), batch_size):
+            batch = data.collate(examples[start : start + batch_size], pad_token_id, 1)
+            batch = {name: value.to(device) for name, value in batch.items()}
+            chosen = distilled_positions(batch["labels"], batch["attention_mask"], settings)
+            states = teacher.hidden(batch["input_ids"], batch["attention_mask"])[:, :-1][chosen]
+            counts += chosen.sum(dim=1).tolist()
+            for chunk in states.split(settings.chunk_size):
+                logits = compared_logits(teacher.head, chunk, vocab_size, subset)
+                tempered = tempered_log_probs(logits, settings.temperature)
+                top = tempered.topk(top_k, dim=-1)
+                kept_mass = top.values.logsumexp(dim=-1).clamp(max=0.0)
+                ids.append(top.indices.to(torch.int32).cpu())
+                log_probs.append(top.values.cpu())
+                rest.append(log_remainder(kept_mass).cpu())
+    offsets = torch.tensor([0, *counts]).cumsum(0)
+    return {
+        "ids": torch.cat(ids),
+        "log_probs": torch.cat(log_probs),
+        "rest": torch.cat(rest),
+        "offsets": offsets,
+    }
+
+
+def build(
+    run_dir: Path,
+    settings: config.DistillConfig,
+    teacher: PreTrainedModel,
+    examples: list[data.Example],
+    vocab_size: int,
+    token_subset: torch.Tensor | None,
+    batch_size: int,
+    pad_token_id: int,
+    precision: str,
+) -> Path:
+    """Write the missing shards of the teacher cache; returns its folder.
+
+    Finished shards are never recomputed, so an interrupted build continues where it stopped.
+    """
+    assert settings.cache is not None
+    folder = run_dir / CACHE_DIR
+    width = vocab_size if token_subset is None else len(token_subset)
+    expected = manifest(settings, examples, width)
+    _check_manifest(folder, expected)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / MANIFEST, expected)
+    per_shard = settings.cache.examples_per_shard
+    shards = range(0, -(-len(examples) // per_shard))
+    missing = [shard for shard in shards if not _shard_path(folder, shard).is_file()]
+    frozen = FrozenTeacher(teacher)
+    for shard in tqdm(missing, desc="teacher cache", dynamic_ncols=True):
+        tensors = _teacher_shard(
+            frozen,
+            examples[shard * per_shard : (shard + 1) * per_shard],
+            settings,
+            expected["top_k"],
+            vocab_size,
+            token_subset,
+            batch_size,
+            pad_token_id,
+            precision,
+        )
+        final = _shard_path(folder, shard)
+        staging = final.with_name(f".{final.name}.tmp")
+        save_file(tensors, staging)
+        os.replace(staging, final)
+    return folder
+
+
+def is_complete(
+    run_dir: Path, settings: config.DistillConfig, examples: list[data.Example]
+) -> bool:
+    """Whether every shard of a cache matching this recipe and data exists."""
+    assert settings.cache is not None
+    folder = run_dir / CACHE_DIR
+    if not (folder / MANIFEST).is_file():
+        return False
+    found = json.loads((folder / MANIFEST).read_text())
+    if found.get("data") != data_fingerprint(examples):
+        return False
+    shards = -(-len(examples) // settings.cache.examples_per_shard)
+    return all(_shard_path(folder, shard).is_file() for shard in range(shards))
+
+
+class CachedTeacher:
+    """The cached teacher distributions, looked up by training example index."""
+
+    def __init__(self, folder: Path) -> None:
+        self.manifest = json.loads((folder / MANIFEST).read_text())
+        self.per_shard = self.manifest["examples_per_shard"]
+        shard_count = -(-self.manifest["examples"] // self.per_shard)
+        self.shards = [load_file(_shard_path(folder, shard)) for shard in range(shard_count)]
+        # With every compared token kept there is no remainder, and none is compared.
+        self.has_rest = self.manifest["top_k"] < self.manifest["compared_width"]
+
+    def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        """The teacher tensors of these examples' distilled positions, in batch order."""
+        parts: dict[str, list[torch.Tensor]] = {"ids": [], "log_probs": [], "rest": []}
+        for index in indices:
+            shard = self.shards[index // self.per_shard]
+            offsets = shard["offsets"]
+            local = index % self.per_shard
+            start, stop = int(offsets[local]), int(offsets[local + 1])
+            for name, values in parts.items():
+                values.append(shard[name][start:stop])
+        return {f"teacher_{name}": torch.cat(values) for name, values in parts.items()}

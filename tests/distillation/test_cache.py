@@ -1,0 +1,165 @@
+"""The teacher cache: top-k round trip, equality with online distillation, resumable builds."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from llama_tune import config, data, models, train
+from llama_tune.distillation import cache, objective, student
+
+
+def _settings(tiny_model_dir: Path, **values: object) -> config.DistillConfig:
+    return config.DistillConfig(teacher={"name": str(tiny_model_dir)}, temperature=2.0, **values)
+
+
+def _examples(tokenizer, data_root: Path, count: int) -> list[data.Example]:
+    recipe = config.DataConfig(
+        source=str(data_root / "classification" / "sst2"),
+        task="classification",
+        max_train_rows=count,
+        max_length=64,
+    )
+    return data.build(recipe, tokenizer).train.examples
+
+
+def _build(run_dir: Path, settings, teacher, examples, tokenizer) -> Path:
+    return cache.build(
+        run_dir, settings, teacher, examples, len(tokenizer), None, 4, tokenizer.pad_token_id, "no"
+    )
+
+
+@pytest.fixture
+def teacher(tiny_model_dir: Path):
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+
+
+def test_top_k_round_trip(tmp_path, tiny_model_dir, teacher, tokenizer, data_root) -> None:
+    settings = _settings(tiny_model_dir, cache={"top_k": 5, "examples_per_shard": 4})
+    examples = _examples(tokenizer, data_root, 10)
+    folder = _build(tmp_path, settings, teacher, examples, tokenizer)
+    assert sorted(path.name for path in folder.glob("shard-*")) == [
+        "shard-00000.safetensors",
+        "shard-00001.safetensors",
+        "shard-00002.safetensors",
+    ]
+    cached = cache.CachedTeacher(folder)
+    assert cached.has_rest
+    rows = cached.batch([9])
+    example = examples[9]
+    positions = objective.distilled_count(example, settings)
+    assert rows["teacher_ids"].shape == (positions, 5)
+
+    with torch.no_grad():
+        logits = teacher(torch.tensor([example.input_ids])).logits[0, :-1]
+    log_probs = torch.log_softmax(logits[example.prompt_length - 1 :] / 2.0, dim=-1)
+    top = log_probs.topk(5, dim=-1)
+    torch.testing.assert_close(rows["teacher_log_probs"], top.values, rtol=1e-5, atol=1e-5)
+    assert torch.equal(rows["teacher_ids"].long(), top.indices)
+    remainder = torch.log1p(-top.values.exp().sum(-1))
+    torch.testing.assert_close(rows["teacher_rest"], remainder, rtol=1e-4, atol=1e-5)
+
+
+def test_whole_vocabulary_cache_equals_online(
+    tmp_path, tiny_model_dir, teacher, tokenizer, data_root
+) -> None:
+    settings = _settings(
+        tiny_model_dir, loss="jsd", positions="all", cache={"top_k": len(tokenizer)}
+    )
+    examples = _examples(tokenizer, data_root, 4)
+    folder = _build(tmp_path, settings, teacher, examples, tokenizer)
+    cached = cache.CachedTeacher(folder)
+    assert not cached.has_rest
+    learner = student.from_teacher(teacher, [1])
+    batch = data.collate(examples, tokenizer.pad_token_id, 8)
+    online = objective.DistillationObjective(
+        learner, objective.FrozenTeacher(teacher), settings, len(tokenizer)
+    )
+    offline = objective.DistillationObjective(
+        learner, None, settings, len(tokenizer), cached=cached
+    )
+    expected = online(**batch)["distill"]
+    found = offline(**batch, **offline.extra_inputs([0, 1, 2, 3]))["distill"]
+    assert expected.item() > 0.01
+    torch.testing.assert_close(found, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_interrupted_build_keeps_finished_shards(
+    tmp_path, tiny_model_dir, teacher, tokenizer, data_root, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = _settings(tiny_model_dir, cache={"top_k": 3, "examples_per_shard": 2})
+    examples = _examples(tokenizer, data_root, 6)
+    real_save = cache.save_file
+
+    def failing_save(tensors: dict, path: Path) -> None:
+        if ".shard-00002" in str(path):
+            raise OSError("disk full (injected)")
+        real_save(tensors, path)
+
+    monkeypatch.setattr(cache, "save_file", failing_save)
+    with pytest.raises(OSError, match="injected"):
+        _build(tmp_path, settings, teacher, examples, tokenizer)
+    monkeypatch.setattr(cache, "save_file", real_save)
+    folder = tmp_path / cache.CACHE_DIR
+    finished = {path.name: path.stat().st_mtime_ns for path in folder.glob("shard-*")}
+    assert sorted(finished) == ["shard-00000.safetensors", "shard-00001.safetensors"]
+    assert not cache.is_complete(tmp_path, settings, examples)
+
+    computed = []
+    real_shard = cache._teacher_shard
+    monkeypatch.setattr(
+        cache,
+        "_teacher_shard",
+        lambda teacher, shard_examples, *rest: (
+            computed.append(len(shard_examples)) or real_shard(teacher, shard_examples, *rest)
+        ),
+    )
+    _build(tmp_path, settings, teacher, examples, tokenizer)
+    assert computed == [2]
+    assert cache.is_complete(tmp_path, settings, examples)
+    for name, modified in finished.items():
+        assert (folder / name).stat().st_mtime_ns == modified
+
+    changed = _settings(tiny_model_dir, cache={"top_k": 3, "examples_per_shard": 2}, beta=0.3)
+    _build(tmp_path, changed, teacher, examples, tokenizer)  # beta does not enter the cache
+    hotter = settings.model_copy(update={"temperature": 3.0})
+    with pytest.raises(cache.CacheError, match=r"temperature differ"):
+        _build(tmp_path, hotter, teacher, examples, tokenizer)
+
+
+def test_training_from_the_cache_cli(tiny_recipe, tiny_model_dir: Path) -> None:
+    path = tiny_recipe(max_steps=4, eval_steps=2)
+    overrides = [
+        f"distill.teacher.name={tiny_model_dir}",
+        "distill.student.from_teacher.every=2",
+        "distill.cache.top_k=8",
+        "distill.cache.examples_per_shard=100",
+        "adapter=null",
+    ]
+    built = subprocess.run(
+        [sys.executable, "-m", "llama_tune", "distill", "cache", str(path), *overrides],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert built.returncode == 0, built.stderr
+    recipe = config.load(path, overrides)
+    run_dir = config.run_dir(recipe, path)
+    assert f"teacher cache: {run_dir / cache.CACHE_DIR}" in built.stdout
+    shards = sorted((run_dir / cache.CACHE_DIR).glob("shard-*"))
+    assert len(shards) == 3  # 256 training rows
+    before = [shard.stat().st_mtime_ns for shard in shards]
+
+    result = train.run(recipe, path)
+    assert [shard.stat().st_mtime_ns for shard in shards] == before
+    records = [json.loads(line) for line in (run_dir / train.METRICS).read_text().splitlines()]
+    assert all(record["distill_loss"] > 0 for record in records if "loss" in record)
+    # The validation split is not cached: its eval reports the task loss only.
+    assert all("eval_distill_loss" not in record for record in records)
+    assert models.parameter_counts(AutoModelForCausalLM.from_pretrained(result.weights_dir))[1] > 0
