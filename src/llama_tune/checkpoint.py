@@ -21,7 +21,7 @@ from typing import Any
 import numpy
 import torch
 from peft import PeftModel, set_peft_model_state_dict
-from safetensors.torch import load_file, load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 from transformers import PreTrainedModel
 
 from llama_tune.config import Recipe
@@ -30,6 +30,7 @@ CHECKPOINTS = "checkpoints"
 STATE_FILE = "state.json"
 ADAPTER_FOLDER = "adapter"
 FULL_WEIGHTS = "model.safetensors"
+EXTRA_WEIGHTS = "extras.safetensors"
 
 # Changing any of these between a run and its resume would make the saved state mean something
 # else (another model or adapter shape, another data order); other keys (lr, max_steps, logging)
@@ -160,8 +161,12 @@ def save(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     state: TrainState,
     keep_last: int,
+    extras: dict[str, torch.nn.Parameter] | None = None,
 ) -> Path:
-    """Write a checkpoint atomically and keep only the newest `keep_last`; returns its folder."""
+    """Write a checkpoint atomically and keep only the newest `keep_last`; returns its folder.
+
+    `extras` are trained parameters outside the model (a distillation projection, say).
+    """
     root = run_dir / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / _step_folder(state.step)
@@ -174,6 +179,9 @@ def save(
             staging.mkdir(parents=True)
             # save_model stores tied weights (embeddings and head) once and restores the tie.
             save_model(model, str(staging / FULL_WEIGHTS))
+        if extras:
+            tensors = {name: value.detach().contiguous() for name, value in extras.items()}
+            save_file(tensors, staging / EXTRA_WEIGHTS)
         torch.save(optimizer.state_dict(), staging / "optimizer.pt")
         torch.save(scheduler.state_dict(), staging / "scheduler.pt")
         torch.save(_rng_states(), staging / "rng.pt")
@@ -194,6 +202,7 @@ def load(
     model: PeftModel | PreTrainedModel,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
+    extras: dict[str, torch.nn.Parameter] | None = None,
 ) -> TrainState:
     """Restore trained weights, optimizer, scheduler and RNG states from a checkpoint."""
     if isinstance(model, PeftModel):
@@ -201,6 +210,10 @@ def load(
         set_peft_model_state_dict(model, adapter)
     else:
         load_model(model, str(folder / FULL_WEIGHTS))
+    if extras:
+        with torch.no_grad():
+            for name, value in load_file(folder / EXTRA_WEIGHTS).items():
+                extras[name].copy_(value)
     optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
     # RNG states hold numpy and Python tuples, which the weights-only loader refuses.

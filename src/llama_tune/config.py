@@ -265,6 +265,18 @@ class TeacherCacheConfig(Section):
     """Training examples per cache file; an interrupted build redoes at most one file."""
 
 
+class HiddenStatesConfig(Section):
+    """Hidden-state distillation: pull student layers towards teacher layers."""
+
+    layers: dict[int, int] | None = None
+    """Student layer -> teacher layer (0 is the embeddings, i the output of layer i); null:
+    the layer each student layer was copied from, or evenly spaced teacher layers."""
+    loss: Literal["mse", "cosine"] = "mse"
+    """Distance per position: mean squared error, or 1 - cosine similarity."""
+    weight: float = Field(1.0, ge=0.0)
+    """Weight of this loss, added to the task and distillation terms."""
+
+
 class DistillConfig(Section):
     """Knowledge distillation: the teacher's next-token distributions train the student."""
 
@@ -285,6 +297,8 @@ class DistillConfig(Section):
     the first target position."""
     chunk_size: int = Field(128, ge=1)
     """Positions whose logits are computed at once; smaller uses less memory."""
+    hidden_states: HiddenStatesConfig | None = None
+    """Also match hidden states of mapped layers (online teacher only); null: logits only."""
     cache: TeacherCacheConfig | None = None
     """Run the teacher once over the training split and train from its stored top-k
     distributions (teacher-cache/ in the run folder); null runs the teacher at every step."""
@@ -324,6 +338,11 @@ class Recipe(Section):
         if self.distill is None:
             return []
         problems = []
+        if self.distill.hidden_states is not None and self.distill.cache is not None:
+            problems.append(
+                "distill.hidden_states: needs the online teacher; the cache keeps logits only "
+                "(set distill.cache: null)"
+            )
         if self.distill.label_tokens_only and self.data.task != "classification":
             problems.append("distill.label_tokens_only: only for classification recipes")
         teacher = self.distill.teacher

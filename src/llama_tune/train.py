@@ -296,6 +296,12 @@ def run(
         warmup = round(settings.warmup_ratio * total_steps)
 
     trainable = [param for param in objective.parameters() if param.requires_grad]
+    # Trained parameters outside the model (distillation projections) go into checkpoints too.
+    extras = {
+        name: param
+        for name, param in objective.named_parameters()
+        if param.requires_grad and not name.startswith("model.")
+    }
     optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = get_scheduler(
         settings.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps
@@ -310,7 +316,7 @@ def run(
     if resume:
         resumed_from = checkpoint.latest(run_dir)
         assert resumed_from is not None
-        state = checkpoint.load(resumed_from, bundle.model, optimizer, scheduler)
+        state = checkpoint.load(resumed_from, bundle.model, optimizer, scheduler, extras)
         if accelerator.is_main_process:
             _trim_metrics(metrics_path, state.step)
             print(f"resuming from {resumed_from} (step {state.step})")
@@ -494,6 +500,7 @@ def run(
                         state,
                         summary,
                         settings.keep_last_checkpoints,
+                        extras,
                     )
                     if stop:
                         progress.close()
@@ -557,12 +564,13 @@ def _save_checkpoint(
     state: TrainState,
     summary: dict[str, Any],
     keep_last: int,
+    extras: dict[str, torch.nn.Parameter],
 ) -> Path:
     """Checkpoint on the main process, then record progress in the summary."""
     accelerator.wait_for_everyone()
     saved = run_dir / checkpoint.CHECKPOINTS
     if accelerator.is_main_process:
-        saved = checkpoint.save(run_dir, model, optimizer, scheduler, state, keep_last)
+        saved = checkpoint.save(run_dir, model, optimizer, scheduler, state, keep_last, extras)
         write_json(run_dir / SUMMARY, summary)
     accelerator.wait_for_everyone()
     return saved

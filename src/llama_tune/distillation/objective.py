@@ -13,13 +13,15 @@ from typing import TYPE_CHECKING
 import torch
 from peft import PeftModel
 from transformers import PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from llama_tune import data, models
 from llama_tune.config import DistillConfig
+from llama_tune.distillation.hidden import HiddenStateMatch
+from llama_tune.distillation.losses import OnlineTeacher, TopKTeacher, chunked_distillation
 
 if TYPE_CHECKING:
     from llama_tune.distillation.cache import CachedTeacher
-from llama_tune.distillation.losses import OnlineTeacher, TopKTeacher, chunked_distillation
 
 
 class FrozenTeacher:
@@ -29,9 +31,16 @@ class FrozenTeacher:
         self.model = model.eval().requires_grad_(False)
 
     @torch.no_grad()
+    def outputs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, every_layer: bool = False
+    ) -> BaseModelOutputWithPast:
+        """The decoder's output: final hidden states, and every layer's with `every_layer`."""
+        return self.model.get_decoder()(
+            input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=every_layer
+        )
+
     def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        output = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask)
-        return output.last_hidden_state
+        return self.outputs(input_ids, attention_mask).last_hidden_state
 
     @property
     def head(self) -> torch.nn.Module:
@@ -76,6 +85,7 @@ class DistillationObjective(torch.nn.Module):
         vocab_size: int,
         token_subset: torch.Tensor | None = None,
         cached: CachedTeacher | None = None,
+        hidden_match: HiddenStateMatch | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -84,14 +94,19 @@ class DistillationObjective(torch.nn.Module):
         self.vocab_size = vocab_size
         self.token_subset = token_subset
         self.cached = cached
+        # A module attribute: its projections (if any) train with the student.
+        self.hidden_match = hidden_match
         # The trainer's interface (see train.TargetTokenLoss): term weights and counts.
         self.weights = {"ce": 1.0 - settings.alpha, "distill": settings.alpha}
+        if settings.hidden_states is not None:
+            self.weights["hidden"] = settings.hidden_states.weight
 
     def counts(self, example: data.Example) -> dict[str, int]:
-        return {
-            "ce": len(example.input_ids) - example.prompt_length,
-            "distill": distilled_count(example, self.settings),
-        }
+        positions = distilled_count(example, self.settings)
+        counts = {"ce": len(example.input_ids) - example.prompt_length, "distill": positions}
+        if self.hidden_match is not None:
+            counts["hidden"] = positions
+        return counts
 
     def extra_inputs(self, indices: list[int]) -> dict[str, torch.Tensor]:
         """The cached teacher tensors of these training examples (nothing when online)."""
@@ -108,7 +123,10 @@ class DistillationObjective(torch.nn.Module):
     ) -> dict[str, torch.Tensor]:
         base = models.causal_lm(self.model)
         head = base.get_output_embeddings()
-        hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask)
+        every_layer = self.hidden_match is not None and self.teacher is not None
+        hidden = base.get_decoder()(
+            input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=every_layer
+        )
         student_states = hidden.last_hidden_state[:, :-1]
         targets = labels[:, 1:]
         selected = targets != data.IGNORE_INDEX
@@ -127,12 +145,20 @@ class DistillationObjective(torch.nn.Module):
             assert teacher_rest is not None
             side = TopKTeacher(teacher_ids, teacher_log_probs, teacher_rest, self.cached.has_rest)
         elif self.teacher is not None:
-            teacher_states = self.teacher.hidden(input_ids, attention_mask)[:, :-1]
+            teacher_output = self.teacher.outputs(input_ids, attention_mask, every_layer)
+            teacher_states = teacher_output.last_hidden_state[:, :-1]
             side = OnlineTeacher(
                 teacher_states[distilled], self.teacher.head, self.vocab_size, subset
             )
         else:
             return {"ce": cross_entropy}
+        sums = {"ce": cross_entropy}
+        if every_layer:
+            # The same positions as the logits: hidden states at the positions that predict.
+            shifted = torch.nn.functional.pad(distilled, (0, 1))
+            sums["hidden"] = self.hidden_match(
+                hidden.hidden_states, teacher_output.hidden_states, shifted
+            )
         distillation = chunked_distillation(
             student_states[distilled],
             head,
@@ -144,4 +170,4 @@ class DistillationObjective(torch.nn.Module):
             self.vocab_size,
             subset,
         )
-        return {"ce": cross_entropy, "distill": distillation}
+        return sums | {"distill": distillation}

@@ -14,7 +14,8 @@ from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from llama_tune import config, data, models, scoring
-from llama_tune.distillation import cache, preflight, student
+from llama_tune.distillation import cache, hidden, preflight, student
+from llama_tune.distillation.hidden import HiddenStateMatch
 from llama_tune.distillation.objective import DistillationObjective, FrozenTeacher
 from llama_tune.errors import UserError
 from llama_tune.train import resolve_precision
@@ -160,6 +161,27 @@ def build_cache(recipe: config.Recipe, recipe_path: str | Path) -> Path:
     )
 
 
+def _hidden_match(
+    settings: config.DistillConfig,
+    student_model: PreTrainedModel | PeftModel,
+    teacher: PreTrainedModel | None,
+    keep: list[int] | None,
+) -> HiddenStateMatch | None:
+    """The hidden-state loss the recipe asks for, between these two models."""
+    if settings.hidden_states is None or teacher is None:
+        return None
+    student_config = models.causal_lm(student_model).config
+    pairs = hidden.layer_map(
+        student_config.num_hidden_layers,
+        teacher.config.num_hidden_layers,
+        keep,
+        settings.hidden_states.layers,
+    )
+    return HiddenStateMatch(
+        pairs, student_config.hidden_size, teacher.config.hidden_size, settings.hidden_states.loss
+    )
+
+
 def load(
     recipe: config.Recipe, accelerator: Accelerator, run_dir: Path
 ) -> tuple[models.ModelBundle, DistillationObjective, data.Datasets]:
@@ -176,6 +198,7 @@ def load(
 
     teacher = load_teacher(settings, mixed_precision)
     full = recipe.adapter is None
+    keep = None
     if settings.student.from_teacher is not None:
         keep = _kept_layers(settings, models.resolve(settings.teacher.name))
         dtype = models.storage_dtype(recipe.model, mixed_precision, trained=full)
@@ -203,10 +226,16 @@ def load(
             )
         accelerator.wait_for_everyone()
         cached = cache.CachedTeacher(run_dir / cache.CACHE_DIR)
-        frozen = None
-        del teacher
+        # Training reads the cache; dropping the last reference frees the teacher's memory.
+        frozen, teacher = None, None
     objective = DistillationObjective(
-        student_model, frozen, settings, len(tokenizer), token_subset, cached
+        student_model,
+        frozen,
+        settings,
+        len(tokenizer),
+        token_subset,
+        cached,
+        _hidden_match(settings, student_model, teacher, keep),
     )
     bundle = models.ModelBundle(model=student_model, tokenizer=tokenizer)
     return bundle, objective, datasets
