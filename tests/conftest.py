@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from llama_tune import models
+from llama_tune import checkpoint, models
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("LLAMA_TUNE_DATA", REPO.parent / "shared" / "datasets"))
@@ -40,27 +42,65 @@ def tokenizer(builtin_dir: Path):
     return models.load_tokenizer(str(builtin_dir))
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Path:
-    """A 2-layer, 64-wide random Llama with the real SmolLM2 tokenizer, saved as a folder."""
-    folder = tmp_path_factory.mktemp("tiny-llama")
+def write_tiny_llama(
+    folder: Path, tokenizer, width: int = 64, layers: int = 2, seed: int = 0
+) -> Path:
+    """Save a small random Llama with the real SmolLM2 tokenizer into `folder`."""
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=width // 16,
+        num_key_value_heads=width // 32,
         max_position_embeddings=1024,
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Path:
+    """A 2-layer, 64-wide random Llama with the real SmolLM2 tokenizer, saved as a folder."""
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tokenizer)
+
+
+@pytest.fixture
+def make_tiny_llama(tmp_path: Path, tokenizer):
+    """Factory: another small random Llama (width, layers) with the same tokenizer."""
+    return lambda name, **shape: write_tiny_llama(tmp_path / name, tokenizer, **shape)
+
+
+@pytest.fixture
+def crash_during_save(monkeypatch: pytest.MonkeyPatch):
+    """Factory: a block in which checkpoint files whose path contains `marker` fail to write.
+
+    The block must raise the injected error (the run stops mid-save); afterwards saving works.
+    """
+
+    @contextlib.contextmanager
+    def crash(marker: str, file_name: str | None = None) -> Iterator[None]:
+        real_save = checkpoint.torch.save
+
+        def failing_save(obj: object, path: Path, *args: object, **kwargs: object) -> None:
+            if marker in str(path) and file_name in (None, Path(path).name):
+                raise OSError("disk full (injected)")
+            real_save(obj, path, *args, **kwargs)
+
+        monkeypatch.setattr(checkpoint.torch, "save", failing_save)
+        try:
+            with pytest.raises(OSError, match="injected"):
+                yield
+        finally:
+            monkeypatch.setattr(checkpoint.torch, "save", real_save)
+
+    return crash
 
 
 @pytest.fixture

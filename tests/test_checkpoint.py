@@ -22,24 +22,13 @@ def _assert_same_adapter(a: Path, b: Path) -> None:
         torch.testing.assert_close(first[name], second[name], rtol=0, atol=1e-6)
 
 
-def test_crash_mid_save_keeps_the_previous_checkpoint(
-    tiny_recipe, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_crash_mid_save_keeps_the_previous_checkpoint(tiny_recipe, crash_during_save) -> None:
     reference = tiny_recipe("reference", max_steps=12, save_steps=4)
     crashing = tiny_recipe("crashing", max_steps=12, save_steps=4)
     expected = train.run(config.load(reference), reference)
 
-    real_save = torch.save
-
-    def failing_save(obj: object, path: Path, *args: object, **kwargs: object) -> None:
-        if "step-00000008" in str(path) and Path(path).name == "scheduler.pt":
-            raise OSError("disk full (injected)")
-        real_save(obj, path, *args, **kwargs)
-
-    monkeypatch.setattr(checkpoint.torch, "save", failing_save)
-    with pytest.raises(OSError, match="injected"):
+    with crash_during_save("step-00000008", "scheduler.pt"):
         train.run(config.load(crashing), crashing)
-    monkeypatch.setattr(checkpoint.torch, "save", real_save)
 
     run_dir = config.run_dir(config.load(crashing), crashing)
     assert checkpoint.latest(run_dir).name == "step-00000004"
@@ -98,23 +87,14 @@ def test_recipe_hash_tracks_resume_keys(tmp_path: Path) -> None:
     )
 
 
-def test_full_fine_tuning_resumes_exactly(tiny_recipe, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_full_fine_tuning_resumes_exactly(tiny_recipe, crash_during_save) -> None:
     reference = tiny_recipe("full-reference", max_steps=8, save_steps=3)
     crashing = tiny_recipe("full-crashing", max_steps=8, save_steps=3)
     full = ["adapter=null"]
     expected = train.run(config.load(reference, full), reference)
 
-    real_save = torch.save
-
-    def failing_save(obj: object, path: Path, *args: object, **kwargs: object) -> None:
-        if "step-00000006" in str(path):
-            raise OSError("disk full (injected)")
-        real_save(obj, path, *args, **kwargs)
-
-    monkeypatch.setattr(checkpoint.torch, "save", failing_save)
-    with pytest.raises(OSError, match="injected"):
+    with crash_during_save("step-00000006"):
         train.run(config.load(crashing, full), crashing)
-    monkeypatch.setattr(checkpoint.torch, "save", real_save)
     resumed = train.run(config.load(crashing, full), crashing, resume=True)
 
     assert expected.weights_dir.name == resumed.weights_dir.name == train.FULL_MODEL

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from llama_tune import checkpoint, config, train
 from llama_tune.distillation import hidden
@@ -38,29 +37,11 @@ def test_distances_vanish_on_equal_states_and_projections_learn() -> None:
     assert projected.projections["2"].weight.grad.abs().sum() > 0
 
 
-@pytest.fixture
-def narrow_student(tmp_path: Path, tokenizer) -> Path:
-    """A 32-wide student sharing the tiny teacher's tokenizer: hidden states need projecting."""
-    folder = tmp_path / "narrow"
-    narrow = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(1)
-    LlamaForCausalLM(narrow).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def test_projected_hidden_distillation_resumes_exactly(
-    tiny_recipe, tiny_model_dir: Path, narrow_student: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_recipe, tiny_model_dir: Path, make_tiny_llama, crash_during_save
 ) -> None:
+    # A 32-wide student: its hidden states need projecting into the teacher's 64.
+    narrow_student = make_tiny_llama("narrow", width=32, layers=1, seed=1)
     overrides = [
         f"model.name={narrow_student}",
         f"distill.teacher.name={tiny_model_dir}",
@@ -75,17 +56,8 @@ def test_projected_hidden_distillation_resumes_exactly(
     assert hidden_losses[-1] < hidden_losses[0]
 
     crashing = tiny_recipe("hidden-crashing", max_steps=6, save_steps=2)
-    real_save = torch.save
-
-    def failing_save(obj: object, path: Path, *args: object, **kwargs: object) -> None:
-        if "step-00000004" in str(path):
-            raise OSError("disk full (injected)")
-        real_save(obj, path, *args, **kwargs)
-
-    monkeypatch.setattr(checkpoint.torch, "save", failing_save)
-    with pytest.raises(OSError, match="injected"):
+    with crash_during_save("step-00000004"):
         train.run(config.load(crashing, overrides), crashing)
-    monkeypatch.setattr(checkpoint.torch, "save", real_save)
     saved = checkpoint.latest(config.run_dir(config.load(crashing, overrides), crashing))
     assert set(load_file(saved / checkpoint.EXTRA_WEIGHTS)) == {"hidden_match.projections.1.weight"}
     resumed = train.run(config.load(crashing, overrides), crashing, resume=True)
