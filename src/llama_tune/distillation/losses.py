@@ -183,8 +183,10 @@ def chunked_distillation(
     for start in range(0, student_hidden.shape[0], chunk_size):
         stop = min(start + chunk_size, student_hidden.shape[0])
         student_chunk = student_hidden[start:stop]
-        if student_chunk.requires_grad:
-            # Keep only the chunk's hidden states; its logits are recomputed in backward.
+        # Keep only the chunk's hidden states; its logits are recomputed in backward. The last
+        # chunk is exempt: backward starts with it, so its logits are freed before any other
+        # chunk's are recomputed, and the peak stays one chunk's worth.
+        if student_chunk.requires_grad and stop < student_hidden.shape[0]:
             value = checkpoint(chunk_loss, student_chunk, start, stop, use_reentrant=False)
         else:
             value = chunk_loss(student_chunk, start, stop)

@@ -1,0 +1,266 @@
+"""Distillation: step throughput (online, cached teacher, TRL's GKDTrainer) and loss memory.
+
+Throughput: the built-in SmolLM2-135M-Instruct teaches a half-depth copy of itself (every second
+layer and the last), fully fine-tuned, on the same encoded SST-2 prompts and answers, with the
+same batch size, precision and steps, forward KL at temperature 1 on the answer tokens only and
+no task loss, in three trainers run in this one invocation:
+- llama-tune with the teacher online,
+- llama-tune reading a teacher cache (top-k 64; the cache build is timed separately),
+- TRL's GKDTrainer with lmbda=0 (no student generation) and beta=0 (forward KL), fed the same
+  batches by the same collator.
+Throughput counts prompt and answer tokens (not padding) per second of optimizer steps, after
+warm-up steps that are not counted.
+
+Memory: the peak resident memory added by computing the distillation loss and its gradient for
+`--positions` positions over the 49,152-token vocabulary, each way in a fresh process: naive
+(full logits of both models, as GKDTrainer does) against chunked (`distill.chunk_size` 128).
+
+Run: python benchmarks/distillation.py   (--steps, --batch-size, --positions, --only)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from llama_tune import config, data, models, train
+from llama_tune.distillation import losses, setup, student
+
+REPO = Path(__file__).resolve().parent.parent
+KEEP = [*range(0, 28, 2), 29]
+
+
+def _arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default=os.environ.get("LLAMA_TUNE_DATA", "../shared/datasets"))
+    parser.add_argument("--steps", type=int, default=12, help="measured steps per trainer")
+    parser.add_argument("--warmup", type=int, default=3, help="steps run first and not counted")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
+    parser.add_argument("--positions", type=int, default=2048, help="memory: distilled positions")
+    parser.add_argument("--only", choices=["throughput", "memory"], help="run one part")
+    parser.add_argument("--memory-mode", choices=["naive", "chunked"], help=argparse.SUPPRESS)
+    parser.add_argument("--output", default=str(REPO / "benchmarks" / "results"))
+    return parser.parse_args()
+
+
+def _recipe(args: argparse.Namespace, run_dir: Path, cached: bool) -> config.Recipe:
+    steps = args.warmup + args.steps
+    distill = {
+        "teacher": {"name": "smollm2-135m-instruct"},
+        "student": {"from_teacher": {"keep_layers": KEEP}},
+        "loss": "forward_kl",
+        "alpha": 1.0,
+    }
+    if cached:
+        distill["cache"] = {"top_k": 64}
+    return config.parse(
+        {
+            "adapter": None,
+            "data": {
+                "source": str(Path(args.data) / "classification" / "sst2"),
+                "task": "classification",
+                "template": "Review: {text}\nSentiment (positive or negative):",
+                "max_train_rows": steps * args.batch_size,
+                "max_length": 128,
+                "splits": {"validation": None},
+            },
+            "train": {
+                "max_steps": steps,
+                "batch_size": args.batch_size,
+                "lr": 5e-5,
+                "warmup_steps": 0,
+                "scheduler": "constant",
+                "precision": args.precision,
+                "log_steps": 1,
+            },
+            "distill": distill,
+            "output": {"dir": str(run_dir)},
+        },
+        "benchmark",
+    )
+
+
+def _counted(run_dir: Path, warmup: int) -> dict[str, float]:
+    lines = (run_dir / train.METRICS).read_text().splitlines()
+    counted = [r for r in map(json.loads, lines) if "loss" in r and r["step"] > warmup]
+    tokens = sum(record["tokens"] for record in counted)
+    seconds = sum(record["seconds"] for record in counted)
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+
+
+def measure_llama_tune(recipe: config.Recipe, warmup: int) -> dict[str, float]:
+    """Tokens/s of llama-tune's loop over the steps after `warmup` (and the cache build time)."""
+    started = time.perf_counter()
+    result = train.run(recipe, "benchmark.yaml")
+    measured = _counted(result.run_dir, warmup)
+    measured["wall_seconds"] = time.perf_counter() - started
+    return measured
+
+
+def measure_trl(args: argparse.Namespace, recipe: config.Recipe, scratch: Path) -> dict[str, float]:
+    """Tokens/s of TRL's GKDTrainer on the same batches, teacher and student."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, TrainerCallback
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    assert recipe.distill is not None
+    tokenizer = models.load_tokenizer(recipe.model.name)
+    examples = data.build(recipe.data, tokenizer).train.examples
+    precision = "bf16" if args.precision == "bf16" else "no"
+    teacher = setup.load_teacher(recipe.distill, precision)
+    # The same starting student as llama-tune's, saved so TRL loads it like any model.
+    student_dir = scratch / "student"
+    student.from_teacher(teacher, KEEP).float().save_pretrained(student_dir)
+
+    step_tokens: list[int] = []
+    step_seconds: list[float] = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, *_args: object, **_kwargs: object) -> None:
+            self.started = time.perf_counter()
+
+        def on_step_end(self, *_args: object, **_kwargs: object) -> None:
+            step_seconds.append(time.perf_counter() - self.started)
+
+    def collate(features: list[dict]) -> dict[str, torch.Tensor]:
+        batch = [data.Example("", "", f["input_ids"], f["prompt_length"], 0) for f in features]
+        step_tokens.append(sum(len(example.input_ids) for example in batch))
+        return data.collate(batch, tokenizer.pad_token_id, recipe.train.length_bucket)
+
+    rows = [{"input_ids": e.input_ids, "prompt_length": e.prompt_length} for e in examples]
+    settings = recipe.train
+    arguments = GKDConfig(
+        output_dir=str(scratch / "trl"),
+        max_steps=settings.max_steps,
+        per_device_train_batch_size=settings.batch_size,
+        learning_rate=settings.lr,
+        lr_scheduler_type="constant",
+        bf16=args.precision == "bf16",
+        use_cpu=not torch.cuda.is_available(),
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        lmbda=0.0,
+        beta=0.0,
+        temperature=1.0,
+        seed=settings.seed,
+        dataloader_num_workers=0,
+    )
+    trainer = GKDTrainer(
+        model=AutoModelForCausalLM.from_pretrained(student_dir),
+        teacher_model=teacher,
+        args=arguments,
+        data_collator=collate,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        callbacks=[StepTimer()],
+    )
+    trainer.train()
+    warmup = args.warmup
+    # The dataloader may collate ahead; count the batches of the timed steps only.
+    tokens = sum(step_tokens[warmup : len(step_seconds)])
+    seconds = sum(step_seconds[warmup:])
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+
+
+def _peak_rss_bytes() -> int:
+    # ru_maxrss is in kilobytes on Linux.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def memory_child(mode: str, positions: int) -> None:
+    """In a fresh process: peak memory added by one loss + backward; prints JSON."""
+    torch.manual_seed(0)
+    vocab, width = 49152, 576
+    student_head = torch.nn.Linear(width, vocab, bias=False)
+    teacher_head = torch.nn.Linear(width, vocab, bias=False).requires_grad_(False)
+    hidden = torch.randn(positions, width, requires_grad=True)
+    teacher_hidden = torch.randn(positions, width)
+    # Warm up the kernels on a few positions, so only the measured size counts.
+    losses.divergence(student_head(hidden[:4]), teacher_head(teacher_hidden[:4]), "forward_kl")
+    before = _peak_rss_bytes()
+    started = time.perf_counter()
+    if mode == "naive":
+        with torch.no_grad():
+            teacher_logits = teacher_head(teacher_hidden)
+        value = losses.divergence(student_head(hidden), teacher_logits, "forward_kl").sum()
+    else:
+        teacher = losses.OnlineTeacher(teacher_hidden, teacher_head, vocab)
+        value = losses.chunked_distillation(hidden, student_head, teacher, "forward_kl")
+    value.backward()
+    seconds = time.perf_counter() - started
+    print(json.dumps({"added_bytes": _peak_rss_bytes() - before, "seconds": seconds}))
+
+
+def measure_memory(positions: int) -> dict[str, dict[str, float]]:
+    results = {}
+    for mode in ("naive", "chunked"):
+        # A fixed mmap threshold makes glibc return every large freed block at once, so the
+        # peak resident size follows the tensors alive, not the allocator's cached heap.
+        environment = os.environ | {"MALLOC_MMAP_THRESHOLD_": "65536"}
+        done = subprocess.run(
+            [sys.executable, __file__, "--memory-mode", mode, "--positions", str(positions)],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=environment,
+        )
+        results[mode] = json.loads(done.stdout.strip().splitlines()[-1])
+    return results
+
+
+def main() -> None:
+    args = _arguments()
+    if args.memory_mode:
+        memory_child(args.memory_mode, args.positions)
+        return
+    report: dict = {"benchmark": "distillation", "threads": torch.get_num_threads()}
+    if args.only in (None, "memory"):
+        memory = measure_memory(args.positions)
+        report["memory"] = {"positions": args.positions, **memory}
+        naive, chunked = memory["naive"]["added_bytes"], memory["chunked"]["added_bytes"]
+        print(
+            f"\nloss memory, {args.positions} positions x 49,152 vocabulary: naive "
+            f"{naive / 2**20:.0f} MiB, chunked {chunked / 2**20:.0f} MiB ({naive / chunked:.1f}x)"
+        )
+    if args.only in (None, "throughput"):
+        with tempfile.TemporaryDirectory() as scratch_name:
+            scratch = Path(scratch_name)
+            online = measure_llama_tune(_recipe(args, scratch / "online", False), args.warmup)
+            cached = measure_llama_tune(_recipe(args, scratch / "cached", True), args.warmup)
+            peer = measure_trl(args, _recipe(args, scratch / "trl-recipe", False), scratch)
+        report["throughput"] = {
+            "precision": args.precision,
+            "batch_size": args.batch_size,
+            "measured_steps": args.steps,
+            "online": online,
+            "cached": cached,
+            "trl_gkd": peer,
+            "online_vs_trl": online["tokens_per_s"] / peer["tokens_per_s"],
+            "cached_vs_online": cached["tokens_per_s"] / online["tokens_per_s"],
+        }
+        print(
+            f"\ntokens/s: llama-tune online {online['tokens_per_s']:.0f}, cached "
+            f"{cached['tokens_per_s']:.0f}, TRL GKD {peer['tokens_per_s']:.0f}; online/TRL "
+            f"{report['throughput']['online_vs_trl']:.2f}x, cached/online "
+            f"{report['throughput']['cached_vs_online']:.2f}x"
+        )
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    path = output / "distillation.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"results: {path}")
+
+
+if __name__ == "__main__":
+    main()
