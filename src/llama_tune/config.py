@@ -277,6 +277,18 @@ class HiddenStatesConfig(Section):
     """Weight of this loss, added to the task and distillation terms."""
 
 
+class OnPolicyConfig(Section):
+    """On-policy distillation (GKD): some steps train on the student's own completions."""
+
+    probability: float = Field(0.5, ge=0.0, le=1.0)
+    """Chance that a step uses completions the student generates instead of the data's answers
+    (GKD's lambda); the teacher scores the student's tokens."""
+    max_new_tokens: int = Field(32, ge=1)
+    """Longest completion the student generates."""
+    temperature: float = Field(1.0, ge=0.0)
+    """Student sampling temperature; 0 is greedy decoding."""
+
+
 class DistillConfig(Section):
     """Knowledge distillation: the teacher's next-token distributions train the student."""
 
@@ -299,6 +311,8 @@ class DistillConfig(Section):
     """Positions whose logits are computed at once; smaller uses less memory."""
     hidden_states: HiddenStatesConfig | None = None
     """Also match hidden states of mapped layers (online teacher only); null: logits only."""
+    on_policy: OnPolicyConfig | None = None
+    """Train some steps on the student's own completions (online teacher only); null: never."""
     cache: TeacherCacheConfig | None = None
     """Run the teacher once over the training split and train from its stored top-k
     distributions (teacher-cache/ in the run folder); null runs the teacher at every step."""
@@ -342,6 +356,11 @@ class Recipe(Section):
             problems.append(
                 "distill.hidden_states: needs the online teacher; the cache keeps logits only "
                 "(set distill.cache: null)"
+            )
+        if self.distill.on_policy is not None and self.distill.cache is not None:
+            problems.append(
+                "distill.on_policy: the teacher must score the student's new completions, which "
+                "a cache cannot hold (set distill.cache: null)"
             )
         if self.distill.label_tokens_only and self.data.task != "classification":
             problems.append("distill.label_tokens_only: only for classification recipes")

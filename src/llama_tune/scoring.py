@@ -106,9 +106,10 @@ def length_sorted_batches(examples: list[EvalExample], size: int) -> Iterator[li
 LENGTH_BUCKET = 16
 
 
-def _left_pad(
+def left_pad(
     sequences: list[list[int]], pad_id: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts padded on the left (so generation continues each one), with their mask."""
     longest = max(len(sequence) for sequence in sequences)
     width = -(-longest // LENGTH_BUCKET) * LENGTH_BUCKET
     input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
@@ -155,7 +156,7 @@ def label_logprobs(
     """
     decoder, head = _decoder_and_head(model)
     device = head.weight.device
-    input_ids, attention_mask = _left_pad(prompts, pad_id, device)
+    input_ids, attention_mask = left_pad(prompts, pad_id, device)
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     longest = max(len(ids) for ids in label_ids)
     out = decoder(
@@ -206,7 +207,7 @@ def generate(
 ) -> list[str]:
     """Greedy or beam-search completions of left-padded prompts, cut at the answer's end."""
     device = next(model.parameters()).device
-    input_ids, attention_mask = _left_pad(prompts, tokenizer.pad_token_id, device)
+    input_ids, attention_mask = left_pad(prompts, tokenizer.pad_token_id, device)
     output = model.generate(
         input_ids=input_ids,
         attention_mask=attention_mask,

@@ -90,6 +90,12 @@ class TargetTokenLoss(torch.nn.Module):
         """Tensors the forward needs besides the batch, by training example index: none."""
         return {}
 
+    def rewrite_step(
+        self, _step: int, _batches: list[list[data.Example]]
+    ) -> list[list[data.Example]] | None:
+        """Other examples to train this step on (on-policy distillation); None keeps the data's."""
+        return None
+
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
     ) -> dict[str, torch.Tensor]:
@@ -199,8 +205,28 @@ def step_counts(objective: torch.nn.Module, examples: list[data.Example]) -> Cou
 
 
 def combined(objective: torch.nn.Module, sums: dict[str, Any], counts: Counter[str]) -> Any:
-    """The weighted sum of each term's mean: the loss the optimizer minimises."""
-    return sum(objective.weights[name] * sums[name] / max(counts[name], 1) for name in sums)
+    """The weighted sum of each term's mean: the loss the optimizer minimises.
+
+    A term counted over no position (task CE on an on-policy distillation step) is left out.
+    """
+    return sum(
+        objective.weights[name] * sums[name] / counts[name] for name in sums if counts[name] > 0
+    )
+
+
+def _reduced_counts(
+    accelerator: Accelerator,
+    objective: torch.nn.Module,
+    terms: list[str],
+    examples: list[data.Example],
+) -> tuple[Counter[str], int]:
+    """Term counts and input tokens of rewritten examples, summed over processes; no task CE."""
+    counts = step_counts(objective, examples)
+    counts["ce"] = 0
+    local = [counts[name] for name in terms] + [sum(len(e.input_ids) for e in examples)]
+    totals = accelerator.reduce(torch.tensor(local, device=accelerator.device), reduction="sum")
+    *term_totals, inputs = (int(value) for value in totals.tolist())
+    return Counter(dict(zip(terms, term_totals, strict=True))), inputs
 
 
 @torch.no_grad()
@@ -391,11 +417,17 @@ def run(
                 own = batches[accelerator.process_index :: accelerator.num_processes]
                 counts = step_counts(objective, [train_split.examples[i] for i in step_examples])
                 step_inputs = sum(lengths[i] for i in step_examples)
+                own_examples = [[train_split.examples[i] for i in indices] for indices in own]
+                rewritten = objective.rewrite_step(state.step, own_examples)
+                if rewritten is not None:
+                    # On-policy step: the student's own completions, so new counts (and no
+                    # task cross-entropy), summed over every process's micro-batches.
+                    own_examples = rewritten
+                    mine = [example for batch in rewritten for example in batch]
+                    counts, step_inputs = _reduced_counts(accelerator, objective, terms, mine)
                 step_sums = torch.zeros(len(terms), device=accelerator.device)
-                for indices in own:
-                    batch = data.collate(
-                        [train_split.examples[i] for i in indices], pad_id, settings.length_bucket
-                    )
+                for indices, examples in zip(own, own_examples, strict=True):
+                    batch = data.collate(examples, pad_id, settings.length_bucket)
                     batch |= objective.extra_inputs(indices)
                     batch = {name: value.to(accelerator.device) for name, value in batch.items()}
                     with accelerator.accumulate(loss_module):
@@ -408,7 +440,13 @@ def run(
                     step_sums += torch.stack([sums[name].detach().float() for name in terms])
                 # .tolist() syncs with the device once per step.
                 step_sums = accelerator.reduce(step_sums, reduction="sum").tolist()
-                term_sums = dict(zip(terms, step_sums, strict=True))
+                # Terms counted over no position this step (task CE on an on-policy step) are
+                # left out of the loss and the logs.
+                term_sums = {
+                    name: value
+                    for name, value in zip(terms, step_sums, strict=True)
+                    if counts[name] > 0
+                }
                 loss_value = combined(objective, term_sums, counts)
                 grad_norm = None
                 if math.isfinite(loss_value):
@@ -453,7 +491,8 @@ def run(
                     if len(terms) > 1:
                         # Each term's own mean, unweighted: task CE and distillation apart.
                         for name in terms:
-                            record[f"{name}_loss"] = window_sums[name] / max(window_counts[name], 1)
+                            if window_counts[name] > 0:
+                                record[f"{name}_loss"] = window_sums[name] / window_counts[name]
                     summary.setdefault("train_loss_first", record["loss"])
                     summary["train_loss_last"] = record["loss"]
                     progress.set_postfix(

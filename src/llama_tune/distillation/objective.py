@@ -8,15 +8,17 @@ step, so any split of a step into micro-batches gives the same gradient.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from peft import PeftModel
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from llama_tune import data, models
 from llama_tune.config import DistillConfig
+from llama_tune.distillation import on_policy
 from llama_tune.distillation.hidden import HiddenStateMatch
 from llama_tune.distillation.losses import OnlineTeacher, TopKTeacher, chunked_distillation
 
@@ -69,6 +71,15 @@ def distilled_count(example: data.Example, settings: DistillConfig) -> int:
     return len(example.input_ids) - example.prompt_length
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """What on-policy steps need to let the student generate."""
+
+    tokenizer: PreTrainedTokenizerBase
+    precision: str
+    seed: int
+
+
 class DistillationObjective(torch.nn.Module):
     """Summed task cross-entropy and summed distillation loss of a micro-batch.
 
@@ -86,8 +97,10 @@ class DistillationObjective(torch.nn.Module):
         token_subset: torch.Tensor | None = None,
         cached: CachedTeacher | None = None,
         hidden_match: HiddenStateMatch | None = None,
+        sampling: Sampling | None = None,
     ) -> None:
         super().__init__()
+        self.sampling = sampling
         self.model = model
         self.teacher = teacher
         self.settings = settings
@@ -107,6 +120,21 @@ class DistillationObjective(torch.nn.Module):
         if self.hidden_match is not None:
             counts["hidden"] = positions
         return counts
+
+    def rewrite_step(
+        self, step: int, batches: list[list[data.Example]]
+    ) -> list[list[data.Example]] | None:
+        """On an on-policy step, the batches with the student's own completions as answers."""
+        settings = self.settings.on_policy
+        if settings is None or self.sampling is None:
+            return None
+        if not on_policy.is_on_policy_step(settings, self.sampling.seed, step):
+            return None
+        tokenizer, precision = self.sampling.tokenizer, self.sampling.precision
+        return [
+            on_policy.student_examples(self.model, tokenizer, batch, settings, precision)
+            for batch in batches
+        ]
 
     def extra_inputs(self, indices: list[int]) -> dict[str, torch.Tensor]:
         """The cached teacher tensors of these training examples (nothing when online)."""

@@ -16,7 +16,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from llama_tune import config, data, models, scoring
 from llama_tune.distillation import cache, hidden, preflight, student
 from llama_tune.distillation.hidden import HiddenStateMatch
-from llama_tune.distillation.objective import DistillationObjective, FrozenTeacher
+from llama_tune.distillation.objective import DistillationObjective, FrozenTeacher, Sampling
 from llama_tune.errors import UserError
 from llama_tune.train import resolve_precision
 
@@ -236,6 +236,7 @@ def load(
         token_subset,
         cached,
         _hidden_match(settings, student_model, teacher, keep),
+        Sampling(tokenizer, mixed_precision, recipe.train.seed),
     )
     bundle = models.ModelBundle(model=student_model, tokenizer=tokenizer)
     return bundle, objective, datasets
