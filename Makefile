@@ -32,11 +32,14 @@ lint: install
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 
-# Ratios against TRL's SFTTrainer, measured in the same invocation; see docs/BENCHMARKS.md.
+# Ratios against TRL (SFTTrainer, GKDTrainer), measured in the same invocation; see
+# docs/BENCHMARKS.md.
 bench: install
 	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python benchmarks/train_throughput.py --precision bf16
 	$(BIN)/python benchmarks/train_throughput.py --precision fp32
+	$(BIN)/python benchmarks/scoring_speed.py
+	$(BIN)/python benchmarks/distillation.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
