@@ -26,7 +26,7 @@ demo: install
 	$(BIN)/llama-tune train recipes/quickstart.yaml --overwrite
 
 test: install
-	$(BIN)/pytest
+	$(BIN)/pytest --durations=10
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks
