@@ -148,8 +148,7 @@ def build(
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / MANIFEST, expected)
     per_shard = settings.cache.examples_per_shard
-    shards = range(0, -(-len(examples) // per_shard))
-    missing = [shard for shard in shards if not _shard_path(folder, shard).is_file()]
+    missing = missing_shards(folder, len(examples), per_shard)
     frozen = FrozenTeacher(teacher)
     for shard in tqdm(missing, desc="teacher cache", dynamic_ncols=True):
         tensors = _teacher_shard(
@@ -170,19 +169,10 @@ def build(
     return folder
 
 
-def is_complete(
-    run_dir: Path, settings: config.DistillConfig, examples: list[data.Example]
-) -> bool:
-    """Whether every shard of a cache matching this recipe and data exists."""
-    assert settings.cache is not None
-    folder = run_dir / CACHE_DIR
-    if not (folder / MANIFEST).is_file():
-        return False
-    found = json.loads((folder / MANIFEST).read_text())
-    if found.get("data") != data_fingerprint(examples):
-        return False
-    shards = -(-len(examples) // settings.cache.examples_per_shard)
-    return all(_shard_path(folder, shard).is_file() for shard in range(shards))
+def missing_shards(folder: Path, example_count: int, per_shard: int) -> list[int]:
+    """Shards of a cache folder not written yet."""
+    shards = range(-(-example_count // per_shard))
+    return [shard for shard in shards if not _shard_path(folder, shard).is_file()]
 
 
 class CachedTeacher:

@@ -220,7 +220,9 @@ def load(
     cached = None
     if settings.cache is not None:
         examples = datasets.train.examples
-        if accelerator.is_main_process and not cache.is_complete(run_dir, settings, examples):
+        # build() checks the whole manifest against this recipe and data, and computes only
+        # missing shards: a finished cache costs nothing, a stale one is refused.
+        if accelerator.is_main_process:
             _build_cache(
                 recipe, run_dir, teacher, examples, tokenizer, token_subset, mixed_precision
             )
