@@ -101,13 +101,22 @@ class TargetTokenLoss(torch.nn.Module):
     ) -> dict[str, torch.Tensor]:
         base = models.causal_lm(self.model)
         hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask)
-        # Position t predicts token t + 1.
-        targets = labels[:, 1:]
-        selected = targets != data.IGNORE_INDEX
-        states = hidden.last_hidden_state[:, :-1][selected]
-        logits = base.get_output_embeddings()(states).float()
-        loss = torch.nn.functional.cross_entropy(logits, targets[selected], reduction="sum")
-        return {"ce": loss}
+        head = base.get_output_embeddings()
+        return {"ce": target_cross_entropy(head, hidden.last_hidden_state[:, :-1], labels)}
+
+
+def target_cross_entropy(
+    head: torch.nn.Module, predicting_states: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
+    """Summed cross-entropy of the target tokens, the head applied only where they are predicted.
+
+    `predicting_states` are the final hidden states of positions 0..n-2: position t predicts
+    token t + 1.
+    """
+    targets = labels[:, 1:]
+    selected = targets != data.IGNORE_INDEX
+    logits = head(predicting_states[selected]).float()
+    return torch.nn.functional.cross_entropy(logits, targets[selected], reduction="sum")
 
 
 def resolve_precision(precision: str) -> str:

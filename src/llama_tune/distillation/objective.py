@@ -21,6 +21,7 @@ from llama_tune.config import DistillConfig
 from llama_tune.distillation import on_policy
 from llama_tune.distillation.hidden import HiddenStateMatch
 from llama_tune.distillation.losses import OnlineTeacher, TopKTeacher, chunked_distillation
+from llama_tune.train import target_cross_entropy
 
 if TYPE_CHECKING:
     from llama_tune.distillation.cache import CachedTeacher
@@ -156,12 +157,7 @@ class DistillationObjective(torch.nn.Module):
             input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=every_layer
         )
         student_states = hidden.last_hidden_state[:, :-1]
-        targets = labels[:, 1:]
-        selected = targets != data.IGNORE_INDEX
-        logits = head(student_states[selected]).float()
-        cross_entropy = torch.nn.functional.cross_entropy(
-            logits, targets[selected], reduction="sum"
-        )
+        cross_entropy = target_cross_entropy(head, student_states, labels)
 
         distilled = distilled_positions(labels, attention_mask, self.settings)
         subset = self.token_subset
