@@ -34,6 +34,7 @@ import torch
 
 from llama_tune import config, data, models, train
 from llama_tune.distillation import losses, setup, student
+from trainer_timing import StepTimer
 
 REPO = Path(__file__).resolve().parent.parent
 KEEP = [*range(0, 28, 2), 29]
@@ -110,7 +111,7 @@ def measure_llama_tune(recipe: config.Recipe, warmup: int) -> dict[str, float]:
 def measure_trl(args: argparse.Namespace, recipe: config.Recipe, scratch: Path) -> dict[str, float]:
     """Tokens/s of TRL's GKDTrainer on the same batches, teacher and student."""
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, TrainerCallback
+    from transformers import AutoModelForCausalLM
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
     assert recipe.distill is not None
@@ -122,19 +123,11 @@ def measure_trl(args: argparse.Namespace, recipe: config.Recipe, scratch: Path) 
     student_dir = scratch / "student"
     student.from_teacher(teacher, KEEP).float().save_pretrained(student_dir)
 
-    step_tokens: list[int] = []
-    step_seconds: list[float] = []
-
-    class StepTimer(TrainerCallback):
-        def on_step_begin(self, *_args: object, **_kwargs: object) -> None:
-            self.started = time.perf_counter()
-
-        def on_step_end(self, *_args: object, **_kwargs: object) -> None:
-            step_seconds.append(time.perf_counter() - self.started)
+    timer = StepTimer()
 
     def collate(features: list[dict]) -> dict[str, torch.Tensor]:
         batch = [data.Example("", "", f["input_ids"], f["prompt_length"], 0) for f in features]
-        step_tokens.append(sum(len(example.input_ids) for example in batch))
+        timer.batch_tokens.append(sum(len(example.input_ids) for example in batch))
         return data.collate(batch, tokenizer.pad_token_id, recipe.train.length_bucket)
 
     rows = [{"input_ids": e.input_ids, "prompt_length": e.prompt_length} for e in examples]
@@ -163,14 +156,10 @@ def measure_trl(args: argparse.Namespace, recipe: config.Recipe, scratch: Path) 
         data_collator=collate,
         train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
-        callbacks=[StepTimer()],
+        callbacks=[timer],
     )
     trainer.train()
-    warmup = args.warmup
-    # The dataloader may collate ahead; count the batches of the timed steps only.
-    tokens = sum(step_tokens[warmup : len(step_seconds)])
-    seconds = sum(step_seconds[warmup:])
-    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+    return timer.measured(args.warmup)
 
 
 def _peak_rss_bytes() -> int:

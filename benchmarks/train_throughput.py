@@ -15,12 +15,12 @@ import argparse
 import json
 import os
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 from llama_tune import config, data, models, train
+from trainer_timing import StepTimer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -84,7 +84,7 @@ def measure_llama_tune(recipe: config.Recipe, warmup: int) -> dict[str, float]:
 def measure_trl(recipe: config.Recipe, warmup: int) -> dict[str, float]:
     """Tokens/s of TRL's SFTTrainer on the same prompts, targets, LoRA and batch size."""
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, TrainerCallback
+    from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
     tokenizer = models.load_tokenizer(recipe.model.name)
@@ -92,15 +92,7 @@ def measure_trl(recipe: config.Recipe, warmup: int) -> dict[str, float]:
     # TRL appends the EOS token to the completion itself, as llama-tune does.
     rows = [{"prompt": example.prompt, "completion": f" {example.target}"} for example in examples]
 
-    step_tokens: list[int] = []
-    step_seconds: list[float] = []
-
-    class StepTimer(TrainerCallback):
-        def on_step_begin(self, *_args: object, **_kwargs: object) -> None:
-            self.started = time.perf_counter()
-
-        def on_step_end(self, *_args: object, **_kwargs: object) -> None:
-            step_seconds.append(time.perf_counter() - self.started)
+    timer = StepTimer()
 
     settings = recipe.train
     with tempfile.TemporaryDirectory() as output_dir:
@@ -133,20 +125,18 @@ def measure_trl(recipe: config.Recipe, warmup: int) -> dict[str, float]:
             train_dataset=Dataset.from_list(rows),
             processing_class=tokenizer,
             peft_config=models.lora_config(recipe.adapter),
-            callbacks=[StepTimer()],
+            callbacks=[timer],
         )
         collator = trainer.data_collator
 
         def counting_collator(features: list[dict]) -> dict[str, torch.Tensor]:
             batch = collator(features)
-            step_tokens.append(int(batch["attention_mask"].sum()))
+            timer.batch_tokens.append(int(batch["attention_mask"].sum()))
             return batch
 
         trainer.data_collator = counting_collator
         trainer.train()
-    tokens = sum(step_tokens[warmup : warmup + len(step_seconds)])
-    seconds = sum(step_seconds[warmup:])
-    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+    return timer.measured(warmup)
 
 
 def main() -> None:
