@@ -132,6 +132,32 @@ def tiny_recipe(tiny_model_dir: Path, tmp_path: Path):
     return make
 
 
+@pytest.fixture
+def resumes_exactly(tiny_recipe, crash_during_save):
+    """Factory: check that a run stopped by a crash mid-save, then resumed, ends with the same
+    weights as an uninterrupted run; returns the uninterrupted run's result."""
+    from safetensors.torch import load_file
+
+    from llama_tune import config, train
+
+    def check(name: str, overrides: list[str], max_steps: int = 8, crash_step: int = 6):
+        reference = tiny_recipe(f"{name}-reference", max_steps=max_steps, save_steps=4)
+        expected = train.run(config.load(reference, overrides), reference)
+        crashing = tiny_recipe(f"{name}-crashing", max_steps=max_steps, save_steps=2)
+        with crash_during_save(f"step-{crash_step:08d}"):
+            train.run(config.load(crashing, overrides), crashing)
+        resumed = train.run(config.load(crashing, overrides), crashing, resume=True)
+        for weights in expected.weights_dir.glob("*.safetensors"):
+            first = load_file(weights)
+            second = load_file(resumed.weights_dir / weights.name)
+            assert first.keys() == second.keys()
+            for key in first:
+                torch.testing.assert_close(first[key], second[key], rtol=0, atol=1e-6)
+        return expected
+
+    return check
+
+
 @pytest.fixture(autouse=True)
 def _fresh_accelerate_state() -> None:
     """Each in-process run builds its own Accelerator; Accelerate keeps process-wide state."""

@@ -61,6 +61,14 @@ def _parser() -> argparse.ArgumentParser:
     cache.add_argument("overrides", nargs="*", help="dotted key=value recipe overrides")
     cache.add_argument("--data", help="data folder; sets LLAMA_TUNE_DATA for the recipe")
 
+    augment = verbs.add_parser(
+        "augment", help="show training rows next to their adversarial perturbations"
+    )
+    augment.add_argument("recipe", help="a recipe with adversarial.augment")
+    augment.add_argument("overrides", nargs="*", help="dotted key=value recipe overrides")
+    augment.add_argument("--show", type=int, default=10, help="how many rows to show")
+    augment.add_argument("--data", help="data folder; sets LLAMA_TUNE_DATA for the recipe")
+
     validate = verbs.add_parser("validate", help="check recipes without loading any model")
     validate.add_argument("recipes", nargs="+", help="recipe YAML files")
     validate.add_argument("--data", help="data folder; sets LLAMA_TUNE_DATA for the recipes")
@@ -169,6 +177,29 @@ def _distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _augment(args: argparse.Namespace) -> int:
+    recipe = config.load(args.recipe, args.overrides)
+    if recipe.adversarial is None or recipe.adversarial.augment is None:
+        print(f"error: {args.recipe}: no adversarial.augment section", file=sys.stderr)
+        return USAGE_ERROR
+    if args.show < 1:
+        print("error: --show must be at least 1", file=sys.stderr)
+        return USAGE_ERROR
+    from llama_tune import train
+    from llama_tune.adversarial import augment
+
+    precision = train.resolve_precision(recipe.train.precision)
+    shown = augment.preview(recipe, args.show, precision)
+    (field,) = augment.input_fields(recipe)
+    width = max(len("perturbed"), len("clean"))
+    for number, item in enumerate(shown, start=1):
+        method = item.method or "unchanged (nothing to perturb)"
+        print(f"[{number}] row {item.clean.row} · {method}")
+        print(f"  {'clean':<{width}}  {item.clean.fields[field]!r}")
+        print(f"  {'perturbed':<{width}}  {item.example.fields[field]!r}")
+    return 0
+
+
 def _validate(args: argparse.Namespace) -> int:
     failed = 0
     for path in args.recipes:
@@ -195,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         "evaluate": _evaluate,
         "report": _report,
         "distill": _distill,
+        "augment": _augment,
         "validate": _validate,
     }
     try:

@@ -318,6 +318,78 @@ class DistillConfig(Section):
     distributions (teacher-cache/ in the run folder); null runs the teacher at every step."""
 
 
+AUGMENT_METHODS = ("char", "word", "neighbour", "gradient")
+
+
+class AugmentConfig(Section):
+    """Adversarial examples in text space: perturbed copies of training inputs (targets kept)."""
+
+    methods: list[Literal["char", "word", "neighbour", "gradient"]] = ["char", "word"]
+    """Families drawn from, one per perturbed example: char (adjacent swap, deletion,
+    insertion, keyboard-neighbour substitution), word (deletion, swap, duplication), neighbour
+    (tokens replaced by their nearest neighbours in the model's input embeddings), gradient
+    (HotFlip: the neighbour substitutions that most raise the current model's loss)."""
+    probability: float = Field(0.5, ge=0.0, le=1.0)
+    """Chance that a training example is perturbed at a step."""
+    budget: float = Field(0.15, gt=0.0, le=1.0)
+    """Fraction of the input's words (char, word) or tokens (neighbour, gradient) changed."""
+    mode: Literal["add", "replace"] = "replace"
+    """replace: a perturbed example takes its clean one's place; add: it joins the step."""
+    neighbours: int = Field(10, ge=1)
+    """Candidate substitutes per token for the neighbour and gradient methods."""
+    gradient_every: int = Field(1, ge=1)
+    """The gradient attack (a forward and backward of the model) runs on every N-th step; on
+    other steps examples that drew it stay clean."""
+
+    @field_validator("methods")
+    @classmethod
+    def _some_methods(cls, methods: list[str]) -> list[str]:
+        if not methods:
+            raise ValueError(f"name at least one of {', '.join(AUGMENT_METHODS)}")
+        if len(set(methods)) != len(methods):
+            raise ValueError("a method is named twice")
+        return methods
+
+
+class AdversarialTrainConfig(Section):
+    """Adversarial training in embedding space: perturb input embeddings, train on the result."""
+
+    method: Literal["fgm", "pgd", "freelb", "smart"] | None = "pgd"
+    """fgm: one step along the loss gradient; pgd: `steps` projected ascent steps; freelb: the
+    losses of every ascent step averaged (their gradients accumulate); smart: a smoothness term,
+    the symmetric KL between outputs on clean and adversarially perturbed embeddings; null:
+    none (NEFTune noise alone)."""
+    epsilon: float = Field(1.0, gt=0.0)
+    """Radius of each input position's perturbation (L2 norm, or largest entry under linf);
+    SmolLM2's token embeddings have L2 norms around 3."""
+    step_size: float | None = Field(None, gt=0.0)
+    """Length of one ascent step; null: epsilon / steps x 1.5 (pgd, freelb, smart)."""
+    steps: int = Field(2, ge=1)
+    """Ascent steps of pgd, freelb and smart (fgm takes one)."""
+    norm: Literal["l2", "linf"] = "l2"
+    """How a position's perturbation is measured and bounded."""
+    weight: float = Field(1.0, ge=0.0)
+    """Weight of the adversarial term, added to the clean loss."""
+    neftune_alpha: float | None = Field(None, gt=0.0)
+    """NEFTune: uniform noise of scale alpha / sqrt(length x width) added to the input
+    embeddings of every training forward; null: none."""
+
+    @model_validator(mode="after")
+    def _something_to_do(self) -> AdversarialTrainConfig:
+        if self.method is None and self.neftune_alpha is None:
+            raise ValueError("method: set a method, neftune_alpha, or both")
+        return self
+
+
+class AdversarialConfig(Section):
+    """Robust training: perturbed training examples and/or adversarial embedding steps."""
+
+    augment: AugmentConfig | None = None
+    """Text-space adversarial examples; null: none."""
+    train: AdversarialTrainConfig | None = None
+    """Embedding-space adversarial training; null: none."""
+
+
 class Recipe(Section):
     """A whole recipe: what to train, on what, and where the results go."""
 
@@ -329,6 +401,8 @@ class Recipe(Section):
     evaluation: EvaluationConfig = EvaluationConfig()
     distill: DistillConfig | None = None
     """Distil a teacher into the model; null trains on the data alone."""
+    adversarial: AdversarialConfig | None = None
+    """Adversarial examples and adversarial training; null: neither."""
     output: OutputConfig = OutputConfig()
 
     @model_validator(mode="after")
@@ -364,6 +438,20 @@ class Recipe(Section):
             )
         if self.distill.label_tokens_only and self.data.task != "classification":
             problems.append("distill.label_tokens_only: only for classification recipes")
+        if self.adversarial is not None and self.adversarial.augment is not None:
+            # The student reads perturbed inputs, the teacher clean ones: only their target
+            # positions correspond.
+            if self.distill.positions != "target":
+                problems.append(
+                    "distill.positions: robust distillation (adversarial.augment) pairs the "
+                    "teacher's and the student's target positions only; use target"
+                )
+            for key in ("hidden_states", "on_policy"):
+                if getattr(self.distill, key) is not None:
+                    problems.append(
+                        f"distill.{key}: not available with adversarial.augment (the teacher "
+                        "reads clean inputs, the student perturbed ones)"
+                    )
         teacher = self.distill.teacher
         if self.distill.student.from_teacher is not None:
             if "name" in self.model.model_fields_set and self.model.name != teacher.name:

@@ -50,6 +50,14 @@ class Example:
     prompt_length: int
     """Tokens before the target starts; the loss covers the rest."""
     row: int
+    fields: dict[str, str] = field(default_factory=dict)
+    """The row's rendered fields (input text, target, placeholders): what perturbations of the
+    input start from."""
+
+    @property
+    def target_length(self) -> int:
+        """Tokens the task cross-entropy covers."""
+        return len(self.input_ids) - self.prompt_length
 
 
 @dataclass
@@ -377,6 +385,7 @@ def build_split(
                 input_ids=rendered.input_ids,
                 prompt_length=rendered.prompt_length,
                 row=rendered.row.number,
+                fields=rendered.fields,
             )
         )
         if limit is not None and len(examples) >= limit:

@@ -84,7 +84,7 @@ class TargetTokenLoss(torch.nn.Module):
         self.model = model
 
     def counts(self, example: data.Example) -> dict[str, int]:
-        return {"ce": len(example.input_ids) - example.prompt_length}
+        return {"ce": example.target_length}
 
     def extra_inputs(self, _indices: list[int]) -> dict[str, torch.Tensor]:
         """Tensors the forward needs besides the batch, by training example index: none."""
@@ -228,10 +228,15 @@ def _reduced_counts(
     objective: torch.nn.Module,
     terms: list[str],
     examples: list[data.Example],
+    task_targets: bool,
 ) -> tuple[Counter[str], int]:
-    """Term counts and input tokens of rewritten examples, summed over processes; no task CE."""
+    """Term counts and input tokens of rewritten examples, summed over processes.
+
+    Without `task_targets` (on-policy completions) the task cross-entropy counts nothing.
+    """
     counts = step_counts(objective, examples)
-    counts["ce"] = 0
+    if not task_targets:
+        counts["ce"] = 0
     local = [counts[name] for name in terms] + [sum(len(e.input_ids) for e in examples)]
     totals = accelerator.reduce(torch.tensor(local, device=accelerator.device), reduction="sum")
     *term_totals, inputs = (int(value) for value in totals.tolist())
@@ -315,6 +320,18 @@ def run(
         bundle, objective, datasets = setup.load(recipe, accelerator, run_dir)
     tokenizer = bundle.tokenizer
     train_split, validation = datasets.train, datasets.validation
+    augmenter = None
+    if recipe.adversarial is not None and recipe.adversarial.augment is not None:
+        from llama_tune.adversarial.augment import Augmenter
+
+        augmenter = Augmenter(
+            recipe.adversarial.augment,
+            data.TaskFormatter(recipe.data, datasets.labels),
+            tokenizer,
+            bundle.model,
+            settings.seed,
+            accelerator.mixed_precision,
+        )
     lengths = [len(example.input_ids) for example in train_split.examples]
 
     micro_batches_per_step = settings.grad_accumulation * accelerator.num_processes
@@ -429,11 +446,17 @@ def run(
                 own_examples = [[train_split.examples[i] for i in indices] for indices in own]
                 rewritten = objective.rewrite_step(state.step, own_examples)
                 if rewritten is not None:
-                    # On-policy step: the student's own completions, so new counts (and no
-                    # task cross-entropy), summed over every process's micro-batches.
                     own_examples = rewritten
-                    mine = [example for batch in rewritten for example in batch]
-                    counts, step_inputs = _reduced_counts(accelerator, objective, terms, mine)
+                if augmenter is not None:
+                    own, own_examples = augmenter.training_batches(state.step, own, own_examples)
+                if rewritten is not None or augmenter is not None:
+                    # Other examples than planned: new counts, summed over every process's
+                    # micro-batches. An on-policy step (the student's own completions) has no
+                    # task cross-entropy.
+                    mine = [example for batch in own_examples for example in batch]
+                    counts, step_inputs = _reduced_counts(
+                        accelerator, objective, terms, mine, task_targets=rewritten is None
+                    )
                 step_sums = torch.zeros(len(terms), device=accelerator.device)
                 for indices, examples in zip(own, own_examples, strict=True):
                     batch = data.collate(examples, pad_id, settings.length_bucket)

@@ -50,3 +50,33 @@ def test_no_distillation_loss_against_itself(tiny_model_dir: Path, tokenizer) ->
     # The teacher is frozen and outside the module: no gradients, never an optimizer parameter.
     assert all(parameter.grad is None for parameter in teacher.parameters())
     assert not any(p is q for p in module.parameters() for q in teacher.parameters())
+
+
+def test_robust_distillation_teacher_reads_the_clean_example(
+    tiny_model_dir: Path, tokenizer
+) -> None:
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    copy = student.from_teacher(teacher, [0, 1]).eval()
+    clean, _ = _batch(tokenizer)
+    # Adversarial versions: other prompt tokens (one of them longer), the same targets.
+    perturbed = [
+        data.Example("p", "t", [11, 12, 13, 14, 8, 9, tokenizer.eos_token_id], 4, 0),
+        data.Example("p", "t", [15, 7, tokenizer.eos_token_id], 2, 1),
+    ]
+    module = objective.DistillationObjective(
+        copy,
+        objective.FrozenTeacher(teacher),
+        _settings(),
+        len(tokenizer),
+        sampling=objective.Sampling(tokenizer, "no", 0),
+        clean_examples=clean,
+    )
+    student_batch = data.collate(perturbed, tokenizer.pad_token_id, 8)
+    robust = module(**student_batch, **module.extra_inputs([0, 1]))["distill"]
+    # The same student against a teacher that also reads the perturbed input: zero loss, as
+    # the student is the teacher; against the clean input it is not.
+    assert module(**student_batch)["distill"].item() < 1e-6
+    assert robust.item() > 1e-3
+    # Swapping roles: the student reading the clean examples matches the teacher exactly.
+    clean_batch = data.collate(clean, tokenizer.pad_token_id, 8)
+    assert module(**clean_batch, **module.extra_inputs([0, 1]))["distill"].item() < 1e-6

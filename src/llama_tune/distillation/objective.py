@@ -69,7 +69,7 @@ def distilled_count(example: data.Example, settings: DistillConfig) -> int:
         return 1
     if settings.positions == "all":
         return len(example.input_ids) - 1
-    return len(example.input_ids) - example.prompt_length
+    return example.target_length
 
 
 @dataclass(frozen=True)
@@ -99,8 +99,12 @@ class DistillationObjective(torch.nn.Module):
         cached: CachedTeacher | None = None,
         hidden_match: HiddenStateMatch | None = None,
         sampling: Sampling | None = None,
+        clean_examples: list[data.Example] | None = None,
     ) -> None:
+        """`clean_examples` (the training split) make an online teacher read each example's
+        clean text while the student reads its adversarial version (robust distillation)."""
         super().__init__()
+        self.clean_examples = clean_examples
         self.sampling = sampling
         self.model = model
         self.teacher = teacher
@@ -117,7 +121,7 @@ class DistillationObjective(torch.nn.Module):
 
     def counts(self, example: data.Example) -> dict[str, int]:
         positions = distilled_count(example, self.settings)
-        counts = {"ce": len(example.input_ids) - example.prompt_length, "distill": positions}
+        counts = {"ce": example.target_length, "distill": positions}
         if self.hidden_match is not None:
             counts["hidden"] = positions
         return counts
@@ -138,8 +142,15 @@ class DistillationObjective(torch.nn.Module):
         ]
 
     def extra_inputs(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        """The cached teacher tensors of these training examples (nothing when online)."""
-        return {} if self.cached is None else self.cached.batch(indices)
+        """What the teacher's side needs of these training examples: their cached tensors, or
+        in robust distillation their clean versions; nothing otherwise."""
+        if self.cached is not None:
+            return self.cached.batch(indices)
+        if self.clean_examples is None or self.sampling is None:
+            return {}
+        clean = [self.clean_examples[index] for index in indices]
+        batch = data.collate(clean, self.sampling.tokenizer.pad_token_id, 1)
+        return {f"teacher_{name}": value for name, value in batch.items()}
 
     def forward(
         self,
@@ -149,6 +160,9 @@ class DistillationObjective(torch.nn.Module):
         teacher_ids: torch.Tensor | None = None,
         teacher_log_probs: torch.Tensor | None = None,
         teacher_rest: torch.Tensor | None = None,
+        teacher_input_ids: torch.Tensor | None = None,
+        teacher_attention_mask: torch.Tensor | None = None,
+        teacher_labels: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         base = models.causal_lm(self.model)
         head = base.get_output_embeddings()
@@ -169,10 +183,20 @@ class DistillationObjective(torch.nn.Module):
             assert teacher_rest is not None
             side = TopKTeacher(teacher_ids, teacher_log_probs, teacher_rest, self.cached.has_rest)
         elif self.teacher is not None:
+            teacher_distilled = distilled
+            if teacher_input_ids is not None:
+                # Robust distillation: the teacher reads the clean example. Its target tokens
+                # are the student's, so the distilled positions pair up in order.
+                assert teacher_attention_mask is not None
+                assert teacher_labels is not None
+                input_ids, attention_mask = teacher_input_ids, teacher_attention_mask
+                teacher_distilled = distilled_positions(
+                    teacher_labels, attention_mask, self.settings
+                )
             teacher_output = self.teacher.outputs(input_ids, attention_mask, every_layer)
             teacher_states = teacher_output.last_hidden_state[:, :-1]
             side = OnlineTeacher(
-                teacher_states[distilled], self.teacher.head, self.vocab_size, subset
+                teacher_states[teacher_distilled], self.teacher.head, self.vocab_size, subset
             )
         else:
             return {"ce": cross_entropy}

@@ -182,6 +182,11 @@ def _hidden_match(
     )
 
 
+def _robust(recipe: config.Recipe) -> bool:
+    """Whether the student trains on adversarial examples (the teacher then reads clean ones)."""
+    return recipe.adversarial is not None and recipe.adversarial.augment is not None
+
+
 def load(
     recipe: config.Recipe, accelerator: Accelerator, run_dir: Path
 ) -> tuple[models.ModelBundle, DistillationObjective, data.Datasets]:
@@ -239,6 +244,8 @@ def load(
         cached,
         _hidden_match(settings, student_model, teacher, keep),
         Sampling(tokenizer, mixed_precision, recipe.train.seed),
+        # A cache already holds the teacher's view of the clean examples.
+        datasets.train.examples if _robust(recipe) and frozen is not None else None,
     )
     bundle = models.ModelBundle(model=student_model, tokenizer=tokenizer)
     return bundle, objective, datasets

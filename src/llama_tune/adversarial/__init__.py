@@ -1,0 +1,1 @@
+"""Adversarial examples, adversarial training and robustness scores."""

@@ -1,0 +1,232 @@
+"""Adversarial examples during training: which examples are perturbed, how, and into what.
+
+At every step each training example is perturbed with probability `adversarial.augment.
+probability`, by one of the recipe's methods. The choice and the perturbation depend only on
+the seed, the step and the example's index (the gradient method also on the model at that
+step, which checkpoints hold), so a resumed run repeats them exactly. Only the input side
+changes: the target text and tokens stay those of the clean row.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, replace
+
+from peft import PeftModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from llama_tune import config, data, models
+from llama_tune.adversarial import text, tokens
+from llama_tune.config import AugmentConfig
+from llama_tune.tasks import TASKS
+
+
+def example_rng(seed: int, step: int, index: int) -> random.Random:
+    """The random source of one example at one step (string seeds hash stably)."""
+    return random.Random(f"augment:{seed}:{step}:{index}")
+
+
+@dataclass
+class Perturbed:
+    """An example, its perturbed version and the method used; `clean` when none applied."""
+
+    clean: data.Example
+    example: data.Example
+    method: str | None
+
+
+def needs_model(settings: AugmentConfig) -> bool:
+    """Whether the methods read the model (its embeddings, or its gradients)."""
+    return bool({"neighbour", "gradient"} & set(settings.methods))
+
+
+class Augmenter:
+    """Turns the clean examples of a training step into the ones the model trains on."""
+
+    def __init__(
+        self,
+        settings: AugmentConfig,
+        formatter: data.TaskFormatter,
+        tokenizer: PreTrainedTokenizerBase,
+        model: PreTrainedModel | PeftModel | None,
+        seed: int,
+        precision: str,
+    ) -> None:
+        self.settings = settings
+        self.formatter = formatter
+        self.tokenizer = tokenizer
+        self.model = model
+        self.seed = seed
+        self.precision = precision
+        self.neighbours: tokens.EmbeddingNeighbours | None = None
+        if needs_model(settings):
+            assert model is not None
+            embeddings = models.causal_lm(model).get_input_embeddings().weight
+            self.neighbours = tokens.EmbeddingNeighbours(embeddings, tokenizer)
+
+    def method_for(self, step: int, index: int) -> str | None:
+        """The method that perturbs example `index` at `step`, or None to keep it clean."""
+        rng = random.Random(f"choose:{self.seed}:{step}:{index}")
+        if rng.random() >= self.settings.probability:
+            return None
+        method = rng.choice(self.settings.methods)
+        if method == "gradient" and step % self.settings.gradient_every:
+            return None
+        return method
+
+    def perturb(
+        self,
+        step: int,
+        indices: list[int],
+        examples: list[data.Example],
+        methods: list[str | None] | None = None,
+    ) -> list[Perturbed]:
+        """Each example with its perturbation at `step` (gradient ones attacked as a batch).
+
+        `methods` forces each example's method (the preview); None draws them as training does.
+        """
+        if methods is None:
+            methods = [self.method_for(step, index) for index in indices]
+        results = []
+        attacked: list[int] = []
+        for position, (index, example, method) in enumerate(
+            zip(indices, examples, methods, strict=True)
+        ):
+            rng = example_rng(self.seed, step, index)
+            if method in text.TEXT_METHODS:
+                results.append(self._text_perturbed(example, method, rng))
+            elif method == "neighbour":
+                assert self.neighbours is not None
+                where = tokens.input_positions(example, self.formatter, self.tokenizer)
+                substitutions = tokens.neighbour_substitutions(
+                    example,
+                    where,
+                    self.neighbours,
+                    self.settings.neighbours,
+                    self.settings.budget,
+                    rng,
+                )
+                results.append(self._token_perturbed(example, substitutions, method))
+            else:
+                results.append(Perturbed(example, example, None))
+                if method == "gradient":
+                    attacked.append(position)
+        if attacked:
+            self._attack(step, [indices[i] for i in attacked], results, attacked)
+        return results
+
+    def _attack(
+        self, step: int, indices: list[int], results: list[Perturbed], attacked: list[int]
+    ) -> None:
+        assert self.neighbours is not None
+        assert self.model is not None
+        clean = [results[i].clean for i in attacked]
+        where = [tokens.input_positions(e, self.formatter, self.tokenizer) for e in clean]
+        substitutions = tokens.gradient_substitutions(
+            self.model,
+            clean,
+            where,
+            self.neighbours,
+            self.settings.neighbours,
+            self.settings.budget,
+            [example_rng(self.seed, step, index) for index in indices],
+            self.tokenizer.pad_token_id,
+            self.precision,
+        )
+        for i, example, chosen in zip(attacked, clean, substitutions, strict=True):
+            results[i] = self._token_perturbed(example, chosen, "gradient")
+
+    def _text_perturbed(self, example: data.Example, method: str, rng: random.Random) -> Perturbed:
+        fields = dict(example.fields)
+        for name in self.formatter.task.input_fields:
+            fields[name] = text.TEXT_METHODS[method](fields[name], self.settings.budget, rng)
+        if fields == example.fields:
+            # The budget rounded down to no edit.
+            return Perturbed(example, example, None)
+        try:
+            encoded = data.encode(fields, self.formatter, self.tokenizer)
+        except ValueError:
+            encoded = None
+        if encoded is None:
+            # Longer than data.max_length allows, under truncation: drop or error: stay clean.
+            return Perturbed(example, example, None)
+        input_ids, prompt_length, _ = encoded
+        # The target tokens are the clean example's, whatever re-encoding the prompt did.
+        input_ids = input_ids[:prompt_length] + example.input_ids[example.prompt_length :]
+        perturbed = replace(
+            example,
+            prompt=self.formatter.prompt(fields, self.tokenizer),
+            input_ids=input_ids,
+            prompt_length=prompt_length,
+            fields=fields,
+        )
+        return Perturbed(example, perturbed, method)
+
+    def _token_perturbed(
+        self, example: data.Example, substitutions: dict[int, int], method: str
+    ) -> Perturbed:
+        if not substitutions:
+            return Perturbed(example, example, None)
+        perturbed = tokens.with_tokens(example, substitutions)
+        fields = dict(example.fields)
+        where = tokens.input_positions(example, self.formatter, self.tokenizer)
+        (name,) = self.formatter.task.input_fields
+        # The input as the model now reads it, for previews and predictions.
+        span = perturbed.input_ids[where[0] : where[-1] + 1]
+        fields[name] = self.tokenizer.decode(span).strip()
+        prompt = self.tokenizer.decode(perturbed.input_ids[: perturbed.prompt_length])
+        return Perturbed(example, replace(perturbed, prompt=prompt, fields=fields), method)
+
+    def training_batches(
+        self, step: int, indices: list[list[int]], batches: list[list[data.Example]]
+    ) -> tuple[list[list[int]], list[list[data.Example]]]:
+        """The step's micro-batches as trained on, with the example index of each row.
+
+        replace: perturbed examples take their clean ones' places; add: they join their
+        micro-batch after the clean examples.
+        """
+        new_indices, new_batches = [], []
+        for batch_indices, batch in zip(indices, batches, strict=True):
+            perturbed = self.perturb(step, batch_indices, batch)
+            if self.settings.mode == "replace":
+                new_indices.append(list(batch_indices))
+                new_batches.append([item.example for item in perturbed])
+                continue
+            added = [
+                (index, item.example)
+                for index, item in zip(batch_indices, perturbed, strict=True)
+                if item.method is not None
+            ]
+            new_indices.append(list(batch_indices) + [index for index, _ in added])
+            new_batches.append(list(batch) + [example for _, example in added])
+        return new_indices, new_batches
+
+
+def preview(recipe: config.Recipe, count: int, precision: str) -> list[Perturbed]:
+    """The first `count` training rows, each perturbed by the recipe's methods in turn.
+
+    Every row shown is perturbed (the probability is for training); the gradient method attacks
+    the model as training starts (the base model wearing a fresh adapter).
+    """
+    assert recipe.adversarial is not None
+    assert recipe.adversarial.augment is not None
+    settings = recipe.adversarial.augment
+    model = None
+    if needs_model(settings):
+        loaded = models.load(recipe.model, recipe.adapter, precision)
+        tokenizer, model = loaded.tokenizer, loaded.model
+    else:
+        tokenizer = models.load_tokenizer(recipe.model.name, recipe.model.revision)
+    datasets = data.build(recipe.data.model_copy(update={"max_train_rows": count}), tokenizer)
+    formatter = data.TaskFormatter(recipe.data, datasets.labels)
+    augmenter = Augmenter(settings, formatter, tokenizer, model, recipe.train.seed, precision)
+    examples = datasets.train.examples[:count]
+    methods: list[str | None] = [
+        settings.methods[i % len(settings.methods)] for i in range(len(examples))
+    ]
+    return augmenter.perturb(0, list(range(len(examples))), examples, methods)
+
+
+def input_fields(recipe: config.Recipe) -> tuple[str, ...]:
+    """The task fields that perturbations change."""
+    return TASKS[recipe.data.task].input_fields

@@ -1,0 +1,199 @@
+"""Token-level perturbations: embedding neighbours and gradient-guided (HotFlip) substitutions.
+
+Both work on an encoded example directly: the tokens of the input field inside the prompt are
+replaced, the template and the target stay as they are. The substitutes come from the model's
+own input-embedding matrix (cosine nearest neighbours), so no word list is needed and any
+language the tokenizer covers works. HotFlip (Ebrahimi et al., 2018) ranks each candidate by the
+first-order change of the loss, (e_candidate - e_token) . dloss/de_token, and takes the best.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+
+import torch
+from peft import PeftModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from llama_tune import data, models, scoring
+from llama_tune.adversarial.text import edit_count
+from llama_tune.train import target_cross_entropy
+
+SENTINEL = "\x00"
+
+
+def input_positions(
+    example: data.Example, formatter: data.TaskFormatter, tokenizer: PreTrainedTokenizerBase
+) -> list[int]:
+    """Positions in `example.input_ids` of the tokens that spell its input field(s).
+
+    The field's place in the prompt is found by rendering the prompt with a sentinel in its place;
+    tokens whose characters lie wholly inside the field are its tokens. A truncated prompt only
+    matches up to where it was cut.
+    """
+    special = not formatter.config.chat_template
+    encoded = tokenizer(example.prompt, add_special_tokens=special, return_offsets_mapping=True)
+    ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+    matching = 0
+    while (
+        matching < min(len(ids), example.prompt_length)
+        and ids[matching] == example.input_ids[matching]
+    ):
+        matching += 1
+    positions: list[int] = []
+    for name in formatter.task.input_fields:
+        marked = formatter.prompt(example.fields | {name: SENTINEL}, tokenizer)
+        start = marked.index(SENTINEL)
+        end = start + len(example.fields[name])
+        positions += [
+            i
+            for i in range(matching)
+            if start < offsets[i][1] <= end and _starts_inside(marked, offsets[i][0], start)
+        ]
+    return sorted(set(positions))
+
+
+def _starts_inside(prompt: str, token_start: int, field_start: int) -> bool:
+    """A token starts inside the field, or just before it with only the space that leads it."""
+    return token_start >= field_start or prompt[token_start:field_start].isspace()
+
+
+class EmbeddingNeighbours:
+    """Nearest tokens by cosine similarity of the model's input embeddings.
+
+    Special and added tokens and tokens that decode to nothing are never offered. A token that
+    starts a word (its text begins with a space) is only replaced by one that does too, and a
+    word piece by a word piece, so substitutions never glue or split words.
+    """
+
+    def __init__(self, embeddings: torch.Tensor, tokenizer: PreTrainedTokenizerBase) -> None:
+        vocabulary = len(tokenizer)
+        self.unit = torch.nn.functional.normalize(embeddings[:vocabulary].float().detach(), dim=1)
+        usable = torch.ones(vocabulary, dtype=torch.bool)
+        usable[tokenizer.all_special_ids] = False
+        usable[list(tokenizer.added_tokens_decoder)] = False
+        starts_word = torch.zeros(vocabulary, dtype=torch.bool)
+        for token_id in range(vocabulary):
+            text = tokenizer.decode([token_id])
+            starts_word[token_id] = text[:1].isspace()
+            if usable[token_id] and not text.strip():
+                usable[token_id] = False
+        self.usable = usable
+        self.starts_word = starts_word
+        self._cache: dict[int, list[int]] = {}
+
+    def nearest(self, token_id: int, count: int) -> list[int]:
+        """The `count` usable tokens closest to `token_id`, closest first, itself excluded."""
+        return self.nearest_many([token_id], count)[0]
+
+    def nearest_many(self, token_ids: list[int], count: int) -> list[list[int]]:
+        """`nearest` for several tokens; the ones not seen before are found in one product."""
+        missing = sorted({t for t in token_ids if len(self._cache.get(t, ())) < count})
+        if missing:
+            similarity = self.unit[missing] @ self.unit.T
+            similarity[:, ~self.usable] = -2.0
+            rows = torch.arange(len(missing))
+            other_kind = self.starts_word[None, :] != self.starts_word[missing][:, None]
+            similarity[other_kind] = -2.0
+            similarity[rows, missing] = -2.0
+            for token_id, found in zip(
+                missing, similarity.topk(count).indices.tolist(), strict=True
+            ):
+                self._cache[token_id] = found
+        return [self._cache[token_id][:count] for token_id in token_ids]
+
+
+def with_tokens(example: data.Example, substitutions: dict[int, int]) -> data.Example:
+    """A copy of `example` with the tokens at some positions replaced."""
+    input_ids = list(example.input_ids)
+    for position, token_id in substitutions.items():
+        input_ids[position] = token_id
+    return replace(example, input_ids=input_ids)
+
+
+def neighbour_substitutions(
+    example: data.Example,
+    positions: list[int],
+    neighbours: EmbeddingNeighbours,
+    candidates: int,
+    budget: float,
+    rng: random.Random,
+) -> dict[int, int]:
+    """Random input tokens, each replaced by one of its `candidates` nearest neighbours."""
+    chosen = rng.sample(positions, edit_count(budget, len(positions), rng))
+    return {
+        position: rng.choice(neighbours.nearest(example.input_ids[position], candidates))
+        for position in sorted(chosen)
+    }
+
+
+def gradient_substitutions(
+    model: PreTrainedModel | PeftModel,
+    examples: list[data.Example],
+    positions: list[list[int]],
+    neighbours: EmbeddingNeighbours,
+    candidates: int,
+    budget: float,
+    rngs: list[random.Random],
+    pad_token_id: int,
+    precision: str,
+) -> list[dict[int, int]]:
+    """For each example, the neighbour substitutions that most raise the model's loss.
+
+    Greedy, one substitution per example per round: each round a forward and backward of the
+    batch gives every input token's loss gradient at the current perturbation, and each example
+    takes the untouched position and candidate with the largest first-order gain. Rounds go on
+    until each example has its `budget` of substitutions. The model's parameters get no
+    gradient and its training mode is restored.
+    """
+    wanted = [
+        edit_count(budget, len(usable), rng) for usable, rng in zip(positions, rngs, strict=True)
+    ]
+    chosen: list[dict[int, int]] = [{} for _ in examples]
+    table = models.causal_lm(model).get_input_embeddings().weight.detach()
+    for _ in range(max(wanted, default=0)):
+        active = [i for i in range(len(examples)) if len(chosen[i]) < wanted[i]]
+        current = [with_tokens(examples[i], chosen[i]) for i in active]
+        gradient = input_gradients(model, current, pad_token_id, precision)
+        for row, i in enumerate(active):
+            untouched = [p for p in positions[i] if p not in chosen[i]]
+            token_ids = [examples[i].input_ids[p] for p in untouched]
+            options = torch.tensor(neighbours.nearest_many(token_ids, candidates))
+            options = options.to(table.device)
+            originals = table[torch.tensor(token_ids, device=table.device)]
+            # First-order loss change of each swap: (e_candidate - e_token) . gradient.
+            gains = torch.einsum(
+                "pcd,pd->pc",
+                table[options].float() - originals[:, None].float(),
+                gradient[row, untouched],
+            )
+            best = int(gains.argmax())
+            position, candidate = divmod(best, options.shape[1])
+            chosen[i][untouched[position]] = int(options[position, candidate])
+    return chosen
+
+
+def input_gradients(
+    model: PreTrainedModel | PeftModel,
+    examples: list[data.Example],
+    pad_token_id: int,
+    precision: str,
+) -> torch.Tensor:
+    """[batch, length, width] gradient of the summed target cross-entropy w.r.t. each input
+    embedding, in float32, with the model in eval mode and its parameters untouched."""
+    base = models.causal_lm(model)
+    embedding = base.get_input_embeddings()
+    batch = data.collate(examples, pad_token_id, 1)
+    batch = {name: value.to(embedding.weight.device) for name, value in batch.items()}
+    was_training = model.training
+    model.eval()
+    with torch.enable_grad(), scoring.autocast_for(model, precision):
+        embedded = embedding(batch["input_ids"]).detach().requires_grad_(True)
+        hidden = base.get_decoder()(
+            inputs_embeds=embedded, attention_mask=batch["attention_mask"]
+        ).last_hidden_state
+        loss = target_cross_entropy(base.get_output_embeddings(), hidden[:, :-1], batch["labels"])
+        (gradient,) = torch.autograd.grad(loss, embedded)
+    model.train(was_training)
+    return gradient.float()

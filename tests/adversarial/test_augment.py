@@ -1,0 +1,116 @@
+"""Adversarial examples in training: seeded choices, clean targets, exact resume, the preview."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from llama_tune import cli, config, data, models, train
+from llama_tune.adversarial import augment
+
+ALL_METHODS = "adversarial.augment.methods=[char,word,neighbour,gradient]"
+
+
+@pytest.fixture
+def augmenter(tiny_recipe) -> tuple[augment.Augmenter, list[data.Example]]:
+    recipe = config.load(tiny_recipe(), [ALL_METHODS, "adversarial.augment.probability=0.8"])
+    loaded = models.load(recipe.model, recipe.adapter)
+    datasets = data.build(recipe.data, loaded.tokenizer)
+    formatter = data.TaskFormatter(recipe.data, datasets.labels)
+    assert recipe.adversarial is not None
+    assert recipe.adversarial.augment is not None
+    made = augment.Augmenter(
+        recipe.adversarial.augment, formatter, loaded.tokenizer, loaded.model, 7, "no"
+    )
+    return made, datasets.train.examples[:32]
+
+
+def test_perturbations_are_seeded_and_leave_targets_alone(augmenter) -> None:
+    made, examples = augmenter
+    indices = list(range(len(examples)))
+    first = made.perturb(3, indices, examples)
+    again = made.perturb(3, indices, examples)
+    assert [item.example.input_ids for item in first] == [item.example.input_ids for item in again]
+    assert [item.method for item in first] != [
+        item.method for item in made.perturb(4, indices, examples)
+    ]
+    methods = {item.method for item in first}
+    assert {"char", "word", "neighbour", "gradient"} <= methods
+    for item in first:
+        clean, perturbed = item.clean, item.example
+        assert perturbed.target == clean.target
+        assert perturbed.fields["label"] == clean.fields["label"]
+        assert (
+            perturbed.input_ids[perturbed.prompt_length :] == clean.input_ids[clean.prompt_length :]
+        )
+        if item.method is None:
+            assert perturbed is clean
+        else:
+            assert perturbed.input_ids != clean.input_ids
+            assert perturbed.fields["text"] != clean.fields["text"]
+
+
+def test_add_mode_appends_perturbed_copies(augmenter) -> None:
+    made, examples = augmenter
+    made.settings = made.settings.model_copy(update={"mode": "add"})
+    indices = [[0, 1, 2, 3], [4, 5, 6, 7]]
+    batches = [[examples[i] for i in batch] for batch in indices]
+    new_indices, new_batches = made.training_batches(5, indices, batches)
+    for before, after, after_indices in zip(batches, new_batches, new_indices, strict=True):
+        assert after[: len(before)] == before
+        assert len(after) == len(after_indices)
+        for index, example in zip(after_indices[len(before) :], after[len(before) :], strict=True):
+            assert example.target == examples[index].target
+    assert sum(len(batch) for batch in new_batches) > 8
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / train.METRICS).open()]
+
+
+def test_augmented_training_resumes_exactly(resumes_exactly) -> None:
+    overrides = [ALL_METHODS, "adversarial.augment.mode=add", "adapter.dropout=0.1"]
+    expected = resumes_exactly("augment", overrides)
+    losses = [record["loss"] for record in _metrics(expected.run_dir) if "loss" in record]
+    assert losses[-1] < losses[0]
+
+
+def test_preview_prints_clean_and_perturbed_rows(tiny_recipe, capsys) -> None:
+    path = tiny_recipe()
+    assert cli.main(["augment", str(path), ALL_METHODS, "--show", "4"]) == 0
+    shown = capsys.readouterr().out
+    for method in ("char", "word", "neighbour", "gradient"):
+        assert f"· {method}" in shown
+    assert shown.count("clean") == 4
+    assert shown.count("perturbed") == 4
+    assert cli.main(["augment", str(path)]) == cli.USAGE_ERROR
+    assert "no adversarial.augment section" in capsys.readouterr().err
+
+
+def test_bad_adversarial_sections_are_named() -> None:
+    base = {"data": {"source": "x", "task": "classification"}}
+    recipe = base | {
+        "adversarial": {"augment": {"methods": [], "budget": 0}, "train": {"method": None}},
+        "distill": {"teacher": {"name": "t"}, "positions": "all", "hidden_states": {}},
+    }
+    with pytest.raises(config.RecipeError) as caught:
+        config.parse(recipe, "bad.yaml")
+    problems = "\n".join(caught.value.problems)
+    assert "adversarial.augment.methods" in problems
+    assert "adversarial.augment.budget" in problems
+    assert "adversarial.train" in problems
+    assert "neftune_alpha" in problems
+    with pytest.raises(config.RecipeError) as caught:
+        config.parse(
+            base
+            | {
+                "adversarial": {"augment": {}},
+                "distill": {"teacher": {"name": "t"}, "positions": "all", "hidden_states": {}},
+            },
+            "bad.yaml",
+        )
+    problems = "\n".join(caught.value.problems)
+    assert "distill.positions: robust distillation" in problems
+    assert "distill.hidden_states: not available with adversarial.augment" in problems

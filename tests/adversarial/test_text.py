@@ -1,0 +1,68 @@
+"""Character and word noise: seeded, within budget, whitespace kept."""
+
+from __future__ import annotations
+
+import difflib
+import math
+import random
+
+import pytest
+
+from llama_tune.adversarial import text
+
+SENTENCE = (
+    "the acting is superb , and the story moves along at a brisk pace\n"
+    "until its oddly rushed final act ."
+)
+
+
+@pytest.mark.parametrize("method", ["char", "word"])
+def test_same_seed_same_perturbation(method: str) -> None:
+    perturb = text.TEXT_METHODS[method]
+    first = perturb(SENTENCE, 0.3, random.Random(7))
+    assert first == perturb(SENTENCE, 0.3, random.Random(7))
+    others = {perturb(SENTENCE, 0.3, random.Random(seed)) for seed in range(8)}
+    assert len(others) > 1
+    assert first != SENTENCE
+
+
+@pytest.mark.parametrize("budget", [0.05, 0.2, 0.5, 1.0])
+def test_char_noise_touches_at_most_the_budget_of_words(budget: float) -> None:
+    words = SENTENCE.split()
+    eligible = sum(sum(char.isalpha() for char in word) >= 2 for word in words)
+    for seed in range(30):
+        noisy = text.char_noise(SENTENCE, budget, random.Random(seed)).split()
+        assert len(noisy) == len(words)
+        changed = sum(a != b for a, b in zip(words, noisy, strict=True))
+        assert changed <= math.ceil(budget * eligible)
+        # One character edit per changed word.
+        for a, b in zip(words, noisy, strict=True):
+            assert abs(len(a) - len(b)) <= 1
+
+
+@pytest.mark.parametrize("budget", [0.1, 0.3, 1.0])
+def test_word_noise_touches_at_most_the_budget_of_words(budget: float) -> None:
+    words = SENTENCE.split()
+    for seed in range(30):
+        noisy = text.word_noise(SENTENCE, budget, random.Random(seed)).split()
+        matcher = difflib.SequenceMatcher(a=words, b=noisy, autojunk=False)
+        kept = sum(block.size for block in matcher.get_matching_blocks())
+        # Every original word not kept in place was deleted or moved by a swap.
+        assert len(words) - kept <= math.ceil(budget * len(words))
+        assert noisy
+
+
+def test_budget_is_met_on_average() -> None:
+    words = SENTENCE.split()
+    noisy = [text.char_noise(SENTENCE, 0.25, random.Random(s)).split() for s in range(400)]
+    changed = [sum(a != b for a, b in zip(words, other, strict=True)) for other in noisy]
+    eligible = sum(sum(char.isalpha() for char in word) >= 2 for word in words)
+    assert abs(sum(changed) / len(changed) - 0.25 * eligible) < 0.3
+
+
+def test_whitespace_and_short_texts_survive() -> None:
+    noisy = text.char_noise(SENTENCE, 1.0, random.Random(0))
+    assert noisy.count("\n") == 1
+    assert text.word_noise("one", 1.0, random.Random(0)) in {"one", "one one"}
+    assert text.char_noise("a . !", 1.0, random.Random(0)) == "a . !"
+    assert text.word_noise("", 1.0, random.Random(0)) == ""
