@@ -318,6 +318,10 @@ def run(
         from llama_tune.distillation import setup
 
         bundle, objective, datasets = setup.load(recipe, accelerator, run_dir)
+    if recipe.adversarial is not None and recipe.adversarial.train is not None:
+        from llama_tune.adversarial.embedding import AdversarialObjective
+
+        objective = AdversarialObjective(objective, recipe.adversarial.train)
     tokenizer = bundle.tokenizer
     train_split, validation = datasets.train, datasets.validation
     augmenter = None
@@ -349,10 +353,11 @@ def run(
 
     trainable = [param for param in objective.parameters() if param.requires_grad]
     # Trained parameters outside the model (distillation projections) go into checkpoints too.
+    in_model = {id(param) for param in bundle.model.parameters()}
     extras = {
         name: param
         for name, param in objective.named_parameters()
-        if param.requires_grad and not name.startswith("model.")
+        if param.requires_grad and id(param) not in in_model
     }
     optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = get_scheduler(

@@ -1,0 +1,165 @@
+"""Embedding-space adversarial training: the epsilon ball, every method trains, accumulation,
+processes and resume behave as without it."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from llama_tune import config, data, train
+from llama_tune.adversarial import embedding
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _losses(run_dir: Path, key: str = "loss") -> list[float]:
+    records = [json.loads(line) for line in (run_dir / train.METRICS).open()]
+    return [record[key] for record in records if key in record and "eval_loss" not in record]
+
+
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_projection_keeps_every_position_in_the_ball(norm: str) -> None:
+    torch.manual_seed(0)
+    offset = torch.randn(3, 7, 16) * 5
+    inside = embedding.projected(offset, 0.5, norm)
+    size = inside.norm(dim=-1) if norm == "l2" else inside.abs().amax(dim=-1)
+    assert (size <= 0.5 + 1e-6).all()
+    small = offset * 1e-3
+    torch.testing.assert_close(embedding.projected(small, 0.5, norm), small)
+    start = embedding.random_start(offset.shape, 0.5, norm, offset.device)
+    size = start.norm(dim=-1) if norm == "l2" else start.abs().amax(dim=-1)
+    assert (size <= 0.5 + 1e-6).all()
+
+
+@pytest.mark.parametrize(("method", "norm"), [("fgm", "l2"), ("pgd", "l2"), ("pgd", "linf")])
+def test_adversarial_offsets_respect_the_epsilon_ball(
+    method: str, norm: str, tiny_model_dir: Path, tokenizer
+) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    settings = config.AdversarialTrainConfig(method=method, norm=norm, epsilon=0.3, steps=3)
+    objective = embedding.AdversarialObjective(train.TargetTokenLoss(model), settings).train()
+    seen: list[torch.Tensor] = []
+    model.get_input_embeddings().register_forward_hook(
+        lambda _module, _inputs, output: seen.append(output.detach())
+    )
+    examples = [
+        data.Example("p", "t", [5, 6, 7, 8, 9, tokenizer.eos_token_id], 3, 0),
+        data.Example("p", "t", [5, 6, tokenizer.eos_token_id], 2, 1),
+    ]
+    batch = data.collate(examples, tokenizer.pad_token_id, 8)
+    sums = objective(**batch)
+    assert set(sums) == {"ce", "adversarial_ce"}
+    assert sums["adversarial_ce"] > sums["ce"]
+    clean, adversarial = seen[0], seen[-1]
+    offset = adversarial - clean
+    size = offset.norm(dim=-1) if norm == "l2" else offset.abs().amax(dim=-1)
+    real = batch["attention_mask"].bool()
+    assert (size[real] <= 0.3 + 1e-5).all()
+    assert (size[~real] == 0).all()
+    if method == "fgm":
+        # One full step of length epsilon along the gradient at every real position but the
+        # last, which predicts nothing the loss counts (its gradient is zero).
+        lengths = batch["attention_mask"].sum(dim=1)
+        for row, length in enumerate(lengths.tolist()):
+            torch.testing.assert_close(size[row, : length - 1], torch.full((length - 1,), 0.3))
+            assert size[row, length - 1] == 0
+    # Evaluation is clean: no offset, one forward.
+    seen.clear()
+    assert set(objective.eval()(**batch)) == {"ce"}
+    assert len(seen) == 1
+
+
+METHODS = {
+    "fgm": ["adversarial.train.method=fgm"],
+    "pgd": ["adversarial.train.method=pgd", "adversarial.train.norm=linf"],
+    "freelb": ["adversarial.train.method=freelb", "adversarial.train.steps=2"],
+    "smart": ["adversarial.train.method=smart", "adversarial.train.epsilon=0.5"],
+    "neftune": ["adversarial.train.method=null", "adversarial.train.neftune_alpha=5"],
+}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_each_method_trains_and_the_loss_falls(method: str, tiny_recipe) -> None:
+    path = tiny_recipe(f"method-{method}", max_steps=8, lr=5e-3)
+    result = train.run(config.load(path, METHODS[method]), path)
+    losses = _losses(result.run_dir)
+    assert len(losses) == 8
+    assert losses[-1] < losses[0]
+    term = {"smart": "smoothness_loss", "neftune": "loss"}.get(method, "adversarial_ce_loss")
+    assert all(value > 0 for value in _losses(result.run_dir, term))
+
+
+@pytest.mark.parametrize("weights", ["full", "qlora"])
+def test_full_fine_tuning_and_qlora_train_adversarially(weights: str, tiny_recipe) -> None:
+    overrides = ["adversarial.train.method=pgd"]
+    overrides += ["adapter=null"] if weights == "full" else ["model.quantization=4bit"]
+    path = tiny_recipe(f"weights-{weights}", max_steps=6, lr=5e-3)
+    result = train.run(config.load(path, overrides), path)
+    losses = _losses(result.run_dir)
+    assert losses[-1] < losses[0]
+
+
+def test_accumulation_gives_the_same_adversarial_steps(tiny_recipe) -> None:
+    overrides = ["adversarial.train.method=pgd"]
+    whole = tiny_recipe("whole", batch_size=8, grad_accumulation=1, max_steps=4)
+    split = tiny_recipe("split", batch_size=2, grad_accumulation=4, max_steps=4)
+    first = _losses(train.run(config.load(whole, overrides), whole).run_dir)
+    second = _losses(train.run(config.load(split, overrides), split).run_dir)
+    for a, b in zip(first, second, strict=True):
+        assert abs(a - b) <= 1e-5 * abs(a)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_two_processes_give_the_same_adversarial_steps(tiny_recipe) -> None:
+    overrides = ["adversarial.train.method=pgd"]
+    single = tiny_recipe("single", batch_size=8, max_steps=3)
+    expected = _losses(train.run(config.load(single, overrides), single).run_dir)
+    double = tiny_recipe("double", batch_size=4, max_steps=3)
+    port = str(_free_port())
+    ranks = []
+    for rank in (0, 1):
+        environment = os.environ | {
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+            "WORLD_SIZE": "2",
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "LOCAL_WORLD_SIZE": "2",
+            "ACCELERATE_USE_CPU": "true",
+            "OMP_NUM_THREADS": "1",
+        }
+        command = [sys.executable, "-m", "llama_tune", "train", str(double), *overrides]
+        ranks.append(
+            subprocess.Popen(
+                command, cwd=REPO, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            )
+        )
+    for process in ranks:
+        output, _ = process.communicate(timeout=600)
+        assert process.returncode == 0, output.decode()[-2000:]
+    run_dir = double.parent / "double"
+    assert json.loads((run_dir / train.SUMMARY).read_text())["processes"] == 2
+    for a, b in zip(expected, _losses(run_dir), strict=True):
+        assert abs(a - b) <= 1e-5 * abs(a)
+
+
+def test_adversarial_training_resumes_exactly(resumes_exactly) -> None:
+    overrides = [
+        "adversarial.train.method=freelb",
+        "adversarial.train.neftune_alpha=5",
+        "adapter.dropout=0.1",
+    ]
+    resumes_exactly("freelb", overrides)
