@@ -188,3 +188,12 @@ def test_best_adapter_keys_are_checked_together(tmp_path: Path) -> None:
     path = tmp_path / "fine.yaml"
     path.write_text(fine)
     assert config.load(path, ["train.best_metric=chrf"]).train.best_metric == "chrf"
+
+
+def test_an_override_below_a_null_section_turns_it_on(tmp_path: Path) -> None:
+    path = tmp_path / "recipe.yaml"
+    path.write_text("data: {source: d, task: classification}\nevaluation: {robustness: null}\n")
+    recipe = config.load(path, ["evaluation.robustness.strengths=[0.3]"])
+    assert recipe.evaluation.robustness is not None
+    assert recipe.evaluation.robustness.strengths == [0.3]
+    assert recipe.evaluation.robustness.methods == ["char", "gradient"]

@@ -192,6 +192,34 @@ class TrainConfig(Section):
     """Accelerate trackers to log to, besides metrics.jsonl."""
 
 
+AUGMENT_METHODS = ("char", "word", "neighbour", "gradient")
+
+
+class RobustnessConfig(Section):
+    """Score the split again under perturbations of its inputs (the references unchanged)."""
+
+    methods: list[Literal["char", "word", "neighbour", "gradient"]] = ["char", "gradient"]
+    """Perturbation families (as in adversarial.augment); gradient attacks the model scored."""
+    strengths: list[float] = [0.1, 0.2]
+    """Budgets: the fraction of each input's words (char, word) or tokens changed."""
+    neighbours: int = Field(10, ge=1)
+    """Candidate substitutes per token for neighbour and gradient."""
+
+    @field_validator("methods")
+    @classmethod
+    def _some_methods(cls, methods: list[str]) -> list[str]:
+        if not methods or len(set(methods)) != len(methods):
+            raise ValueError(f"name one or more different methods of {', '.join(AUGMENT_METHODS)}")
+        return methods
+
+    @field_validator("strengths")
+    @classmethod
+    def _fractions(cls, strengths: list[float]) -> list[float]:
+        if not strengths or any(not 0 < value <= 1 for value in strengths):
+            raise ValueError("give one or more strengths, each above 0 and at most 1")
+        return sorted(set(strengths))
+
+
 class EvaluationConfig(Section):
     """How `llama-tune evaluate` scores the base model and the adapter."""
 
@@ -215,6 +243,8 @@ class EvaluationConfig(Section):
     """Score the split, adapter against base, when `llama-tune train` finishes."""
     adapter: Literal["final", "best"] = "final"
     """Which adapter of a run to score: the last one, or best/ (needs train.best_metric)."""
+    robustness: RobustnessConfig | None = None
+    """Also score every system under input perturbations; null: clean inputs only."""
 
 
 class OutputConfig(Section):
@@ -316,9 +346,6 @@ class DistillConfig(Section):
     cache: TeacherCacheConfig | None = None
     """Run the teacher once over the training split and train from its stored top-k
     distributions (teacher-cache/ in the run folder); null runs the teacher at every step."""
-
-
-AUGMENT_METHODS = ("char", "word", "neighbour", "gradient")
 
 
 class AugmentConfig(Section):
@@ -541,7 +568,10 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> list[str]:
         *parents, leaf = key.split(".")
         node = raw
         for depth, part in enumerate(parents):
-            child = node.setdefault(part, {})
+            if node.get(part) is None:
+                # A key below an absent or null section turns the section on.
+                node[part] = {}
+            child = node[part]
             if not isinstance(child, dict):
                 problems.append(
                     f"override {key}: {'.'.join(parents[: depth + 1])} is not a section"

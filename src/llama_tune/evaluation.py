@@ -148,20 +148,27 @@ def _system_result(
     }
 
 
-def _write_predictions(path: Path, eval_set: scoring.EvalSet) -> None:
+def _write_lines(path: Path, records: list[dict[str, Any]]) -> None:
     with path.open("w") as handle:
-        for example in eval_set.examples:
-            record = {
-                "row": example.row,
-                "input": example.input,
-                "reference": example.references[0],
-                "references": example.references,
-                "prediction": example.prediction,
-                "score": example.score,
-            }
-            if example.label_logprobs is not None:
-                record["label_logprobs"] = example.label_logprobs
+        for record in records:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def _write_predictions(path: Path, eval_set: scoring.EvalSet) -> None:
+    records = []
+    for example in eval_set.examples:
+        record = {
+            "row": example.row,
+            "input": example.input,
+            "reference": example.references[0],
+            "references": example.references,
+            "prediction": example.prediction,
+            "score": example.score,
+        }
+        if example.label_logprobs is not None:
+            record["label_logprobs"] = example.label_logprobs
+        records.append(record)
+    _write_lines(path, records)
 
 
 def run(
@@ -219,6 +226,16 @@ def run(
         first = system is systems[0]
         name = "predictions.jsonl" if first else f"predictions-{system.name}.jsonl"
         _write_predictions(out_dir / name, system_set)
+        if settings.robustness is not None:
+            # Imported here: most evaluations score clean inputs only.
+            from llama_tune.adversarial import robustness
+
+            with system.scoring():
+                records, perturbed = robustness.measure(
+                    system.model, tokenizer, recipe, eval_set, scored[system.name], precision
+                )
+            result["robustness"] = records
+            _write_lines(out_dir / f"robustness-{system.name}.jsonl", perturbed)
     results["differences"] = {
         f"{system} - {against}": scoring.compare(
             scored[system], scored[against], len(eval_set.examples), settings

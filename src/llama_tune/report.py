@@ -115,6 +115,71 @@ def confusion_plot(labels: list[str], matrix: list[list[int]]) -> bytes:
     return _png(figure)
 
 
+def headline_metric(metrics: dict[str, Any]) -> str:
+    """The metric robustness tables and charts show: ROUGE-L for summaries, else the first."""
+    return "rougeL" if "rougeL" in metrics else next(iter(metrics))
+
+
+def robustness_plot(series: dict[str, dict[str, Any]], metric: str) -> bytes:
+    """The metric against perturbation strength, one panel per method, one line per system.
+
+    `series` maps a system's label to its result (clean `metrics` and `robustness` records);
+    strength 0 is the clean score. Error bars are the 95% intervals.
+    """
+    methods = list(dict.fromkeys(r["method"] for s in series.values() for r in s["robustness"]))
+    figure, panels = plt.subplots(
+        1, len(methods), figsize=(3.6 * len(methods) + 1, 3.4), sharey=True, squeeze=False
+    )
+    for axes, method in zip(panels[0], methods, strict=True):
+        for label, result in series.items():
+            points = [(0.0, result["metrics"][metric])] + [
+                (record["strength"], record["metrics"][metric])
+                for record in result["robustness"]
+                if record["method"] == method
+            ]
+            strengths = [strength for strength, _ in points]
+            values = [interval["value"] for _, interval in points]
+            below = [interval["value"] - interval["low"] for _, interval in points]
+            above = [interval["high"] - interval["value"] for _, interval in points]
+            axes.errorbar(
+                strengths, values, yerr=[below, above], marker="o", capsize=3, label=label
+            )
+        axes.set_title(method)
+        axes.set_xlabel("strength (fraction changed)")
+        axes.grid(alpha=0.3)
+    panels[0][0].set_ylabel(f"{metric} (95% interval)")
+    panels[0][-1].legend(fontsize="small")
+    return _png(figure)
+
+
+def robustness_section(series: dict[str, dict[str, Any]]) -> Section | None:
+    """Clean and perturbed scores, and the drop, of every system that has robustness records."""
+    series = {label: result for label, result in series.items() if result.get("robustness")}
+    if not series:
+        return None
+    metric = headline_metric(next(iter(series.values()))["metrics"])
+    table = [["system", "method", "strength", "inputs changed", metric, "drop (clean - perturbed)"]]
+    for label, result in series.items():
+        table.append([label, "clean", "0", "", format_interval(result["metrics"][metric]), ""])
+        for record in result["robustness"]:
+            table.append(
+                [
+                    label,
+                    record["method"],
+                    f"{record['strength']:g}",
+                    str(record["changed"]),
+                    format_interval(record["metrics"][metric]),
+                    format_interval(record["drop"][metric]),
+                ]
+            )
+    text = (
+        "The split scored again with perturbed inputs (references unchanged). char and word "
+        "noise is the same for every system; gradient attacks each system itself. Drops are "
+        "paired on the same examples; each value with its 95% bootstrap interval."
+    )
+    return ("Robustness", text, table, robustness_plot(series, metric))
+
+
 def format_interval(interval: dict[str, float]) -> str:
     """`value [low, high]` with four decimals, as tables and the CLI show intervals."""
     return f"{interval['value']:.4f} [{interval['low']:.4f}, {interval['high']:.4f}]"
@@ -222,6 +287,9 @@ def write_run_report(out_dir: Path, results: dict[str, Any], run_dir: Path) -> N
         )
     if systems:
         sections.append(_size_and_speed(results["systems"]))
+    robustness = robustness_section(results["systems"])
+    if robustness is not None:
+        sections.append(robustness)
     curves = loss_plot(run_dir / "metrics.jsonl")
     if curves is not None:
         sections.append(("Loss curves", "", None, curves))
@@ -248,15 +316,20 @@ def write_run_report(out_dir: Path, results: dict[str, Any], run_dir: Path) -> N
 def compare_runs(results_paths: list[Path], out_dir: Path) -> dict[str, dict[str, Any]]:
     """One table and one chart of several evaluations' metrics; returns the rows shown."""
     rows: dict[str, dict[str, Any]] = {}
+    systems: dict[str, dict[str, Any]] = {}
     for path in results_paths:
         results = json.loads(path.read_text())
         # The folder name says the split, and "-best" for the best adapter of a run.
         run_name, scored = path.parents[2].name, path.parent.name
         for system, result in results["systems"].items():
             rows[f"{run_name} ({system}, {scored})"] = result["metrics"]
+            systems[f"{run_name} ({system}, {scored})"] = result
     text = f"{len(results_paths)} evaluation(s); each value with its 95% bootstrap interval."
     sections: list[Section] = [
         ("Metrics", text, _metric_table(rows), metric_plot(rows) if rows else None)
     ]
+    robustness = robustness_section(systems)
+    if robustness is not None:
+        sections.append(robustness)
     _write(out_dir, "Comparison of runs", sections)
     return rows

@@ -37,6 +37,10 @@ class EvalExample:
     score: float = 0.0
     """Per-example score: correctness (classification) or ROUGE-L / chrF (generation)."""
     label_logprobs: dict[str, float] | None = None
+    fields: dict[str, str] = field(default_factory=dict)
+    """The rendered row (input text, target, placeholders), for perturbing the input."""
+    target_ids: list[int] = field(default_factory=list)
+    """The first reference as target tokens (the loss a gradient attack raises)."""
 
 
 @dataclass
@@ -86,6 +90,8 @@ def load_eval_set(
                 input=rendered.fields[formatter.task.truncatable_field],
                 prompt_ids=rendered.input_ids[: rendered.prompt_length],
                 references=_references(rendered.row.values, target),
+                fields=rendered.fields,
+                target_ids=rendered.input_ids[rendered.prompt_length :],
             )
         )
         if limit is not None and len(eval_set.examples) >= limit:

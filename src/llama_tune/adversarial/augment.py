@@ -51,15 +51,17 @@ class Augmenter:
         model: PreTrainedModel | PeftModel | None,
         seed: int,
         precision: str,
+        neighbours: tokens.EmbeddingNeighbours | None = None,
     ) -> None:
+        """`neighbours` reuses a table already built for this model's embeddings."""
         self.settings = settings
         self.formatter = formatter
         self.tokenizer = tokenizer
         self.model = model
         self.seed = seed
         self.precision = precision
-        self.neighbours: tokens.EmbeddingNeighbours | None = None
-        if needs_model(settings):
+        self.neighbours = neighbours
+        if needs_model(settings) and neighbours is None:
             assert model is not None
             embeddings = models.causal_lm(model).get_input_embeddings().weight
             self.neighbours = tokens.EmbeddingNeighbours(embeddings, tokenizer)

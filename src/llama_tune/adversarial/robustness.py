@@ -1,0 +1,130 @@
+"""Robustness scores: the evaluation split scored again under perturbed inputs.
+
+Each method of `evaluation.robustness` perturbs every example's input at each strength (the
+budget), seeded by `evaluation.seed` and the example's place, so every system compared sees the
+same character and word noise. The gradient method attacks the system being scored: its own
+worst-case substitutions for the reference answer. The drop is the paired difference clean -
+perturbed on the same examples, with its bootstrap interval.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from peft import PeftModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from llama_tune import config, data, models, scoring
+from llama_tune.adversarial.augment import Augmenter
+from llama_tune.adversarial.tokens import EmbeddingNeighbours
+
+
+def as_example(
+    example: scoring.EvalExample,
+    formatter: data.TaskFormatter,
+    tokenizer: PreTrainedTokenizerBase,
+) -> data.Example:
+    """An evaluation row as a training example: its prompt and first reference as target.
+
+    The end-of-sequence token is left out of the target: scoring never reads it, so an attack
+    that raised its loss would be wasted.
+    """
+    target_ids = list(example.target_ids)
+    if target_ids and target_ids[-1] == tokenizer.eos_token_id:
+        target_ids.pop()
+    return data.Example(
+        prompt=formatter.prompt(example.fields, tokenizer),
+        target=example.references[0],
+        input_ids=example.prompt_ids + target_ids,
+        prompt_length=len(example.prompt_ids),
+        row=example.row,
+        fields=example.fields,
+    )
+
+
+def perturbed_set(
+    eval_set: scoring.EvalSet, augmenter: Augmenter, method: str, batch_size: int
+) -> tuple[scoring.EvalSet, int]:
+    """A copy of `eval_set` with every input perturbed by `method`; and how many changed."""
+    examples = [as_example(e, augmenter.formatter, augmenter.tokenizer) for e in eval_set.examples]
+    (field,) = augmenter.formatter.task.input_fields
+    perturbed_examples = []
+    changed = 0
+    # Batches bound the memory of the gradient attack, which runs a batch at a time.
+    for start in range(0, len(examples), batch_size):
+        indices = list(range(start, min(start + batch_size, len(examples))))
+        batch = [examples[index] for index in indices]
+        for index, item in zip(
+            indices, augmenter.perturb(0, indices, batch, [method] * len(batch)), strict=True
+        ):
+            changed += item.method is not None
+            perturbed_examples.append(
+                dataclasses.replace(
+                    eval_set.examples[index],
+                    input=item.example.fields[field],
+                    prompt_ids=item.example.input_ids[: item.example.prompt_length],
+                    prediction="",
+                    score=0.0,
+                    label_logprobs=None,
+                )
+            )
+    return dataclasses.replace(eval_set, examples=perturbed_examples), changed
+
+
+def measure(
+    model: PreTrainedModel | PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    recipe: config.Recipe,
+    eval_set: scoring.EvalSet,
+    clean: scoring.Scores,
+    precision: str,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(one record per method and strength, the perturbed predictions) for one system."""
+    settings = recipe.evaluation
+    robustness = settings.robustness
+    assert robustness is not None
+    formatter = data.TaskFormatter(recipe.data, eval_set.labels, strict_labels=False)
+    neighbours = None
+    if {"neighbour", "gradient"} & set(robustness.methods):
+        embeddings = models.causal_lm(model).get_input_embeddings().weight
+        neighbours = EmbeddingNeighbours(embeddings, tokenizer)
+    records, predictions = [], []
+    count = len(eval_set.examples)
+    for method in robustness.methods:
+        for strength in robustness.strengths:
+            augment = config.AugmentConfig(
+                methods=[method],
+                probability=1.0,
+                budget=strength,
+                neighbours=robustness.neighbours,
+            )
+            augmenter = Augmenter(
+                augment, formatter, tokenizer, model, settings.seed, precision, neighbours
+            )
+            perturbed, changed = perturbed_set(eval_set, augmenter, method, settings.batch_size)
+            seconds = scoring.predict(model, tokenizer, recipe, perturbed, precision)
+            scores = scoring.score(perturbed, recipe.data.task, settings)
+            records.append(
+                {
+                    "method": method,
+                    "strength": strength,
+                    "changed": changed,
+                    "metrics": {name: value.as_dict() for name, value in scores.intervals.items()},
+                    "drop": scoring.compare(clean, scores, count, settings),
+                    "seconds": seconds,
+                }
+            )
+            predictions += [
+                {
+                    "method": method,
+                    "strength": strength,
+                    "row": example.row,
+                    "input": example.input,
+                    "reference": example.references[0],
+                    "prediction": example.prediction,
+                    "score": example.score,
+                }
+                for example in perturbed.examples
+            ]
+    return records, predictions
