@@ -40,6 +40,7 @@ bench: install
 	$(BIN)/python benchmarks/train_throughput.py --precision fp32
 	$(BIN)/python benchmarks/scoring_speed.py
 	$(BIN)/python benchmarks/distillation.py
+	$(BIN)/python benchmarks/adversarial.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -81,8 +81,11 @@ def measure_llama_tune(recipe: config.Recipe, warmup: int) -> dict[str, float]:
     return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
 
 
-def measure_trl(recipe: config.Recipe, warmup: int) -> dict[str, float]:
-    """Tokens/s of TRL's SFTTrainer on the same prompts, targets, LoRA and batch size."""
+def measure_trl(
+    recipe: config.Recipe, warmup: int, neftune_alpha: float | None = None
+) -> dict[str, float]:
+    """Tokens/s of TRL's SFTTrainer on the same prompts, targets, LoRA and batch size
+    (with NEFTune noise of `neftune_alpha`, if given)."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
@@ -112,6 +115,7 @@ def measure_trl(recipe: config.Recipe, warmup: int) -> dict[str, float]:
             completion_only_loss=True,
             seed=settings.seed,
             dataloader_num_workers=0,
+            neftune_noise_alpha=neftune_alpha,
         )
         # The same storage dtype as llama-tune's (bf16 under bf16 autocast): only the loops differ.
         mixed_precision = "bf16" if settings.precision == "bf16" else "no"

@@ -184,7 +184,8 @@ def input_gradients(
     embedding, in float32, with the model in eval mode and its parameters untouched."""
     base = models.causal_lm(model)
     embedding = base.get_input_embeddings()
-    batch = data.collate(examples, pad_token_id, 1)
+    # Lengths padded to multiples of 16, as in training: each new shape rebuilds bf16 kernels.
+    batch = data.collate(examples, pad_token_id, 16)
     batch = {name: value.to(embedding.weight.device) for name, value in batch.items()}
     was_training = model.training
     model.eval()
