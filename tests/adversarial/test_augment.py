@@ -114,3 +114,24 @@ def test_bad_adversarial_sections_are_named() -> None:
     problems = "\n".join(caught.value.problems)
     assert "distill.positions: robust distillation" in problems
     assert "distill.hidden_states: not available with adversarial.augment" in problems
+
+
+@pytest.mark.parametrize("teacher", ["online", "cached"])
+def test_robust_distillation_trains_on_perturbed_inputs(
+    teacher: str, tiny_recipe, tiny_model_dir: Path
+) -> None:
+    overrides = [
+        f"distill.teacher.name={tiny_model_dir}",
+        "distill.student.from_teacher.keep_layers=[1]",
+        "adversarial.augment.methods=[char,word]",
+        "adversarial.augment.probability=1.0",
+    ]
+    if teacher == "cached":
+        overrides.append("distill.cache.top_k=16")
+    path = tiny_recipe(f"robust-{teacher}", max_steps=6, lr=5e-3)
+    result = train.run(config.load(path, overrides), path)
+    steps = [record for record in _metrics(result.run_dir) if "loss" in record]
+    distill = [record["distill_loss"] for record in steps]
+    assert len(distill) == 6
+    assert all(value > 0 for value in distill)
+    assert distill[-1] < distill[0]
