@@ -35,7 +35,7 @@ CONFIGURATIONS: dict[str, dict] = {
     "HotFlip, p 0.5": {"augment": {"methods": ["gradient"], "probability": 0.5}},
     "recipes/sst2_adversarial.yaml": {
         "augment": {"methods": ["char", "gradient"], "probability": 0.5},
-        "train": {"method": "pgd", "epsilon": 0.5, "steps": 2},
+        "train": {"method": "pgd", "epsilon": 0.02, "steps": 2},
     },
 }
 
