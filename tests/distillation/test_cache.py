@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from llama_tune import config, data, models, train
-from llama_tune.distillation import cache, objective, student
+from llama_tune.distillation import cache, objective, setup, student
 
 
 def _settings(tiny_model_dir: Path, **values: object) -> config.DistillConfig:
@@ -31,7 +31,15 @@ def _examples(tokenizer, data_root: Path, count: int) -> list[data.Example]:
 
 def _build(run_dir: Path, settings, teacher, examples, tokenizer) -> Path:
     return cache.build(
-        run_dir, settings, teacher, examples, len(tokenizer), None, 4, tokenizer.pad_token_id, "no"
+        run_dir,
+        settings,
+        lambda: teacher,
+        examples,
+        len(tokenizer),
+        None,
+        4,
+        tokenizer.pad_token_id,
+        "no",
     )
 
 
@@ -163,3 +171,26 @@ def test_training_from_the_cache_cli(tiny_recipe, tiny_model_dir: Path) -> None:
     # The validation split is not cached: its eval reports the task loss only.
     assert all("eval_distill_loss" not in record for record in records)
     assert models.parameter_counts(AutoModelForCausalLM.from_pretrained(result.weights_dir))[1] > 0
+
+
+def test_a_finished_cache_spares_loading_the_teacher(
+    tiny_recipe, tiny_model_dir: Path, make_tiny_llama, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    student_dir = make_tiny_llama("student", width=32, layers=1, seed=1)
+    overrides = [
+        f"model.name={student_dir}",
+        f"distill.teacher.name={tiny_model_dir}",
+        "distill.cache.top_k=8",
+        "adapter=null",
+    ]
+    path = tiny_recipe(max_steps=2)
+    recipe = config.load(path, overrides)
+    folder = setup.build_cache(recipe, path)
+
+    def refuse(*_args: object) -> None:
+        raise AssertionError("the teacher was loaded")
+
+    monkeypatch.setattr(setup, "load_teacher", refuse)
+    assert setup.build_cache(recipe, path) == folder
+    result = train.run(recipe, path)
+    assert result.summary["status"] == "finished"

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -128,7 +129,7 @@ def _teacher_shard(
 def build(
     run_dir: Path,
     settings: config.DistillConfig,
-    teacher: PreTrainedModel,
+    teacher: Callable[[], PreTrainedModel],
     examples: list[data.Example],
     vocab_size: int,
     token_subset: torch.Tensor | None,
@@ -139,6 +140,7 @@ def build(
     """Write the missing shards of the teacher cache; returns its folder.
 
     Finished shards are never recomputed, so an interrupted build continues where it stopped.
+    `teacher` loads the teacher; it is called only when a shard is missing.
     """
     assert settings.cache is not None
     folder = run_dir / CACHE_DIR
@@ -149,7 +151,9 @@ def build(
     write_json(folder / MANIFEST, expected)
     per_shard = settings.cache.examples_per_shard
     missing = missing_shards(folder, len(examples), per_shard)
-    frozen = FrozenTeacher(teacher)
+    if not missing:
+        return folder
+    frozen = FrozenTeacher(teacher())
     for shard in tqdm(missing, desc="teacher cache", dynamic_ncols=True):
         tensors = _teacher_shard(
             frozen,

@@ -6,6 +6,7 @@ incompatible pair or an impossible size fails in seconds, before gigabytes are r
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -125,7 +126,7 @@ def _checked_tokenizers(
 def _build_cache(
     recipe: config.Recipe,
     run_dir: Path,
-    teacher: PreTrainedModel,
+    teacher: Callable[[], PreTrainedModel],
     examples: list[data.Example],
     tokenizer: PreTrainedTokenizerBase,
     token_subset: torch.Tensor | None,
@@ -153,11 +154,16 @@ def build_cache(recipe: config.Recipe, recipe_path: str | Path) -> Path:
     precision = resolve_precision(recipe.train.precision)
     tokenizer = _checked_tokenizers(recipe, settings)
     datasets = data.build(recipe.data, tokenizer)
-    teacher = load_teacher(settings, precision)
     token_subset = label_first_tokens(recipe, tokenizer) if settings.label_tokens_only else None
     run_dir = config.run_dir(recipe, recipe_path)
     return _build_cache(
-        recipe, run_dir, teacher, datasets.train.examples, tokenizer, token_subset, precision
+        recipe,
+        run_dir,
+        lambda: load_teacher(settings, precision),
+        datasets.train.examples,
+        tokenizer,
+        token_subset,
+        precision,
     )
 
 
@@ -201,10 +207,14 @@ def load(
     tokenizer = _checked_tokenizers(recipe, settings)
     accelerator.print(_memory_estimate(recipe, settings, mixed_precision).describe())
 
-    teacher = load_teacher(settings, mixed_precision)
+    # A cached run needs the teacher only for missing shards (or to build the student from it).
+    teacher = None
+    if settings.cache is None or settings.student.from_teacher is not None:
+        teacher = load_teacher(settings, mixed_precision)
     full = recipe.adapter is None
     keep = None
     if settings.student.from_teacher is not None:
+        assert teacher is not None
         keep = _kept_layers(settings, models.resolve(settings.teacher.name))
         dtype = models.storage_dtype(recipe.model, mixed_precision, trained=full)
         built = student.from_teacher(teacher, keep).to(dtype).requires_grad_(True)
@@ -220,16 +230,23 @@ def load(
 
     datasets = data.build(recipe.data, tokenizer)
     token_subset = label_first_tokens(recipe, tokenizer) if settings.label_tokens_only else None
-    teacher.to(accelerator.device)
-    frozen: FrozenTeacher | None = FrozenTeacher(teacher)
+    frozen = None
+    if teacher is not None:
+        frozen = FrozenTeacher(teacher.to(accelerator.device))
     cached = None
     if settings.cache is not None:
         examples = datasets.train.examples
+
+        def cache_teacher() -> PreTrainedModel:
+            if teacher is not None:
+                return teacher
+            return load_teacher(settings, mixed_precision).to(accelerator.device)
+
         # build() checks the whole manifest against this recipe and data, and computes only
         # missing shards: a finished cache costs nothing, a stale one is refused.
         if accelerator.is_main_process:
             _build_cache(
-                recipe, run_dir, teacher, examples, tokenizer, token_subset, mixed_precision
+                recipe, run_dir, cache_teacher, examples, tokenizer, token_subset, mixed_precision
             )
         accelerator.wait_for_everyone()
         cached = cache.CachedTeacher(run_dir / cache.CACHE_DIR)
