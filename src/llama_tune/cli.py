@@ -215,7 +215,14 @@ def _validate(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `llama-tune` console script."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # Overrides may follow options (`evaluate RUN --split test key=value`), which argparse
+        # does not take as the trailing positionals they are.
+        if not hasattr(args, "overrides") or any("=" not in i or i.startswith("-") for i in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides += extra
     if getattr(args, "data", None):
         if not Path(args.data).is_dir():
             print(f"error: --data {args.data}: no such folder", file=sys.stderr)

@@ -135,3 +135,13 @@ def test_robust_distillation_trains_on_perturbed_inputs(
     assert len(distill) == 6
     assert all(value > 0 for value in distill)
     assert distill[-1] < distill[0]
+
+
+def test_overrides_may_follow_options(tiny_recipe, capsys) -> None:
+    path = str(tiny_recipe())
+    assert cli.main(["augment", path, "--show", "1", "adversarial.augment.methods=[word]"]) == 0
+    assert "· word" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["augment", path, "--show", "1", "--bogus"])
+    assert stopped.value.code == cli.USAGE_ERROR
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
