@@ -192,25 +192,30 @@ class TrainConfig(Section):
     """Accelerate trackers to log to, besides metrics.jsonl."""
 
 
+AugmentMethod = Literal["char", "word", "neighbour", "gradient"]
 AUGMENT_METHODS = ("char", "word", "neighbour", "gradient")
+
+
+def _distinct_methods(methods: list[str]) -> list[str]:
+    """Perturbation methods named at least once and none twice (augment and robustness)."""
+    if not methods:
+        raise ValueError(f"name at least one of {', '.join(AUGMENT_METHODS)}")
+    if len(set(methods)) != len(methods):
+        raise ValueError("a method is named twice")
+    return methods
 
 
 class RobustnessConfig(Section):
     """Score the split again under perturbations of its inputs (the references unchanged)."""
 
-    methods: list[Literal["char", "word", "neighbour", "gradient"]] = ["char", "gradient"]
+    methods: list[AugmentMethod] = ["char", "gradient"]
     """Perturbation families (as in adversarial.augment); gradient attacks the model scored."""
     strengths: list[float] = [0.1, 0.2]
     """Budgets: the fraction of each input's words (char, word) or tokens changed."""
     neighbours: int = Field(10, ge=1)
     """Candidate substitutes per token for neighbour and gradient."""
 
-    @field_validator("methods")
-    @classmethod
-    def _some_methods(cls, methods: list[str]) -> list[str]:
-        if not methods or len(set(methods)) != len(methods):
-            raise ValueError(f"name one or more different methods of {', '.join(AUGMENT_METHODS)}")
-        return methods
+    _methods = field_validator("methods")(_distinct_methods)
 
     @field_validator("strengths")
     @classmethod
@@ -351,7 +356,7 @@ class DistillConfig(Section):
 class AugmentConfig(Section):
     """Adversarial examples in text space: perturbed copies of training inputs (targets kept)."""
 
-    methods: list[Literal["char", "word", "neighbour", "gradient"]] = ["char", "word"]
+    methods: list[AugmentMethod] = ["char", "word"]
     """Families drawn from, one per perturbed example: char (adjacent swap, deletion,
     insertion, keyboard-neighbour substitution), word (deletion, swap, duplication), neighbour
     (tokens replaced by their nearest neighbours in the model's input embeddings), gradient
@@ -368,14 +373,7 @@ class AugmentConfig(Section):
     """The gradient attack (a forward and backward of the model) runs on every N-th step; on
     other steps examples that drew it stay clean."""
 
-    @field_validator("methods")
-    @classmethod
-    def _some_methods(cls, methods: list[str]) -> list[str]:
-        if not methods:
-            raise ValueError(f"name at least one of {', '.join(AUGMENT_METHODS)}")
-        if len(set(methods)) != len(methods):
-            raise ValueError("a method is named twice")
-        return methods
+    _methods = field_validator("methods")(_distinct_methods)
 
 
 class AdversarialTrainConfig(Section):

@@ -35,9 +35,9 @@ class Perturbed:
     method: str | None
 
 
-def needs_model(settings: AugmentConfig) -> bool:
-    """Whether the methods read the model (its embeddings, or its gradients)."""
-    return bool({"neighbour", "gradient"} & set(settings.methods))
+def needs_model(methods: list[str]) -> bool:
+    """Whether any of these methods reads the model (its embeddings, or its gradients)."""
+    return bool({"neighbour", "gradient"} & set(methods))
 
 
 class Augmenter:
@@ -61,7 +61,7 @@ class Augmenter:
         self.seed = seed
         self.precision = precision
         self.neighbours = neighbours
-        if needs_model(settings) and neighbours is None:
+        if needs_model(settings.methods) and neighbours is None:
             assert model is not None
             embeddings = models.causal_lm(model).get_input_embeddings().weight
             self.neighbours = tokens.EmbeddingNeighbours(embeddings, tokenizer)
@@ -108,7 +108,7 @@ class Augmenter:
                     self.settings.budget,
                     rng,
                 )
-                results.append(self._token_perturbed(example, substitutions, method))
+                results.append(self._token_perturbed(example, substitutions, method, where))
             else:
                 results.append(Perturbed(example, example, None))
                 if method == "gradient":
@@ -135,8 +135,10 @@ class Augmenter:
             self.tokenizer.pad_token_id,
             self.precision,
         )
-        for i, example, chosen in zip(attacked, clean, substitutions, strict=True):
-            results[i] = self._token_perturbed(example, chosen, "gradient")
+        for i, example, chosen, positions in zip(
+            attacked, clean, substitutions, where, strict=True
+        ):
+            results[i] = self._token_perturbed(example, chosen, "gradient", positions)
 
     def _text_perturbed(self, example: data.Example, method: str, rng: random.Random) -> Perturbed:
         fields = dict(example.fields)
@@ -165,13 +167,17 @@ class Augmenter:
         return Perturbed(example, perturbed, method)
 
     def _token_perturbed(
-        self, example: data.Example, substitutions: dict[int, int], method: str
+        self,
+        example: data.Example,
+        substitutions: dict[int, int],
+        method: str,
+        where: list[int],
     ) -> Perturbed:
+        """`example` with `substitutions` made; `where` are its input field's positions."""
         if not substitutions:
             return Perturbed(example, example, None)
         perturbed = tokens.with_tokens(example, substitutions)
         fields = dict(example.fields)
-        where = tokens.input_positions(example, self.formatter, self.tokenizer)
         (name,) = self.formatter.task.input_fields
         # The input as the model now reads it, for previews and predictions.
         span = perturbed.input_ids[where[0] : where[-1] + 1]
@@ -214,7 +220,7 @@ def preview(recipe: config.Recipe, count: int, precision: str) -> list[Perturbed
     assert recipe.adversarial.augment is not None
     settings = recipe.adversarial.augment
     model = None
-    if needs_model(settings):
+    if needs_model(settings.methods):
         loaded = models.load(recipe.model, recipe.adapter, precision)
         tokenizer, model = loaded.tokenizer, loaded.model
     else:

@@ -16,7 +16,7 @@ from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from llama_tune import config, data, models, scoring
-from llama_tune.adversarial.augment import Augmenter
+from llama_tune.adversarial.augment import Augmenter, needs_model
 from llama_tune.adversarial.tokens import EmbeddingNeighbours
 
 
@@ -86,7 +86,7 @@ def measure(
     assert robustness is not None
     formatter = data.TaskFormatter(recipe.data, eval_set.labels, strict_labels=False)
     neighbours = None
-    if {"neighbour", "gradient"} & set(robustness.methods):
+    if needs_model(robustness.methods):
         embeddings = models.causal_lm(model).get_input_embeddings().weight
         neighbours = EmbeddingNeighbours(embeddings, tokenizer)
     records, predictions = [], []
