@@ -194,6 +194,7 @@ class TrainConfig(Section):
 
 AugmentMethod = Literal["char", "word", "neighbour", "gradient"]
 AUGMENT_METHODS = ("char", "word", "neighbour", "gradient")
+GradientCandidates = Literal["spelling", "neighbours"]
 
 
 def _distinct_methods(methods: list[str]) -> list[str]:
@@ -213,7 +214,9 @@ class RobustnessConfig(Section):
     strengths: list[float] = [0.1, 0.2]
     """Budgets: the fraction of each input's words (char, word) or tokens changed."""
     neighbours: int = Field(10, ge=1)
-    """Candidate substitutes per token for neighbour and gradient."""
+    """Candidate substitutes per token for neighbour (and gradient with neighbours)."""
+    gradient_candidates: GradientCandidates = "spelling"
+    """Tokens the gradient attack may substitute (as in adversarial.augment)."""
 
     _methods = field_validator("methods")(_distinct_methods)
 
@@ -360,7 +363,7 @@ class AugmentConfig(Section):
     """Families drawn from, one per perturbed example: char (adjacent swap, deletion,
     insertion, keyboard-neighbour substitution), word (deletion, swap, duplication), neighbour
     (tokens replaced by their nearest neighbours in the model's input embeddings), gradient
-    (HotFlip: the neighbour substitutions that most raise the current model's loss)."""
+    (HotFlip: the token substitutions that most raise the current model's loss)."""
     probability: float = Field(0.5, ge=0.0, le=1.0)
     """Chance that a training example is perturbed at a step."""
     budget: float = Field(0.15, gt=0.0, le=1.0)
@@ -368,7 +371,13 @@ class AugmentConfig(Section):
     mode: Literal["add", "replace"] = "replace"
     """replace: a perturbed example takes its clean one's place; add: it joins the step."""
     neighbours: int = Field(10, ge=1)
-    """Candidate substitutes per token for the neighbour and gradient methods."""
+    """Candidate substitutes per token for neighbour (and gradient with neighbours)."""
+    gradient_candidates: GradientCandidates = "spelling"
+    """Tokens the gradient attack may substitute. spelling: tokens one typo away (a letter
+    deleted, swapped, substituted or inserted, or its case flipped), so the input still means
+    what it meant and its label holds; neighbours: the `neighbours` nearest tokens in the
+    input embeddings, which include antonyms (SST-2: 'funny' became 'nasty'), so an attacked
+    input may deserve the other label."""
     gradient_every: int = Field(1, ge=1)
     """The gradient attack (a forward and backward of the model) runs on every N-th step; on
     other steps examples that drew it stay clean."""

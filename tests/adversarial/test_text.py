@@ -66,3 +66,29 @@ def test_whitespace_and_short_texts_survive() -> None:
     assert text.word_noise("one", 1.0, random.Random(0)) in {"one", "one one"}
     assert text.char_noise("a . !", 1.0, random.Random(0)) == "a . !"
     assert text.word_noise("", 1.0, random.Random(0)) == ""
+
+
+def _typo_distance(first: str, second: str) -> int:
+    """Edits (insert, delete, substitute, adjacent swap) between two strings."""
+    previous_row: list[int] = []
+    row = list(range(len(second) + 1))
+    for i in range(1, len(first) + 1):
+        before, previous_row, row = previous_row, row, [i] + [0] * len(second)
+        for j in range(1, len(second) + 1):
+            cost = first[i - 1] != second[j - 1]
+            row[j] = min(previous_row[j] + 1, row[j - 1] + 1, previous_row[j - 1] + cost)
+            if i > 1 and j > 1 and first[i - 1] == second[j - 2] and first[i - 2] == second[j - 1]:
+                row[j] = min(row[j], before[j - 2] + 1)
+    return row[-1]
+
+
+def test_spelling_variants_are_one_typo_away() -> None:
+    variants = text.spelling_variants("good")
+    assert {"god", "goods", "Good", "ogod", "food", "goad"} <= variants
+    assert "good" not in variants
+    assert all(_typo_distance("good", variant) == 1 for variant in variants)
+    # 4 deletions (3 distinct), 3 swaps, 26x4 substitutions, 26x5 insertions, 4 case flips.
+    assert len(variants) < 3 + 3 + 26 * 4 + 26 * 5 + 4
+    assert text.spelling_variants(",") == text.spelling_variants("1999") == set()
+    # Letters the word holds are offered too, so any alphabet gets its own typos.
+    assert {"gäbä", "gäeb", "Gäbe"} <= text.spelling_variants("gäbe")

@@ -1,4 +1,4 @@
-"""Embedding neighbours and the gradient-guided (HotFlip) attack, on real SST-2 rows."""
+"""Embedding neighbours, spellings and the gradient-guided (HotFlip) attack, on real SST-2 rows."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from llama_tune import config, data
 from llama_tune.adversarial import tokens
+from llama_tune.adversarial.text import edit_count, spelling_variants
 from llama_tune.train import target_cross_entropy
 
 
@@ -20,8 +21,8 @@ def real_model(builtin_dir: Path):
 
 
 @pytest.fixture(scope="module")
-def neighbours(real_model, tokenizer) -> tokens.EmbeddingNeighbours:
-    return tokens.EmbeddingNeighbours(real_model.get_input_embeddings().weight, tokenizer)
+def neighbours(real_model, tokenizer) -> tokens.Substitutes:
+    return tokens.Substitutes(real_model.get_input_embeddings().weight, tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -99,28 +100,64 @@ def _losses(model, examples: list[data.Example], pad_token_id: int) -> torch.Ten
     return torch.tensor(losses)
 
 
-def test_gradient_attack_beats_random_substitutions(sst2, neighbours, real_model, tokenizer):
+def test_spellings_are_real_tokens_one_typo_away(neighbours, tokenizer) -> None:
+    for word, expected in [(" good", {" god", " goods", " Good"}), ("ing", {"ings", "in"})]:
+        (token_id,) = tokenizer(word, add_special_tokens=False)["input_ids"]
+        found = neighbours.spellings(token_id)
+        spelled = {tokenizer.decode([other]) for other in found}
+        assert expected <= spelled
+        assert token_id not in found
+        assert not set(found) & (
+            set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
+        )
+        for text in spelled:
+            assert text[:1].isspace() == word[:1].isspace()
+            assert text.strip() in spelling_variants(word.strip())
+    (comma,) = tokenizer(" ,", add_special_tokens=False)["input_ids"]
+    assert neighbours.spellings(comma) == []
+
+
+def _random_substitutions(example, positions, options_for, budget, rng) -> dict[int, int]:
+    """The baseline: random positions that have options, each given a random option."""
+    count = edit_count(budget, len(positions), rng)
+    options = dict(
+        zip(positions, options_for([example.input_ids[p] for p in positions]), strict=True)
+    )
+    eligible = [position for position in positions if options[position]]
+    chosen = rng.sample(eligible, min(count, len(eligible)))
+    return {position: rng.choice(options[position]) for position in sorted(chosen)}
+
+
+@pytest.mark.parametrize("pool", ["spelling", "neighbours"])
+def test_gradient_attack_beats_random_substitutions(sst2, neighbours, real_model, tokenizer, pool):
     formatter, examples = sst2
     positions = [tokens.input_positions(e, formatter, tokenizer) for e in examples]
-    budget, candidates = 0.15, 10
+    budget = 0.15
+
+    def options_for(token_ids: list[int]) -> list[list[int]]:
+        if pool == "spelling":
+            return [neighbours.spellings(token_id) for token_id in token_ids]
+        return neighbours.nearest_many(token_ids, 10)
+
     attacked = tokens.gradient_substitutions(
         real_model,
         examples,
         positions,
-        neighbours,
-        candidates,
+        options_for,
         budget,
         [random.Random(i) for i in range(len(examples))],
         tokenizer.pad_token_id,
         "no",
     )
     randomised = [
-        tokens.neighbour_substitutions(e, p, neighbours, candidates, budget, random.Random(i))
+        _random_substitutions(e, p, options_for, budget, random.Random(i))
         for i, (e, p) in enumerate(zip(examples, positions, strict=True))
     ]
-    for chosen, where in zip(attacked, positions, strict=True):
+    for example, chosen, where in zip(examples, attacked, positions, strict=True):
         assert set(chosen) <= set(where)
         assert len(chosen) <= -(-budget * len(where) // 1)
+        for position, token_id in chosen.items():
+            assert token_id in options_for([example.input_ids[position]])[0]
     for chosen, randomly in zip(attacked, randomised, strict=True):
         # The same seed draws the same number of substitutions for both.
         assert len(chosen) == len(randomly)

@@ -51,20 +51,20 @@ class Augmenter:
         model: PreTrainedModel | PeftModel | None,
         seed: int,
         precision: str,
-        neighbours: tokens.EmbeddingNeighbours | None = None,
+        substitutes: tokens.Substitutes | None = None,
     ) -> None:
-        """`neighbours` reuses a table already built for this model's embeddings."""
+        """`substitutes` reuses a table already built for this model's embeddings."""
         self.settings = settings
         self.formatter = formatter
         self.tokenizer = tokenizer
         self.model = model
         self.seed = seed
         self.precision = precision
-        self.neighbours = neighbours
-        if needs_model(settings.methods) and neighbours is None:
+        self.substitutes = substitutes
+        if needs_model(settings.methods) and substitutes is None:
             assert model is not None
             embeddings = models.causal_lm(model).get_input_embeddings().weight
-            self.neighbours = tokens.EmbeddingNeighbours(embeddings, tokenizer)
+            self.substitutes = tokens.Substitutes(embeddings, tokenizer)
 
     def method_for(self, step: int, index: int) -> str | None:
         """The method that perturbs example `index` at `step`, or None to keep it clean."""
@@ -98,12 +98,12 @@ class Augmenter:
             if method in text.TEXT_METHODS:
                 results.append(self._text_perturbed(example, method, rng))
             elif method == "neighbour":
-                assert self.neighbours is not None
+                assert self.substitutes is not None
                 where = tokens.input_positions(example, self.formatter, self.tokenizer)
                 substitutions = tokens.neighbour_substitutions(
                     example,
                     where,
-                    self.neighbours,
+                    self.substitutes,
                     self.settings.neighbours,
                     self.settings.budget,
                     rng,
@@ -117,10 +117,16 @@ class Augmenter:
             self._attack(step, [indices[i] for i in attacked], results, attacked)
         return results
 
+    def _gradient_options(self, token_ids: list[int]) -> list[list[int]]:
+        """The tokens the gradient attack may put in place of each of `token_ids`."""
+        assert self.substitutes is not None
+        if self.settings.gradient_candidates == "spelling":
+            return [self.substitutes.spellings(token_id) for token_id in token_ids]
+        return self.substitutes.nearest_many(token_ids, self.settings.neighbours)
+
     def _attack(
         self, step: int, indices: list[int], results: list[Perturbed], attacked: list[int]
     ) -> None:
-        assert self.neighbours is not None
         assert self.model is not None
         clean = [results[i].clean for i in attacked]
         where = [tokens.input_positions(e, self.formatter, self.tokenizer) for e in clean]
@@ -128,8 +134,7 @@ class Augmenter:
             self.model,
             clean,
             where,
-            self.neighbours,
-            self.settings.neighbours,
+            self._gradient_options,
             self.settings.budget,
             [example_rng(self.seed, step, index) for index in indices],
             self.tokenizer.pad_token_id,

@@ -17,7 +17,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from llama_tune import config, data, models, scoring
 from llama_tune.adversarial.augment import Augmenter, needs_model
-from llama_tune.adversarial.tokens import EmbeddingNeighbours
+from llama_tune.adversarial.tokens import Substitutes
 
 
 def as_example(
@@ -85,10 +85,10 @@ def measure(
     robustness = settings.robustness
     assert robustness is not None
     formatter = data.TaskFormatter(recipe.data, eval_set.labels, strict_labels=False)
-    neighbours = None
+    substitutes = None
     if needs_model(robustness.methods):
         embeddings = models.causal_lm(model).get_input_embeddings().weight
-        neighbours = EmbeddingNeighbours(embeddings, tokenizer)
+        substitutes = Substitutes(embeddings, tokenizer)
     records, predictions = [], []
     count = len(eval_set.examples)
     for method in robustness.methods:
@@ -98,9 +98,10 @@ def measure(
                 probability=1.0,
                 budget=strength,
                 neighbours=robustness.neighbours,
+                gradient_candidates=robustness.gradient_candidates,
             )
             augmenter = Augmenter(
-                augment, formatter, tokenizer, model, settings.seed, precision, neighbours
+                augment, formatter, tokenizer, model, settings.seed, precision, substitutes
             )
             perturbed, changed = perturbed_set(eval_set, augmenter, method, settings.batch_size)
             seconds = scoring.predict(model, tokenizer, recipe, perturbed, precision)

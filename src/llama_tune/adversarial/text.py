@@ -75,6 +75,23 @@ def _edit_word(word: str, rng: random.Random) -> str:
     return word[:i] + (substitute.upper() if word[i].isupper() else substitute) + word[i + 1 :]
 
 
+def spelling_variants(word: str) -> set[str]:
+    """Every spelling one typo away from `word` that still holds a letter: one deletion,
+    adjacent swap, substitution or insertion of a letter (a-z, or one the word already has),
+    or one character's case flipped. Words without a letter (punctuation, numbers) have none."""
+    if not any(char.isalpha() for char in word):
+        return set()
+    letters = set(string.ascii_lowercase) | {char.lower() for char in word if char.isalpha()}
+    splits = [(word[:i], word[i:]) for i in range(len(word) + 1)]
+    variants = {head + tail[1:] for head, tail in splits if tail}
+    variants |= {head + tail[1] + tail[0] + tail[2:] for head, tail in splits if len(tail) > 1}
+    variants |= {head + letter + tail[1:] for head, tail in splits if tail for letter in letters}
+    variants |= {head + letter + tail for head, tail in splits for letter in letters}
+    variants |= {head + tail[0].swapcase() + tail[1:] for head, tail in splits if tail}
+    variants.discard(word)
+    return {variant for variant in variants if any(char.isalpha() for char in variant)}
+
+
 def char_noise(text: str, budget: float, rng: random.Random) -> str:
     """Typos in `budget` of the words with two or more letters, one edit per word."""
     leading, words, spaces = _split_words(text)

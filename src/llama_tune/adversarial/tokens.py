@@ -10,6 +10,7 @@ first-order change of the loss, (e_candidate - e_token) . dloss/de_token, and ta
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
@@ -17,7 +18,7 @@ from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from llama_tune import data, models, scoring
-from llama_tune.adversarial.text import edit_count
+from llama_tune.adversarial.text import edit_count, spelling_variants
 from llama_tune.train import target_cross_entropy
 
 SENTINEL = "\x00"
@@ -59,8 +60,9 @@ def _starts_inside(prompt: str, token_start: int, field_start: int) -> bool:
     return token_start >= field_start or prompt[token_start:field_start].isspace()
 
 
-class EmbeddingNeighbours:
-    """Nearest tokens by cosine similarity of the model's input embeddings.
+class Substitutes:
+    """Tokens that may replace a token: its nearest neighbours by cosine similarity of the
+    model's input embeddings, or its spellings one typo away that are tokens themselves.
 
     Special and added tokens and tokens that decode to nothing are never offered. A token that
     starts a word (its text begins with a space) is only replaced by one that does too, and a
@@ -74,14 +76,18 @@ class EmbeddingNeighbours:
         usable[tokenizer.all_special_ids] = False
         usable[list(tokenizer.added_tokens_decoder)] = False
         starts_word = torch.zeros(vocabulary, dtype=torch.bool)
-        for token_id in range(vocabulary):
-            text = tokenizer.decode([token_id])
+        self.texts = tokenizer.batch_decode([[token_id] for token_id in range(vocabulary)])
+        self.by_text: dict[str, int] = {}
+        for token_id, text in enumerate(self.texts):
             starts_word[token_id] = text[:1].isspace()
             if usable[token_id] and not text.strip():
                 usable[token_id] = False
+            if usable[token_id] and "\ufffd" not in text:
+                self.by_text.setdefault(text, token_id)
         self.usable = usable
         self.starts_word = starts_word
-        self._cache: dict[int, list[int]] = {}
+        self._nearest: dict[int, list[int]] = {}
+        self._spellings: dict[int, list[int]] = {}
 
     def nearest(self, token_id: int, count: int) -> list[int]:
         """The `count` usable tokens closest to `token_id`, closest first, itself excluded."""
@@ -89,7 +95,7 @@ class EmbeddingNeighbours:
 
     def nearest_many(self, token_ids: list[int], count: int) -> list[list[int]]:
         """`nearest` for several tokens; the ones not seen before are found in one product."""
-        missing = sorted({t for t in token_ids if len(self._cache.get(t, ())) < count})
+        missing = sorted({t for t in token_ids if len(self._nearest.get(t, ())) < count})
         if missing:
             similarity = self.unit[missing] @ self.unit.T
             similarity[:, ~self.usable] = -2.0
@@ -100,8 +106,19 @@ class EmbeddingNeighbours:
             for token_id, found in zip(
                 missing, similarity.topk(count).indices.tolist(), strict=True
             ):
-                self._cache[token_id] = found
-        return [self._cache[token_id][:count] for token_id in token_ids]
+                self._nearest[token_id] = found
+        return [self._nearest[token_id][:count] for token_id in token_ids]
+
+    def spellings(self, token_id: int) -> list[int]:
+        """Usable tokens whose text is one typo (text.spelling_variants) from `token_id`'s,
+        with the same leading space; none for tokens without a letter (punctuation, digits)."""
+        if token_id not in self._spellings:
+            text = self.texts[token_id]
+            word = text.lstrip()
+            lead = text[: len(text) - len(word)]
+            found = {self.by_text.get(lead + variant) for variant in spelling_variants(word)}
+            self._spellings[token_id] = sorted(found - {None, token_id})
+        return self._spellings[token_id]
 
 
 def with_tokens(example: data.Example, substitutions: dict[int, int]) -> data.Example:
@@ -115,7 +132,7 @@ def with_tokens(example: data.Example, substitutions: dict[int, int]) -> data.Ex
 def neighbour_substitutions(
     example: data.Example,
     positions: list[int],
-    neighbours: EmbeddingNeighbours,
+    neighbours: Substitutes,
     candidates: int,
     budget: float,
     rng: random.Random,
@@ -128,24 +145,33 @@ def neighbour_substitutions(
     }
 
 
+# Swaps per example and round whose loss is measured by a forward pass; the first-order gain
+# only ranks them. A typo moves a token far in embedding space, where the linear estimate is
+# rough. Mean loss rise of the built-in model on 16 SST-2 rows, typo budget 0.15: first-order
+# choice alone 0.78 nats (random typos from the same pool: 0.95), 2 checks 1.29, 4 checks 2.05,
+# 8 checks 2.57 at 1.7x the time of 4.
+EXACT_CHECKS = 4
+
+
 def gradient_substitutions(
     model: PreTrainedModel | PeftModel,
     examples: list[data.Example],
     positions: list[list[int]],
-    neighbours: EmbeddingNeighbours,
-    candidates: int,
+    options_for: Callable[[list[int]], list[list[int]]],
     budget: float,
     rngs: list[random.Random],
     pad_token_id: int,
     precision: str,
 ) -> list[dict[int, int]]:
-    """For each example, the neighbour substitutions that most raise the model's loss.
+    """For each example, the substitutions that most raise the model's loss.
 
-    Greedy, one substitution per example per round: each round a forward and backward of the
-    batch gives every input token's loss gradient at the current perturbation, and each example
-    takes the untouched position and candidate with the largest first-order gain. Rounds go on
-    until each example has its `budget` of substitutions. The model's parameters get no
-    gradient and its training mode is restored.
+    `options_for` gives the tokens that may replace each of a list of tokens (their spellings,
+    or their embedding neighbours). Greedy, one substitution per example per round, as in
+    HotFlip with exact re-ranking: a forward and backward of the batch gives every input
+    token's loss gradient at the current perturbation; the EXACT_CHECKS swaps with the largest
+    first-order gain are scored by a forward pass and the one with the highest loss is kept.
+    Rounds go on until each example has its `budget` of substitutions or no options left. The
+    model's parameters get no gradient and its training mode is restored.
     """
     wanted = [
         edit_count(budget, len(usable), rng) for usable, rng in zip(positions, rngs, strict=True)
@@ -154,24 +180,83 @@ def gradient_substitutions(
     table = models.causal_lm(model).get_input_embeddings().weight.detach()
     for _ in range(max(wanted, default=0)):
         active = [i for i in range(len(examples)) if len(chosen[i]) < wanted[i]]
+        if not active:
+            break
         current = [with_tokens(examples[i], chosen[i]) for i in active]
         gradient = input_gradients(model, current, pad_token_id, precision)
+        trials: list[tuple[int, int, int]] = []
         for row, i in enumerate(active):
             untouched = [p for p in positions[i] if p not in chosen[i]]
             token_ids = [examples[i].input_ids[p] for p in untouched]
-            options = torch.tensor(neighbours.nearest_many(token_ids, candidates))
-            options = options.to(table.device)
-            originals = table[torch.tensor(token_ids, device=table.device)]
+            option_lists = options_for(token_ids)
+            width = max(map(len, option_lists), default=0)
+            if width == 0:
+                wanted[i] = len(chosen[i])
+                continue
+            # Positions with fewer options are padded with the token itself, never chosen.
+            padded = [
+                found + [token] * (width - len(found))
+                for found, token in zip(option_lists, token_ids, strict=True)
+            ]
+            options = torch.tensor(padded, device=table.device)
+            originals = torch.tensor(token_ids, device=table.device)
             # First-order loss change of each swap: (e_candidate - e_token) . gradient.
             gains = torch.einsum(
                 "pcd,pd->pc",
-                table[options].float() - originals[:, None].float(),
+                table[options].float() - table[originals][:, None].float(),
                 gradient[row, untouched],
             )
-            best = int(gains.argmax())
-            position, candidate = divmod(best, options.shape[1])
-            chosen[i][untouched[position]] = int(options[position, candidate])
+            gains[options == originals[:, None]] = -torch.inf
+            checks = min(EXACT_CHECKS, sum(map(len, option_lists)))
+            for best in gains.flatten().topk(checks).indices.tolist():
+                position, option = divmod(best, width)
+                trials.append((i, untouched[position], int(options[position, option])))
+        if not trials:
+            break
+        trial_examples = [
+            with_tokens(examples[i], chosen[i] | {position: token}) for i, position, token in trials
+        ]
+        losses = example_losses(model, trial_examples, pad_token_id, precision)
+        best: dict[int, tuple[float, int, int]] = {}
+        for (i, position, token), loss in zip(trials, losses.tolist(), strict=True):
+            if i not in best or loss > best[i][0]:
+                best[i] = (loss, position, token)
+        for i, (_, position, token) in best.items():
+            chosen[i][position] = token
     return chosen
+
+
+def example_losses(
+    model: PreTrainedModel | PeftModel,
+    examples: list[data.Example],
+    pad_token_id: int,
+    precision: str,
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """[examples] summed target cross-entropy of each example, without gradients, in eval mode."""
+    base = models.causal_lm(model)
+    head = base.get_output_embeddings()
+    device = head.weight.device
+    losses = []
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), scoring.autocast_for(model, precision):
+        for start in range(0, len(examples), batch_size):
+            batch = data.collate(examples[start : start + batch_size], pad_token_id, 16)
+            batch = {name: value.to(device) for name, value in batch.items()}
+            hidden = base.get_decoder()(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).last_hidden_state
+            targets = batch["labels"][:, 1:]
+            selected = targets != data.IGNORE_INDEX
+            token_losses = torch.nn.functional.cross_entropy(
+                head(hidden[:, :-1][selected]).float(), targets[selected], reduction="none"
+            )
+            rows = selected.nonzero()[:, 0]
+            summed = torch.zeros(len(targets), device=device).index_add_(0, rows, token_losses)
+            losses.append(summed)
+    model.train(was_training)
+    return torch.cat(losses).cpu()
 
 
 def input_gradients(
