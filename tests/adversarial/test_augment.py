@@ -52,6 +52,23 @@ def test_perturbations_are_seeded_and_leave_targets_alone(augmenter) -> None:
             assert perturbed.fields["text"] != clean.fields["text"]
 
 
+@pytest.mark.parametrize("pool", ["spelling", "neighbours"])
+def test_gradient_attack_takes_tokens_from_the_chosen_pool(augmenter, pool: str) -> None:
+    made, examples = augmenter
+    made.settings = made.settings.model_copy(update={"gradient_candidates": pool})
+    attacked = made.perturb(0, list(range(8)), examples[:8], ["gradient"] * 8)
+    swaps = 0
+    for item in attacked:
+        for clean, token in zip(item.clean.input_ids, item.example.input_ids, strict=True):
+            if clean != token:
+                swaps += 1
+                if pool == "spelling":
+                    assert token in made.substitutes.spellings(clean)
+                else:
+                    assert token in made.substitutes.nearest(clean, made.settings.neighbours)
+    assert swaps >= 8
+
+
 def test_add_mode_appends_perturbed_copies(augmenter) -> None:
     made, examples = augmenter
     made.settings = made.settings.model_copy(update={"mode": "add"})

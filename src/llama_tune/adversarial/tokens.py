@@ -208,8 +208,8 @@ def gradient_substitutions(
             )
             gains[options == originals[:, None]] = -torch.inf
             checks = min(EXACT_CHECKS, sum(map(len, option_lists)))
-            for best in gains.flatten().topk(checks).indices.tolist():
-                position, option = divmod(best, width)
+            for flat_index in gains.flatten().topk(checks).indices.tolist():
+                position, option = divmod(flat_index, width)
                 trials.append((i, untouched[position], int(options[position, option])))
         if not trials:
             break
@@ -217,11 +217,11 @@ def gradient_substitutions(
             with_tokens(examples[i], chosen[i] | {position: token}) for i, position, token in trials
         ]
         losses = example_losses(model, trial_examples, pad_token_id, precision)
-        best: dict[int, tuple[float, int, int]] = {}
+        worst_for_model: dict[int, tuple[float, int, int]] = {}
         for (i, position, token), loss in zip(trials, losses.tolist(), strict=True):
-            if i not in best or loss > best[i][0]:
-                best[i] = (loss, position, token)
-        for i, (_, position, token) in best.items():
+            if i not in worst_for_model or loss > worst_for_model[i][0]:
+                worst_for_model[i] = (loss, position, token)
+        for i, (_, position, token) in worst_for_model.items():
             chosen[i][position] = token
     return chosen
 
