@@ -220,7 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         # Overrides may follow options (`evaluate RUN --split test key=value`), which argparse
         # does not take as the trailing positionals they are.
-        if not hasattr(args, "overrides") or any("=" not in i or i.startswith("-") for i in extra):
+        if not hasattr(args, "overrides") or any(
+            "=" not in argument or argument.startswith("-") for argument in extra
+        ):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides += extra
     if getattr(args, "data", None):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -193,7 +193,7 @@ class TrainConfig(Section):
 
 
 AugmentMethod = Literal["char", "word", "neighbour", "gradient"]
-AUGMENT_METHODS = ("char", "word", "neighbour", "gradient")
+AUGMENT_METHODS = get_args(AugmentMethod)
 GradientCandidates = Literal["spelling", "neighbours"]
 
 

@@ -113,10 +113,18 @@ def target_cross_entropy(
     `predicting_states` are the final hidden states of positions 0..n-2: position t predicts
     token t + 1.
     """
+    logits, targets, _ = target_logits(head, predicting_states, labels)
+    return torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+
+
+def target_logits(
+    head: torch.nn.Module, predicting_states: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(float logits of the positions that predict a target token, those tokens, the
+    [batch, n-1] mask of where the positions are), the head applied only there."""
     targets = labels[:, 1:]
     selected = targets != data.IGNORE_INDEX
-    logits = head(predicting_states[selected]).float()
-    return torch.nn.functional.cross_entropy(logits, targets[selected], reduction="sum")
+    return head(predicting_states[selected]).float(), targets[selected], selected
 
 
 def resolve_precision(precision: str) -> str:

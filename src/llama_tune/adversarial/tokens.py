@@ -19,7 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from llama_tune import data, models, scoring
 from llama_tune.adversarial.text import edit_count, spelling_variants
-from llama_tune.train import target_cross_entropy
+from llama_tune.train import target_cross_entropy, target_logits
 
 SENTINEL = "\x00"
 
@@ -247,13 +247,10 @@ def example_losses(
             hidden = base.get_decoder()(
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
             ).last_hidden_state
-            targets = batch["labels"][:, 1:]
-            selected = targets != data.IGNORE_INDEX
-            token_losses = torch.nn.functional.cross_entropy(
-                head(hidden[:, :-1][selected]).float(), targets[selected], reduction="none"
-            )
+            logits, targets, selected = target_logits(head, hidden[:, :-1], batch["labels"])
+            token_losses = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
             rows = selected.nonzero()[:, 0]
-            summed = torch.zeros(len(targets), device=device).index_add_(0, rows, token_losses)
+            summed = torch.zeros(len(selected), device=device).index_add_(0, rows, token_losses)
             losses.append(summed)
     model.train(was_training)
     return torch.cat(losses).cpu()
