@@ -19,6 +19,7 @@ from peft import PeftModel
 from transformers import PreTrainedModel
 
 from llama_tune import config, models, report, scoring
+from llama_tune.adversarial import drops
 from llama_tune.checkpoint import write_json
 from llama_tune.distillation import setup
 from llama_tune.distillation.setup import STUDENT_INIT
@@ -223,9 +224,9 @@ def run(
         result = _system_result(system_set, scored[system.name], seconds)
         result["parameters"] = sum(parameter.numel() for parameter in system.model.parameters())
         results["systems"][system.name] = result
-        first = system is systems[0]
-        name = "predictions.jsonl" if first else f"predictions-{system.name}.jsonl"
-        _write_predictions(out_dir / name, system_set)
+        _write_predictions(
+            out_dir / drops.predictions_file(system.name, system is systems[0]), system_set
+        )
         if settings.robustness is not None:
             # Imported here: most evaluations score clean inputs only.
             from llama_tune.adversarial import robustness
@@ -235,7 +236,7 @@ def run(
                     system.model, tokenizer, recipe, eval_set, scored[system.name], precision
                 )
             result["robustness"] = records
-            _write_lines(out_dir / f"robustness-{system.name}.jsonl", perturbed)
+            _write_lines(out_dir / drops.robustness_file(system.name), perturbed)
     results["differences"] = {
         f"{system} - {against}": scoring.compare(
             scored[system], scored[against], len(eval_set.examples), settings

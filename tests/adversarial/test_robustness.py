@@ -54,5 +54,14 @@ def test_robustness_is_scored_and_reported_for_every_system(tiny_recipe) -> None
     report = (out_dir / "report.md").read_text()
     assert "## Robustness" in report
     assert "| tuned | gradient | 0.5 |" in report
+    # Base's drop against tuned's, paired on the same 24 rows: for accuracy its value is the
+    # difference of the two drops.
+    (base_row,) = [
+        line for line in report.splitlines() if line.startswith("| base | gradient | 0.5 |")
+    ]
+    versus = base_row.strip(" |").split(" | ")[-1]
+    drops = {s: saved["systems"][s]["robustness"][3]["drop"]["accuracy"] for s in ("tuned", "base")}
+    assert versus.endswith("(24)")
+    assert float(versus.split()[0]) == round(drops["base"]["value"] - drops["tuned"]["value"], 4)
     assert (out_dir / "robustness.png").stat().st_size > 10_000
     assert "Robustness" in (out_dir / "report.html").read_text()
