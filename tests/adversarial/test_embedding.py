@@ -77,6 +77,42 @@ def test_adversarial_offsets_respect_the_epsilon_ball(
     assert len(seen) == 1
 
 
+def test_smart_reads_its_clean_logits_from_the_clean_forward(
+    tiny_model_dir: Path, tokenizer, monkeypatch
+) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    settings = config.AdversarialTrainConfig(method="smart", epsilon=0.3, steps=2)
+    objective = embedding.AdversarialObjective(train.TargetTokenLoss(model), settings).train()
+    forwards: list[int] = []
+    model.get_decoder().register_forward_hook(lambda *_: forwards.append(1))
+    divergences: list[tuple[torch.Tensor, torch.Tensor]] = []
+    symmetric_kl = embedding.symmetric_kl
+    monkeypatch.setattr(
+        embedding,
+        "symmetric_kl",
+        lambda clean, perturbed: (
+            divergences.append((clean, perturbed)) or symmetric_kl(clean, perturbed)
+        ),
+    )
+    examples = [
+        data.Example("p", "t", [5, 6, 7, 8, 9, tokenizer.eos_token_id], 3, 0),
+        data.Example("p", "t", [5, 6, tokenizer.eos_token_id], 2, 1),
+    ]
+    batch = data.collate(examples, tokenizer.pad_token_id, 8)
+    sums = objective(**batch)
+    assert set(sums) == {"ce", "smoothness"}
+    assert sums["smoothness"] > 0
+    # One clean forward (the task loss's), one per ascent step, one at the final offset.
+    assert len(forwards) == 1 + 2 + 1
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    predicting = batch["labels"][:, 1:] != data.IGNORE_INDEX
+    for clean, _ in divergences:
+        torch.testing.assert_close(clean.detach(), logits[:, :-1][predicting])
+    # The final term's clean side keeps its graph: the smoothness trains the clean forward too.
+    assert divergences[-1][0].requires_grad
+
+
 METHODS = {
     "fgm": ["adversarial.train.method=fgm"],
     "pgd": ["adversarial.train.method=pgd", "adversarial.train.norm=linf"],

@@ -99,8 +99,11 @@ class AdversarialObjective(torch.nn.Module):
                 self.weights[f"adversarial_{name}"] = settings.weight * weight
         base = models.causal_lm(objective.model)
         self._offset: torch.Tensor | None = None
-        # A hook, not a changed forward: the wrapped objective runs as it always does.
+        # Hooks, not a changed forward: the wrapped objective runs as it always does.
         base.get_input_embeddings().register_forward_hook(self._add_offset)
+        self._keep_states = False
+        self._states: torch.Tensor | None = None
+        base.get_decoder().register_forward_hook(self._store_states)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -193,24 +196,38 @@ class AdversarialObjective(torch.nn.Module):
         adversarial = self._run(batch, noise + offset.detach())
         return clean | {f"adversarial_{name}": value for name, value in adversarial.items()}
 
-    def _run(self, batch: dict[str, torch.Tensor], offset: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The wrapped objective's sums with `offset` added to the input embeddings."""
-        self._offset = offset
+    def _store_states(self, _module: Any, _inputs: Any, output: Any) -> None:
+        if self._keep_states:
+            self._states = output.last_hidden_state
+
+    def _run(
+        self, batch: dict[str, torch.Tensor], offset: torch.Tensor, keep_states: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """The wrapped objective's sums with `offset` added to the input embeddings;
+        `keep_states` keeps the student's last hidden states of that forward."""
+        self._offset, self._keep_states = offset, keep_states
         try:
             return self.objective(**batch)
         finally:
-            self._offset = None
+            self._offset, self._keep_states = None, False
 
-    def _student_logits(self, batch: dict[str, torch.Tensor], offset: torch.Tensor) -> torch.Tensor:
-        """The student's logits at the positions that predict target tokens, under `offset`."""
+    def _student_logits(
+        self, batch: dict[str, torch.Tensor], offset: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The student's logits at the positions that predict target tokens, under `offset`
+        (None: from the states the last `_run(keep_states=True)` kept)."""
         base = models.causal_lm(self.model)
-        self._offset = offset
-        try:
-            states = base.get_decoder()(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-            ).last_hidden_state
-        finally:
-            self._offset = None
+        if offset is None:
+            assert self._states is not None
+            states, self._states = self._states, None
+        else:
+            self._offset = offset
+            try:
+                states = base.get_decoder()(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                ).last_hidden_state
+            finally:
+                self._offset = None
         predicting = batch["labels"][:, 1:] != data.IGNORE_INDEX
         return base.get_output_embeddings()(states[:, :-1][predicting])
 
@@ -223,9 +240,10 @@ class AdversarialObjective(torch.nn.Module):
         step_size: float,
     ) -> dict[str, torch.Tensor]:
         norm = self.settings.norm
-        clean = self._run(batch, noise)
+        # The clean forward's own states give the clean logits: no second clean forward.
+        clean = self._run(batch, noise, keep_states=True)
         # The student alone from here: the teacher of a distillation plays no part in SMART.
-        clean_logits = self._student_logits(batch, noise)
+        clean_logits = self._student_logits(batch)
         offset = torch.randn_like(noise) * SMART_START * mask
         for _ in range(self.settings.steps):
             offset.requires_grad_(True)
