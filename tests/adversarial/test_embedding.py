@@ -25,6 +25,15 @@ def _losses(run_dir: Path, key: str = "loss") -> list[float]:
     return [record[key] for record in records if key in record and "eval_loss" not in record]
 
 
+def _two_examples(tokenizer) -> dict[str, torch.Tensor]:
+    """A padded batch of two short examples with targets of different lengths."""
+    examples = [
+        data.Example("p", "t", [5, 6, 7, 8, 9, tokenizer.eos_token_id], 3, 0),
+        data.Example("p", "t", [5, 6, tokenizer.eos_token_id], 2, 1),
+    ]
+    return data.collate(examples, tokenizer.pad_token_id, 8)
+
+
 @pytest.mark.parametrize("norm", ["l2", "linf"])
 def test_projection_keeps_every_position_in_the_ball(norm: str) -> None:
     torch.manual_seed(0)
@@ -50,11 +59,7 @@ def test_adversarial_offsets_respect_the_epsilon_ball(
     model.get_input_embeddings().register_forward_hook(
         lambda _module, _inputs, output: seen.append(output.detach())
     )
-    examples = [
-        data.Example("p", "t", [5, 6, 7, 8, 9, tokenizer.eos_token_id], 3, 0),
-        data.Example("p", "t", [5, 6, tokenizer.eos_token_id], 2, 1),
-    ]
-    batch = data.collate(examples, tokenizer.pad_token_id, 8)
+    batch = _two_examples(tokenizer)
     sums = objective(**batch)
     assert set(sums) == {"ce", "adversarial_ce"}
     assert sums["adversarial_ce"] > sums["ce"]
@@ -94,11 +99,7 @@ def test_smart_reads_its_clean_logits_from_the_clean_forward(
             divergences.append((clean, perturbed)) or symmetric_kl(clean, perturbed)
         ),
     )
-    examples = [
-        data.Example("p", "t", [5, 6, 7, 8, 9, tokenizer.eos_token_id], 3, 0),
-        data.Example("p", "t", [5, 6, tokenizer.eos_token_id], 2, 1),
-    ]
-    batch = data.collate(examples, tokenizer.pad_token_id, 8)
+    batch = _two_examples(tokenizer)
     sums = objective(**batch)
     assert set(sums) == {"ce", "smoothness"}
     assert sums["smoothness"] > 0
