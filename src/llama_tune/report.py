@@ -177,7 +177,8 @@ def robustness_section(
             "inputs changed",
             metric,
             "drop (clean - perturbed)",
-            "drop - first system's drop (rows)",
+            f"drop - first system's drop, in {drops.row_score_name(series[reference]['metrics'])}"
+            " (rows)",
         ]
     ]
     for label, result in series.items():
@@ -213,9 +214,10 @@ def robustness_section(
         "noise is the same for every system; gradient attacks each system itself. Drops are "
         "paired on the same examples; each value with its 95% bootstrap interval. The last "
         f"column compares each system's drop with {reference}'s, paired on the rows both scored, "
-        "in per-row score (correctness for classification, ROUGE-L for summaries, sentence chrF "
-        "for translation): below 0, the system loses less under that perturbation; an interval "
-        "that excludes 0 is a clear difference even where the two drops' intervals overlap."
+        "in the mean of a per-row score (correctness for classification, ROUGE-L for summaries, "
+        "sentence chrF for translation, whose corpus BLEU and chrF have no per-row value): "
+        "below 0, the system loses less under that perturbation; an interval that excludes 0 "
+        "is a clear difference even where the two drops' intervals overlap."
     )
     return ("Robustness", text, table, robustness_plot(series, metric))
 

@@ -58,3 +58,9 @@ def test_row_scores_are_read_from_an_evaluation_folder(tmp_path: Path) -> None:
     )
     # The base system of the same evaluation wrote no files here.
     assert drops.load_row_scores(tmp_path, "base", first=False) is None
+
+
+def test_the_per_row_score_is_named_for_the_task() -> None:
+    assert drops.row_score_name({"accuracy": {}, "macro_f1": {}}) == "accuracy"
+    assert drops.row_score_name({"rouge1": {}, "rougeL": {}}) == "ROUGE-L"
+    assert drops.row_score_name({"bleu": {}, "chrf": {}}) == "sentence chrF"

@@ -17,6 +17,13 @@ from pathlib import Path
 from llama_tune.uncertainty import Interval, bootstrap, mean_of
 
 
+def row_score_name(metrics: dict) -> str:
+    """What a per-row score is, for an evaluation with these metrics."""
+    if "accuracy" in metrics:
+        return "accuracy"
+    return "ROUGE-L" if "rougeL" in metrics else "sentence chrF"
+
+
 def predictions_file(system: str, first: bool) -> str:
     """Name of a system's clean predictions: the first system scored gets the plain name."""
     return "predictions.jsonl" if first else f"predictions-{system}.jsonl"
