@@ -31,6 +31,7 @@ import torch
 
 from llama_tune import data, models
 from llama_tune.config import AdversarialTrainConfig
+from llama_tune.train import target_logits
 
 SMART_START = 1e-5
 """Standard deviation of SMART's random start (the paper's sigma)."""
@@ -211,25 +212,24 @@ class AdversarialObjective(torch.nn.Module):
         finally:
             self._offset, self._keep_states = None, False
 
-    def _student_logits(
-        self, batch: dict[str, torch.Tensor], offset: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """The student's logits at the positions that predict target tokens, under `offset`
-        (None: from the states the last `_run(keep_states=True)` kept)."""
-        base = models.causal_lm(self.model)
-        if offset is None:
-            assert self._states is not None
-            states, self._states = self._states, None
-        else:
-            self._offset = offset
-            try:
-                states = base.get_decoder()(
-                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-                ).last_hidden_state
-            finally:
-                self._offset = None
-        predicting = batch["labels"][:, 1:] != data.IGNORE_INDEX
-        return base.get_output_embeddings()(states[:, :-1][predicting])
+    def _student_logits(self, batch: dict[str, torch.Tensor], offset: torch.Tensor) -> torch.Tensor:
+        """The student's logits at the positions that predict target tokens, under `offset`."""
+        self._offset = offset
+        try:
+            states = (
+                models.causal_lm(self.model)
+                .get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                .last_hidden_state
+            )
+        finally:
+            self._offset = None
+        return self._at_targets(batch, states)
+
+    def _at_targets(self, batch: dict[str, torch.Tensor], states: torch.Tensor) -> torch.Tensor:
+        """The logits of the student's last hidden `states` where they predict target tokens."""
+        head = models.causal_lm(self.model).get_output_embeddings()
+        logits, _, _ = target_logits(head, states[:, :-1], batch["labels"])
+        return logits
 
     def _smart(
         self,
@@ -242,8 +242,9 @@ class AdversarialObjective(torch.nn.Module):
         norm = self.settings.norm
         # The clean forward's own states give the clean logits: no second clean forward.
         clean = self._run(batch, noise, keep_states=True)
+        assert self._states is not None
         # The student alone from here: the teacher of a distillation plays no part in SMART.
-        clean_logits = self._student_logits(batch)
+        clean_logits, self._states = self._at_targets(batch, self._states), None
         offset = torch.randn_like(noise) * SMART_START * mask
         for _ in range(self.settings.steps):
             offset.requires_grad_(True)
