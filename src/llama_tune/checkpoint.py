@@ -221,6 +221,11 @@ def load(
     return TrainState(**json.loads((folder / STATE_FILE).read_text()))
 
 
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file (metrics, predictions), blank lines skipped."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def write_json(path: Path, payload: Any) -> None:
     """Write JSON through a temporary file and a rename, so readers never see half a file."""
     staging = path.with_name(f".{path.name}.tmp")

@@ -21,6 +21,7 @@ import matplotlib.pyplot as plt
 
 from llama_tune import selection
 from llama_tune.adversarial import drops
+from llama_tune.checkpoint import read_jsonl
 
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
@@ -36,7 +37,7 @@ def _png(figure: plt.Figure) -> bytes:
 def _records(metrics_path: Path) -> list[dict[str, Any]]:
     if not metrics_path.is_file():
         return []
-    return [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    return read_jsonl(metrics_path)
 
 
 def loss_plot(metrics_path: Path) -> bytes | None:
@@ -169,6 +170,7 @@ def robustness_section(
         return None
     metric = headline_metric(next(iter(series.values()))["metrics"])
     reference = next(iter(series))
+    reference_scores = row_scores.get(reference)
     table = [
         [
             "system",
@@ -183,9 +185,9 @@ def robustness_section(
     ]
     for label, result in series.items():
         table.append([label, "clean", "0", "", format_interval(result["metrics"][metric]), "", ""])
+        scores = row_scores.get(label)
         for record in result["robustness"]:
             versus = ""
-            scores, reference_scores = row_scores.get(label), row_scores.get(reference)
             if label != reference and scores is not None and reference_scores is not None:
                 difference = drops.drop_difference(
                     scores,

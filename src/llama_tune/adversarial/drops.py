@@ -10,10 +10,10 @@ chrF for translation.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from llama_tune.checkpoint import read_jsonl
 from llama_tune.uncertainty import Interval, bootstrap, mean_of
 
 
@@ -48,15 +48,11 @@ def load_row_scores(out_dir: Path, system: str, first: bool) -> RowScores | None
     perturbed_path = out_dir / robustness_file(system)
     if not clean_path.is_file() or not perturbed_path.is_file():
         return None
-    clean = {line["row"]: line["score"] for line in _lines(clean_path)}
+    clean = {line["row"]: line["score"] for line in read_jsonl(clean_path)}
     perturbed: dict[tuple[str, float], dict[int, float]] = {}
-    for line in _lines(perturbed_path):
+    for line in read_jsonl(perturbed_path):
         perturbed.setdefault((line["method"], line["strength"]), {})[line["row"]] = line["score"]
     return RowScores(clean, perturbed)
-
-
-def _lines(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def drop_difference(
