@@ -382,7 +382,22 @@ class AugmentConfig(Section):
     """The gradient attack (a forward and backward of the model) runs on every N-th step; on
     other steps examples that drew it stay clean."""
 
+    consistency: float | None = Field(None, gt=0.0)
+    """Weight of a consistency term (TRADES-style; add mode): the KL divergence from the
+    model's answer distribution on each clean example, held fixed, to that on its perturbed
+    copy, at the target tokens. It trains the model to answer a perturbed input as it answers
+    the clean one, not only to answer it right; null: none."""
+
     _methods = field_validator("methods")(_distinct_methods)
+
+    @model_validator(mode="after")
+    def _consistency_needs_pairs(self) -> AugmentConfig:
+        if self.consistency is not None and self.mode != "add":
+            raise ValueError(
+                "consistency compares each perturbed example with its clean one in the same "
+                "step: it needs mode: add"
+            )
+        return self
 
 
 class AdversarialTrainConfig(Section):

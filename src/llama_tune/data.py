@@ -53,6 +53,9 @@ class Example:
     fields: dict[str, str] = field(default_factory=dict)
     """The row's rendered fields (input text, target, placeholders): what perturbations of the
     input start from."""
+    perturbation: str | None = None
+    """The augmentation method that made this example from a clean training row; None for a
+    row as read."""
 
     @property
     def target_length(self) -> int:

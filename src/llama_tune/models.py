@@ -11,6 +11,8 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -268,6 +270,38 @@ def load(
 def causal_lm(model: PreTrainedModel | PeftModel) -> PreTrainedModel:
     """The transformers model inside a peft wrapper, or the model itself."""
     return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+class DecoderStates:
+    """The last hidden states of a model's decoder forward, kept while `keeping()` is on.
+
+    Terms that need the model's logits beyond its loss (SMART, consistency) read them from the
+    loss's own forward rather than running the decoder again.
+    """
+
+    def __init__(self, model: PreTrainedModel | PeftModel) -> None:
+        self.states: torch.Tensor | None = None
+        self._keeping = False
+        causal_lm(model).get_decoder().register_forward_hook(self._store)
+
+    @contextmanager
+    def keeping(self) -> Iterator[None]:
+        """Keep the states of the decoder forwards run inside this block (the last one wins)."""
+        self.states, self._keeping = None, True
+        try:
+            yield
+        finally:
+            self._keeping = False
+
+    def take(self) -> torch.Tensor:
+        """The kept states, released here so they live no longer than their user needs."""
+        assert self.states is not None, "no decoder forward ran while keeping"
+        states, self.states = self.states, None
+        return states
+
+    def _store(self, _module: torch.nn.Module, _inputs: object, output: object) -> None:
+        if self._keeping:
+            self.states = output.last_hidden_state  # type: ignore[attr-defined]
 
 
 def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:

@@ -326,6 +326,11 @@ def run(
         from llama_tune.distillation import setup
 
         bundle, objective, datasets = setup.load(recipe, accelerator, run_dir)
+    augment = recipe.adversarial.augment if recipe.adversarial is not None else None
+    if augment is not None and augment.consistency is not None:
+        from llama_tune.adversarial.consistency import ConsistencyObjective
+
+        objective = ConsistencyObjective(objective, augment.consistency)
     if recipe.adversarial is not None and recipe.adversarial.train is not None:
         from llama_tune.adversarial.embedding import AdversarialObjective
 
@@ -333,11 +338,11 @@ def run(
     tokenizer = bundle.tokenizer
     train_split, validation = datasets.train, datasets.validation
     augmenter = None
-    if recipe.adversarial is not None and recipe.adversarial.augment is not None:
+    if augment is not None:
         from llama_tune.adversarial.augment import Augmenter
 
         augmenter = Augmenter(
-            recipe.adversarial.augment,
+            augment,
             data.TaskFormatter(recipe.data, datasets.labels),
             tokenizer,
             bundle.model,

@@ -89,9 +89,12 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 def test_augmented_training_resumes_exactly(resumes_exactly) -> None:
     overrides = [ALL_METHODS, "adversarial.augment.mode=add", "adapter.dropout=0.1"]
+    overrides.append("adversarial.augment.consistency=1.0")
     expected = resumes_exactly("augment", overrides)
-    losses = [record["loss"] for record in _metrics(expected.run_dir) if "loss" in record]
-    assert losses[-1] < losses[0]
+    steps = [record for record in _metrics(expected.run_dir) if "loss" in record]
+    assert steps[-1]["loss"] < steps[0]["loss"]
+    # Every step holds perturbed copies (probability 0.5 of 8 rows): the term is always there.
+    assert all(record["consistency_loss"] > 0 for record in steps)
 
 
 def test_preview_prints_clean_and_perturbed_rows(tiny_recipe, capsys) -> None:
@@ -131,6 +134,10 @@ def test_bad_adversarial_sections_are_named() -> None:
     problems = "\n".join(caught.value.problems)
     assert "distill.positions: robust distillation" in problems
     assert "distill.hidden_states: not available with adversarial.augment" in problems
+    with pytest.raises(config.RecipeError) as caught:
+        config.parse(base | {"adversarial": {"augment": {"consistency": 1.0}}}, "bad.yaml")
+    assert "adversarial.augment: consistency compares" in caught.value.problems[0]
+    assert "mode: add" in caught.value.problems[0]
 
 
 @pytest.mark.parametrize("teacher", ["online", "cached"])

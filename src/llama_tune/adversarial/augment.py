@@ -28,11 +28,15 @@ def example_rng(seed: int, step: int, index: int) -> random.Random:
 
 @dataclass
 class Perturbed:
-    """An example, its perturbed version and the method used; `clean` when none applied."""
+    """An example and its perturbed version (`clean` itself when no perturbation applied)."""
 
     clean: data.Example
     example: data.Example
-    method: str | None
+
+    @property
+    def method(self) -> str | None:
+        """The method that perturbed the example; None when it stayed clean."""
+        return self.example.perturbation
 
 
 def needs_model(methods: list[str]) -> bool:
@@ -110,7 +114,7 @@ class Augmenter:
                 )
                 results.append(self._token_perturbed(example, substitutions, method, where))
             else:
-                results.append(Perturbed(example, example, None))
+                results.append(Perturbed(example, example))
                 if method == "gradient":
                     attacked.append(position)
         if attacked:
@@ -151,14 +155,14 @@ class Augmenter:
             fields[name] = text.TEXT_METHODS[method](fields[name], self.settings.budget, rng)
         if fields == example.fields:
             # The budget rounded down to no edit.
-            return Perturbed(example, example, None)
+            return Perturbed(example, example)
         try:
             encoded = data.encode(fields, self.formatter, self.tokenizer)
         except ValueError:
             encoded = None
         if encoded is None:
             # Longer than data.max_length allows, under truncation: drop or error: stay clean.
-            return Perturbed(example, example, None)
+            return Perturbed(example, example)
         input_ids, prompt_length, _ = encoded
         # The target tokens are the clean example's, whatever re-encoding the prompt did.
         input_ids = input_ids[:prompt_length] + example.input_ids[example.prompt_length :]
@@ -168,8 +172,9 @@ class Augmenter:
             input_ids=input_ids,
             prompt_length=prompt_length,
             fields=fields,
+            perturbation=method,
         )
-        return Perturbed(example, perturbed, method)
+        return Perturbed(example, perturbed)
 
     def _token_perturbed(
         self,
@@ -180,7 +185,7 @@ class Augmenter:
     ) -> Perturbed:
         """`example` with `substitutions` made; `where` are its input field's positions."""
         if not substitutions:
-            return Perturbed(example, example, None)
+            return Perturbed(example, example)
         perturbed = tokens.with_tokens(example, substitutions)
         fields = dict(example.fields)
         (name,) = self.formatter.task.input_fields
@@ -188,7 +193,8 @@ class Augmenter:
         span = perturbed.input_ids[where[0] : where[-1] + 1]
         fields[name] = self.tokenizer.decode(span).strip()
         prompt = self.tokenizer.decode(perturbed.input_ids[: perturbed.prompt_length])
-        return Perturbed(example, replace(perturbed, prompt=prompt, fields=fields), method)
+        perturbed = replace(perturbed, prompt=prompt, fields=fields, perturbation=method)
+        return Perturbed(example, perturbed)
 
     def training_batches(
         self, step: int, indices: list[list[int]], batches: list[list[data.Example]]

@@ -25,6 +25,7 @@ training. Random starts use the global RNG, which checkpoints restore, so resumi
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -102,9 +103,7 @@ class AdversarialObjective(torch.nn.Module):
         self._offset: torch.Tensor | None = None
         # Hooks, not a changed forward: the wrapped objective runs as it always does.
         base.get_input_embeddings().register_forward_hook(self._add_offset)
-        self._keep_states = False
-        self._states: torch.Tensor | None = None
-        base.get_decoder().register_forward_hook(self._store_states)
+        self._clean_states = models.DecoderStates(objective.model)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -197,20 +196,17 @@ class AdversarialObjective(torch.nn.Module):
         adversarial = self._run(batch, noise + offset.detach())
         return clean | {f"adversarial_{name}": value for name, value in adversarial.items()}
 
-    def _store_states(self, _module: Any, _inputs: Any, output: Any) -> None:
-        if self._keep_states:
-            self._states = output.last_hidden_state
-
     def _run(
         self, batch: dict[str, torch.Tensor], offset: torch.Tensor, keep_states: bool = False
     ) -> dict[str, torch.Tensor]:
         """The wrapped objective's sums with `offset` added to the input embeddings;
         `keep_states` keeps the student's last hidden states of that forward."""
-        self._offset, self._keep_states = offset, keep_states
+        self._offset = offset
         try:
-            return self.objective(**batch)
+            with self._clean_states.keeping() if keep_states else nullcontext():
+                return self.objective(**batch)
         finally:
-            self._offset, self._keep_states = None, False
+            self._offset = None
 
     def _student_logits(self, batch: dict[str, torch.Tensor], offset: torch.Tensor) -> torch.Tensor:
         """The student's logits at the positions that predict target tokens, under `offset`."""
@@ -242,9 +238,8 @@ class AdversarialObjective(torch.nn.Module):
         norm = self.settings.norm
         # The clean forward's own states give the clean logits: no second clean forward.
         clean = self._run(batch, noise, keep_states=True)
-        assert self._states is not None
         # The student alone from here: the teacher of a distillation plays no part in SMART.
-        clean_logits, self._states = self._at_targets(batch, self._states), None
+        clean_logits = self._at_targets(batch, self._clean_states.take())
         offset = torch.randn_like(noise) * SMART_START * mask
         for _ in range(self.settings.steps):
             offset.requires_grad_(True)

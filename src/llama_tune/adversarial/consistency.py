@@ -1,0 +1,106 @@
+"""Consistency between clean training examples and their perturbed copies (TRADES-style).
+
+With `adversarial.augment.mode: add` a perturbed example joins the micro-batch of the clean
+example it was made from. `ConsistencyObjective` wraps the training objective and adds the term
+`consistency`: KL(p_clean || p_perturbed) of the model's next-token distributions at the target
+positions, summed, and counted over the perturbed examples' target tokens. A robustness drop
+measures answers that change under perturbation; this term trains exactly that away, where the
+task loss on the perturbed copy only trains it to be right.
+
+The clean side is held fixed (no gradient): the clean example learns from its own loss, and the
+term moves the perturbed answer towards it rather than the clean answer towards a hedge between
+the two. Both sides come from the objective's own forward: no extra decoder pass.
+(Zhang et al., 2019, "Theoretically Principled Trade-off between Robustness and Accuracy".)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llama_tune import data, models
+from llama_tune.train import target_logits
+
+
+def clean_rows(indices: list[int]) -> torch.Tensor:
+    """For each row of a micro-batch, the row that holds its clean example; -1 for clean rows.
+
+    In add mode a perturbed copy carries its clean example's training index and comes after it.
+    """
+    first_row: dict[int, int] = {}
+    rows = []
+    for row, index in enumerate(indices):
+        rows.append(first_row.get(index, -1))
+        first_row.setdefault(index, row)
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def paired_divergence(
+    logits: torch.Tensor, targets_per_row: torch.Tensor, pairs: torch.Tensor
+) -> torch.Tensor:
+    """KL(clean || perturbed) summed over every perturbed row's target positions.
+
+    `logits` are the target positions' logits, row after row (`train.target_logits`);
+    `targets_per_row` counts them per row; `pairs` is `clean_rows` of the micro-batch.
+    """
+    counts = targets_per_row.tolist()
+    starts = [sum(counts[:row]) for row in range(len(counts))]
+    clean_positions, perturbed_positions = [], []
+    for row, clean_row in enumerate(pairs.tolist()):
+        if clean_row < 0:
+            continue
+        # The augmenter keeps the clean example's target tokens, so the counts agree.
+        assert counts[row] == counts[clean_row], "a perturbed copy's targets changed"
+        perturbed_positions += range(starts[row], starts[row] + counts[row])
+        clean_positions += range(starts[clean_row], starts[clean_row] + counts[row])
+    if not perturbed_positions:
+        return logits.new_zeros(())
+    clean = torch.log_softmax(logits[clean_positions].detach().float(), dim=-1)
+    perturbed = torch.log_softmax(logits[perturbed_positions].float(), dim=-1)
+    return (clean.exp() * (clean - perturbed)).sum()
+
+
+class ConsistencyObjective(torch.nn.Module):
+    """A training objective plus `consistency`, weighted `weight`, on its own forward."""
+
+    def __init__(self, objective: torch.nn.Module, weight: float) -> None:
+        super().__init__()
+        self.objective = objective
+        self.weights = dict(objective.weights) | {"consistency": weight}
+        self._states = models.DecoderStates(objective.model)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The trained model (the trainer saves and scores it)."""
+        return self.objective.model
+
+    def counts(self, example: data.Example) -> dict[str, int]:
+        perturbed_targets = example.target_length if example.perturbation is not None else 0
+        return dict(self.objective.counts(example)) | {"consistency": perturbed_targets}
+
+    def extra_inputs(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        return self.objective.extra_inputs(indices) | {"clean_rows": clean_rows(indices)}
+
+    def rewrite_step(
+        self, step: int, batches: list[list[data.Example]]
+    ) -> list[list[data.Example]] | None:
+        return self.objective.rewrite_step(step, batches)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        clean_rows: torch.Tensor | None = None,
+        **extra: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """The wrapped objective's sums, plus `consistency` for training micro-batches
+        (evaluation batches come without `clean_rows`: nothing is paired there)."""
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        batch |= extra
+        if clean_rows is None:
+            return self.objective(**batch)
+        with self._states.keeping():
+            sums = self.objective(**batch)
+        head = models.causal_lm(self.model).get_output_embeddings()
+        logits, _, selected = target_logits(head, self._states.take()[:, :-1], labels)
+        return sums | {"consistency": paired_divergence(logits, selected.sum(dim=1), clean_rows)}
