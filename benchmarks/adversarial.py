@@ -33,9 +33,13 @@ CONFIGURATIONS: dict[str, dict] = {
     "SMART, 1 step": {"train": {"method": "smart", "steps": 1}},
     "char noise, p 0.5": {"augment": {"methods": ["char"], "probability": 0.5}},
     "HotFlip, p 0.5": {"augment": {"methods": ["gradient"], "probability": 0.5}},
-    "recipes/sst2_adversarial.yaml": {
+    "char + HotFlip p 0.5, PGD 2 steps": {
         "augment": {"methods": ["char", "gradient"], "probability": 0.5},
         "train": {"method": "pgd", "epsilon": 0.02, "steps": 2},
+    },
+    "recipes/sst2_adversarial.yaml": {
+        "augment": {"methods": ["gradient"], "probability": 0.5, "mode": "add"},
+        "train": {"method": None, "neftune_alpha": 5.0},
     },
 }
 
