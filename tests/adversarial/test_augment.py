@@ -140,7 +140,7 @@ def test_bad_adversarial_sections_are_named() -> None:
     assert "mode: add" in caught.value.problems[0]
 
 
-@pytest.mark.parametrize("teacher", ["online", "cached"])
+@pytest.mark.parametrize("teacher", ["online", "cached", "online, consistency"])
 def test_robust_distillation_trains_on_perturbed_inputs(
     teacher: str, tiny_recipe, tiny_model_dir: Path
 ) -> None:
@@ -152,13 +152,19 @@ def test_robust_distillation_trains_on_perturbed_inputs(
     ]
     if teacher == "cached":
         overrides.append("distill.cache.top_k=16")
-    path = tiny_recipe(f"robust-{teacher}", max_steps=6, lr=5e-3)
+    consistency = teacher.endswith("consistency")
+    if consistency:
+        overrides += ["adversarial.augment.mode=add", "adversarial.augment.consistency=1.0"]
+    path = tiny_recipe(f"robust-{teacher.replace(', ', '-')}", max_steps=6, lr=5e-3)
     result = train.run(config.load(path, overrides), path)
     steps = [record for record in _metrics(result.run_dir) if "loss" in record]
     distill = [record["distill_loss"] for record in steps]
     assert len(distill) == 6
     assert all(value > 0 for value in distill)
     assert distill[-1] < distill[0]
+    # The student's answers on each clean row and its perturbed copy are compared.
+    assert all(("consistency_loss" in record) == consistency for record in steps)
+    assert all(record.get("consistency_loss", 1) > 0 for record in steps)
 
 
 def test_overrides_may_follow_options(tiny_recipe, capsys) -> None:
