@@ -41,6 +41,10 @@ CONFIGURATIONS: dict[str, dict] = {
         "augment": {"methods": ["gradient"], "probability": 0.5, "mode": "add"},
         "train": {"method": None, "neftune_alpha": 5.0},
     },
+    "the recipe + consistency 3.0": {
+        "augment": {"methods": ["gradient"], "probability": 0.5, "mode": "add", "consistency": 3},
+        "train": {"method": None, "neftune_alpha": 5.0},
+    },
 }
 
 
