@@ -280,14 +280,14 @@ class DecoderStates:
     """
 
     def __init__(self, model: PreTrainedModel | PeftModel) -> None:
-        self.states: torch.Tensor | None = None
+        self._states: torch.Tensor | None = None
         self._keeping = False
         causal_lm(model).get_decoder().register_forward_hook(self._store)
 
     @contextmanager
     def keeping(self) -> Iterator[None]:
         """Keep the states of the decoder forwards run inside this block (the last one wins)."""
-        self.states, self._keeping = None, True
+        self._states, self._keeping = None, True
         try:
             yield
         finally:
@@ -295,13 +295,13 @@ class DecoderStates:
 
     def take(self) -> torch.Tensor:
         """The kept states, released here so they live no longer than their user needs."""
-        assert self.states is not None, "no decoder forward ran while keeping"
-        states, self.states = self.states, None
+        assert self._states is not None, "no decoder forward ran while keeping"
+        states, self._states = self._states, None
         return states
 
     def _store(self, _module: torch.nn.Module, _inputs: object, output: object) -> None:
         if self._keeping:
-            self.states = output.last_hidden_state  # type: ignore[attr-defined]
+            self._states = output.last_hidden_state  # type: ignore[attr-defined]
 
 
 def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:

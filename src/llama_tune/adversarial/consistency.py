@@ -15,6 +15,8 @@ the two. Both sides come from the objective's own forward: no extra decoder pass
 
 from __future__ import annotations
 
+from itertools import accumulate
+
 import torch
 
 from llama_tune import data, models
@@ -43,7 +45,7 @@ def paired_divergence(
     `targets_per_row` counts them per row; `pairs` is `clean_rows` of the micro-batch.
     """
     counts = targets_per_row.tolist()
-    starts = [sum(counts[:row]) for row in range(len(counts))]
+    starts = [0, *accumulate(counts)]
     clean_positions, perturbed_positions = [], []
     for row, clean_row in enumerate(pairs.tolist()):
         if clean_row < 0:
