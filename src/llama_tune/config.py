@@ -374,8 +374,8 @@ class AugmentConfig(Section):
     """Candidate substitutes per token for neighbour (and gradient with neighbours)."""
     gradient_candidates: GradientCandidates = "spelling"
     """Tokens the gradient attack may substitute. spelling: tokens one typo away (a letter
-    deleted, swapped, substituted or inserted, or its case flipped), so the input still means
-    what it meant and its label holds; neighbours: the `neighbours` nearest tokens in the
+    deleted, swapped, substituted or inserted, or its case flipped): misspellings, and for whole
+    words often other words ('fun' -> 'run'); neighbours: the `neighbours` nearest tokens in the
     input embeddings, which include antonyms (SST-2: 'funny' became 'nasty'), so an attacked
     input may deserve the other label."""
     gradient_every: int = Field(1, ge=1)
