@@ -194,7 +194,7 @@ class TrainConfig(Section):
 
 AugmentMethod = Literal["char", "word", "neighbour", "gradient"]
 AUGMENT_METHODS = get_args(AugmentMethod)
-GradientCandidates = Literal["spelling", "neighbours"]
+GradientCandidates = Literal["spelling", "misspellings", "neighbours"]
 
 
 def _distinct_methods(methods: list[str]) -> list[str]:
@@ -375,7 +375,9 @@ class AugmentConfig(Section):
     gradient_candidates: GradientCandidates = "spelling"
     """Tokens the gradient attack may substitute. spelling: tokens one typo away (a letter
     deleted, swapped, substituted or inserted, or its case flipped): misspellings, and for whole
-    words often other words ('fun' -> 'run'); neighbours: the `neighbours` nearest tokens in the
+    words often other words ('fun' -> 'run'); misspellings: those of them that make no word of
+    the training split's inputs (seen twice or more), so the input keeps its words, misspelt;
+    neighbours: the `neighbours` nearest tokens in the
     input embeddings, which include antonyms (SST-2: 'funny' became 'nasty'), so an attacked
     input may deserve the other label."""
     gradient_every: int = Field(1, ge=1)

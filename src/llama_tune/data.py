@@ -7,6 +7,7 @@ the run naming the file and row, as `data.bad_rows` says.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 from collections import Counter
@@ -418,6 +419,18 @@ def _open_train(config: DataConfig) -> tuple[str, Iterator[RawRow]]:
     if opened is None:
         raise DataError(f"data source {config.source} has no {config.splits.train!r} split")
     return opened
+
+
+def training_inputs(formatter: TaskFormatter) -> Iterator[str]:
+    """The input-field texts of every readable row of the recipe's training split, whatever
+    `max_train_rows` says: the text a lexicon of the data's own words is read from."""
+    _, rows = _open_train(formatter.config)
+    for row in rows:
+        if row.values is None:
+            continue
+        for name in formatter.task.input_fields:
+            with contextlib.suppress(ValueError):
+                yield formatter.text_field(row.values, name)
 
 
 def label_set(config: DataConfig) -> list[str] | None:

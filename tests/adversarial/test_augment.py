@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from llama_tune import cli, config, data, models, train
-from llama_tune.adversarial import augment
+from llama_tune.adversarial import augment, text
 
 ALL_METHODS = "adversarial.augment.methods=[char,word,neighbour,gradient]"
 
@@ -52,20 +52,29 @@ def test_perturbations_are_seeded_and_leave_targets_alone(augmenter) -> None:
             assert perturbed.fields["text"] != clean.fields["text"]
 
 
-@pytest.mark.parametrize("pool", ["spelling", "neighbours"])
+@pytest.mark.parametrize("pool", ["spelling", "misspellings", "neighbours"])
 def test_gradient_attack_takes_tokens_from_the_chosen_pool(augmenter, pool: str) -> None:
     made, examples = augmenter
-    made.settings = made.settings.model_copy(update={"gradient_candidates": pool})
+    settings = made.settings.model_copy(update={"gradient_candidates": pool})
+    made = augment.Augmenter(
+        settings, made.formatter, made.tokenizer, made.model, 7, "no", made.substitutes
+    )
     attacked = made.perturb(0, list(range(8)), examples[:8], ["gradient"] * 8)
     swaps = 0
     for item in attacked:
         for clean, token in zip(item.clean.input_ids, item.example.input_ids, strict=True):
             if clean != token:
                 swaps += 1
-                if pool == "spelling":
+                if pool != "neighbours":
                     assert token in made.substitutes.spellings(clean)
                 else:
                     assert token in made.substitutes.nearest(clean, made.settings.neighbours)
+        if pool == "misspellings":
+            new_words = set(text.words_of(item.example.fields["text"])) - set(
+                text.words_of(item.clean.fields["text"])
+            )
+            assert made.lexicon is not None
+            assert not new_words & made.lexicon
     assert swaps >= 8
 
 

@@ -92,3 +92,10 @@ def test_spelling_variants_are_one_typo_away() -> None:
     assert text.spelling_variants(",") == text.spelling_variants("1999") == set()
     # Letters the word holds are offered too, so any alphabet gets its own typos.
     assert {"gäbä", "gäeb", "Gäbe"} <= text.spelling_variants("gäbe")
+
+
+def test_lexicon_holds_the_words_seen_often_enough() -> None:
+    assert text.words_of("Don't go-kart 2 Größe!") == ["don", "t", "go", "kart", "größe"]
+    lines = ["a good film", "A GOOD cast", "a film"]
+    assert text.lexicon(lines) == {"a", "good", "film"}
+    assert text.lexicon(lines, min_count=3) == {"a"}

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from llama_tune import config, data
 from llama_tune.adversarial import tokens
-from llama_tune.adversarial.text import edit_count, spelling_variants
+from llama_tune.adversarial.text import edit_count, lexicon, spelling_variants, words_of
 from llama_tune.train import target_cross_entropy
 
 
@@ -117,27 +117,62 @@ def test_spellings_are_real_tokens_one_typo_away(neighbours, tokenizer) -> None:
     assert neighbours.spellings(comma) == []
 
 
+def test_misspellings_leave_out_typos_that_make_a_word(neighbours, tokenizer) -> None:
+    def texts(found: list[int]) -> set[str]:
+        return {tokenizer.decode([token_id]) for token_id in found}
+
+    # A whole word: " fun" may not become " run" (nor " Run"), which the lexicon holds.
+    ids = tokenizer(" it is fun", add_special_tokens=False)["input_ids"]
+    spelled = texts(neighbours.spellings(ids[-1]))
+    assert " run" in spelled
+    kept = texts(neighbours.misspellings(ids, len(ids) - 1, frozenset({"it", "is", "fun", "run"})))
+    assert kept == {text for text in spelled if text.strip().lower() != "run"}
+    assert " Fun" in kept  # the same word, only its case flipped
+    # A word piece is judged by the whole word: " bl" + "and" may not become "blend" or "blind".
+    ids = tokenizer(" it is bland", add_special_tokens=False)["input_ids"]
+    assert [tokenizer.decode([token_id]) for token_id in ids[-2:]] == [" bl", "and"]
+    words = frozenset({"blend", "blind", "bland"})
+    spelled = texts(neighbours.spellings(ids[-1]))
+    kept = texts(neighbours.misspellings(ids, len(ids) - 1, words))
+    assert {"end", "ind"} <= spelled - kept
+    # "blAnd" is the same word ("bland"), only its case flipped.
+    assert kept == {piece for piece in spelled if f"bl{piece}".lower() not in words - {"bland"}}
+    # In " blandly" the same pieces make no word of the lexicon.
+    ids = tokenizer(" it is blandly", add_special_tokens=False)["input_ids"]
+    assert {"end", "ind"} <= texts(neighbours.misspellings(ids, len(ids) - 2, words))
+
+
+@pytest.fixture(scope="module")
+def sst2_lexicon(data_root: Path) -> frozenset[str]:
+    settings = config.DataConfig(
+        source=str(data_root / "classification" / "sst2"), task="classification"
+    )
+    return lexicon(data.training_inputs(data.TaskFormatter(settings)))
+
+
 def _random_substitutions(example, positions, options_for, budget, rng) -> dict[int, int]:
     """The baseline: random positions that have options, each given a random option."""
     count = edit_count(budget, len(positions), rng)
-    options = dict(
-        zip(positions, options_for([example.input_ids[p] for p in positions]), strict=True)
-    )
+    options = dict(zip(positions, options_for(example.input_ids, positions), strict=True))
     eligible = [position for position in positions if options[position]]
     chosen = rng.sample(eligible, min(count, len(eligible)))
     return {position: rng.choice(options[position]) for position in sorted(chosen)}
 
 
-@pytest.mark.parametrize("pool", ["spelling", "neighbours"])
-def test_gradient_attack_beats_random_substitutions(sst2, neighbours, real_model, tokenizer, pool):
+@pytest.mark.parametrize("pool", ["spelling", "misspellings", "neighbours"])
+def test_gradient_attack_beats_random_substitutions(
+    sst2, sst2_lexicon, neighbours, real_model, tokenizer, pool
+):
     formatter, examples = sst2
     positions = [tokens.input_positions(e, formatter, tokenizer) for e in examples]
     budget = 0.15
 
-    def options_for(token_ids: list[int]) -> list[list[int]]:
+    def options_for(input_ids: list[int], where: list[int]) -> list[list[int]]:
         if pool == "spelling":
-            return [neighbours.spellings(token_id) for token_id in token_ids]
-        return neighbours.nearest_many(token_ids, 10)
+            return [neighbours.spellings(input_ids[p]) for p in where]
+        if pool == "misspellings":
+            return [neighbours.misspellings(input_ids, p, sst2_lexicon) for p in where]
+        return neighbours.nearest_many([input_ids[p] for p in where], 10)
 
     attacked = tokens.gradient_substitutions(
         real_model,
@@ -157,7 +192,15 @@ def test_gradient_attack_beats_random_substitutions(sst2, neighbours, real_model
         assert set(chosen) <= set(where)
         assert len(chosen) <= -(-budget * len(where) // 1)
         for position, token_id in chosen.items():
-            assert token_id in options_for([example.input_ids[position]])[0]
+            if pool == "neighbours":
+                assert token_id in neighbours.nearest(example.input_ids[position], 10)
+            else:
+                assert token_id in neighbours.spellings(example.input_ids[position])
+        if pool == "misspellings":
+            attacked_example = tokens.with_tokens(example, chosen)
+            attacked_words = set(words_of(tokenizer.decode(attacked_example.input_ids)))
+            clean_words = set(words_of(tokenizer.decode(example.input_ids)))
+            assert not (attacked_words - clean_words) & sst2_lexicon
     for chosen, randomly in zip(attacked, randomised, strict=True):
         # The same seed draws the same number of substitutions for both.
         assert len(chosen) == len(randomly)

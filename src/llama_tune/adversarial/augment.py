@@ -65,6 +65,9 @@ class Augmenter:
         self.seed = seed
         self.precision = precision
         self.substitutes = substitutes
+        self.lexicon = None
+        if "gradient" in settings.methods and settings.gradient_candidates == "misspellings":
+            self.lexicon = text.lexicon(data.training_inputs(formatter))
         if needs_model(settings.methods) and substitutes is None:
             assert model is not None
             embeddings = models.causal_lm(model).get_input_embeddings().weight
@@ -121,11 +124,16 @@ class Augmenter:
             self._attack(step, [indices[i] for i in attacked], results, attacked)
         return results
 
-    def _gradient_options(self, token_ids: list[int]) -> list[list[int]]:
-        """The tokens the gradient attack may put in place of each of `token_ids`."""
+    def _gradient_options(self, input_ids: list[int], positions: list[int]) -> list[list[int]]:
+        """The tokens the gradient attack may put in place of the token at each of `positions`."""
         assert self.substitutes is not None
-        if self.settings.gradient_candidates == "spelling":
-            return [self.substitutes.spellings(token_id) for token_id in token_ids]
+        pool = self.settings.gradient_candidates
+        if pool == "spelling":
+            return [self.substitutes.spellings(input_ids[p]) for p in positions]
+        if pool == "misspellings":
+            assert self.lexicon is not None
+            return [self.substitutes.misspellings(input_ids, p, self.lexicon) for p in positions]
+        token_ids = [input_ids[p] for p in positions]
         return self.substitutes.nearest_many(token_ids, self.settings.neighbours)
 
     def _attack(

@@ -12,6 +12,8 @@ import math
 import random
 import re
 import string
+from collections import Counter
+from collections.abc import Iterable
 
 KEYBOARD_ROWS = ("qwertyuiop", "asdfghjkl", "zxcvbnm")
 
@@ -90,6 +92,18 @@ def spelling_variants(word: str) -> set[str]:
     variants |= {head + tail[0].swapcase() + tail[1:] for head, tail in splits if tail}
     variants.discard(word)
     return {variant for variant in variants if any(char.isalpha() for char in variant)}
+
+
+def words_of(text: str) -> list[str]:
+    """The lower-cased runs of letters in `text`; digits, apostrophes and punctuation split them."""
+    return re.findall(r"[^\W\d_]+", text.lower())
+
+
+def lexicon(texts: Iterable[str], min_count: int = 2) -> frozenset[str]:
+    """The words (`words_of`) seen at least `min_count` times in `texts`: a typo that lands on one
+    makes another word, not a misspelling. Twice, so that a typo the data holds once stays out."""
+    counts = Counter(word for line in texts for word in words_of(line))
+    return frozenset(word for word, count in counts.items() if count >= min_count)
 
 
 def char_noise(text: str, budget: float, rng: random.Random) -> str:

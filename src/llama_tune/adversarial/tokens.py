@@ -18,7 +18,7 @@ from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from llama_tune import data, models, scoring
-from llama_tune.adversarial.text import edit_count, spelling_variants
+from llama_tune.adversarial.text import edit_count, spelling_variants, words_of
 from llama_tune.train import target_cross_entropy, target_logits
 
 SENTINEL = "\x00"
@@ -120,6 +120,28 @@ class Substitutes:
             self._spellings[token_id] = sorted(found - {None, token_id})
         return self._spellings[token_id]
 
+    def misspellings(
+        self, input_ids: list[int], position: int, lexicon: frozenset[str]
+    ) -> list[int]:
+        """The spellings of the token at `position` that make no new word of `lexicon` in the
+        word holding it (from the token that starts that word to the next one that starts one):
+        'fun' may become 'fnu' but not 'run'."""
+        start = position
+        while start > 0 and not self.starts_word[input_ids[start]]:
+            start -= 1
+        end = position + 1
+        while end < len(input_ids) and not self.starts_word[input_ids[end]]:
+            end += 1
+        word = input_ids[start:end]
+        before = set(words_of("".join(self.texts[token_id] for token_id in word)))
+        kept = []
+        for candidate in self.spellings(input_ids[position]):
+            word[position - start] = candidate
+            after = set(words_of("".join(self.texts[token_id] for token_id in word)))
+            if not (after - before) & lexicon:
+                kept.append(candidate)
+        return kept
+
 
 def with_tokens(example: data.Example, substitutions: dict[int, int]) -> data.Example:
     """A copy of `example` with the tokens at some positions replaced."""
@@ -157,7 +179,7 @@ def gradient_substitutions(
     model: PreTrainedModel | PeftModel,
     examples: list[data.Example],
     positions: list[list[int]],
-    options_for: Callable[[list[int]], list[list[int]]],
+    options_for: Callable[[list[int], list[int]], list[list[int]]],
     budget: float,
     rngs: list[random.Random],
     pad_token_id: int,
@@ -165,8 +187,9 @@ def gradient_substitutions(
 ) -> list[dict[int, int]]:
     """For each example, the substitutions that most raise the model's loss.
 
-    `options_for` gives the tokens that may replace each of a list of tokens (their spellings,
-    or their embedding neighbours). Greedy, one substitution per example per round, as in
+    `options_for(input_ids, positions)` gives the tokens that may replace the token at each of
+    `positions` of the (partly attacked) `input_ids`: spellings, misspellings or embedding
+    neighbours. Greedy, one substitution per example per round, as in
     HotFlip with exact re-ranking: a forward and backward of the batch gives every input
     token's loss gradient at the current perturbation; the EXACT_CHECKS swaps with the largest
     first-order gain are scored by a forward pass and the one with the highest loss is kept.
@@ -188,7 +211,7 @@ def gradient_substitutions(
         for row, i in enumerate(active):
             untouched = [p for p in positions[i] if p not in chosen[i]]
             token_ids = [examples[i].input_ids[p] for p in untouched]
-            option_lists = options_for(token_ids)
+            option_lists = options_for(current[row].input_ids, untouched)
             width = max(map(len, option_lists), default=0)
             if width == 0:
                 wanted[i] = len(chosen[i])
