@@ -2,10 +2,11 @@
 
 A row is flipped when the model answers it right clean and wrong under its own gradient attack
 (`robustness-tuned.jsonl` beside `predictions.jsonl` in a run's evaluation folder). For each
-flipped row the words the attack changed are compared with the words of the SST-2 training
-text: a typo that lands on a word seen there at least --min-count times ("fun" -> "run",
-"no" -> "do") is a real word, often of another meaning, not a misspelling. Rows are counted as
-"real word" when any changed word became one, else "misspelling only".
+flipped row the words the attack changed are compared with the lexicon of the SST-2 training
+inputs (`text.lexicon`, the one `gradient_candidates: misspellings` avoids: words seen at least
+twice): a typo that makes a word of it ("fun" -> "run", "no" -> "do") makes a real word, often of
+another meaning, not a misspelling. Rows are counted as "real word" when any changed word made
+one, else "misspelling only".
 
 Run: python benchmarks/attack_flips.py runs/quickstart runs/sst2_adversarial [--split validation]
 """
@@ -19,6 +20,9 @@ import json
 import os
 from pathlib import Path
 
+from llama_tune import config, data
+from llama_tune.adversarial import text
+
 
 def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -26,7 +30,6 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--split", default="validation")
     parser.add_argument("--strength", type=float, default=0.1)
     parser.add_argument("--data", default=os.environ.get("LLAMA_TUNE_DATA", "../shared/datasets"))
-    parser.add_argument("--min-count", type=int, default=5)
     return parser.parse_args()
 
 
@@ -35,10 +38,15 @@ def _jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in lines]
 
 
-def training_word_counts(data: Path) -> collections.Counter[str]:
-    """Lower-cased whitespace words of the SST-2 training text, with how often each occurs."""
-    rows = _jsonl(data / "classification" / "sst2" / "train.jsonl")
-    return collections.Counter(word for row in rows for word in row["text"].lower().split())
+def sst2_lexicon(data_folder: Path) -> frozenset[str]:
+    """The words of the SST-2 training inputs, as `gradient_candidates: misspellings` reads them."""
+    source = data_folder / "classification" / "sst2"
+    settings = config.DataConfig(source=str(source), task="classification")
+    return text.lexicon(data.training_inputs(data.TaskFormatter(settings)))
+
+
+def _makes_a_word(before: str, after: str, lexicon: frozenset[str]) -> bool:
+    return bool((set(text.words_of(after)) - set(text.words_of(before))) & lexicon)
 
 
 def flipped_changes(run: Path, split: str, strength: float) -> dict[int, list[tuple[str, str]]]:
@@ -76,7 +84,7 @@ def _changed_words(clean: list[str], attacked: list[str]) -> list[tuple[str, str
 
 def main() -> None:
     args = _arguments()
-    counts = training_word_counts(Path(args.data))
+    lexicon = sst2_lexicon(Path(args.data))
     summary = {}
     for run in args.runs:
         changes = flipped_changes(run, args.split, args.strength)
@@ -84,10 +92,10 @@ def main() -> None:
             f"{before} -> {after}"
             for pairs in changes.values()
             for before, after in pairs
-            if counts[after.lower()] >= args.min_count
+            if _makes_a_word(before, after, lexicon)
         )
         real_word_rows = sum(
-            any(counts[after.lower()] >= args.min_count for _, after in pairs)
+            any(_makes_a_word(before, after, lexicon) for before, after in pairs)
             for pairs in changes.values()
         )
         summary[str(run)] = {
