@@ -184,3 +184,12 @@ def test_overrides_may_follow_options(tiny_recipe, capsys) -> None:
         cli.main(["augment", path, "--show", "1", "--bogus"])
     assert stopped.value.code == cli.USAGE_ERROR
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_misspellings_without_a_training_split_is_a_clear_error(tmp_path: Path, tokenizer) -> None:
+    (tmp_path / "validation.jsonl").write_text('{"text": "fine", "label": "positive"}\n')
+    settings = config.DataConfig(source=str(tmp_path), task="classification")
+    formatter = data.TaskFormatter(settings, ["negative", "positive"])
+    pool = config.AugmentConfig(methods=["gradient"], gradient_candidates="misspellings")
+    with pytest.raises(data.DataError, match=r"misspellings reads its lexicon.*no 'train' split"):
+        augment.Augmenter(pool, formatter, tokenizer, None, 0, "no")

@@ -67,7 +67,13 @@ class Augmenter:
         self.substitutes = substitutes
         self.lexicon = None
         if "gradient" in settings.methods and settings.gradient_candidates == "misspellings":
-            self.lexicon = text.lexicon(data.training_inputs(formatter))
+            try:
+                self.lexicon = text.lexicon(data.training_inputs(formatter))
+            except data.DataError as error:
+                raise data.DataError(
+                    f"gradient_candidates: misspellings reads its lexicon from the training "
+                    f"split: {error}"
+                ) from None
         if needs_model(settings.methods) and substitutes is None:
             assert model is not None
             embeddings = models.causal_lm(model).get_input_embeddings().weight
