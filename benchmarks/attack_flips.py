@@ -88,16 +88,14 @@ def main() -> None:
     summary = {}
     for run in args.runs:
         changes = flipped_changes(run, args.split, args.strength)
+        made_words = [
+            [(before, after) for before, after in pairs if _makes_a_word(before, after, lexicon)]
+            for pairs in changes.values()
+        ]
         real_words = collections.Counter(
-            f"{before} -> {after}"
-            for pairs in changes.values()
-            for before, after in pairs
-            if _makes_a_word(before, after, lexicon)
+            f"{before} -> {after}" for pairs in made_words for before, after in pairs
         )
-        real_word_rows = sum(
-            any(_makes_a_word(before, after, lexicon) for before, after in pairs)
-            for pairs in changes.values()
-        )
+        real_word_rows = sum(bool(pairs) for pairs in made_words)
         summary[str(run)] = {
             "flipped": len(changes),
             "real word": real_word_rows,
