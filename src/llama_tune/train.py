@@ -240,11 +240,12 @@ def _reduced_counts(
 ) -> tuple[Counter[str], int]:
     """Term counts and input tokens of rewritten examples, summed over processes.
 
-    Without `task_targets` (on-policy completions) the task cross-entropy counts nothing.
+    Without `task_targets` (on-policy completions) the task cross-entropy counts nothing, nor
+    does its copy on adversarial embeddings: both score reference answers the step replaced.
     """
     counts = step_counts(objective, examples)
     if not task_targets:
-        counts["ce"] = 0
+        counts["ce"] = counts["adversarial_ce"] = 0
     local = [counts[name] for name in terms] + [sum(len(e.input_ids) for e in examples)]
     totals = accelerator.reduce(torch.tensor(local, device=accelerator.device), reduction="sum")
     *term_totals, inputs = (int(value) for value in totals.tolist())

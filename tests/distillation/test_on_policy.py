@@ -1,4 +1,5 @@
-"""On-policy distillation: which steps, what the student writes, exact resume."""
+"""On-policy distillation: which steps, what the student writes, exact resume, no reference
+answer scored on its steps."""
 
 from __future__ import annotations
 
@@ -63,3 +64,26 @@ def test_on_policy_training_resumes_exactly(resumes_exactly, tiny_model_dir: Pat
     ]
     assert 0 < len(on_policy_steps) < 8
     assert all(record["distill_loss"] > 0 for record in steps)
+
+
+def test_on_policy_steps_score_no_reference_answer_under_attack(
+    tiny_recipe, tiny_model_dir: Path
+) -> None:
+    overrides = [
+        f"distill.teacher.name={tiny_model_dir}",
+        "distill.student.from_teacher.keep_layers=[1]",
+        "distill.on_policy.probability=0.5",
+        "distill.on_policy.max_new_tokens=4",
+        "adversarial.train.method=fgm",
+    ]
+    path = tiny_recipe("policy-fgm", max_steps=6)
+    result = train.run(config.load(path, overrides), path)
+    steps = [record for record in _metrics(result.run_dir) if "loss" in record]
+    settings = config.OnPolicyConfig(probability=0.5)
+    chosen = {step + 1 for step in range(6) if on_policy.is_on_policy_step(settings, 42, step)}
+    assert 0 < len(chosen) < 6
+    for record in steps:
+        reference_terms = {"ce_loss", "adversarial_ce_loss"}
+        expected = set() if record["step"] in chosen else reference_terms
+        assert reference_terms & record.keys() == expected
+        assert record["adversarial_distill_loss"] > 0
