@@ -190,8 +190,12 @@ def load_base_model(
     if quantization is not None:
         _contiguous_head_input(model)
         _keep_4bit_weights_trainable(model)
+        # peft passes torch no use_reentrant, and torch's reentrant default refuses the
+        # autograd.grad that embedding-space adversarial training takes of the inputs.
         return prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=config.gradient_checkpointing
+            model,
+            use_gradient_checkpointing=config.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
         )
     return ready_for_training(model, config)
 

@@ -136,7 +136,8 @@ def test_each_method_trains_and_the_loss_falls(method: str, tiny_recipe) -> None
 
 @pytest.mark.parametrize("weights", ["full", "qlora"])
 def test_full_fine_tuning_and_qlora_train_adversarially(weights: str, tiny_recipe) -> None:
-    overrides = ["adversarial.train.method=pgd"]
+    # Gradient checkpointing too: PGD takes gradients of the inputs through checkpointed layers.
+    overrides = ["adversarial.train.method=pgd", "model.gradient_checkpointing=true"]
     overrides += ["adapter=null"] if weights == "full" else ["model.quantization=4bit"]
     path = tiny_recipe(f"weights-{weights}", max_steps=6, lr=5e-3)
     result = train.run(config.load(path, overrides), path)
