@@ -367,7 +367,8 @@ class AugmentConfig(Section):
     probability: float = Field(0.5, ge=0.0, le=1.0)
     """Chance that a training example is perturbed at a step."""
     budget: float = Field(0.15, gt=0.0, le=1.0)
-    """Fraction of the input's words (char, word) or tokens (neighbour, gradient) changed."""
+    """Fraction of the input's words (char: those of two or more letters; word) or tokens
+    (neighbour, gradient) changed; never exceeded."""
     mode: Literal["add", "replace"] = "replace"
     """replace: a perturbed example takes its clean one's place; add: it joins the step."""
     neighbours: int = Field(10, ge=1)
@@ -404,7 +405,7 @@ class AugmentConfig(Section):
 class AdversarialTrainConfig(Section):
     """Adversarial training in embedding space: perturb input embeddings, train on the result."""
 
-    method: Literal["fgm", "pgd", "freelb", "smart"] | None = "pgd"
+    method: Literal["fgm", "pgd", "freelb", "smart"] | None = None
     """fgm: one step along the loss gradient; pgd: `steps` projected ascent steps; freelb: the
     losses of every ascent step averaged (their gradients accumulate); smart: a smoothness term,
     the symmetric KL between outputs on clean and adversarially perturbed embeddings; null:
@@ -428,7 +429,9 @@ class AdversarialTrainConfig(Section):
     @model_validator(mode="after")
     def _something_to_do(self) -> AdversarialTrainConfig:
         if self.method is None and self.neftune_alpha is None:
-            raise ValueError("method: set a method, neftune_alpha, or both")
+            raise ValueError(
+                "method: set a method (fgm, pgd, freelb, smart), neftune_alpha, or both"
+            )
         return self
 
 
@@ -439,6 +442,12 @@ class AdversarialConfig(Section):
     """Text-space adversarial examples; null: none."""
     train: AdversarialTrainConfig | None = None
     """Embedding-space adversarial training; null: none."""
+
+    @model_validator(mode="after")
+    def _something_to_train(self) -> AdversarialConfig:
+        if self.augment is None and self.train is None:
+            raise ValueError("set augment, train or both, or remove the section")
+        return self
 
 
 class Recipe(Section):

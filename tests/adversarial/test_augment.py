@@ -144,6 +144,12 @@ def test_bad_adversarial_sections_are_named() -> None:
     assert "distill.positions: robust distillation" in problems
     assert "distill.hidden_states: not available with adversarial.augment" in problems
     with pytest.raises(config.RecipeError) as caught:
+        config.parse(base | {"adversarial": {"train": {}}}, "bad.yaml")
+    assert "adversarial.train.method: set a method" in caught.value.problems[0]
+    with pytest.raises(config.RecipeError) as caught:
+        config.parse(base | {"adversarial": {}}, "bad.yaml")
+    assert "adversarial: set augment, train or both" in caught.value.problems[0]
+    with pytest.raises(config.RecipeError) as caught:
         config.parse(base | {"adversarial": {"augment": {"consistency": 1.0}}}, "bad.yaml")
     assert "adversarial.augment: consistency compares" in caught.value.problems[0]
     assert "mode: add" in caught.value.problems[0]
@@ -191,5 +197,6 @@ def test_misspellings_without_a_training_split_is_a_clear_error(tmp_path: Path, 
     settings = config.DataConfig(source=str(tmp_path), task="classification")
     formatter = data.TaskFormatter(settings, ["negative", "positive"])
     pool = config.AugmentConfig(methods=["gradient"], gradient_candidates="misspellings")
-    with pytest.raises(data.DataError, match=r"misspellings reads its lexicon.*no 'train' split"):
+    named = r"misspellings \(adversarial.augment or evaluation.robustness\) reads its lexicon"
+    with pytest.raises(data.DataError, match=named + r".*no 'train' split"):
         augment.Augmenter(pool, formatter, tokenizer, None, 0, "no")

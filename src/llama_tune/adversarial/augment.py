@@ -71,8 +71,8 @@ class Augmenter:
                 self.lexicon = text.lexicon(data.training_inputs(formatter))
             except data.DataError as error:
                 raise data.DataError(
-                    f"gradient_candidates: misspellings reads its lexicon from the training "
-                    f"split: {error}"
+                    "gradient_candidates: misspellings (adversarial.augment or "
+                    f"evaluation.robustness) reads its lexicon from the training split: {error}"
                 ) from None
         if needs_model(settings.methods) and substitutes is None:
             assert model is not None
