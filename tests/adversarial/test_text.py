@@ -1,4 +1,4 @@
-"""Character and word noise: seeded, within budget, whitespace kept."""
+"""Character and word noise: seeded, within budget, whitespace kept, keyboard neighbours."""
 
 from __future__ import annotations
 
@@ -80,6 +80,17 @@ def _typo_distance(first: str, second: str) -> int:
             if i > 1 and j > 1 and first[i - 1] == second[j - 2] and first[i - 2] == second[j - 1]:
                 row[j] = min(row[j], before[j - 2] + 1)
     return row[-1]
+
+
+def test_keyboard_neighbours_follow_the_staggered_rows() -> None:
+    expected = {"a": "qwsz", "s": "weadzx", "g": "tyfhvb", "m": "jkn", "p": "ol", "z": "asx"}
+    for letter, neighbours in expected.items():
+        assert sorted(text.KEYBOARD_NEIGHBOURS[letter]) == sorted(neighbours)
+    assert all(
+        letter in text.KEYBOARD_NEIGHBOURS[neighbour]
+        for letter, neighbours in text.KEYBOARD_NEIGHBOURS.items()
+        for neighbour in neighbours
+    )
 
 
 def test_spelling_variants_are_one_typo_away() -> None:

@@ -19,17 +19,22 @@ KEYBOARD_ROWS = ("qwertyuiop", "asdfghjkl", "zxcvbnm")
 
 
 def _keyboard_neighbours() -> dict[str, str]:
-    """Letters next to each letter on a QWERTY keyboard (same row and the rows above/below)."""
+    """Letters next to each letter on a QWERTY keyboard.
+
+    Each row sits about half a key right of the row above, so the letter at column c touches
+    columns c and c + 1 of the row above and c - 1 and c of the row below ("a": q w s z).
+    """
     position = {
         letter: (row, column)
         for row, letters in enumerate(KEYBOARD_ROWS)
         for column, letter in enumerate(letters)
     }
+    touching = {(0, -1), (0, 1), (-1, 0), (-1, 1), (1, -1), (1, 0)}
     return {
         letter: "".join(
             other
             for other, (other_row, other_column) in position.items()
-            if other != letter and abs(other_row - row) <= 1 and abs(other_column - column) <= 1
+            if (other_row - row, other_column - column) in touching
         )
         for letter, (row, column) in position.items()
     }
@@ -40,8 +45,7 @@ KEYBOARD_NEIGHBOURS = _keyboard_neighbours()
 
 def edit_count(budget: float, units: int, rng: random.Random) -> int:
     """How many of `units` to change: budget x units, randomly rounded (mean exact)."""
-    wanted = budget * units
-    return min(math.floor(wanted + rng.random()), math.ceil(wanted))
+    return math.floor(budget * units + rng.random())
 
 
 def _split_words(text: str) -> tuple[str, list[str], list[str]]:
