@@ -56,6 +56,21 @@ def test_half_written_checkpoint_is_ignored(tmp_path: Path) -> None:
     assert checkpoint.latest(tmp_path).name == "step-00000002"
 
 
+def test_each_process_restores_its_own_random_state(tmp_path: Path) -> None:
+    saved = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        saved.append(checkpoint.rng_states())
+    torch.save(saved, tmp_path / checkpoint.RNG_FILE)
+    draws = []
+    for process_index in (0, 1):
+        checkpoint.restore_rng(tmp_path, process_index)
+        draws.append(torch.rand(4))
+    for seed, draw in zip((1, 2), draws, strict=True):
+        torch.manual_seed(seed)
+        assert torch.equal(draw, torch.rand(4))
+
+
 def test_resume_refuses_a_changed_model_or_adapter(tiny_recipe) -> None:
     path = tiny_recipe(max_steps=4, save_steps=2)
     result = train.run(config.load(path), path)
@@ -82,9 +97,8 @@ def test_recipe_hash_tracks_resume_keys(tmp_path: Path) -> None:
     path.write_text("data: {source: /d, task: classification}\n")
     base = config.load(path)
     assert checkpoint.recipe_hash(base) == checkpoint.recipe_hash(config.load(path, ["train.lr=1"]))
-    assert checkpoint.recipe_hash(base) != checkpoint.recipe_hash(
-        config.load(path, ["adapter.r=4"])
-    )
+    for changed in ("adapter.r=4", "adversarial.augment.budget=0.3"):
+        assert checkpoint.recipe_hash(base) != checkpoint.recipe_hash(config.load(path, [changed]))
 
 
 def test_full_fine_tuning_resumes_exactly(tiny_recipe, crash_during_save) -> None:

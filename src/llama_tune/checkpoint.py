@@ -2,8 +2,8 @@
 
 A checkpoint is written into a temporary folder and renamed into place, and `state.json` is its
 last file, so a crash mid-save never leaves a folder that `latest()` would pick up. It holds the
-adapter (or, in full fine-tuning, every weight), optimizer, scheduler, RNG states and the data
-position: resuming from it continues the run as if it had never stopped.
+adapter (or, in full fine-tuning, every weight), optimizer, scheduler, every process's RNG
+states and the data position: resuming from it continues the run as if it had never stopped.
 """
 
 from __future__ import annotations
@@ -31,10 +31,11 @@ STATE_FILE = "state.json"
 ADAPTER_FOLDER = "adapter"
 FULL_WEIGHTS = "model.safetensors"
 EXTRA_WEIGHTS = "extras.safetensors"
+RNG_FILE = "rng.pt"
 
 # Changing any of these between a run and its resume would make the saved state mean something
-# else (another model or adapter shape, another data order); other keys (lr, max_steps, logging)
-# may change.
+# else (another model or adapter shape, another data order or other perturbed copies of it);
+# other keys (lr, max_steps, logging) may change.
 RESUME_KEYS = (
     "model.name",
     "model.revision",
@@ -63,6 +64,7 @@ RESUME_KEYS = (
     "train.seed",
     "distill.teacher",
     "distill.student",
+    "adversarial.augment",
 )
 
 
@@ -135,7 +137,8 @@ def latest(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _rng_states() -> dict[str, Any]:
+def rng_states() -> dict[str, Any]:
+    """This process's random number generators (Python, NumPy, torch), to save with a checkpoint."""
     states = {
         "python": random.getstate(),
         "numpy": numpy.random.get_state(),
@@ -146,7 +149,13 @@ def _rng_states() -> dict[str, Any]:
     return states
 
 
-def _restore_rng(states: dict[str, Any]) -> None:
+def restore_rng(folder: Path, process_index: int) -> None:
+    """Set this process's random number generators to those a checkpoint saved for it."""
+    # RNG states hold numpy and Python tuples, which the weights-only loader refuses.
+    process_rng_states = torch.load(folder / RNG_FILE, weights_only=False)
+    # On more processes than saved them the extra ones reuse states: only the same count of
+    # processes resumes exactly (the data is sharded by it too).
+    states = process_rng_states[process_index % len(process_rng_states)]
     random.setstate(states["python"])
     numpy.random.set_state(states["numpy"])
     torch.set_rng_state(states["torch"])
@@ -161,11 +170,14 @@ def save(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     state: TrainState,
     keep_last: int,
+    process_rng_states: list[dict[str, Any]],
     extras: dict[str, torch.nn.Parameter] | None = None,
 ) -> Path:
     """Write a checkpoint atomically and keep only the newest `keep_last`; returns its folder.
 
-    `extras` are trained parameters outside the model (a distillation projection, say).
+    `process_rng_states` holds `rng_states()` of every process, by process index: each draws
+    its own noise (dropout, NEFTune) on its own batches. `extras` are trained parameters
+    outside the model (a distillation projection, say).
     """
     root = run_dir / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
@@ -184,7 +196,7 @@ def save(
             save_file(tensors, staging / EXTRA_WEIGHTS)
         torch.save(optimizer.state_dict(), staging / "optimizer.pt")
         torch.save(scheduler.state_dict(), staging / "scheduler.pt")
-        torch.save(_rng_states(), staging / "rng.pt")
+        torch.save(process_rng_states, staging / RNG_FILE)
         # state.json goes last: its presence marks the checkpoint complete.
         write_json(staging / STATE_FILE, asdict(state))
         shutil.rmtree(final, ignore_errors=True)
@@ -202,9 +214,10 @@ def load(
     model: PeftModel | PreTrainedModel,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
+    process_index: int,
     extras: dict[str, torch.nn.Parameter] | None = None,
 ) -> TrainState:
-    """Restore trained weights, optimizer, scheduler and RNG states from a checkpoint."""
+    """Restore trained weights, optimizer, scheduler and this process's RNG states."""
     if isinstance(model, PeftModel):
         adapter = load_file(folder / ADAPTER_FOLDER / "adapter_model.safetensors")
         set_peft_model_state_dict(model, adapter)
@@ -216,8 +229,7 @@ def load(
                 extras[name].copy_(value)
     optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
-    # RNG states hold numpy and Python tuples, which the weights-only loader refuses.
-    _restore_rng(torch.load(folder / "rng.pt", weights_only=False))
+    restore_rng(folder, process_index)
     return TrainState(**json.loads((folder / STATE_FILE).read_text()))
 
 

@@ -22,7 +22,7 @@ import peft
 import torch
 import transformers
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
@@ -387,7 +387,9 @@ def run(
     if resume:
         resumed_from = checkpoint.latest(run_dir)
         assert resumed_from is not None
-        state = checkpoint.load(resumed_from, bundle.model, optimizer, scheduler, extras)
+        state = checkpoint.load(
+            resumed_from, bundle.model, optimizer, scheduler, accelerator.process_index, extras
+        )
         if accelerator.is_main_process:
             _trim_metrics(metrics_path, state.step)
             print(f"resuming from {resumed_from} (step {state.step})")
@@ -656,11 +658,14 @@ def _save_checkpoint(
     keep_last: int,
     extras: dict[str, torch.nn.Parameter],
 ) -> Path:
-    """Checkpoint on the main process, then record progress in the summary."""
-    accelerator.wait_for_everyone()
+    """Checkpoint on the main process, with every process's RNG states, then record progress in
+    the summary."""
+    process_rng_states = gather_object([checkpoint.rng_states()])
     saved = run_dir / checkpoint.CHECKPOINTS
     if accelerator.is_main_process:
-        saved = checkpoint.save(run_dir, model, optimizer, scheduler, state, keep_last, extras)
+        saved = checkpoint.save(
+            run_dir, model, optimizer, scheduler, state, keep_last, process_rng_states, extras
+        )
         write_json(run_dir / SUMMARY, summary)
     accelerator.wait_for_everyone()
     return saved

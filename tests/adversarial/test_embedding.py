@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from llama_tune import config, data, train
+from llama_tune import checkpoint, config, data, train
 from llama_tune.adversarial import embedding
 
 REPO = Path(__file__).resolve().parents[2]
@@ -165,7 +165,7 @@ def test_two_processes_give_the_same_adversarial_steps(tiny_recipe) -> None:
     overrides = ["adversarial.train.method=pgd"]
     single = tiny_recipe("single", batch_size=8, max_steps=3)
     expected = _losses(train.run(config.load(single, overrides), single).run_dir)
-    double = tiny_recipe("double", batch_size=4, max_steps=3)
+    double = tiny_recipe("double", batch_size=4, max_steps=3, save_steps=2)
     port = str(_free_port())
     ranks = []
     for rank in (0, 1):
@@ -192,6 +192,9 @@ def test_two_processes_give_the_same_adversarial_steps(tiny_recipe) -> None:
     assert json.loads((run_dir / train.SUMMARY).read_text())["processes"] == 2
     for a, b in zip(expected, _losses(run_dir), strict=True):
         assert abs(a - b) <= 1e-5 * abs(a)
+    # Each process's random state is saved, so that each resumes drawing its own noise.
+    saved = checkpoint.latest(run_dir) / checkpoint.RNG_FILE
+    assert len(torch.load(saved, weights_only=False)) == 2
 
 
 def test_adversarial_training_resumes_exactly(resumes_exactly) -> None:
