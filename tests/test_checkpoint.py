@@ -69,6 +69,10 @@ def test_each_process_restores_its_own_random_state(tmp_path: Path) -> None:
     for seed, draw in zip((1, 2), draws, strict=True):
         torch.manual_seed(seed)
         assert torch.equal(draw, torch.rand(4))
+    # A checkpoint of an earlier version holds the main process's states alone.
+    torch.save(saved[1], tmp_path / checkpoint.RNG_FILE)
+    checkpoint.restore_rng(tmp_path, 0)
+    assert torch.equal(torch.rand(4), draws[1])
 
 
 def test_resume_refuses_a_changed_model_or_adapter(tiny_recipe) -> None:

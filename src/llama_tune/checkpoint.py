@@ -153,6 +153,9 @@ def restore_rng(folder: Path, process_index: int) -> None:
     """Set this process's random number generators to those a checkpoint saved for it."""
     # RNG states hold numpy and Python tuples, which the weights-only loader refuses.
     process_rng_states = torch.load(folder / RNG_FILE, weights_only=False)
+    if isinstance(process_rng_states, dict):
+        # Written before checkpoints kept one state per process: the main process's.
+        process_rng_states = [process_rng_states]
     # On more processes than saved them the extra ones reuse states: only the same count of
     # processes resumes exactly (the data is sharded by it too).
     states = process_rng_states[process_index % len(process_rng_states)]
