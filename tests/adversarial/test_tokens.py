@@ -1,4 +1,5 @@
-"""Embedding neighbours, spellings and the gradient-guided (HotFlip) attack, on real SST-2 rows."""
+"""Embedding neighbours, spellings and the gradient-guided (HotFlip) attack, on real SST-2 rows;
+word starts under a SentencePiece decoder."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from llama_tune import config, data
 from llama_tune.adversarial import tokens
@@ -211,3 +213,32 @@ def test_gradient_attack_beats_random_substitutions(
     assert (gradient - clean).mean() > 1.5 * (random_ - clean).mean() > 0
     assert (gradient > random_).float().mean() > 0.5
     assert not any(param.grad is not None for param in real_model.parameters())
+
+
+def _sentencepiece_tokenizer() -> PreTrainedTokenizerFast:
+    """A tiny tokenizer of the Llama-2 kind: "▁" marks a word start, and the decoder drops the
+    space before the first token decoded."""
+    pieces = ["<unk>", "▁a", "▁good", "▁god", "▁food", "good", "god", "▁film", "ing"]
+    pieces += list("adfgilmno")
+    model = models.Unigram([(piece, -1.0 if len(piece) > 1 else -5.0) for piece in pieces], 0)
+    backend = Tokenizer(model)
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="always")
+    backend.decoder = decoders.Metaspace(prepend_scheme="always")
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+
+
+def test_word_starts_survive_a_decoder_that_drops_the_first_space() -> None:
+    tokenizer = _sentencepiece_tokenizer()
+    assert tokenizer.decode(tokenizer.convert_tokens_to_ids(["▁good"])) == "good"
+    substitutes = tokens.Substitutes(torch.randn(len(tokenizer), 8), tokenizer)
+    piece = tokenizer.get_vocab()
+    assert substitutes.texts[piece["▁good"]] == " good"
+    assert substitutes.texts[piece["good"]] == "good"
+    assert substitutes.starts_word[piece["▁good"]]
+    assert not substitutes.starts_word[piece["good"]]
+    assert substitutes.spellings(piece["▁good"]) == sorted([piece["▁god"], piece["▁food"]])
+    assert substitutes.spellings(piece["good"]) == [piece["god"]]
+    chosen = [piece["▁good"], piece["ing"]]
+    for token_id, found in zip(chosen, substitutes.nearest_many(chosen, 3), strict=True):
+        kinds = {bool(substitutes.starts_word[other]) for other in found}
+        assert kinds == {bool(substitutes.starts_word[token_id])}

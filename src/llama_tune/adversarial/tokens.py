@@ -60,6 +60,22 @@ def _starts_inside(prompt: str, token_start: int, field_start: int) -> bool:
     return token_start >= field_start or prompt[token_start:field_start].isspace()
 
 
+def token_texts(tokenizer: PreTrainedTokenizerBase, vocabulary: int) -> list[str]:
+    """Each token's text with the space it carries.
+
+    A SentencePiece decoder drops the space that leads the first token decoded ("▁good" alone
+    decodes as "good", like the word piece "good"), so each token is decoded after a one-letter
+    anchor and the anchor's text removed.
+    """
+    anchor = tokenizer("a", add_special_tokens=False)["input_ids"]
+    lead = tokenizer.decode(anchor)
+    paired = tokenizer.batch_decode([[*anchor, token_id] for token_id in range(vocabulary)])
+    return [
+        text[len(lead) :] if text.startswith(lead) else tokenizer.decode([token_id])
+        for token_id, text in enumerate(paired)
+    ]
+
+
 class Substitutes:
     """Tokens that may replace a token: its nearest neighbours by cosine similarity of the
     model's input embeddings, or its spellings one typo away that are tokens themselves.
@@ -76,7 +92,7 @@ class Substitutes:
         usable[tokenizer.all_special_ids] = False
         usable[list(tokenizer.added_tokens_decoder)] = False
         starts_word = torch.zeros(vocabulary, dtype=torch.bool)
-        self.texts = tokenizer.batch_decode([[token_id] for token_id in range(vocabulary)])
+        self.texts = token_texts(tokenizer, vocabulary)
         self.by_text: dict[str, int] = {}
         for token_id, text in enumerate(self.texts):
             starts_word[token_id] = text[:1].isspace()
