@@ -102,10 +102,15 @@ def language_name(code_or_name: str) -> str:
     return LANGUAGE_NAMES.get(code_or_name.lower(), code_or_name)
 
 
+def template_placeholders(template: str) -> set[str]:
+    """The {field} names `template` uses; ValueError when it is malformed."""
+    return {field for _, field, _, _ in string.Formatter().parse(template) if field}
+
+
 def template_problems(template: str, task: TaskSpec) -> list[str]:
     """Placeholders in `template` that the task cannot fill, or a malformed template."""
     try:
-        names = {field for _, field, _, _ in string.Formatter().parse(template) if field}
+        names = template_placeholders(template)
     except ValueError as error:
         return [f"malformed template: {error}"]
     unknown = sorted(names - task.placeholders)

@@ -146,6 +146,13 @@ def test_bad_adversarial_sections_are_named() -> None:
     with pytest.raises(config.RecipeError) as caught:
         config.parse(base | {"adversarial": {"train": {}}}, "bad.yaml")
     assert "adversarial.train.method: set a method" in caught.value.problems[0]
+    blind = {"data": base["data"] | {"template": "Positive or negative?"}}
+    with pytest.raises(config.RecipeError) as caught:
+        config.parse(blind | {"adversarial": {"augment": {}}}, "bad.yaml")
+    assert caught.value.problems == [
+        "data.template: adversarial.augment perturbs the input field(s) text, which the "
+        "template does not show"
+    ]
     with pytest.raises(config.RecipeError) as caught:
         config.parse(base | {"adversarial": {}}, "bad.yaml")
     assert "adversarial: set augment, train or both" in caught.value.problems[0]
