@@ -1,10 +1,11 @@
 """Embedding-space adversarial training: the epsilon ball, every method trains, accumulation,
-processes and resume behave as without it."""
+processes and resume (on one process and on two) behave as without it."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from llama_tune import checkpoint, config, data, train
@@ -161,11 +163,8 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_two_processes_give_the_same_adversarial_steps(tiny_recipe) -> None:
-    overrides = ["adversarial.train.method=pgd"]
-    single = tiny_recipe("single", batch_size=8, max_steps=3)
-    expected = _losses(train.run(config.load(single, overrides), single).run_dir)
-    double = tiny_recipe("double", batch_size=4, max_steps=3, save_steps=2)
+def _train_on_two_processes(recipe: Path, arguments: list[str]) -> Path:
+    """Train `recipe` on two gloo processes through the CLI; returns the run folder."""
     port = str(_free_port())
     ranks = []
     for rank in (0, 1):
@@ -179,7 +178,7 @@ def test_two_processes_give_the_same_adversarial_steps(tiny_recipe) -> None:
             "ACCELERATE_USE_CPU": "true",
             "OMP_NUM_THREADS": "1",
         }
-        command = [sys.executable, "-m", "llama_tune", "train", str(double), *overrides]
+        command = [sys.executable, "-m", "llama_tune", "train", str(recipe), *arguments]
         ranks.append(
             subprocess.Popen(
                 command, cwd=REPO, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
@@ -188,13 +187,50 @@ def test_two_processes_give_the_same_adversarial_steps(tiny_recipe) -> None:
     for process in ranks:
         output, _ = process.communicate(timeout=600)
         assert process.returncode == 0, output.decode()[-2000:]
-    run_dir = double.parent / "double"
+    run_dir = recipe.parent / recipe.stem
     assert json.loads((run_dir / train.SUMMARY).read_text())["processes"] == 2
-    for a, b in zip(expected, _losses(run_dir), strict=True):
+    return run_dir
+
+
+def test_two_processes_give_the_same_adversarial_steps(tiny_recipe) -> None:
+    overrides = ["adversarial.train.method=pgd"]
+    single = tiny_recipe("single", batch_size=8, max_steps=3)
+    expected = _losses(train.run(config.load(single, overrides), single).run_dir)
+    double = _train_on_two_processes(tiny_recipe("double", batch_size=4, max_steps=3), overrides)
+    for a, b in zip(expected, _losses(double), strict=True):
         assert abs(a - b) <= 1e-5 * abs(a)
-    # Each process's random state is saved, so that each resumes drawing its own noise.
-    saved = checkpoint.latest(run_dir) / checkpoint.RNG_FILE
-    assert len(torch.load(saved, weights_only=False)) == 2
+
+
+def test_two_processes_resume_exactly(tiny_recipe) -> None:
+    # Each process draws dropout, NEFTune and FreeLB noise for its own batches, which (padded to
+    # their own longest row) differ in size: each must get its own RNG states back.
+    overrides = [
+        "adversarial.train.method=freelb",
+        "adversarial.train.neftune_alpha=5",
+        "adapter.dropout=0.1",
+        "train.length_bucket=1",
+    ]
+    straight = _train_on_two_processes(
+        tiny_recipe("straight", batch_size=4, max_steps=4, save_steps=3), overrides
+    )
+    recipe = tiny_recipe("resumed", batch_size=4, max_steps=4, save_steps=3)
+    run_dir = recipe.parent / recipe.stem
+    shutil.copytree(straight, run_dir)
+    # What a crash after the step-3 checkpoint leaves: no adapter, an unfinished summary.
+    shutil.rmtree(run_dir / train.ADAPTER)
+    summary = json.loads((run_dir / train.SUMMARY).read_text())
+    (run_dir / train.SUMMARY).write_text(json.dumps(summary | {"status": "interrupted"}))
+    (saved,) = checkpoint.complete_checkpoints(run_dir)
+    # By step 3 the processes' batches have had different widths, so their states differ.
+    first, second = torch.load(saved / checkpoint.RNG_FILE, weights_only=False)
+    assert not torch.equal(first["torch"], second["torch"])
+    _train_on_two_processes(recipe, [*overrides, "--resume"])
+    adapter = "adapter_model.safetensors"
+    expected = load_file(straight / train.ADAPTER / adapter)
+    resumed = load_file(run_dir / train.ADAPTER / adapter)
+    assert expected.keys() == resumed.keys()
+    for name in expected:
+        torch.testing.assert_close(resumed[name], expected[name], rtol=0, atol=1e-6)
 
 
 def test_adversarial_training_resumes_exactly(resumes_exactly) -> None:
