@@ -133,11 +133,27 @@ def tiny_recipe(tiny_model_dir: Path, tmp_path: Path):
 
 
 @pytest.fixture
-def resumes_exactly(tiny_recipe, crash_during_save):
-    """Factory: check that a run stopped by a crash mid-save, then resumed, ends with the same
-    weights as an uninterrupted run; returns the uninterrupted run's result."""
+def same_weights():
+    """Check that two weights folders (an adapter, or a fully tuned model) hold the same tensors:
+    every safetensors file of the first, to 1e-6, with the same names in the second."""
     from safetensors.torch import load_file
 
+    def check(expected_dir: Path, actual_dir: Path) -> None:
+        files = sorted(expected_dir.glob("*.safetensors"))
+        assert files, f"no weights in {expected_dir}"
+        for weights in files:
+            expected, actual = load_file(weights), load_file(actual_dir / weights.name)
+            assert expected.keys() == actual.keys()
+            for name in expected:
+                torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=1e-6)
+
+    return check
+
+
+@pytest.fixture
+def resumes_exactly(tiny_recipe, crash_during_save, same_weights):
+    """Factory: check that a run stopped by a crash mid-save, then resumed, ends with the same
+    weights as an uninterrupted run; returns the uninterrupted run's result."""
     from llama_tune import config, train
 
     def check(name: str, overrides: list[str], max_steps: int = 8, crash_step: int = 6):
@@ -147,12 +163,7 @@ def resumes_exactly(tiny_recipe, crash_during_save):
         with crash_during_save(f"step-{crash_step:08d}"):
             train.run(config.load(crashing, overrides), crashing)
         resumed = train.run(config.load(crashing, overrides), crashing, resume=True)
-        for weights in expected.weights_dir.glob("*.safetensors"):
-            first = load_file(weights)
-            second = load_file(resumed.weights_dir / weights.name)
-            assert first.keys() == second.keys()
-            for key in first:
-                torch.testing.assert_close(first[key], second[key], rtol=0, atol=1e-6)
+        same_weights(expected.weights_dir, resumed.weights_dir)
         return expected
 
     return check
