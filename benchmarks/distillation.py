@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from llama_tune import config, data, models, train
+from llama_tune import config, data, models, run_folder, train
 from llama_tune.distillation import losses, setup, student
 from trainer_timing import StepTimer
 
@@ -92,7 +92,7 @@ def _recipe(args: argparse.Namespace, run_dir: Path, cached: bool) -> config.Rec
 
 
 def _counted(run_dir: Path, warmup: int) -> dict[str, float]:
-    lines = (run_dir / train.METRICS).read_text().splitlines()
+    lines = (run_dir / run_folder.METRICS).read_text().splitlines()
     counted = [r for r in map(json.loads, lines) if "loss" in r and r["step"] > warmup]
     tokens = sum(record["tokens"] for record in counted)
     seconds = sum(record["seconds"] for record in counted)

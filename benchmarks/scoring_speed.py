@@ -22,7 +22,7 @@ from pathlib import Path
 from peft import PeftModel
 
 from llama_tune import config, models, scoring
-from llama_tune.train import resolve_precision
+from llama_tune.runtime import resolve_precision
 
 REPO = Path(__file__).resolve().parent.parent
 

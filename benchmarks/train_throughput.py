@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from llama_tune import config, data, models, train
+from llama_tune import config, data, models, run_folder, train
 from trainer_timing import StepTimer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -73,7 +73,7 @@ def measure_llama_tune(recipe: config.Recipe, warmup: int) -> dict[str, float]:
     """Tokens/s of llama-tune's loop over the steps after `warmup`."""
     result = train.run(recipe, "benchmark.yaml")
     records = [
-        json.loads(line) for line in (result.run_dir / train.METRICS).read_text().splitlines()
+        json.loads(line) for line in (result.run_dir / run_folder.METRICS).read_text().splitlines()
     ]
     counted = [record for record in records if "loss" in record and record["step"] > warmup]
     tokens = sum(record["tokens"] for record in counted)

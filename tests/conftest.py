@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from llama_tune import checkpoint, models
 
 REPO = Path(__file__).resolve().parent.parent
+CLI = [sys.executable, "-m", "llama_tune"]
 SHARED_DATA = Path(os.environ.get("LLAMA_TUNE_DATA", REPO.parent / "shared" / "datasets"))
 
 
@@ -176,3 +179,17 @@ def _fresh_accelerate_state() -> None:
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+
+
+@pytest.fixture
+def cli():
+    """Run the real `llama-tune` command (or `command`) and check its exit code."""
+
+    def run(*args: str, expect: int = 0, command: list[str] = CLI) -> subprocess.CompletedProcess:
+        done = subprocess.run(
+            [*command, *args], capture_output=True, text=True, check=False, cwd=REPO, timeout=600
+        )
+        assert done.returncode == expect, done.stderr[-3000:]
+        return done
+
+    return run

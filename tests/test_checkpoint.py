@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
+import numpy
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from llama_tune import checkpoint, config, train
+from llama_tune import checkpoint, config, run_folder, train
 
 
 def test_crash_mid_save_keeps_the_previous_checkpoint(
@@ -27,7 +30,7 @@ def test_crash_mid_save_keeps_the_previous_checkpoint(
 
     resumed = train.run(config.load(crashing), crashing, resume=True)
     assert resumed.summary["steps"] == 12
-    assert resumed.weights_dir.name == train.ADAPTER
+    assert resumed.weights_dir.name == run_folder.ADAPTER
     same_weights(expected.weights_dir, resumed.weights_dir)
 
 
@@ -53,17 +56,20 @@ def test_each_process_restores_its_own_random_state(tmp_path: Path) -> None:
     for seed in (1, 2):
         torch.manual_seed(seed)
         saved.append(checkpoint.rng_states())
-    torch.save(saved, tmp_path / checkpoint.RNG_FILE)
+    rng_file = tmp_path / checkpoint.RNG_FILE
+    torch.save(saved, rng_file)
     draws = []
     for process_index in (0, 1):
-        checkpoint.restore_rng(tmp_path, process_index)
+        checkpoint.restore_rng_states(checkpoint.read_rng_file(rng_file), process_index)
         draws.append(torch.rand(4))
     for seed, draw in zip((1, 2), draws, strict=True):
         torch.manual_seed(seed)
         assert torch.equal(draw, torch.rand(4))
-    # A checkpoint of an earlier version holds the main process's states alone.
-    torch.save(saved[1], tmp_path / checkpoint.RNG_FILE)
-    checkpoint.restore_rng(tmp_path, 0)
+    # A checkpoint of an earlier version holds the main process's states alone, its NumPy
+    # state as an array.
+    older = dict(saved[1], numpy=numpy.random.get_state())
+    torch.save(older, rng_file)
+    checkpoint.restore_rng_states(checkpoint.read_rng_file(rng_file), 0)
     assert torch.equal(torch.rand(4), draws[1])
 
 
@@ -71,7 +77,7 @@ def test_resume_refuses_a_changed_model_or_adapter(tiny_recipe) -> None:
     path = tiny_recipe(max_steps=4, save_steps=2)
     result = train.run(config.load(path), path)
     # Make the finished run look interrupted after its step-2 checkpoint.
-    (result.run_dir / train.SUMMARY).unlink()
+    (result.run_dir / run_folder.SUMMARY).unlink()
     assert checkpoint.latest(result.run_dir).name == "step-00000002"
     with pytest.raises(train.TrainError, match=r"changed adapter\.r, train\.batch_size"):
         train.run(config.load(path, ["adapter.r=8", "train.batch_size=4"]), path, resume=True)
@@ -84,7 +90,7 @@ def test_unfinished_run_needs_resume_or_overwrite(tiny_recipe) -> None:
     run_dir = config.run_dir(config.load(path), path)
     (run_dir / "checkpoints" / "step-00000002").mkdir(parents=True)
     (run_dir / "checkpoints" / "step-00000002" / "state.json").write_text("{}")
-    with pytest.raises(train.TrainError, match="unfinished run; use --resume"):
+    with pytest.raises(train.TrainError, match="unfinished run; continue it with"):
         train.run(config.load(path), path)
 
 
@@ -107,6 +113,74 @@ def test_full_fine_tuning_resumes_exactly(tiny_recipe, crash_during_save, same_w
         train.run(config.load(crashing, full), crashing)
     resumed = train.run(config.load(crashing, full), crashing, resume=True)
 
-    assert expected.weights_dir.name == resumed.weights_dir.name == train.FULL_MODEL
+    assert expected.weights_dir.name == resumed.weights_dir.name == run_folder.FULL_MODEL
     assert len(load_file(expected.weights_dir / "model.safetensors")) > 10  # not an adapter
     same_weights(expected.weights_dir, resumed.weights_dir)
+
+
+def _interrupted_after(path: Path, overrides: list[str]) -> Path:
+    """Train a recipe to its end, then make the run look interrupted after its checkpoints."""
+    result = train.run(config.load(path, overrides), path)
+    summary = json.loads((result.run_dir / run_folder.SUMMARY).read_text())
+    (result.run_dir / run_folder.SUMMARY).write_text(json.dumps(summary | {"status": "x"}))
+    shutil.rmtree(result.weights_dir)
+    return result.run_dir
+
+
+def test_a_changed_learning_rate_is_applied_on_resume(tiny_recipe) -> None:
+    path = tiny_recipe(max_steps=6, save_steps=4, scheduler="constant", warmup_steps=0)
+    run_dir = _interrupted_after(path, [])
+    train.run(config.load(path, ["train.lr=5e-5", "train.weight_decay=0.1"]), path, resume=True)
+    records = [json.loads(line) for line in (run_dir / run_folder.METRICS).open()]
+    rates = {record["step"]: record["lr"] for record in records if "lr" in record}
+    assert rates == {1: 1e-3, 2: 1e-3, 3: 1e-3, 4: 1e-3, 5: 5e-5, 6: 5e-5}
+
+
+def test_resume_never_finishes_below_the_steps_done(tiny_recipe) -> None:
+    path = tiny_recipe(max_steps=6, save_steps=4)
+    run_dir = _interrupted_after(path, [])
+    with pytest.raises(train.TrainError, match="has trained 4 steps and the recipe plans 3"):
+        train.run(config.load(path, ["train.max_steps=3"]), path, resume=True)
+    assert json.loads((run_dir / run_folder.SUMMARY).read_text())["status"] == "x"
+
+
+class _RunsCode:
+    """A pickle that runs code when loaded without weights_only: it creates a file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (Path.touch, (self.marker,))
+
+
+def test_no_code_runs_from_a_checkpoint(cli, tiny_recipe, tmp_path: Path) -> None:
+    path = tiny_recipe(max_steps=6, save_steps=2, keep_last_checkpoints=3)
+    run_dir = _interrupted_after(path, [])
+    marker = tmp_path / "code-ran"
+    newest = checkpoint.latest(run_dir)
+    torch.save([_RunsCode(marker)], newest / checkpoint.RNG_FILE)
+    # The newest checkpoint is refused unread; the one before it is intact.
+    done = cli("train", str(run_dir), "--resume")
+    assert not marker.exists()
+    assert f"skipping a damaged checkpoint: {newest / checkpoint.RNG_FILE}: unreadable" in (
+        done.stdout
+    )
+    assert f"resuming from {checkpoint.complete_checkpoints(run_dir)[0]} (step 2)" in done.stdout
+
+
+def test_damaged_checkpoints_fall_back_or_fail_in_one_line(cli, tiny_recipe) -> None:
+    path = tiny_recipe(max_steps=6, save_steps=2, keep_last_checkpoints=3)
+    run_dir = _interrupted_after(path, [])
+    older, newest = checkpoint.complete_checkpoints(run_dir)[-2:]
+    (newest / checkpoint.OPTIMIZER_FILE).unlink()
+    adapter = older / run_folder.ADAPTER / checkpoint.ADAPTER_WEIGHTS
+    adapter.write_bytes(adapter.read_bytes()[:200])
+    done = cli("train", str(run_dir), "--resume", expect=2)
+    assert f"{newest / checkpoint.OPTIMIZER_FILE}: unreadable" in done.stdout
+    assert f"{adapter}: unreadable" in done.stdout
+    # Model loading draws progress bars on stderr first; the error is one line at the end.
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"error: {run_dir}: no intact checkpoint to resume from"
+    )
+    assert "Traceback" not in done.stderr

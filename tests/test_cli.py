@@ -13,16 +13,7 @@ import pytest
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-REPO = Path(__file__).resolve().parents[2]
-CLI = [sys.executable, "-m", "llama_tune"]
-
-
-def _run(*args: str, expect: int = 0, command: list[str] = CLI) -> subprocess.CompletedProcess:
-    done = subprocess.run(
-        [*command, *args], capture_output=True, text=True, check=False, cwd=REPO, timeout=600
-    )
-    assert done.returncode == expect, done.stderr[-3000:]
-    return done
+from conftest import CLI, REPO
 
 
 def _metric_lines(run_dir: Path) -> int:
@@ -30,10 +21,10 @@ def _metric_lines(run_dir: Path) -> int:
     return len(path.read_text().splitlines()) if path.is_file() else 0
 
 
-def test_train_prints_the_run_and_the_adapter_loads(tiny_recipe, tiny_model_dir: Path) -> None:
+def test_train_prints_the_run_and_the_adapter_loads(cli, tiny_recipe, tiny_model_dir: Path) -> None:
     path = tiny_recipe(max_steps=4)
     overrides = ["evaluation.after_training=true", "evaluation.split=validation"]
-    done = _run("train", str(path), "train.lr=2e-3", *overrides, "evaluation.max_rows=24")
+    done = cli("train", str(path), "train.lr=2e-3", *overrides, "evaluation.max_rows=24")
     run_dir = path.parent / "run"
     assert f"run folder:  {run_dir}" in done.stdout
     assert f"adapter:     {run_dir / 'adapter'}" in done.stdout
@@ -54,12 +45,12 @@ def test_train_prints_the_run_and_the_adapter_loads(tiny_recipe, tiny_model_dir:
 
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_signal_then_resume_equals_an_uninterrupted_run(
-    tiny_recipe, same_weights, signum: int, code: int
+    cli, tiny_recipe, same_weights, signum: int, code: int
 ) -> None:
     # Dropout on, so the resumed run must also restore the RNG state to match.
     overrides = ["adapter.dropout=0.1", "train.max_steps=80", "train.warmup_steps=5"]
     straight = tiny_recipe("straight")
-    _run("train", str(straight), *overrides)
+    cli("train", str(straight), *overrides)
 
     stopped = tiny_recipe("stopped")
     run_dir = stopped.parent / "stopped"
@@ -82,13 +73,17 @@ def test_signal_then_resume_equals_an_uninterrupted_run(
     assert summary["status"] == "interrupted"
     assert 10 <= summary["state"]["step"] < 80
 
-    _run("train", str(stopped), *overrides, "--resume")
+    # The hint resumes from the run folder alone: the overrides (80 steps where the recipe
+    # says 8) come from the run's saved recipe.
+    hint = f"continue with: llama-tune train {run_dir} --resume"
+    assert hint in stderr
+    cli(*hint.removeprefix("continue with: llama-tune ").split())
     same_weights(straight.parent / "straight" / "adapter", run_dir / "adapter")
     losses = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [record["step"] for record in losses if "loss" in record] == list(range(1, 81))
 
 
-def test_user_mistakes_exit_2_without_traceback(tiny_recipe, tmp_path: Path) -> None:
+def test_user_mistakes_exit_2_without_traceback(cli, tiny_recipe, tmp_path: Path) -> None:
     path = tiny_recipe()
     cases = [
         (["train", str(path), "model.name=/no/such/model"], "built-in models: smollm2-135m"),
@@ -97,17 +92,21 @@ def test_user_mistakes_exit_2_without_traceback(tiny_recipe, tmp_path: Path) -> 
         (["train", str(tmp_path / "absent.yaml")], "file not found"),
         (["train", str(path), "--data", str(tmp_path / "none")], "no such folder"),
         (["train", str(path), "--resume"], "no complete checkpoint"),
+        (["train", str(tmp_path)], "a folder, not a recipe file"),
+        (["validate", str(tmp_path)], "a folder, not a recipe file"),
+        (["train", str(tmp_path), "--resume"], "is not a run folder"),
+        (["train", str(path), "--resume", "--overwrite"], "choose one"),
     ]
     for args, message in cases:
-        done = _run(*args, expect=2)
+        done = cli(*args, expect=2)
         assert message in done.stderr, (args, done.stderr)
         assert "Traceback" not in done.stderr
 
 
-def test_accelerate_launch_runs_the_same_recipe(tiny_recipe) -> None:
+def test_accelerate_launch_runs_the_same_recipe(cli, tiny_recipe) -> None:
     path = tiny_recipe(max_steps=3)
     launch = [sys.executable, "-m", "accelerate.commands.launch"]
-    _run(
+    cli(
         "--config_file",
         "configs/cpu.yaml",
         "-m",
@@ -121,11 +120,11 @@ def test_accelerate_launch_runs_the_same_recipe(tiny_recipe) -> None:
     assert summary["processes"] == 1
 
 
-def test_evaluate_a_trained_run_against_its_base(tiny_recipe, tmp_path: Path) -> None:
+def test_evaluate_a_trained_run_against_its_base(cli, tiny_recipe, tmp_path: Path) -> None:
     path = tiny_recipe(max_steps=6, lr=5e-3)
-    _run("train", str(path))
+    cli("train", str(path))
     run_dir = path.parent / "run"
-    done = _run("evaluate", str(run_dir), "--split", "validation", "--limit", "40", "--base")
+    done = cli("evaluate", str(run_dir), "--split", "validation", "--limit", "40", "--base")
     assert "40 examples scored" in done.stdout
     assert "tuned - base accuracy:" in done.stdout
     out = run_dir / "evaluation" / "validation"
@@ -138,7 +137,7 @@ def test_evaluate_a_trained_run_against_its_base(tiny_recipe, tmp_path: Path) ->
     assert results["systems"]["tuned"]["metrics"]["accuracy"]["value"] == accuracy
     assert set(results["systems"]) == {"tuned", "base"}
 
-    compared = _run("report", str(run_dir), "--output", str(tmp_path / "comparison"))
+    compared = cli("report", str(run_dir), "--output", str(tmp_path / "comparison"))
     assert "run (tuned, validation): accuracy" in compared.stdout
     page = (tmp_path / "comparison" / "report.html").read_text()
     assert "run (base, validation)" in page
@@ -146,8 +145,8 @@ def test_evaluate_a_trained_run_against_its_base(tiny_recipe, tmp_path: Path) ->
 
     not_a_run = tmp_path / "empty"
     not_a_run.mkdir()
-    failed = _run("evaluate", str(not_a_run), expect=2)
+    failed = cli("evaluate", str(not_a_run), expect=2)
     assert "is not a run folder" in failed.stderr
     assert "Traceback" not in failed.stderr
-    missing = _run("report", str(not_a_run), expect=2)
+    missing = cli("report", str(not_a_run), expect=2)
     assert "no evaluation results" in missing.stderr

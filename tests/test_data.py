@@ -216,3 +216,22 @@ def test_collate_masks_prompt_and_padding() -> None:
     assert batch["labels"][0].tolist() == [-100, -100, 7, 8] + [-100] * 4
     assert batch["labels"][1].tolist() == [-100, 6, 9] + [-100] * 5
     assert batch["attention_mask"].sum().item() == 7
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        ("train.csv", "text,label\ngreat fun,pos\nslow,neg\n"),
+        (
+            "train.jsonl",
+            '{"text": "great fun", "label": "pos"}\n{"text": "slow", "label": "neg"}\n',
+        ),
+        ("train.json", '[{"text": "great fun", "label": "pos"}, {"text": "slow", "label": "neg"}]'),
+    ],
+)
+def test_a_byte_order_mark_is_read_past(tmp_path: Path, tokenizer, name: str, content: str) -> None:
+    # Excel and Notepad save UTF-8 with a byte-order mark before the first character.
+    (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + content.encode())
+    built = data.build(_config(tmp_path, "classification"), tokenizer)
+    assert [example.target for example in built.train.examples] == ["pos", "neg"]
+    assert not built.train.stats.skipped

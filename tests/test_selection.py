@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from llama_tune import config, evaluation, selection, train
+from llama_tune import config, evaluation, run_folder, selection, train
 
 
 def _evals(run_dir: Path) -> list[dict]:
-    lines = (run_dir / train.METRICS).read_text().splitlines()
+    lines = (run_dir / run_folder.METRICS).read_text().splitlines()
     records = [json.loads(line) for line in lines if line.strip()]
     return [record for record in records if "eval_loss" in record]
 
@@ -40,7 +40,7 @@ def test_best_adapter_is_the_one_that_scored_best(tiny_recipe) -> None:
     results = evaluation.run(
         result.run_dir, ["evaluation.adapter=best"], split="validation", limit=24
     )
-    assert results["weights"].endswith(selection.BEST)
+    assert results["weights"].endswith(run_folder.BEST)
     assert Path(results["output_dir"]).name == "validation-best"
     assert results["systems"]["tuned"]["metrics"]["accuracy"]["value"] == best_value
     report = (Path(results["output_dir"]) / "report.md").read_text()
@@ -58,4 +58,4 @@ def test_best_by_eval_loss_needs_no_task_metric(tiny_recipe) -> None:
         "metric": "eval_loss",
         "value": lowest["eval_loss"],
     }
-    assert (result.run_dir / selection.BEST / "adapter_model.safetensors").is_file()
+    assert (result.run_dir / run_folder.BEST / "adapter_model.safetensors").is_file()

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from llama_tune import config, evaluation, train
+from llama_tune import config, evaluation, run_folder, train
 
 
 def _metrics(run_dir: Path) -> list[dict]:
-    lines = (run_dir / train.METRICS).read_text().splitlines()
+    lines = (run_dir / run_folder.METRICS).read_text().splitlines()
     return [json.loads(line) for line in lines if line.strip()]
 
 
@@ -33,7 +33,7 @@ def test_accumulation_gives_the_same_steps(tiny_recipe) -> None:
 
 def test_summary_and_metrics(tiny_recipe) -> None:
     result = _train(tiny_recipe(max_steps=6, eval_steps=3, log_steps=2))
-    summary = json.loads((result.run_dir / train.SUMMARY).read_text())
+    summary = json.loads((result.run_dir / run_folder.SUMMARY).read_text())
     assert summary["status"] == "finished"
     assert summary["steps"] == 6
     assert summary["data"]["splits"]["train"]["rows_used"] == 256
@@ -43,7 +43,7 @@ def test_summary_and_metrics(tiny_recipe) -> None:
     assert [r["step"] for r in records if "loss" in r] == [2, 4, 6]
     assert [r["step"] for r in records if "eval_loss" in r] == [0, 3, 6]
     assert (result.weights_dir / "adapter_model.safetensors").is_file()
-    assert (result.run_dir / train.RECIPE_COPY).is_file()
+    assert (result.run_dir / run_folder.RECIPE_COPY).is_file()
 
 
 def test_non_finite_loss_stops_naming_the_step(tiny_recipe) -> None:
@@ -114,7 +114,7 @@ def test_full_fine_tuning_trains_every_weight(tiny_recipe, tiny_model_dir: Path)
     summary = result.summary
     assert summary["parameters"]["trainable"] == summary["parameters"]["total"]
     assert summary["eval_loss_after"] < summary["eval_loss_before"]
-    assert result.weights_dir == result.run_dir / train.FULL_MODEL
+    assert result.weights_dir == result.run_dir / run_folder.FULL_MODEL
     trained = load_file(result.weights_dir / "model.safetensors")
     original = load_file(tiny_model_dir / "model.safetensors")
     changed = [name for name in original if not torch.equal(original[name], trained[name])]

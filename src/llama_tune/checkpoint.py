@@ -21,17 +21,22 @@ from typing import Any
 import numpy
 import torch
 from peft import PeftModel, set_peft_model_state_dict
+from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 from transformers import PreTrainedModel
 
 from llama_tune.config import Recipe
+from llama_tune.errors import UserError
+from llama_tune.jsonfiles import write_json
+from llama_tune.run_folder import ADAPTER, CHECKPOINTS
 
-CHECKPOINTS = "checkpoints"
 STATE_FILE = "state.json"
-ADAPTER_FOLDER = "adapter"
 FULL_WEIGHTS = "model.safetensors"
 EXTRA_WEIGHTS = "extras.safetensors"
 RNG_FILE = "rng.pt"
+OPTIMIZER_FILE = "optimizer.pt"
+SCHEDULER_FILE = "scheduler.pt"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 # Changing any of these between a run and its resume would make the saved state mean something
 # else (another model or adapter shape, another data order or other perturbed copies of it);
@@ -138,10 +143,21 @@ def latest(run_dir: Path) -> Path | None:
 
 
 def rng_states() -> dict[str, Any]:
-    """This process's random number generators (Python, NumPy, torch), to save with a checkpoint."""
-    states = {
+    """This process's random number generators (Python, NumPy, torch), to save with a checkpoint.
+
+    Only tuples, lists, numbers, strings and tensors: the weights-only loader reads them back
+    without unpickling anything that could run code.
+    """
+    kind, keys, position, has_gauss, cached_gaussian = numpy.random.get_state()
+    states: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": numpy.random.get_state(),
+        "numpy": (
+            kind,
+            torch.from_numpy(keys.astype(numpy.int64)),
+            position,
+            has_gauss,
+            cached_gaussian,
+        ),
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -149,21 +165,36 @@ def rng_states() -> dict[str, Any]:
     return states
 
 
-def restore_rng(folder: Path, process_index: int) -> None:
+def restore_rng_states(process_rng_states: list[dict[str, Any]], process_index: int) -> None:
     """Set this process's random number generators to those a checkpoint saved for it."""
-    # RNG states hold numpy and Python tuples, which the weights-only loader refuses.
-    process_rng_states = torch.load(folder / RNG_FILE, weights_only=False)
-    if isinstance(process_rng_states, dict):
-        # Written before checkpoints kept one state per process: the main process's.
-        process_rng_states = [process_rng_states]
     # On more processes than saved them the extra ones reuse states: only the same count of
     # processes resumes exactly (the data is sharded by it too).
     states = process_rng_states[process_index % len(process_rng_states)]
     random.setstate(states["python"])
-    numpy.random.set_state(states["numpy"])
+    kind, keys, *rest = states["numpy"]
+    # Checkpoints before the weights-only format held the keys as a NumPy array.
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else numpy.asarray(keys)
+    numpy.random.set_state((kind, keys.astype(numpy.uint32), *rest))
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _numpy_array_globals() -> list[Any]:
+    """What unpickling a NumPy array needs, and nothing that can run other code: RNG states of
+    checkpoints written before the weights-only format held one."""
+    array = numpy.zeros(1, dtype=numpy.uint32)
+    return [array.__reduce__()[0], numpy.ndarray, numpy.dtype, type(array.dtype)]
+
+
+def read_rng_file(path: Path) -> list[dict[str, Any]]:
+    """Every process's RNG states from a checkpoint's rng.pt, by process index."""
+    with torch.serialization.safe_globals(_numpy_array_globals()):
+        process_rng_states = torch.load(path, weights_only=True)
+    if isinstance(process_rng_states, dict):
+        # Written before checkpoints kept one state per process: the main process's.
+        process_rng_states = [process_rng_states]
+    return process_rng_states
 
 
 def save(
@@ -189,7 +220,7 @@ def save(
     shutil.rmtree(staging, ignore_errors=True)
     try:
         if isinstance(model, PeftModel):
-            model.save_pretrained(staging / ADAPTER_FOLDER)
+            model.save_pretrained(staging / ADAPTER)
         else:
             staging.mkdir(parents=True)
             # save_model stores tied weights (embeddings and head) once and restores the tie.
@@ -197,8 +228,8 @@ def save(
         if extras:
             tensors = {name: value.detach().contiguous() for name, value in extras.items()}
             save_file(tensors, staging / EXTRA_WEIGHTS)
-        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
-        torch.save(scheduler.state_dict(), staging / "scheduler.pt")
+        torch.save(optimizer.state_dict(), staging / OPTIMIZER_FILE)
+        torch.save(scheduler.state_dict(), staging / SCHEDULER_FILE)
         torch.save(process_rng_states, staging / RNG_FILE)
         # state.json goes last: its presence marks the checkpoint complete.
         write_json(staging / STATE_FILE, asdict(state))
@@ -212,41 +243,72 @@ def save(
     return final
 
 
-def load(
-    folder: Path,
+class CheckpointError(UserError):
+    """A checkpoint file that cannot be read (truncated, missing, or not what it claims)."""
+
+
+@dataclass
+class SavedCheckpoint:
+    """A checkpoint read from disk and checked, not yet applied to the model and optimizer."""
+
+    folder: Path
+    state: TrainState
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    process_rng_states: list[dict[str, Any]]
+
+
+def _weights_files(folder: Path, full_model: bool, extras: bool) -> list[Path]:
+    files = [folder / FULL_WEIGHTS] if full_model else [folder / ADAPTER / ADAPTER_WEIGHTS]
+    return files + ([folder / EXTRA_WEIGHTS] if extras else [])
+
+
+def read(folder: Path, full_model: bool, extras: bool) -> SavedCheckpoint:
+    """Read and check every file of a checkpoint; CheckpointError names the first bad one.
+
+    Weights are only opened here (their headers checked against their sizes); `restore` reads
+    them. Nothing is unpickled beyond tensors and plain containers (`weights_only`).
+    """
+    path = folder / STATE_FILE
+    try:
+        state = TrainState(**json.loads(path.read_text()))
+        for path in _weights_files(folder, full_model, extras):
+            with safe_open(path, framework="pt"):
+                pass
+        path = folder / OPTIMIZER_FILE
+        optimizer = torch.load(path, weights_only=True)
+        path = folder / SCHEDULER_FILE
+        scheduler = torch.load(path, weights_only=True)
+        path = folder / RNG_FILE
+        process_rng_states = read_rng_file(path)
+    except Exception as error:  # json, safetensors and pickle each raise their own types
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{path}: unreadable ({reason})") from None
+    return SavedCheckpoint(folder, state, optimizer, scheduler, process_rng_states)
+
+
+def restore(
+    saved: SavedCheckpoint,
     model: PeftModel | PreTrainedModel,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     process_index: int,
     extras: dict[str, torch.nn.Parameter] | None = None,
 ) -> TrainState:
-    """Restore trained weights, optimizer, scheduler and this process's RNG states."""
+    """Apply a read checkpoint: trained weights, optimizer, scheduler, this process's RNGs."""
+    folder = saved.folder
     if isinstance(model, PeftModel):
-        adapter = load_file(folder / ADAPTER_FOLDER / "adapter_model.safetensors")
-        set_peft_model_state_dict(model, adapter)
+        set_peft_model_state_dict(model, load_file(folder / ADAPTER / ADAPTER_WEIGHTS))
     else:
         load_model(model, str(folder / FULL_WEIGHTS))
     if extras:
         with torch.no_grad():
             for name, value in load_file(folder / EXTRA_WEIGHTS).items():
                 extras[name].copy_(value)
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
-    restore_rng(folder, process_index)
-    return TrainState(**json.loads((folder / STATE_FILE).read_text()))
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The records of a JSON-lines file (metrics, predictions), blank lines skipped."""
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def write_json(path: Path, payload: Any) -> None:
-    """Write JSON through a temporary file and a rename, so readers never see half a file."""
-    staging = path.with_name(f".{path.name}.tmp")
-    staging.parent.mkdir(parents=True, exist_ok=True)
-    staging.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(staging, path)
+    optimizer.load_state_dict(saved.optimizer)
+    scheduler.load_state_dict(saved.scheduler)
+    restore_rng_states(saved.process_rng_states, process_index)
+    return saved.state
 
 
 class StopSignals:

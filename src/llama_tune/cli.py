@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from llama_tune import __version__, config
+from llama_tune import __version__, config, run_folder
 from llama_tune.errors import UserError
 
 USAGE_ERROR = 2
@@ -25,11 +25,15 @@ def _parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", required=True)
 
     train = verbs.add_parser("train", help="train the adapter (or model) a recipe describes")
-    train.add_argument("recipe", help="path to a recipe YAML file")
+    train.add_argument(
+        "recipe", help="a recipe YAML file; with --resume, a run folder (its saved recipe)"
+    )
     train.add_argument(
         "overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=1e-4"
     )
-    train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    train.add_argument(
+        "--resume", action="store_true", help="continue from the newest intact checkpoint"
+    )
     train.add_argument(
         "--overwrite", action="store_true", help="replace whatever the run folder holds"
     )
@@ -79,12 +83,21 @@ def _train(args: argparse.Namespace) -> int:
     # Imported here so `validate` and `--help` stay fast: torch and transformers load slowly.
     from llama_tune import train
 
-    recipe = config.load(args.recipe, args.overrides)
+    recipe_path = Path(args.recipe)
+    if args.resume and recipe_path.is_dir():
+        saved = recipe_path / run_folder.RECIPE_COPY
+        if not saved.is_file():
+            raise UserError(f"{recipe_path} is not a run folder: it has no {saved.name}")
+        # The run's own resolved recipe: no override of the original command can be forgotten.
+        recipe = config.load(saved, args.overrides)
+        recipe.output.dir = str(recipe_path)
+    else:
+        recipe = config.load(recipe_path, args.overrides)
     try:
-        result = train.run(recipe, args.recipe, resume=args.resume, overwrite=args.overwrite)
+        result = train.run(recipe, recipe_path, resume=args.resume, overwrite=args.overwrite)
     except train.Interrupted as stop:
         print(f"\nstopped: checkpoint saved to {stop.checkpoint_dir}", file=sys.stderr)
-        print(f"continue with: llama-tune train {args.recipe} --resume", file=sys.stderr)
+        print(f"continue with: llama-tune train {stop.run_dir} --resume", file=sys.stderr)
         return stop.exit_code
     summary = result.summary
     # Only the main process marks the run finished; the others stop here.
@@ -92,14 +105,14 @@ def _train(args: argparse.Namespace) -> int:
         return 0
     print(f"\nrun folder:  {result.run_dir}")
     print(f"{result.weights_dir.name + ':':<13}{result.weights_dir}")
-    print(f"summary:     {result.run_dir / train.SUMMARY}")
-    print(f"metrics:     {result.run_dir / train.METRICS}")
+    print(f"summary:     {result.run_dir / run_folder.SUMMARY}")
+    print(f"metrics:     {result.run_dir / run_folder.METRICS}")
     if "train_loss_first" in summary:
         print(
             f"train loss:  {summary['train_loss_first']:.4f} (first log) -> "
             f"{summary['train_loss_last']:.4f} (last log)"
         )
-    if "eval_loss_before" in summary:
+    if "eval_loss_after" in summary:
         print(
             f"eval loss:   {summary['eval_loss_before']:.4f} (before) -> "
             f"{summary['eval_loss_after']:.4f} (after)"
@@ -141,17 +154,17 @@ def _print_results(results: dict) -> None:
     for pair, difference in results.get("differences", {}).items():
         for name, interval in difference.items():
             print(f"{pair} {name}: {format_interval(interval)}")
-    print(f"results:     {Path(results['output_dir']) / 'results.json'}")
-    print(f"report:      {Path(results['output_dir']) / 'report.html'}")
+    print(f"results:     {Path(results['output_dir']) / run_folder.RESULTS}")
+    print(f"report:      {Path(results['output_dir']) / run_folder.REPORT_HTML}")
 
 
 def _report(args: argparse.Namespace) -> int:
-    from llama_tune import evaluation, report
+    from llama_tune import report
 
     found = []
     for run in args.runs:
-        pattern = f"{args.split or '*'}/{evaluation.RESULTS}"
-        paths = sorted((Path(run) / "evaluation").glob(pattern))
+        pattern = f"{args.split or '*'}/{run_folder.RESULTS}"
+        paths = sorted((Path(run) / run_folder.EVALUATION).glob(pattern))
         if not paths:
             print(
                 f"error: {run} has no evaluation results; run llama-tune evaluate first",
@@ -164,7 +177,7 @@ def _report(args: argparse.Namespace) -> int:
     for name, metrics in rows.items():
         shown = ", ".join(f"{metric} {report.format_interval(v)}" for metric, v in metrics.items())
         print(f"{name}: {shown}")
-    print(f"report:      {output / report.REPORT_HTML}")
+    print(f"report:      {output / run_folder.REPORT_HTML}")
     return 0
 
 
@@ -185,10 +198,10 @@ def _augment(args: argparse.Namespace) -> int:
     if args.show < 1:
         print("error: --show must be at least 1", file=sys.stderr)
         return USAGE_ERROR
-    from llama_tune import train
     from llama_tune.adversarial import augment
+    from llama_tune.runtime import resolve_precision
 
-    precision = train.resolve_precision(recipe.train.precision)
+    precision = resolve_precision(recipe.train.precision)
     shown = augment.preview(recipe, args.show, precision)
     (field,) = augment.input_fields(recipe)
     width = max(len("perturbed"), len("clean"))

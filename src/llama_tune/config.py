@@ -674,9 +674,13 @@ def load(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read, override and validate a recipe file."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8-sig")) or {}
     except FileNotFoundError:
         raise RecipeError(str(path), ["file not found"]) from None
+    except IsADirectoryError:
+        raise RecipeError(
+            str(path), ["a folder, not a recipe file (to continue a run: train FOLDER --resume)"]
+        ) from None
     except (yaml.YAMLError, UnicodeDecodeError) as error:
         raise RecipeError(str(path), [f"not valid YAML: {error}".replace("\n", " ")]) from None
     return parse(raw, str(path), overrides)
@@ -685,6 +689,31 @@ def load(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 def run_dir(recipe: Recipe, recipe_path: str | Path) -> Path:
     """The run folder named by `output.dir`, with {recipe} filled in."""
     return Path(recipe.output.dir.replace("{recipe}", Path(recipe_path).stem))
+
+
+def flatten(recipe: Recipe) -> dict[str, Any]:
+    """The recipe's values by dotted key (`train.lr`), sections walked down to their leaves."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and value:
+            for key, item in value.items():
+                walk(f"{prefix}.{key}" if prefix else key, item)
+        else:
+            flat[prefix] = value
+
+    walk("", recipe.model_dump(mode="json"))
+    return flat
+
+
+def changed_keys(before: Recipe, after: Recipe) -> dict[str, tuple[Any, Any]]:
+    """Dotted keys whose value differs between two recipes: (before, after)."""
+    old, new = flatten(before), flatten(after)
+    return {
+        key: (old.get(key), new.get(key))
+        for key in sorted(old.keys() | new.keys())
+        if old.get(key) != new.get(key)
+    }
 
 
 def to_yaml(recipe: Recipe) -> str:

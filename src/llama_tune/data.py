@@ -84,6 +84,16 @@ class SplitStats:
         }
 
 
+def describe_rows(name: str, origin: str, used: str, skipped: Counter[str], details: Path) -> str:
+    """One console line on a split's rows: how many are used, and which were skipped and why
+    (`details` names the file that records them)."""
+    line = f"{name}: {origin}: {used}"
+    if skipped:
+        reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(skipped.items()))
+        line += f"; skipped {sum(skipped.values())} rows ({reasons}; recorded in {details})"
+    return line
+
+
 @dataclass
 class Split:
     """The encoded examples of one split and how they were obtained."""
@@ -104,13 +114,17 @@ def split_file(source: Path, split: str) -> Path | None:
     return None
 
 
+# Files saved by Excel or Notepad may start with a UTF-8 byte-order mark; every reader drops it.
+UTF8_BOM = "utf-8-sig"
+
+
 def _read_json_lines(path: Path) -> Iterator[RawRow]:
     with path.open("rb") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
             try:
-                values = json.loads(line.decode("utf-8"))
+                values = json.loads(line.decode(UTF8_BOM if number == 1 else "utf-8"))
             except UnicodeDecodeError:
                 yield RawRow(number, None, "undecodable")
                 continue
@@ -125,7 +139,7 @@ def _read_json_lines(path: Path) -> Iterator[RawRow]:
 
 def _read_json_array(path: Path) -> Iterator[RawRow]:
     try:
-        records = json.loads(path.read_text(encoding="utf-8"))
+        records = json.loads(path.read_text(encoding=UTF8_BOM))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise DataError(f"{path}: not a readable JSON file ({error})") from None
     if not isinstance(records, list):
@@ -140,7 +154,7 @@ def _read_json_array(path: Path) -> Iterator[RawRow]:
 
 def _read_csv(path: Path) -> Iterator[RawRow]:
     # surrogateescape keeps undecodable bytes visible as lone surrogates, so they can be counted.
-    with path.open(encoding="utf-8", errors="surrogateescape", newline="") as handle:
+    with path.open(encoding=UTF8_BOM, errors="surrogateescape", newline="") as handle:
         reader = csv.DictReader(handle)
         for number, values in enumerate(reader, start=2):
             text = "".join(str(value) for value in values.values() if value is not None)

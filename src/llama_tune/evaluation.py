@@ -18,16 +18,20 @@ from typing import Any
 from peft import PeftModel
 from transformers import PreTrainedModel
 
-from llama_tune import config, models, report, scoring
+from llama_tune import config, data, models, report, scoring
 from llama_tune.adversarial import drops
-from llama_tune.checkpoint import write_json
 from llama_tune.distillation import setup
-from llama_tune.distillation.setup import STUDENT_INIT
 from llama_tune.errors import UserError
-from llama_tune.selection import BEST
-from llama_tune.train import RECIPE_COPY, library_versions, resolve_precision, weights_folder
-
-RESULTS = "results.json"
+from llama_tune.jsonfiles import write_json
+from llama_tune.run_folder import (
+    BEST,
+    RECIPE_COPY,
+    RESULTS,
+    STUDENT_INIT,
+    evaluation_folder,
+    weights_folder,
+)
+from llama_tune.runtime import library_versions, resolve_precision
 
 
 class EvaluationError(UserError):
@@ -55,7 +59,7 @@ def resolve_target(target: str | Path, overrides: list[str]) -> Target:
         if not recipe_path.is_file():
             raise EvaluationError(f"{path} is not a run folder: it has no {RECIPE_COPY}")
         recipe = config.load(recipe_path, overrides)
-        final = weights_folder(path, recipe)
+        final = weights_folder(path, full_fine_tuning=recipe.adapter is None)
         weights_dir = path / BEST if recipe.evaluation.adapter == "best" else final
         marker = "config.json" if recipe.adapter is None else "adapter_config.json"
         if not (weights_dir / marker).is_file():
@@ -84,6 +88,7 @@ def _trained_model(resolved: Target, precision: str) -> PreTrainedModel | PeftMo
     """The run's trained model: a full model folder, or an adapter on the base it trained on."""
     recipe, weights_dir = resolved.recipe, resolved.weights_dir
     assert weights_dir is not None
+    models.check_weights(weights_dir)
     if recipe.adapter is None:
         full = recipe.model.model_copy(update={"name": str(weights_dir)})
         return models.load_base_model(full, precision)
@@ -189,8 +194,10 @@ def run(
 
     systems = load_systems(resolved, precision, base)
     best = resolved.weights_dir is not None and resolved.weights_dir.name == BEST
-    out_dir = resolved.run_dir / "evaluation" / (f"{split}-best" if best else split)
+    out_dir = evaluation_folder(resolved.run_dir, split, best)
     out_dir.mkdir(parents=True, exist_ok=True)
+    used = f"{len(eval_set.examples)} to score"
+    print(data.describe_rows(split, eval_set.origin, used, eval_set.skipped, out_dir / RESULTS))
     results: dict[str, Any] = {
         "task": recipe.data.task,
         "model": recipe.model.name,
@@ -219,7 +226,9 @@ def run(
         examples = [dataclasses.replace(example) for example in eval_set.examples]
         system_set = dataclasses.replace(eval_set, examples=examples)
         with system.scoring():
-            seconds = scoring.predict(system.model, tokenizer, recipe, system_set, precision)
+            seconds = scoring.predict(
+                system.model, tokenizer, recipe, system_set, precision, f"score {system.name}"
+            )
         scored[system.name] = scoring.score(system_set, recipe.data.task, settings)
         result = _system_result(system_set, scored[system.name], seconds)
         result["parameters"] = sum(parameter.numel() for parameter in system.model.parameters())

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from safetensors import safe_open
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -32,6 +33,17 @@ from llama_tune.errors import UserError
 
 class ModelError(UserError):
     """A model name that cannot be resolved or loaded."""
+
+
+def check_weights(folder: Path) -> None:
+    """Every safetensors file of a weights folder opens, its header matching its size; a
+    truncated or corrupt one is a ModelError naming it (loaders would raise a traceback)."""
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(path, framework="pt"):
+                pass
+        except Exception as error:  # safetensors raises its own error type, and OSError
+            raise ModelError(f"{path}: unreadable ({error})") from None
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +20,8 @@ import matplotlib.pyplot as plt
 
 from llama_tune import selection
 from llama_tune.adversarial import drops
-from llama_tune.checkpoint import read_jsonl
-
-REPORT_MD = "report.md"
-REPORT_HTML = "report.html"
+from llama_tune.jsonfiles import read_json, read_jsonl
+from llama_tune.run_folder import METRICS, REPORT_HTML, REPORT_MD
 
 
 def _png(figure: plt.Figure) -> bytes:
@@ -338,12 +335,12 @@ def write_run_report(out_dir: Path, results: dict[str, Any], run_dir: Path) -> N
     robustness = robustness_section(results["systems"], row_scores, results["settings"])
     if robustness is not None:
         sections.append(robustness)
-    curves = loss_plot(run_dir / "metrics.jsonl")
+    curves = loss_plot(run_dir / METRICS)
     if curves is not None:
         sections.append(("Loss curves", "", None, curves))
     best = selection.best_record(run_dir)
     best_step = best["step"] if best else None
-    during = validation_metric_plot(run_dir / "metrics.jsonl", best_step)
+    during = validation_metric_plot(run_dir / METRICS, best_step)
     if during is not None:
         text = (
             f"Best adapter: step {best['step']}, {best['metric']} {best['value']:.4f}."
@@ -368,7 +365,7 @@ def compare_runs(results_paths: list[Path], out_dir: Path) -> dict[str, dict[str
     row_scores: dict[str, drops.RowScores | None] = {}
     settings: dict[str, Any] = {}
     for path in results_paths:
-        results = json.loads(path.read_text())
+        results = read_json(path)
         # The folder name says the split, and "-best" for the best adapter of a run.
         run_name, scored = path.parents[2].name, path.parent.name
         # The first run's bootstrap settings serve every comparison with it.

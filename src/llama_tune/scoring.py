@@ -18,6 +18,7 @@ from typing import Any
 import numpy
 import sacrebleu
 import torch
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from llama_tune import data, metrics, models
@@ -247,12 +248,22 @@ def predict(
     recipe: Recipe,
     eval_set: EvalSet,
     precision: str,
+    progress: str | None = None,
 ) -> float:
-    """Fill in every example's prediction; returns the seconds spent."""
+    """Fill in every example's prediction; returns the seconds spent.
+
+    `progress` names a progress bar over the rows (none when None: training's probe)."""
     settings = recipe.evaluation
     model.eval()
     started = time.perf_counter()
-    with autocast_for(model, precision):
+    bar = tqdm(
+        total=len(eval_set.examples),
+        desc=progress,
+        unit="row",
+        disable=progress is None,
+        dynamic_ncols=True,
+    )
+    with autocast_for(model, precision), bar:
         if eval_set.labels is not None:
             label_ids = label_token_ids(tokenizer, eval_set.labels, recipe.data.chat_template)
             lengths = torch.tensor([len(ids) for ids in label_ids], dtype=torch.float)
@@ -266,6 +277,7 @@ def predict(
                     example.label_logprobs = dict(
                         zip(eval_set.labels, row_scores.tolist(), strict=True)
                     )
+                bar.update(len(batch))
         else:
             for batch in length_sorted_batches(eval_set.examples, settings.batch_size):
                 texts = generate(
@@ -277,6 +289,7 @@ def predict(
                 )
                 for example, text in zip(batch, texts, strict=True):
                     example.prediction = text
+                bar.update(len(batch))
     return time.perf_counter() - started
 
 

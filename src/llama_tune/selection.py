@@ -9,7 +9,6 @@ that did best on a chosen metric in `<run>/best/`, with `best.json` saying which
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -19,11 +18,10 @@ from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
 from llama_tune import config, scoring
-from llama_tune.checkpoint import write_json
 from llama_tune.errors import UserError
+from llama_tune.jsonfiles import read_json, write_json
+from llama_tune.run_folder import BEST, BEST_FILE
 
-BEST = "best"
-BEST_FILE = "best.json"
 EVAL_LOSS = "eval_loss"
 
 
@@ -95,4 +93,4 @@ def save_best(
 def best_record(run_dir: Path) -> dict | None:
     """What `<run>/best/best.json` says (step, metric, value), if the run kept a best adapter."""
     path = run_dir / BEST / BEST_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_json(path) if path.is_file() else None

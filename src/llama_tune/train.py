@@ -3,44 +3,34 @@
 One optimizer step sees `batch_size x grad_accumulation x processes` examples of similar length.
 The loss is the sum of target-token cross-entropies divided by the target tokens of the whole
 step, so any split of the same step into micro-batches gives the same gradient.
+
+`run` claims the run folder, then a `TrainingRun` sets up (accelerator, models and objective,
+step plan, optimizer, resume or start) and trains: each step is planned, rewritten if the
+objective or augmenter asks, run in micro-batches, logged, evaluated and checkpointed.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import platform
-import shutil
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
-import accelerate
-import peft
 import torch
-import transformers
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from llama_tune import checkpoint, config, data, models, selection
-from llama_tune.checkpoint import StopSignals, TrainState, write_json
+from llama_tune import assembly, checkpoint, config, data, models, run_folder, selection
+from llama_tune.checkpoint import StopSignals, TrainState
 from llama_tune.errors import UserError
-
-SUMMARY = "summary.json"
-METRICS = "metrics.jsonl"
-RECIPE_COPY = "recipe.yaml"
-ADAPTER = "adapter"
-FULL_MODEL = "model"
-TEACHER_CACHE = "teacher-cache"
-
-
-def weights_folder(run_dir: Path, recipe: config.Recipe) -> Path:
-    """Where a run's trained weights go: adapter/ (LoRA) or model/ (full fine-tuning)."""
-    return run_dir / (FULL_MODEL if recipe.adapter is None else ADAPTER)
+from llama_tune.jsonfiles import read_json, write_json
+from llama_tune.objective import Objective, combined, step_counts
+from llama_tune.runtime import library_versions, resolve_precision
 
 
 class TrainError(UserError):
@@ -50,8 +40,9 @@ class TrainError(UserError):
 class Interrupted(Exception):  # noqa: N818 - it is a request to stop, not an error
     """A stop signal arrived; a checkpoint was saved and the process should exit."""
 
-    def __init__(self, exit_code: int, checkpoint_dir: Path) -> None:
+    def __init__(self, exit_code: int, run_dir: Path, checkpoint_dir: Path) -> None:
         self.exit_code = exit_code
+        self.run_dir = run_dir
         self.checkpoint_dir = checkpoint_dir
         super().__init__(f"interrupted; checkpoint saved to {checkpoint_dir}")
 
@@ -66,121 +57,81 @@ class RunResult:
     summary: dict[str, Any]
 
 
-class TargetTokenLoss(torch.nn.Module):
-    """Summed cross-entropy over target tokens, with the output head applied only there.
+@dataclass
+class StepPlan:
+    """How many optimizer steps the run takes, and of how many examples."""
 
-    The vocabulary is wide (49,152 for SmolLM2) and most positions are prompt, so projecting only
-    the target positions saves much of the head's compute. Wrapping this as a module lets
-    Accelerate prepare it (autocast, DDP) like any model.
+    micro_batches: int
+    """Micro-batches per optimizer step, over every process."""
+    step_size: int
+    """Examples per optimizer step, over every process."""
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
 
-    Objectives return named loss sums; `weights` combine them and `counts` says over how many
-    positions of an example each is summed (the trainer divides by the step's total).
+
+@dataclass
+class LogWindow:
+    """Loss sums, counts and input tokens since the last metrics line."""
+
+    sums: Counter[str] = field(default_factory=Counter)
+    counts: Counter[str] = field(default_factory=Counter)
+    inputs: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+
+def run(
+    recipe: config.Recipe,
+    recipe_path: str | Path,
+    resume: bool = False,
+    overwrite: bool = False,
+) -> RunResult:
+    """Train the recipe's adapter (or whole model) into its run folder.
+
+    Nothing in the folder is changed before the recipe, the folder and (on resume) the saved
+    state are checked. With `overwrite` the old run is set aside, and put back if the new run
+    fails to start. Raises Interrupted on a stop signal, after saving a checkpoint.
     """
-
-    weights: ClassVar[dict[str, float]] = {"ce": 1.0}
-
-    def __init__(self, model: peft.PeftModel | transformers.PreTrainedModel) -> None:
-        super().__init__()
-        self.model = model
-
-    def counts(self, example: data.Example) -> dict[str, int]:
-        return {"ce": example.target_length}
-
-    def extra_inputs(self, _indices: list[int]) -> dict[str, torch.Tensor]:
-        """Tensors the forward needs besides the batch, by training example index: none."""
-        return {}
-
-    def rewrite_step(
-        self, _step: int, _batches: list[list[data.Example]]
-    ) -> list[list[data.Example]] | None:
-        """Other examples to train this step on (on-policy distillation); None keeps the data's."""
-        return None
-
-    def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
-        base = models.causal_lm(self.model)
-        hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask)
-        head = base.get_output_embeddings()
-        return {"ce": target_cross_entropy(head, hidden.last_hidden_state[:, :-1], labels)}
+    training = TrainingRun(recipe, config.run_dir(recipe, recipe_path))
+    training.start(resume, overwrite)
+    return training.train()
 
 
-def target_cross_entropy(
-    head: torch.nn.Module, predicting_states: torch.Tensor, labels: torch.Tensor
-) -> torch.Tensor:
-    """Summed cross-entropy of the target tokens, the head applied only where they are predicted.
-
-    `predicting_states` are the final hidden states of positions 0..n-2: position t predicts
-    token t + 1.
-    """
-    logits, targets, _ = target_logits(head, predicting_states, labels)
-    return torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
-
-
-def target_logits(
-    head: torch.nn.Module, predicting_states: torch.Tensor, labels: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(float logits of the positions that predict a target token, those tokens, the
-    [batch, n-1] mask of where the positions are), the head applied only there."""
-    targets = labels[:, 1:]
-    selected = targets != data.IGNORE_INDEX
-    return head(predicting_states[selected]).float(), targets[selected], selected
-
-
-def resolve_precision(precision: str) -> str:
-    """Accelerate's mixed-precision name for the recipe's precision; `auto` picks the fastest."""
-    if precision == "auto":
-        if torch.cuda.is_available():
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "bf16" if _cpu_has_fast_bf16() else "no"
-    if precision == "fp16" and not torch.cuda.is_available():
-        raise TrainError("train.precision: fp16 needs a CUDA GPU; use bf16 or auto on a CPU")
-    return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
-
-
-def _cpu_has_fast_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
-def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to clobber a finished or unfinished run unless told to; never half-delete."""
-    summary_path = run_dir / SUMMARY
-    status = json.loads(summary_path.read_text()).get("status") if summary_path.is_file() else None
-    if overwrite and run_dir.exists():
-        # A teacher cache is expensive and checks itself against the recipe: it stays.
-        for path in run_dir.iterdir():
-            if path.is_dir() and path.name != TEACHER_CACHE:
-                shutil.rmtree(path)
-            elif not path.is_dir():
-                path.unlink()
-    elif resume:
-        if status == "finished":
-            raise TrainError(f"{run_dir} holds a finished run; use --overwrite to train again")
-        if checkpoint.latest(run_dir) is None:
-            raise TrainError(
-                f"{run_dir} has no complete checkpoint to resume from; "
-                "use --overwrite to start again"
-            )
-    elif status == "finished":
-        raise TrainError(f"{run_dir} holds a finished run; use --overwrite to replace it")
-    elif checkpoint.latest(run_dir) is not None or status is not None:
+def check_run_dir(run_dir: Path, recipe: config.Recipe, resume: bool, overwrite: bool) -> None:
+    """Refuse to clobber a run, or a folder that is not one, unless told to; change nothing."""
+    if resume and overwrite:
         raise TrainError(
-            f"{run_dir} holds an unfinished run; use --resume to continue it or --overwrite"
+            f"--resume continues the run in {run_dir} and --overwrite replaces it: choose one"
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_folder.check_ours(run_dir)
+    summary_path = run_dir / run_folder.SUMMARY
+    status = read_json(summary_path).get("status") if summary_path.is_file() else None
+    has_checkpoint = checkpoint.latest(run_dir) is not None
+    if overwrite:
+        return
+    if not resume and status == "finished":
+        raise TrainError(f"{run_dir} holds a finished run; use --overwrite to replace it")
+    if not resume and (has_checkpoint or status is not None):
+        raise TrainError(
+            f"{run_dir} holds an unfinished run; continue it with "
+            f"`llama-tune train {run_dir} --resume`, or replace it with --overwrite"
+        )
+    if resume and status == "finished":
+        raise TrainError(f"{run_dir} holds a finished run; use --overwrite to train again")
+    if resume and not has_checkpoint:
+        raise TrainError(
+            f"{run_dir} has no complete checkpoint to resume from; use --overwrite to start again"
+        )
+    if resume:
+        check_resumable(run_dir, recipe)
 
 
 def check_resumable(run_dir: Path, recipe: config.Recipe) -> None:
     """Stop when the recipe changed in a way the saved state cannot follow."""
-    saved_path = run_dir / RECIPE_COPY
+    saved_path = run_dir / run_folder.RECIPE_COPY
     if not saved_path.is_file():
-        raise TrainError(f"{run_dir} has no {RECIPE_COPY}; it cannot be resumed")
-    saved = config.load(saved_path)
-    changed = checkpoint.changed_resume_keys(saved, recipe)
+        raise TrainError(f"{run_dir} has no {run_folder.RECIPE_COPY}; it cannot be resumed")
+    changed = checkpoint.changed_resume_keys(config.load(saved_path), recipe)
     if changed:
         raise TrainError(
             f"cannot resume {run_dir}: the recipe changed {', '.join(changed)} "
@@ -188,15 +139,455 @@ def check_resumable(run_dir: Path, recipe: config.Recipe) -> None:
         )
 
 
-def library_versions() -> dict[str, str]:
-    """Versions of Python and the libraries that shape the numbers of a run."""
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "accelerate": accelerate.__version__,
-    }
+class TrainingRun:
+    """One run of a recipe: `start` (the named set-up steps), then `train`."""
+
+    def __init__(self, recipe: config.Recipe, run_dir: Path) -> None:
+        self.recipe = recipe
+        self.settings = recipe.train
+        self.run_dir = run_dir
+        self.metrics_path = run_dir / run_folder.METRICS
+        self.summary_path = run_dir / run_folder.SUMMARY
+        self.accelerator = Accelerator(
+            mixed_precision=resolve_precision(self.settings.precision),
+            gradient_accumulation_steps=self.settings.grad_accumulation,
+            log_with=list(self.settings.trackers) or None,
+            project_dir=run_dir,
+        )
+
+    # ------------------------------------------------------------------------------- set-up
+
+    def start(self, resume: bool, overwrite: bool) -> None:
+        """Check the run folder, then set up; a failed set-up leaves the folder as it was."""
+        main = self.accelerator.is_main_process
+        existed = self.run_dir.exists()
+        replaced = None
+        if main:
+            check_run_dir(self.run_dir, self.recipe, resume, overwrite)
+            if overwrite:
+                replaced = run_folder.set_aside(self.run_dir)
+        self.accelerator.wait_for_everyone()
+        try:
+            self._setup(resume)
+        except BaseException:
+            if main and replaced is not None:
+                run_folder.put_back(self.run_dir, replaced)
+            elif main and not existed:
+                run_folder.remove_failed_start(self.run_dir)
+            raise
+        if replaced is not None:
+            run_folder.discard(replaced)
+
+    def _setup(self, resume: bool) -> None:
+        set_seed(self.settings.seed)
+        self.built = assembly.build(self.recipe, self.accelerator, self.run_dir)
+        self.objective = self.built.objective
+        self.tokenizer = self.built.bundle.tokenizer
+        self.train_split = self.built.datasets.train
+        self.validation = self.built.datasets.validation
+        self.plan = self._setup_plan()
+        self._setup_optimizer()
+        self.state = self._resume() if resume else self._start_fresh()
+        self._print_data()
+        self._setup_summary(resume)
+
+    def _setup_plan(self) -> StepPlan:
+        settings = self.settings
+        self.lengths = [len(example.input_ids) for example in self.train_split.examples]
+        micro_batches = settings.grad_accumulation * self.accelerator.num_processes
+        step_size = settings.batch_size * micro_batches
+        steps_per_epoch = len(self.lengths) // step_size
+        if steps_per_epoch == 0:
+            raise TrainError(
+                f"{self.train_split.stats.origin}: {len(self.lengths)} usable rows, fewer than "
+                f"one step of {step_size} (train.batch_size x train.grad_accumulation x processes)"
+            )
+        total_steps = settings.max_steps or math.ceil(settings.epochs * steps_per_epoch)
+        warmup = settings.warmup_steps
+        if warmup is None:
+            warmup = round(settings.warmup_ratio * total_steps)
+        return StepPlan(micro_batches, step_size, steps_per_epoch, total_steps, warmup)
+
+    def _setup_optimizer(self) -> None:
+        settings, model = self.settings, self.built.bundle.model
+        self.trainable = [param for param in self.objective.parameters() if param.requires_grad]
+        # Trained parameters outside the model (distillation projections) go into checkpoints.
+        in_model = {id(param) for param in model.parameters()}
+        self.extras = {
+            name: param
+            for name, param in self.objective.named_parameters()
+            if param.requires_grad and id(param) not in in_model
+        }
+        optimizer = torch.optim.AdamW(
+            self.trainable, lr=settings.lr, weight_decay=settings.weight_decay
+        )
+        self.scheduler = get_scheduler(
+            settings.scheduler,
+            optimizer,
+            num_warmup_steps=self.plan.warmup_steps,
+            num_training_steps=self.plan.total_steps,
+        )
+        # The scheduler is stepped by hand once per optimizer step, so it is not prepared: a
+        # prepared scheduler steps once per process.
+        self.loss_module, self.optimizer = self.accelerator.prepare(self.objective, optimizer)
+
+    def _start_fresh(self) -> TrainState:
+        if self.accelerator.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / run_folder.RECIPE_COPY).write_text(config.to_yaml(self.recipe))
+            self.metrics_path.write_text("")
+        return TrainState(recipe_hash=checkpoint.recipe_hash(self.recipe))
+
+    def _resume(self) -> TrainState:
+        """Restore the newest intact checkpoint; a damaged one is named and the next tried."""
+        full_model = self.recipe.adapter is None
+        for folder in reversed(checkpoint.complete_checkpoints(self.run_dir)):
+            try:
+                saved = checkpoint.read(folder, full_model, extras=bool(self.extras))
+            except checkpoint.CheckpointError as error:
+                self.accelerator.print(f"skipping a damaged checkpoint: {error}")
+                continue
+            if saved.state.step >= self.plan.total_steps:
+                raise TrainError(
+                    f"{self.run_dir} has trained {saved.state.step} steps and the recipe plans "
+                    f"{self.plan.total_steps} (train.max_steps, train.epochs): nothing is left "
+                    "to train; raise train.max_steps to train on"
+                )
+            state = checkpoint.restore(
+                saved,
+                self.built.bundle.model,
+                self.optimizer,
+                self.scheduler,
+                self.accelerator.process_index,
+                self.extras,
+            )
+            self._follow_recipe_schedule()
+            if self.accelerator.is_main_process:
+                _trim_metrics(self.metrics_path, state.step)
+                print(f"resuming from {folder} (step {state.step})")
+                self._print_changes()
+            return state
+        raise TrainError(f"{self.run_dir}: no intact checkpoint to resume from")
+
+    def _follow_recipe_schedule(self) -> None:
+        """Give the restored optimizer the recipe's learning rate and weight decay, which may
+        differ from those the run started with: the schedule goes on from the step reached."""
+        scheduler = self.scheduler
+        assert isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR)
+        groups = self.optimizer.param_groups
+        scheduler.base_lrs = [self.settings.lr for _ in groups]
+        for group, factor in zip(groups, scheduler.lr_lambdas, strict=True):
+            group["initial_lr"] = self.settings.lr
+            group["lr"] = self.settings.lr * factor(scheduler.last_epoch)
+            group["weight_decay"] = self.settings.weight_decay
+
+    def _print_changes(self) -> None:
+        saved = config.load(self.run_dir / run_folder.RECIPE_COPY)
+        changes = config.changed_keys(saved, self.recipe)
+        for key, (before, after) in changes.items():
+            print(f"  changed since the run started: {key} {before} -> {after}")
+
+    def _print_data(self) -> None:
+        """Say how many rows each split used and why others were skipped."""
+        if not self.accelerator.is_main_process:
+            return
+        for name, split in (("train", self.train_split), ("validation", self.validation)):
+            if split is None:
+                continue
+            stats = split.stats
+            used = f"{stats.rows_used} rows used, {stats.truncated} truncated"
+            print(data.describe_rows(name, stats.origin, used, stats.skipped, self.summary_path))
+
+    def _setup_summary(self, resume: bool) -> None:
+        accelerator, model = self.accelerator, self.built.bundle.model
+        summary = read_json(self.summary_path) if resume and self.summary_path.is_file() else {}
+        trainable_count, total_count = models.parameter_counts(model)
+        summary.update(
+            status="running",
+            run_dir=str(self.run_dir),
+            model=self.recipe.model.name,
+            precision=accelerator.mixed_precision,
+            processes=accelerator.num_processes,
+            parameters={"trainable": trainable_count, "total": total_count},
+            data=self.built.datasets.summary(),
+            total_steps=self.plan.total_steps,
+            steps_per_epoch=self.plan.steps_per_epoch,
+            versions=library_versions(),
+        )
+        self.summary = summary
+        self.probe = None
+        if self.settings.eval_metric_rows is not None and accelerator.is_main_process:
+            self.probe = selection.MetricProbe.load(
+                self.recipe, self.tokenizer, accelerator.mixed_precision
+            )
+        if self.has_validation and "eval_loss_before" not in summary:
+            summary["eval_loss_before"] = self._evaluate(0)["eval_loss"]
+        if accelerator.is_main_process:
+            write_json(self.summary_path, summary)
+        if self.settings.trackers:
+            tracked = {
+                key: value if isinstance(value, int | float | str | bool) else str(value)
+                for key, value in config.flatten(self.recipe).items()
+            }
+            accelerator.init_trackers(self.run_dir.name, config=tracked)
+
+    @property
+    def has_validation(self) -> bool:
+        return self.validation is not None and bool(self.validation.examples)
+
+    # ---------------------------------------------------------------------------- the loop
+
+    def train(self) -> RunResult:
+        """Run the planned steps, epoch after epoch, then save the trained weights."""
+        state, plan = self.state, self.plan
+        self.loss_module.train()
+        self.progress = tqdm(
+            total=plan.total_steps,
+            initial=state.step,
+            disable=not self.accelerator.is_main_process,
+            desc="train",
+            dynamic_ncols=True,
+        )
+        self.window = LogWindow()
+        self.train_seconds = self.summary.get("train_seconds", 0.0)
+        self.input_tokens = self.summary.get("input_tokens", 0)
+        with StopSignals() as signals:
+            while state.step < plan.total_steps:
+                order = torch.Generator().manual_seed(self.settings.seed + state.epoch)
+                epoch_plan = data.plan_epoch(self.lengths, plan.step_size, order)
+                for step_examples in epoch_plan[state.step_in_epoch :]:
+                    if state.step >= plan.total_steps:
+                        break
+                    self._optimizer_step(step_examples)
+                    self._log(len(epoch_plan))
+                    self._evaluate_if_due()
+                    self._checkpoint_if_due(signals)
+                else:
+                    state.epoch += 1
+                    state.step_in_epoch = 0
+        self.progress.close()
+        return self._finish()
+
+    def _optimizer_step(self, step_examples: list[int]) -> None:
+        """One optimizer step over the step's examples, split into micro-batches."""
+        accelerator, objective, state = self.accelerator, self.objective, self.state
+        started = time.perf_counter()
+        terms = list(objective.weights)
+        batches = data.micro_batches(step_examples, self.lengths, self.plan.micro_batches)
+        own = batches[accelerator.process_index :: accelerator.num_processes]
+        examples = self.train_split.examples
+        counts = step_counts(objective, [examples[i] for i in step_examples])
+        step_inputs = sum(self.lengths[i] for i in step_examples)
+        own_examples = [[examples[i] for i in indices] for indices in own]
+        rewritten = objective.rewrite_step(state.step, own_examples)
+        if rewritten is not None:
+            own_examples = rewritten
+        if self.built.augmenter is not None:
+            own, own_examples = self.built.augmenter.training_batches(state.step, own, own_examples)
+        if rewritten is not None or self.built.augmenter is not None:
+            # Other examples than planned: new counts, summed over every process's
+            # micro-batches. An on-policy step (the student's own completions) scores no
+            # reference answer.
+            mine = [example for batch in own_examples for example in batch]
+            counts, step_inputs = _reduced_counts(
+                accelerator, objective, terms, mine, reference_answers=rewritten is None
+            )
+        step_sums = self._forward_backward(own, own_examples, counts, terms)
+        # Terms counted over no position this step (task CE on an on-policy step) are left out
+        # of the loss and the logs.
+        term_sums = {
+            name: value for name, value in zip(terms, step_sums, strict=True) if counts[name] > 0
+        }
+        loss_value = combined(objective, term_sums, counts)
+        self.grad_norm = None
+        if math.isfinite(loss_value):
+            if self.settings.max_grad_norm is not None:
+                norm = accelerator.clip_grad_norm_(self.trainable, self.settings.max_grad_norm)
+                self.grad_norm = float(norm)
+            self.optimizer.step()
+            self.scheduler.step()
+        else:
+            self._skip_nonfinite(loss_value)
+        self.optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        state.step_in_epoch += 1
+        state.tokens += counts["ce"]
+        self.input_tokens += step_inputs
+        self.train_seconds += time.perf_counter() - started
+        self.window.inputs += step_inputs
+        if math.isfinite(loss_value):
+            self.window.sums.update(term_sums)
+            self.window.counts.update(counts)
+        self.progress.update(1)
+
+    def _forward_backward(
+        self,
+        own: list[list[int]],
+        own_examples: list[list[data.Example]],
+        counts: Counter[str],
+        terms: list[str],
+    ) -> list[float]:
+        """Forward and backward of this process's micro-batches; each term's sum over the step
+        and every process."""
+        accelerator, settings = self.accelerator, self.settings
+        step_sums = torch.zeros(len(terms), device=accelerator.device)
+        for indices, examples in zip(own, own_examples, strict=True):
+            batch = data.collate(examples, self.tokenizer.pad_token_id, settings.length_bucket)
+            batch |= self.objective.extra_inputs(indices)
+            batch = {name: value.to(accelerator.device) for name, value in batch.items()}
+            with accelerator.accumulate(self.loss_module):
+                sums = self.loss_module(**batch)
+                # Accelerate divides each backward by grad_accumulation and DDP averages over
+                # processes; scaling by both makes the step's gradient that of the weighted
+                # per-term means over the whole step.
+                loss = combined(self.objective, sums, counts) * self.plan.micro_batches
+                accelerator.backward(loss)
+            step_sums += torch.stack([sums[name].detach().float() for name in terms])
+        # .tolist() syncs with the device once per step.
+        return accelerator.reduce(step_sums, reduction="sum").tolist()
+
+    def _skip_nonfinite(self, loss_value: float) -> None:
+        self.state.nonfinite_steps += 1
+        if self.state.nonfinite_steps > self.settings.max_nonfinite_steps:
+            raise TrainError(
+                f"non-finite loss ({loss_value}) at step {self.state.step + 1}; lower train.lr, "
+                "use fp32, or allow skips with train.max_nonfinite_steps"
+            )
+        self.accelerator.print(f"skipping step {self.state.step + 1}: loss is {loss_value}")
+
+    def _log(self, steps_in_epoch: int) -> None:
+        """A metrics line every `train.log_steps` steps and at the last one."""
+        state, window = self.state, self.window
+        if state.step % self.settings.log_steps and state.step != self.plan.total_steps:
+            return
+        elapsed = time.perf_counter() - window.started
+        record = {
+            "step": state.step,
+            "epoch": state.epoch + state.step_in_epoch / steps_in_epoch,
+            "loss": combined(self.objective, window.sums, window.counts),
+            "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": self.grad_norm,
+            "tokens": window.inputs,
+            "seconds": elapsed,
+            "tokens_per_s": window.inputs / elapsed if elapsed > 0 else None,
+        }
+        if len(self.objective.weights) > 1:
+            # Each term's own mean, unweighted: task CE and distillation apart.
+            for name in self.objective.weights:
+                if window.counts[name] > 0:
+                    record[f"{name}_loss"] = window.sums[name] / window.counts[name]
+        self.summary.setdefault("train_loss_first", record["loss"])
+        self.summary["train_loss_last"] = record["loss"]
+        self.progress.set_postfix(
+            loss=f"{record['loss']:.4f}",
+            lr=f"{record['lr']:.2e}",
+            tok_s=f"{record['tokens_per_s'] or 0:.0f}",
+        )
+        if self.accelerator.is_main_process:
+            _write_metrics(self.metrics_path, record)
+        self.accelerator.log(record, step=state.step)
+        self.window = LogWindow()
+
+    def _evaluate_if_due(self) -> None:
+        step, settings = self.state.step, self.settings
+        due = step == self.plan.total_steps or (
+            settings.eval_steps and step % settings.eval_steps == 0
+        )
+        if not (self.has_validation and due):
+            return
+        record = self._evaluate(step)
+        self.summary["eval_loss_after"] = record["eval_loss"]
+        if settings.best_metric and self.accelerator.is_main_process:
+            self._keep_if_best(settings.best_metric, record)
+        self.window.started = time.perf_counter()
+
+    def _evaluate(self, step: int) -> dict[str, Any]:
+        """Eval loss (all processes) and task metrics (main process) at `step`, logged."""
+        assert self.validation is not None
+        losses = eval_losses(
+            self.loss_module,
+            self.objective,
+            self.validation,
+            self.accelerator,
+            self.settings.batch_size,
+            self.tokenizer.pad_token_id,
+            self.settings.length_bucket,
+        )
+        record = {"step": step, **losses}
+        if self.probe is not None:
+            record |= self.probe.score(self.accelerator.unwrap_model(self.loss_module).model)
+            self.loss_module.train()
+        if self.accelerator.is_main_process:
+            _write_metrics(self.metrics_path, record)
+        self.accelerator.log(record, step=step)
+        return record
+
+    def _keep_if_best(self, metric: str, record: dict[str, Any]) -> None:
+        """Save the adapter to best/ when this eval beats every earlier one on `metric`."""
+        state = self.state
+        value = record[metric if metric == selection.EVAL_LOSS else f"eval_{metric}"]
+        if selection.is_better(metric, value, state.best_value):
+            model = self.accelerator.unwrap_model(self.loss_module).model
+            selection.save_best(self.run_dir, model, self.tokenizer, state.step, metric, value)
+            state.best_step, state.best_value = state.step, value
+
+    def _checkpoint_if_due(self, signals: StopSignals) -> None:
+        """Save every `train.save_steps` steps, and on a stop signal (then stop)."""
+        state, accelerator = self.state, self.accelerator
+        save_steps = self.settings.save_steps
+        save_due = save_steps and state.step % save_steps == 0
+        stop = _any_process(accelerator, signals.requested is not None)
+        if not (save_due or stop) or state.step >= self.plan.total_steps:
+            return
+        self.summary.update(
+            status="interrupted" if stop else "running",
+            train_seconds=self.train_seconds,
+            input_tokens=self.input_tokens,
+            state=asdict(state),
+        )
+        # Every process's RNG states, gathered onto the main process that writes them.
+        process_rng_states = gather_object([checkpoint.rng_states()])
+        saved = self.run_dir / run_folder.CHECKPOINTS
+        if accelerator.is_main_process:
+            saved = checkpoint.save(
+                self.run_dir,
+                self.built.bundle.model,
+                self.optimizer,
+                self.scheduler,
+                state,
+                self.settings.keep_last_checkpoints,
+                process_rng_states,
+                self.extras,
+            )
+            write_json(self.summary_path, self.summary)
+        accelerator.wait_for_everyone()
+        if stop:
+            self.progress.close()
+            raise Interrupted(signals.exit_code, self.run_dir, saved)
+
+    def _finish(self) -> RunResult:
+        """Save the trained weights and the final summary."""
+        accelerator, state, summary = self.accelerator, self.state, self.summary
+        weights_dir = run_folder.weights_folder(self.run_dir, self.recipe.adapter is None)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            accelerator.unwrap_model(self.loss_module).model.save_pretrained(weights_dir)
+            self.tokenizer.save_pretrained(weights_dir)
+            summary.update(
+                status="finished",
+                steps=state.step,
+                epochs=state.epoch + state.step_in_epoch / max(self.plan.steps_per_epoch, 1),
+                nonfinite_steps=state.nonfinite_steps,
+                target_tokens=state.tokens,
+                input_tokens=self.input_tokens,
+                train_seconds=self.train_seconds,
+                tokens_per_s=self.input_tokens / self.train_seconds if self.train_seconds else None,
+                weights=str(weights_dir),
+                best=selection.best_record(self.run_dir),
+            )
+            write_json(self.summary_path, summary)
+        accelerator.end_training()
+        return RunResult(run_dir=self.run_dir, weights_dir=weights_dir, summary=summary)
 
 
 def _trim_metrics(path: Path, after_step: int) -> None:
@@ -213,39 +604,19 @@ def _write_metrics(path: Path, record: dict[str, Any]) -> None:
         handle.write(json.dumps(record) + "\n")
 
 
-def step_counts(objective: torch.nn.Module, examples: list[data.Example]) -> Counter[str]:
-    """Positions each loss term is summed over in these examples."""
-    totals: Counter[str] = Counter()
-    for example in examples:
-        totals.update(objective.counts(example))
-    return totals
-
-
-def combined(objective: torch.nn.Module, sums: dict[str, Any], counts: Counter[str]) -> Any:
-    """The weighted sum of each term's mean: the loss the optimizer minimises.
-
-    A term counted over no position (task CE on an on-policy distillation step) is left out.
-    """
-    return sum(
-        objective.weights[name] * sums[name] / counts[name] for name in sums if counts[name] > 0
-    )
-
-
 def _reduced_counts(
     accelerator: Accelerator,
-    objective: torch.nn.Module,
+    objective: Objective,
     terms: list[str],
     examples: list[data.Example],
-    task_targets: bool,
+    reference_answers: bool,
 ) -> tuple[Counter[str], int]:
     """Term counts and input tokens of rewritten examples, summed over processes.
 
-    Without `task_targets` (on-policy completions) the task cross-entropy counts nothing, nor
-    does its copy on adversarial embeddings: both score reference answers the step replaced.
+    Without `reference_answers` (on-policy completions) the terms that score the data's answers
+    count nothing: the step replaced those answers.
     """
-    counts = step_counts(objective, examples)
-    if not task_targets:
-        counts["ce"] = counts["adversarial_ce"] = 0
+    counts = step_counts(objective, examples, reference_answers)
     local = [counts[name] for name in terms] + [sum(len(e.input_ids) for e in examples)]
     totals = accelerator.reduce(torch.tensor(local, device=accelerator.device), reduction="sum")
     *term_totals, inputs = (int(value) for value in totals.tolist())
@@ -255,7 +626,7 @@ def _reduced_counts(
 @torch.no_grad()
 def eval_losses(
     loss_module: torch.nn.Module,
-    objective: torch.nn.Module,
+    objective: Objective,
     split: data.Split,
     accelerator: Accelerator,
     batch_size: int,
@@ -293,395 +664,9 @@ def eval_losses(
     }
 
 
-def run(
-    recipe: config.Recipe,
-    recipe_path: str | Path,
-    resume: bool = False,
-    overwrite: bool = False,
-) -> RunResult:
-    """Train the recipe's adapter (or whole model) into its run folder.
-
-    Raises Interrupted on a stop signal, after saving a checkpoint.
-    """
-    run_dir = config.run_dir(recipe, recipe_path)
-    settings = recipe.train
-    accelerator = Accelerator(
-        mixed_precision=resolve_precision(settings.precision),
-        gradient_accumulation_steps=settings.grad_accumulation,
-        log_with=list(settings.trackers) or None,
-        project_dir=run_dir,
-    )
-    if accelerator.is_main_process:
-        prepare_run_dir(run_dir, resume, overwrite)
-        if resume:
-            check_resumable(run_dir, recipe)
-    accelerator.wait_for_everyone()
-    set_seed(settings.seed)
-
-    if recipe.distill is None:
-        bundle = models.load(recipe.model, recipe.adapter, accelerator.mixed_precision)
-        objective: torch.nn.Module = TargetTokenLoss(bundle.model)
-        datasets = data.build(recipe.data, bundle.tokenizer)
-    else:
-        # Imported here: plain fine-tuning never needs the distillation code.
-        from llama_tune.distillation import setup
-
-        bundle, objective, datasets = setup.load(recipe, accelerator, run_dir)
-    augment = recipe.adversarial.augment if recipe.adversarial is not None else None
-    if augment is not None and augment.consistency is not None:
-        from llama_tune.adversarial.consistency import ConsistencyObjective
-
-        objective = ConsistencyObjective(objective, augment.consistency)
-    if recipe.adversarial is not None and recipe.adversarial.train is not None:
-        from llama_tune.adversarial.embedding import AdversarialObjective
-
-        objective = AdversarialObjective(objective, recipe.adversarial.train)
-    tokenizer = bundle.tokenizer
-    train_split, validation = datasets.train, datasets.validation
-    augmenter = None
-    if augment is not None:
-        from llama_tune.adversarial.augment import Augmenter
-
-        augmenter = Augmenter(
-            augment,
-            data.TaskFormatter(recipe.data, datasets.labels),
-            tokenizer,
-            bundle.model,
-            settings.seed,
-            accelerator.mixed_precision,
-        )
-    lengths = [len(example.input_ids) for example in train_split.examples]
-
-    micro_batches_per_step = settings.grad_accumulation * accelerator.num_processes
-    step_size = settings.batch_size * micro_batches_per_step
-    steps_per_epoch = len(lengths) // step_size
-    if steps_per_epoch == 0:
-        raise TrainError(
-            f"{train_split.stats.origin}: {len(lengths)} usable rows, fewer than one step of "
-            f"{step_size} (train.batch_size x train.grad_accumulation x processes)"
-        )
-    total_steps = settings.max_steps or math.ceil(settings.epochs * steps_per_epoch)
-    warmup = settings.warmup_steps
-    if warmup is None:
-        warmup = round(settings.warmup_ratio * total_steps)
-
-    trainable = [param for param in objective.parameters() if param.requires_grad]
-    # Trained parameters outside the model (distillation projections) go into checkpoints too.
-    in_model = {id(param) for param in bundle.model.parameters()}
-    extras = {
-        name: param
-        for name, param in objective.named_parameters()
-        if param.requires_grad and id(param) not in in_model
-    }
-    optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
-    scheduler = get_scheduler(
-        settings.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps
-    )
-    # The scheduler is stepped by hand once per optimizer step, so it is not prepared: a
-    # prepared scheduler steps once per process.
-    loss_module, optimizer = accelerator.prepare(objective, optimizer)
-
-    state = TrainState(recipe_hash=checkpoint.recipe_hash(recipe))
-    metrics_path = run_dir / METRICS
-    summary_path = run_dir / SUMMARY
-    if resume:
-        resumed_from = checkpoint.latest(run_dir)
-        assert resumed_from is not None
-        state = checkpoint.load(
-            resumed_from, bundle.model, optimizer, scheduler, accelerator.process_index, extras
-        )
-        if accelerator.is_main_process:
-            _trim_metrics(metrics_path, state.step)
-            print(f"resuming from {resumed_from} (step {state.step})")
-    elif accelerator.is_main_process:
-        (run_dir / RECIPE_COPY).write_text(config.to_yaml(recipe))
-        metrics_path.write_text("")
-
-    pad_id = tokenizer.pad_token_id
-    eval_args = (objective, validation, accelerator, settings.batch_size, pad_id)
-    has_validation = validation is not None and bool(validation.examples)
-    probe = None
-    if settings.eval_metric_rows is not None and accelerator.is_main_process:
-        probe = selection.MetricProbe.load(recipe, tokenizer, accelerator.mixed_precision)
-
-    def evaluate(step: int) -> dict[str, Any]:
-        """Eval loss (all processes) and task metrics (main process) at `step`, logged."""
-        record = {"step": step, **eval_losses(loss_module, *eval_args, settings.length_bucket)}
-        if probe is not None:
-            record |= probe.score(accelerator.unwrap_model(loss_module).model)
-            loss_module.train()
-        if accelerator.is_main_process:
-            _write_metrics(metrics_path, record)
-        accelerator.log(record, step=step)
-        return record
-
-    summary = json.loads(summary_path.read_text()) if resume and summary_path.is_file() else {}
-    trainable_count, total_count = models.parameter_counts(bundle.model)
-    summary.update(
-        status="running",
-        run_dir=str(run_dir),
-        model=recipe.model.name,
-        precision=accelerator.mixed_precision,
-        processes=accelerator.num_processes,
-        parameters={"trainable": trainable_count, "total": total_count},
-        data=datasets.summary(),
-        total_steps=total_steps,
-        steps_per_epoch=steps_per_epoch,
-        versions=library_versions(),
-    )
-    if has_validation and "eval_loss_before" not in summary:
-        summary["eval_loss_before"] = evaluate(0)["eval_loss"]
-    if accelerator.is_main_process:
-        write_json(summary_path, summary)
-    if settings.trackers:
-        accelerator.init_trackers(run_dir.name, config=_flat_config(recipe))
-
-    loss_module.train()
-    progress = tqdm(
-        total=total_steps,
-        initial=state.step,
-        disable=not accelerator.is_main_process,
-        desc="train",
-        dynamic_ncols=True,
-    )
-    terms = list(objective.weights)
-    window_sums: Counter[str] = Counter()
-    window_counts: Counter[str] = Counter()
-    window_inputs = 0
-    window_start = time.perf_counter()
-    train_seconds = summary.get("train_seconds", 0.0)
-    input_tokens = summary.get("input_tokens", 0)
-    with StopSignals() as signals:
-        while state.step < total_steps:
-            plan = data.plan_epoch(
-                lengths, step_size, torch.Generator().manual_seed(settings.seed + state.epoch)
-            )
-            for step_examples in plan[state.step_in_epoch :]:
-                if state.step >= total_steps:
-                    break
-                step_started = time.perf_counter()
-                batches = data.micro_batches(step_examples, lengths, micro_batches_per_step)
-                own = batches[accelerator.process_index :: accelerator.num_processes]
-                counts = step_counts(objective, [train_split.examples[i] for i in step_examples])
-                step_inputs = sum(lengths[i] for i in step_examples)
-                own_examples = [[train_split.examples[i] for i in indices] for indices in own]
-                rewritten = objective.rewrite_step(state.step, own_examples)
-                if rewritten is not None:
-                    own_examples = rewritten
-                if augmenter is not None:
-                    own, own_examples = augmenter.training_batches(state.step, own, own_examples)
-                if rewritten is not None or augmenter is not None:
-                    # Other examples than planned: new counts, summed over every process's
-                    # micro-batches. An on-policy step (the student's own completions) has no
-                    # task cross-entropy.
-                    mine = [example for batch in own_examples for example in batch]
-                    counts, step_inputs = _reduced_counts(
-                        accelerator, objective, terms, mine, task_targets=rewritten is None
-                    )
-                step_sums = torch.zeros(len(terms), device=accelerator.device)
-                for indices, examples in zip(own, own_examples, strict=True):
-                    batch = data.collate(examples, pad_id, settings.length_bucket)
-                    batch |= objective.extra_inputs(indices)
-                    batch = {name: value.to(accelerator.device) for name, value in batch.items()}
-                    with accelerator.accumulate(loss_module):
-                        sums = loss_module(**batch)
-                        # Accelerate divides each backward by grad_accumulation and DDP averages
-                        # over processes; scaling by both makes the step's gradient that of the
-                        # weighted per-term means over the whole step.
-                        loss = combined(objective, sums, counts) * micro_batches_per_step
-                        accelerator.backward(loss)
-                    step_sums += torch.stack([sums[name].detach().float() for name in terms])
-                # .tolist() syncs with the device once per step.
-                step_sums = accelerator.reduce(step_sums, reduction="sum").tolist()
-                # Terms counted over no position this step (task CE on an on-policy step) are
-                # left out of the loss and the logs.
-                term_sums = {
-                    name: value
-                    for name, value in zip(terms, step_sums, strict=True)
-                    if counts[name] > 0
-                }
-                loss_value = combined(objective, term_sums, counts)
-                grad_norm = None
-                if math.isfinite(loss_value):
-                    if settings.max_grad_norm is not None:
-                        grad_norm = accelerator.clip_grad_norm_(trainable, settings.max_grad_norm)
-                        grad_norm = float(grad_norm)
-                    optimizer.step()
-                    scheduler.step()
-                else:
-                    state.nonfinite_steps += 1
-                    if state.nonfinite_steps > settings.max_nonfinite_steps:
-                        raise TrainError(
-                            f"non-finite loss ({loss_value}) at step {state.step + 1}; "
-                            "lower train.lr, use fp32, or allow skips with "
-                            "train.max_nonfinite_steps"
-                        )
-                    accelerator.print(f"skipping step {state.step + 1}: loss is {loss_value}")
-                optimizer.zero_grad(set_to_none=True)
-                state.step += 1
-                state.step_in_epoch += 1
-                state.tokens += counts["ce"]
-                input_tokens += step_inputs
-                train_seconds += time.perf_counter() - step_started
-                window_inputs += step_inputs
-                if math.isfinite(loss_value):
-                    window_sums.update(term_sums)
-                    window_counts.update(counts)
-                progress.update(1)
-
-                if state.step % settings.log_steps == 0 or state.step == total_steps:
-                    elapsed = time.perf_counter() - window_start
-                    record = {
-                        "step": state.step,
-                        "epoch": state.epoch + state.step_in_epoch / len(plan),
-                        "loss": combined(objective, window_sums, window_counts),
-                        "lr": scheduler.get_last_lr()[0],
-                        "grad_norm": grad_norm,
-                        "tokens": window_inputs,
-                        "seconds": elapsed,
-                        "tokens_per_s": window_inputs / elapsed if elapsed > 0 else None,
-                    }
-                    if len(terms) > 1:
-                        # Each term's own mean, unweighted: task CE and distillation apart.
-                        for name in terms:
-                            if window_counts[name] > 0:
-                                record[f"{name}_loss"] = window_sums[name] / window_counts[name]
-                    summary.setdefault("train_loss_first", record["loss"])
-                    summary["train_loss_last"] = record["loss"]
-                    progress.set_postfix(
-                        loss=f"{record['loss']:.4f}",
-                        lr=f"{record['lr']:.2e}",
-                        tok_s=f"{record['tokens_per_s'] or 0:.0f}",
-                    )
-                    if accelerator.is_main_process:
-                        _write_metrics(metrics_path, record)
-                    accelerator.log(record, step=state.step)
-                    window_sums.clear()
-                    window_counts.clear()
-                    window_inputs = 0
-                    window_start = time.perf_counter()
-
-                eval_due = state.step == total_steps or (
-                    settings.eval_steps and state.step % settings.eval_steps == 0
-                )
-                if has_validation and eval_due:
-                    record = evaluate(state.step)
-                    summary["eval_loss_after"] = record["eval_loss"]
-                    if settings.best_metric and accelerator.is_main_process:
-                        model = accelerator.unwrap_model(loss_module).model
-                        _keep_if_best(
-                            run_dir, model, tokenizer, settings.best_metric, record, state
-                        )
-                    window_start = time.perf_counter()
-
-                save_due = settings.save_steps and state.step % settings.save_steps == 0
-                stop = _any_process(accelerator, signals.requested is not None)
-                if (save_due or stop) and state.step < total_steps:
-                    summary.update(
-                        status="interrupted" if stop else "running",
-                        train_seconds=train_seconds,
-                        input_tokens=input_tokens,
-                        state=asdict(state),
-                    )
-                    saved = _save_checkpoint(
-                        accelerator,
-                        run_dir,
-                        bundle.model,
-                        optimizer,
-                        scheduler,
-                        state,
-                        summary,
-                        settings.keep_last_checkpoints,
-                        extras,
-                    )
-                    if stop:
-                        progress.close()
-                        raise Interrupted(signals.exit_code, saved)
-            else:
-                state.epoch += 1
-                state.step_in_epoch = 0
-    progress.close()
-
-    weights_dir = weights_folder(run_dir, recipe)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        accelerator.unwrap_model(loss_module).model.save_pretrained(weights_dir)
-        tokenizer.save_pretrained(weights_dir)
-        summary.update(
-            status="finished",
-            steps=state.step,
-            epochs=state.epoch + state.step_in_epoch / max(steps_per_epoch, 1),
-            nonfinite_steps=state.nonfinite_steps,
-            target_tokens=state.tokens,
-            input_tokens=input_tokens,
-            train_seconds=train_seconds,
-            tokens_per_s=input_tokens / train_seconds if train_seconds else None,
-            weights=str(weights_dir),
-            best=selection.best_record(run_dir),
-        )
-        write_json(summary_path, summary)
-    accelerator.end_training()
-    return RunResult(run_dir=run_dir, weights_dir=weights_dir, summary=summary)
-
-
-def _keep_if_best(
-    run_dir: Path,
-    model: peft.PeftModel | transformers.PreTrainedModel,
-    tokenizer: Any,
-    metric: str,
-    record: dict[str, Any],
-    state: TrainState,
-) -> None:
-    """Save the adapter to best/ when this eval beats every earlier one on `metric`."""
-    value = record[metric if metric == selection.EVAL_LOSS else f"eval_{metric}"]
-    if selection.is_better(metric, value, state.best_value):
-        selection.save_best(run_dir, model, tokenizer, state.step, metric, value)
-        state.best_step, state.best_value = state.step, value
-
-
 def _any_process(accelerator: Accelerator, flag: bool) -> bool:
     """True on every process when it is true on any: all must stop at the same step."""
     if accelerator.num_processes == 1:
         return flag
     # One tiny all-reduce per step; without it a signal seen by one rank would deadlock the rest.
     return bool(accelerator.reduce(torch.tensor(float(flag), device=accelerator.device)).item())
-
-
-def _save_checkpoint(
-    accelerator: Accelerator,
-    run_dir: Path,
-    model: peft.PeftModel | transformers.PreTrainedModel,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    state: TrainState,
-    summary: dict[str, Any],
-    keep_last: int,
-    extras: dict[str, torch.nn.Parameter],
-) -> Path:
-    """Checkpoint on the main process, with every process's RNG states, then record progress in
-    the summary."""
-    process_rng_states = gather_object([checkpoint.rng_states()])
-    saved = run_dir / checkpoint.CHECKPOINTS
-    if accelerator.is_main_process:
-        saved = checkpoint.save(
-            run_dir, model, optimizer, scheduler, state, keep_last, process_rng_states, extras
-        )
-        write_json(run_dir / SUMMARY, summary)
-    accelerator.wait_for_everyone()
-    return saved
-
-
-def _flat_config(recipe: config.Recipe) -> dict[str, Any]:
-    """The recipe as flat `section.key` scalars, the form trackers accept."""
-    flat: dict[str, Any] = {}
-
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, dict):
-            for key, item in value.items():
-                walk(f"{prefix}.{key}" if prefix else key, item)
-        else:
-            scalar = isinstance(value, int | float | str | bool)
-            flat[prefix] = value if scalar else str(value)
-
-    walk("", recipe.model_dump(mode="json"))
-    return flat

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from llama_tune import cli, config, data, models, train
+from llama_tune import cli, config, data, models, run_folder, train
 from llama_tune.adversarial import augment, text
 
 ALL_METHODS = "adversarial.augment.methods=[char,word,neighbour,gradient]"
@@ -93,7 +93,7 @@ def test_add_mode_appends_perturbed_copies(augmenter) -> None:
 
 
 def _metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / train.METRICS).open()]
+    return [json.loads(line) for line in (run_dir / run_folder.METRICS).open()]
 
 
 def test_augmented_training_resumes_exactly(resumes_exactly) -> None:

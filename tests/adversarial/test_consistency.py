@@ -8,8 +8,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from llama_tune import data, train
+from llama_tune import data
 from llama_tune.adversarial import consistency
+from llama_tune.objective import TargetTokenLoss
 
 
 def test_each_copy_is_paired_with_its_clean_example() -> None:
@@ -30,7 +31,7 @@ def _paired_batch(tokenizer) -> tuple[list[data.Example], list[int]]:
 
 def test_the_term_is_the_divergence_from_the_clean_answer(tiny_model_dir: Path, tokenizer) -> None:
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    objective = consistency.ConsistencyObjective(train.TargetTokenLoss(model), 2.0).train()
+    objective = consistency.ConsistencyObjective(TargetTokenLoss(model), 2.0).train()
     assert objective.weights == {"ce": 1.0, "consistency": 2.0}
     examples, indices = _paired_batch(tokenizer)
     assert [objective.counts(example)["consistency"] for example in examples] == [0, 0, 3, 1]

@@ -15,14 +15,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from llama_tune import checkpoint, config, data, train
+from llama_tune import checkpoint, config, data, run_folder, train
 from llama_tune.adversarial import embedding
+from llama_tune.objective import TargetTokenLoss
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _losses(run_dir: Path, key: str = "loss") -> list[float]:
-    records = [json.loads(line) for line in (run_dir / train.METRICS).open()]
+    records = [json.loads(line) for line in (run_dir / run_folder.METRICS).open()]
     return [record[key] for record in records if key in record and "eval_loss" not in record]
 
 
@@ -55,7 +56,7 @@ def test_adversarial_offsets_respect_the_epsilon_ball(
 ) -> None:
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     settings = config.AdversarialTrainConfig(method=method, norm=norm, epsilon=0.3, steps=3)
-    objective = embedding.AdversarialObjective(train.TargetTokenLoss(model), settings).train()
+    objective = embedding.AdversarialObjective(TargetTokenLoss(model), settings).train()
     seen: list[torch.Tensor] = []
     model.get_input_embeddings().register_forward_hook(
         lambda _module, _inputs, output: seen.append(output.detach())
@@ -88,7 +89,7 @@ def test_smart_reads_its_clean_logits_from_the_clean_forward(
 ) -> None:
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     settings = config.AdversarialTrainConfig(method="smart", epsilon=0.3, steps=2)
-    objective = embedding.AdversarialObjective(train.TargetTokenLoss(model), settings).train()
+    objective = embedding.AdversarialObjective(TargetTokenLoss(model), settings).train()
     forwards: list[int] = []
     model.get_decoder().register_forward_hook(lambda *_: forwards.append(1))
     divergences: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -187,7 +188,7 @@ def _train_on_two_processes(recipe: Path, arguments: list[str]) -> Path:
         output, _ = process.communicate(timeout=600)
         assert process.returncode == 0, output.decode()[-2000:]
     run_dir = recipe.parent / recipe.stem
-    assert json.loads((run_dir / train.SUMMARY).read_text())["processes"] == 2
+    assert json.loads((run_dir / run_folder.SUMMARY).read_text())["processes"] == 2
     return run_dir
 
 
@@ -216,15 +217,15 @@ def test_two_processes_resume_exactly(tiny_recipe, same_weights) -> None:
     run_dir = recipe.parent / recipe.stem
     shutil.copytree(straight, run_dir)
     # What a crash after the step-3 checkpoint leaves: no adapter, an unfinished summary.
-    shutil.rmtree(run_dir / train.ADAPTER)
-    summary = json.loads((run_dir / train.SUMMARY).read_text())
-    (run_dir / train.SUMMARY).write_text(json.dumps(summary | {"status": "interrupted"}))
+    shutil.rmtree(run_dir / run_folder.ADAPTER)
+    summary = json.loads((run_dir / run_folder.SUMMARY).read_text())
+    (run_dir / run_folder.SUMMARY).write_text(json.dumps(summary | {"status": "interrupted"}))
     (saved,) = checkpoint.complete_checkpoints(run_dir)
     # By step 3 the processes' batches have had different widths, so their states differ.
     first, second = torch.load(saved / checkpoint.RNG_FILE, weights_only=False)
     assert not torch.equal(first["torch"], second["torch"])
     _train_on_two_processes(recipe, [*overrides, "--resume"])
-    same_weights(straight / train.ADAPTER, run_dir / train.ADAPTER)
+    same_weights(straight / run_folder.ADAPTER, run_dir / run_folder.ADAPTER)
 
 
 def test_adversarial_training_resumes_exactly(resumes_exactly) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from llama_tune import config, evaluation, train
+from llama_tune import config, evaluation, run_folder, train
 
 ROBUSTNESS = [
     "evaluation.robustness.methods=[char,gradient]",
@@ -23,7 +23,7 @@ def test_robustness_is_scored_and_reported_for_every_system(tiny_recipe) -> None
     trained = train.run(config.load(path), path)
     results = evaluation.run(trained.run_dir, ROBUSTNESS, limit=24, base=True)
     out_dir = Path(results["output_dir"])
-    saved = json.loads((out_dir / evaluation.RESULTS).read_text())
+    saved = json.loads((out_dir / run_folder.RESULTS).read_text())
     for system in ("tuned", "base"):
         records = saved["systems"][system]["robustness"]
         assert [(r["method"], r["strength"]) for r in records] == [

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from llama_tune import config, data
 from llama_tune.adversarial import tokens
 from llama_tune.adversarial.text import edit_count, lexicon, spelling_variants, words_of
-from llama_tune.train import target_cross_entropy
+from llama_tune.objective import target_cross_entropy
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from llama_tune import config, data, models, train
+from llama_tune import config, data, models, run_folder, train
 from llama_tune.distillation import cache, objective, setup, student
+from llama_tune.distillation.teacher import FrozenTeacher, distilled_count
 
 
 def _settings(tiny_model_dir: Path, **values: object) -> config.DistillConfig:
@@ -61,7 +62,7 @@ def test_top_k_round_trip(tmp_path, tiny_model_dir, teacher, tokenizer, data_roo
     assert cached.has_rest
     rows = cached.batch([9])
     example = examples[9]
-    positions = objective.distilled_count(example, settings)
+    positions = distilled_count(example, settings)
     assert rows["teacher_ids"].shape == (positions, 5)
 
     with torch.no_grad():
@@ -87,7 +88,7 @@ def test_whole_vocabulary_cache_equals_online(
     learner = student.from_teacher(teacher, [1])
     batch = data.collate(examples, tokenizer.pad_token_id, 8)
     online = objective.DistillationObjective(
-        learner, objective.FrozenTeacher(teacher), settings, len(tokenizer)
+        learner, FrozenTeacher(teacher), settings, len(tokenizer)
     )
     offline = objective.DistillationObjective(
         learner, None, settings, len(tokenizer), cached=cached
@@ -114,7 +115,7 @@ def test_interrupted_build_keeps_finished_shards(
     with pytest.raises(OSError, match="injected"):
         _build(tmp_path, settings, teacher, examples, tokenizer)
     monkeypatch.setattr(cache, "save_file", real_save)
-    folder = tmp_path / cache.CACHE_DIR
+    folder = tmp_path / run_folder.TEACHER_CACHE
     finished = {path.name: path.stat().st_mtime_ns for path in folder.glob("shard-*")}
     assert sorted(finished) == ["shard-00000.safetensors", "shard-00001.safetensors"]
     assert cache.missing_shards(folder, len(examples), 2) == [2]
@@ -159,14 +160,14 @@ def test_training_from_the_cache_cli(tiny_recipe, tiny_model_dir: Path) -> None:
     assert built.returncode == 0, built.stderr
     recipe = config.load(path, overrides)
     run_dir = config.run_dir(recipe, path)
-    assert f"teacher cache: {run_dir / cache.CACHE_DIR}" in built.stdout
-    shards = sorted((run_dir / cache.CACHE_DIR).glob("shard-*"))
+    assert f"teacher cache: {run_dir / run_folder.TEACHER_CACHE}" in built.stdout
+    shards = sorted((run_dir / run_folder.TEACHER_CACHE).glob("shard-*"))
     assert len(shards) == 3  # 256 training rows
     before = [shard.stat().st_mtime_ns for shard in shards]
 
     result = train.run(recipe, path)
     assert [shard.stat().st_mtime_ns for shard in shards] == before
-    records = [json.loads(line) for line in (run_dir / train.METRICS).read_text().splitlines()]
+    records = [json.loads(line) for line in (run_dir / run_folder.METRICS).read_text().splitlines()]
     assert all(record["distill_loss"] > 0 for record in records if "loss" in record)
     # The validation split is not cached: its eval reports the task loss only.
     assert all("eval_distill_loss" not in record for record in records)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llama_tune import checkpoint, config, train
+from llama_tune import checkpoint, config, run_folder, train
 from llama_tune.distillation import hidden
 
 
@@ -50,7 +50,7 @@ def test_projected_hidden_distillation_resumes_exactly(
     ]
     reference = tiny_recipe("hidden-reference", max_steps=6, save_steps=2)
     expected = train.run(config.load(reference, overrides), reference)
-    records = [json.loads(line) for line in (expected.run_dir / train.METRICS).open()]
+    records = [json.loads(line) for line in (expected.run_dir / run_folder.METRICS).open()]
     hidden_losses = [record["hidden_loss"] for record in records if "hidden_loss" in record]
     assert len(hidden_losses) == 6
     assert hidden_losses[-1] < hidden_losses[0]

@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from llama_tune import config, data
 from llama_tune.distillation import objective, student
+from llama_tune.distillation.teacher import FrozenTeacher, distilled_count, distilled_positions
 
 
 def _settings(**values: object) -> config.DistillConfig:
@@ -27,10 +28,10 @@ def test_positions_follow_the_settings(tokenizer) -> None:
     examples, batch = _batch(tokenizer)
     labels, mask = batch["labels"], batch["attention_mask"]
     for settings in (_settings(), _settings(positions="all"), _settings(label_tokens_only=True)):
-        chosen = objective.distilled_positions(labels, mask, settings)
-        counts = [objective.distilled_count(example, settings) for example in examples]
+        chosen = distilled_positions(labels, mask, settings)
+        counts = [distilled_count(example, settings) for example in examples]
         assert chosen.sum(dim=1).tolist() == counts
-    first = objective.distilled_positions(labels, mask, _settings(label_tokens_only=True))
+    first = distilled_positions(labels, mask, _settings(label_tokens_only=True))
     # Position prompt_length - 1 predicts the first target token.
     assert first.nonzero().tolist() == [[0, 2], [1, 1]]
 
@@ -39,9 +40,7 @@ def test_no_distillation_loss_against_itself(tiny_model_dir: Path, tokenizer) ->
     teacher = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     copy = student.from_teacher(teacher, [0, 1]).train()
     settings = _settings(loss="jsd", temperature=2.0, positions="all")
-    module = objective.DistillationObjective(
-        copy, objective.FrozenTeacher(teacher), settings, len(tokenizer)
-    )
+    module = objective.DistillationObjective(copy, FrozenTeacher(teacher), settings, len(tokenizer))
     _, batch = _batch(tokenizer)
     sums = module(**batch)
     assert sums["distill"].item() < 1e-6
@@ -65,7 +64,7 @@ def test_robust_distillation_teacher_reads_the_clean_example(
     ]
     module = objective.DistillationObjective(
         copy,
-        objective.FrozenTeacher(teacher),
+        FrozenTeacher(teacher),
         _settings(),
         len(tokenizer),
         sampling=objective.Sampling(tokenizer, "no", 0),

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from llama_tune import config, data, train
+from llama_tune import config, data, run_folder, train
 from llama_tune.distillation import on_policy
 
 
@@ -44,7 +44,7 @@ def test_student_completions_replace_the_answers(tiny_model_dir: Path, tokenizer
 
 
 def _metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / train.METRICS).open()]
+    return [json.loads(line) for line in (run_dir / run_folder.METRICS).open()]
 
 
 def test_on_policy_training_resumes_exactly(resumes_exactly, tiny_model_dir: Path) -> None:

@@ -11,12 +11,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from llama_tune import config, evaluation, train
+from llama_tune import config, evaluation, run_folder, train
 from llama_tune.distillation import preflight, setup
 
 
 def _evals(run_dir: Path) -> list[dict]:
-    lines = (run_dir / train.METRICS).read_text().splitlines()
+    lines = (run_dir / run_folder.METRICS).read_text().splitlines()
     return [record for line in lines if "eval_loss" in (record := json.loads(line))]
 
 
@@ -33,7 +33,7 @@ def test_incompatible_student_is_refused_before_training(
     expected = re.escape("tokens only the student has: '<|new|>'")
     with pytest.raises(preflight.IncompatibleTokenizers, match=expected):
         train.run(recipe, path)
-    assert not (config.run_dir(recipe, path) / train.METRICS).exists()
+    assert not (config.run_dir(recipe, path) / run_folder.METRICS).exists()
 
 
 def test_lora_student_of_a_tuned_teacher_is_scored_against_both(
@@ -50,7 +50,7 @@ def test_lora_student_of_a_tuned_teacher_is_scored_against_both(
     recipe = config.load(path, overrides)
     assert recipe.model.name == str(tiny_model_dir)
     result = train.run(recipe, path)
-    init = AutoModelForCausalLM.from_pretrained(result.run_dir / setup.STUDENT_INIT)
+    init = AutoModelForCausalLM.from_pretrained(result.run_dir / run_folder.STUDENT_INIT)
     teacher = setup.load_teacher(recipe.distill, "no")
     assert init.config.num_hidden_layers == 1
     # The student starts from the teacher's layer 1 with the teacher's adapter merged into it.

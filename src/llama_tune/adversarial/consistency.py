@@ -20,7 +20,7 @@ from itertools import accumulate
 import torch
 
 from llama_tune import data, models
-from llama_tune.train import target_logits
+from llama_tune.objective import Objective, WrappedObjective, target_logits
 
 
 def clean_rows(indices: list[int]) -> torch.Tensor:
@@ -41,7 +41,7 @@ def paired_divergence(
 ) -> torch.Tensor:
     """KL(clean || perturbed) summed over every perturbed row's target positions.
 
-    `logits` are the target positions' logits, row after row (`train.target_logits`);
+    `logits` are the target positions' logits, row after row (`objective.target_logits`);
     `targets_per_row` counts them per row; `pairs` is `clean_rows` of the micro-batch.
     """
     counts = targets_per_row.tolist()
@@ -61,31 +61,20 @@ def paired_divergence(
     return (clean.exp() * (clean - perturbed)).sum()
 
 
-class ConsistencyObjective(torch.nn.Module):
+class ConsistencyObjective(WrappedObjective):
     """A training objective plus `consistency`, weighted `weight`, on its own forward."""
 
-    def __init__(self, objective: torch.nn.Module, weight: float) -> None:
-        super().__init__()
-        self.objective = objective
-        self.weights = dict(objective.weights) | {"consistency": weight}
+    def __init__(self, objective: Objective, weight: float) -> None:
+        super().__init__(objective)
+        self.weights["consistency"] = weight
         self._states = models.DecoderStates(objective.model)
-
-    @property
-    def model(self) -> torch.nn.Module:
-        """The trained model (the trainer saves and scores it)."""
-        return self.objective.model
 
     def counts(self, example: data.Example) -> dict[str, int]:
         perturbed_targets = example.target_length if example.perturbation is not None else 0
-        return dict(self.objective.counts(example)) | {"consistency": perturbed_targets}
+        return super().counts(example) | {"consistency": perturbed_targets}
 
     def extra_inputs(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        return self.objective.extra_inputs(indices) | {"clean_rows": clean_rows(indices)}
-
-    def rewrite_step(
-        self, step: int, batches: list[list[data.Example]]
-    ) -> list[list[data.Example]] | None:
-        return self.objective.rewrite_step(step, batches)
+        return super().extra_inputs(indices) | {"clean_rows": clean_rows(indices)}
 
     def forward(
         self,

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from llama_tune.checkpoint import read_jsonl
+from llama_tune.jsonfiles import read_jsonl
 from llama_tune.uncertainty import Interval, bootstrap, mean_of
 
 

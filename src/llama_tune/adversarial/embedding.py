@@ -32,7 +32,7 @@ import torch
 
 from llama_tune import data, models
 from llama_tune.config import AdversarialTrainConfig
-from llama_tune.train import target_logits
+from llama_tune.objective import Objective, WrappedObjective, target_logits
 
 SMART_START = 1e-5
 """Standard deviation of SMART's random start (the paper's sigma)."""
@@ -81,50 +81,37 @@ def symmetric_kl(first_logits: torch.Tensor, second_logits: torch.Tensor) -> tor
     return ((first.exp() - second.exp()) * (first - second)).sum()
 
 
-class AdversarialObjective(torch.nn.Module):
+class AdversarialObjective(WrappedObjective):
     """A training objective plus its adversarial term(s), computed in one forward.
 
     Term names: the wrapped objective's (clean, NEFTune noise included) and, for fgm/pgd/freelb,
     `adversarial_<term>` for each of them with weight `weight` x the term's weight and the same
-    counts; for smart, `smoothness` counted over the task's target tokens.
+    counts (a copy of a reference-answer term scores reference answers too); for smart,
+    `smoothness` counted over the task's target tokens.
     """
 
-    def __init__(self, objective: torch.nn.Module, settings: AdversarialTrainConfig) -> None:
-        super().__init__()
-        self.objective = objective
+    def __init__(self, objective: Objective, settings: AdversarialTrainConfig) -> None:
+        super().__init__(objective)
         self.settings = settings
-        self.weights = dict(objective.weights)
         if settings.method == "smart":
             self.weights["smoothness"] = settings.weight
         elif settings.method is not None:
             for name, weight in objective.weights.items():
                 self.weights[f"adversarial_{name}"] = settings.weight * weight
+            self.reference_terms |= {f"adversarial_{name}" for name in objective.reference_terms}
         base = models.causal_lm(objective.model)
         self._offset: torch.Tensor | None = None
         # Hooks, not a changed forward: the wrapped objective runs as it always does.
         base.get_input_embeddings().register_forward_hook(self._add_offset)
         self._clean_states = models.DecoderStates(objective.model)
 
-    @property
-    def model(self) -> torch.nn.Module:
-        """The trained model (the trainer saves and scores it)."""
-        return self.objective.model
-
     def counts(self, example: data.Example) -> dict[str, int]:
-        counts = dict(self.objective.counts(example))
+        counts = super().counts(example)
         if self.settings.method == "smart":
             counts["smoothness"] = example.target_length
         elif self.settings.method is not None:
             counts |= {f"adversarial_{name}": count for name, count in counts.items()}
         return counts
-
-    def extra_inputs(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        return self.objective.extra_inputs(indices)
-
-    def rewrite_step(
-        self, step: int, batches: list[list[data.Example]]
-    ) -> list[list[data.Example]] | None:
-        return self.objective.rewrite_step(step, batches)
 
     def _add_offset(self, _module: Any, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
         if self._offset is None or self._offset.shape[:2] != output.shape[:2]:

@@ -13,6 +13,7 @@ import dataclasses
 from typing import Any
 
 from peft import PeftModel
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from llama_tune import config, data, models, scoring
@@ -52,7 +53,8 @@ def perturbed_set(
     perturbed_examples = []
     changed = 0
     # Batches bound the memory of the gradient attack, which runs a batch at a time.
-    for start in range(0, len(examples), batch_size):
+    starts = range(0, len(examples), batch_size)
+    for start in tqdm(starts, desc=f"perturb ({method})", unit="batch", dynamic_ncols=True):
         indices = list(range(start, min(start + batch_size, len(examples))))
         batch = [examples[index] for index in indices]
         for index, item in zip(
@@ -104,7 +106,9 @@ def measure(
                 augment, formatter, tokenizer, model, settings.seed, precision, substitutes
             )
             perturbed, changed = perturbed_set(eval_set, augmenter, method, settings.batch_size)
-            seconds = scoring.predict(model, tokenizer, recipe, perturbed, precision)
+            seconds = scoring.predict(
+                model, tokenizer, recipe, perturbed, precision, f"score ({method} {strength})"
+            )
             scores = scoring.score(perturbed, recipe.data.task, settings)
             records.append(
                 {

@@ -19,7 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from llama_tune import data, models, scoring
 from llama_tune.adversarial.text import edit_count, spelling_variants, words_of
-from llama_tune.train import target_cross_entropy, target_logits
+from llama_tune.objective import target_cross_entropy, target_logits
 
 SENTINEL = "\x00"
 

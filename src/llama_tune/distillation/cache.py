@@ -27,13 +27,12 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from llama_tune import config, data, scoring
-from llama_tune.checkpoint import write_json
 from llama_tune.distillation.losses import compared_logits, log_remainder, tempered_log_probs
-from llama_tune.distillation.objective import FrozenTeacher, distilled_positions
+from llama_tune.distillation.teacher import FrozenTeacher, distilled_positions
 from llama_tune.errors import UserError
-from llama_tune.train import TEACHER_CACHE
+from llama_tune.jsonfiles import read_json, write_json
+from llama_tune.run_folder import TEACHER_CACHE
 
-CACHE_DIR = TEACHER_CACHE
 MANIFEST = "manifest.json"
 
 
@@ -75,7 +74,7 @@ def _check_manifest(folder: Path, expected: dict[str, Any]) -> None:
     path = folder / MANIFEST
     if not path.is_file():
         return
-    found = json.loads(path.read_text())
+    found = read_json(path)
     changed = sorted(
         key for key in expected.keys() | found.keys() if found.get(key) != expected.get(key)
     )
@@ -143,7 +142,7 @@ def build(
     `teacher` loads the teacher; it is called only when a shard is missing.
     """
     assert settings.cache is not None
-    folder = run_dir / CACHE_DIR
+    folder = run_dir / TEACHER_CACHE
     width = vocab_size if token_subset is None else len(token_subset)
     expected = manifest(settings, examples, width)
     _check_manifest(folder, expected)
@@ -183,7 +182,7 @@ class CachedTeacher:
     """The cached teacher distributions, looked up by training example index."""
 
     def __init__(self, folder: Path) -> None:
-        self.manifest = json.loads((folder / MANIFEST).read_text())
+        self.manifest = read_json(folder / MANIFEST)
         self.per_shard = self.manifest["examples_per_shard"]
         shard_count = -(-self.manifest["examples"] // self.per_shard)
         self.shards = [load_file(_shard_path(folder, shard)) for shard in range(shard_count)]

@@ -9,67 +9,19 @@ step, so any split of a step into micro-batches gives the same gradient.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
-from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from llama_tune import data, models
 from llama_tune.config import DistillConfig
 from llama_tune.distillation import on_policy
+from llama_tune.distillation.cache import CachedTeacher
 from llama_tune.distillation.hidden import HiddenStateMatch
 from llama_tune.distillation.losses import OnlineTeacher, TopKTeacher, chunked_distillation
-from llama_tune.train import target_cross_entropy
-
-if TYPE_CHECKING:
-    from llama_tune.distillation.cache import CachedTeacher
-
-
-class FrozenTeacher:
-    """The teacher model, deliberately not an nn.Module attribute of the objective."""
-
-    def __init__(self, model: PreTrainedModel) -> None:
-        self.model = model.eval().requires_grad_(False)
-
-    @torch.no_grad()
-    def outputs(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, every_layer: bool = False
-    ) -> BaseModelOutputWithPast:
-        """The decoder's output: final hidden states, and every layer's with `every_layer`."""
-        return self.model.get_decoder()(
-            input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=every_layer
-        )
-
-    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.outputs(input_ids, attention_mask).last_hidden_state
-
-    @property
-    def head(self) -> torch.nn.Module:
-        return self.model.get_output_embeddings()
-
-
-def distilled_positions(
-    labels: torch.Tensor, attention_mask: torch.Tensor, settings: DistillConfig
-) -> torch.Tensor:
-    """[batch, seq - 1] mask of the positions whose next-token distribution is distilled."""
-    targets = labels[:, 1:] != data.IGNORE_INDEX
-    if settings.label_tokens_only:
-        # Only the position that predicts the first target token: where the label is chosen.
-        return targets & (targets.long().cumsum(dim=1) == 1)
-    if settings.positions == "all":
-        return attention_mask[:, 1:].bool()
-    return targets
-
-
-def distilled_count(example: data.Example, settings: DistillConfig) -> int:
-    """How many positions of one example `distilled_positions` selects."""
-    if settings.label_tokens_only:
-        return 1
-    if settings.positions == "all":
-        return len(example.input_ids) - 1
-    return example.target_length
+from llama_tune.distillation.teacher import FrozenTeacher, distilled_count, distilled_positions
+from llama_tune.objective import target_cross_entropy
 
 
 @dataclass(frozen=True)
@@ -114,8 +66,9 @@ class DistillationObjective(torch.nn.Module):
         self.cached = cached
         # A module attribute: its projections (if any) train with the student.
         self.hidden_match = hidden_match
-        # The trainer's interface (see train.TargetTokenLoss): term weights and counts.
+        # The objective contract (objective.Objective): term weights and counts.
         self.weights = {"ce": 1.0 - settings.alpha, "distill": settings.alpha}
+        self.reference_terms = frozenset({"ce"})
         if settings.hidden_states is not None:
             self.weights["hidden"] = settings.hidden_states.weight
 

@@ -17,12 +17,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from llama_tune import config, data, models, scoring
 from llama_tune.distillation import cache, hidden, preflight, student
 from llama_tune.distillation.hidden import HiddenStateMatch
-from llama_tune.distillation.objective import DistillationObjective, FrozenTeacher, Sampling
+from llama_tune.distillation.objective import DistillationObjective, Sampling
+from llama_tune.distillation.teacher import FrozenTeacher
 from llama_tune.errors import UserError
-from llama_tune.train import resolve_precision
-
-STUDENT_INIT = "student-init"
-"""Run-folder copy of a student built from the teacher, the base its LoRA adapter sits on."""
+from llama_tune.run_folder import ADAPTER, BEST, STUDENT_INIT, TEACHER_CACHE
+from llama_tune.runtime import resolve_precision
 
 
 class DistillationError(UserError):
@@ -32,7 +31,7 @@ class DistillationError(UserError):
 def teacher_adapter_dir(path: str) -> Path:
     """An adapter folder, or the adapter/ (or best/) inside a run folder."""
     folder = Path(path)
-    for candidate in (folder, folder / "adapter", folder / "best"):
+    for candidate in (folder, folder / ADAPTER, folder / BEST):
         if (candidate / "adapter_config.json").is_file():
             return candidate
     raise DistillationError(
@@ -249,7 +248,7 @@ def load(
                 recipe, run_dir, cache_teacher, examples, tokenizer, token_subset, mixed_precision
             )
         accelerator.wait_for_everyone()
-        cached = cache.CachedTeacher(run_dir / cache.CACHE_DIR)
+        cached = cache.CachedTeacher(run_dir / TEACHER_CACHE)
         # Training reads the cache; dropping the last reference frees the teacher's memory.
         frozen, teacher = None, None
     objective = DistillationObjective(

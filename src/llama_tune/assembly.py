@@ -1,0 +1,66 @@
+"""Assembling a training run from its recipe: model, data, objective and data rewrites.
+
+The objective is composed in layers: the task's target-token loss (or distillation, which
+contains it), then the consistency term of augmented pairs, then adversarial embedding terms on
+top of whatever is below. Features are imported only when a recipe asks for them, so plain
+fine-tuning never loads their code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from accelerate import Accelerator
+
+from llama_tune import config, data, models
+from llama_tune.objective import Objective, TargetTokenLoss
+
+if TYPE_CHECKING:
+    from llama_tune.adversarial.augment import Augmenter
+
+
+@dataclass
+class TrainingSetup:
+    """Everything a run trains with, before Accelerate prepares it."""
+
+    bundle: models.ModelBundle
+    objective: Objective
+    datasets: data.Datasets
+    augmenter: Augmenter | None
+    """Rewrites training batches with adversarial examples (adversarial.augment); None: none."""
+
+
+def build(recipe: config.Recipe, accelerator: Accelerator, run_dir: Path) -> TrainingSetup:
+    """Load the model (and teacher) and data, and compose the recipe's objective."""
+    if recipe.distill is None:
+        bundle = models.load(recipe.model, recipe.adapter, accelerator.mixed_precision)
+        objective: Objective = TargetTokenLoss(bundle.model)
+        datasets = data.build(recipe.data, bundle.tokenizer)
+    else:
+        from llama_tune.distillation import setup
+
+        bundle, objective, datasets = setup.load(recipe, accelerator, run_dir)
+    augment = recipe.adversarial.augment if recipe.adversarial is not None else None
+    if augment is not None and augment.consistency is not None:
+        from llama_tune.adversarial.consistency import ConsistencyObjective
+
+        objective = ConsistencyObjective(objective, augment.consistency)
+    if recipe.adversarial is not None and recipe.adversarial.train is not None:
+        from llama_tune.adversarial.embedding import AdversarialObjective
+
+        objective = AdversarialObjective(objective, recipe.adversarial.train)
+    augmenter = None
+    if augment is not None:
+        from llama_tune.adversarial.augment import Augmenter
+
+        augmenter = Augmenter(
+            augment,
+            data.TaskFormatter(recipe.data, datasets.labels),
+            bundle.tokenizer,
+            bundle.model,
+            recipe.train.seed,
+            accelerator.mixed_precision,
+        )
+    return TrainingSetup(bundle, objective, datasets, augmenter)

@@ -1,0 +1,31 @@
+"""Reading and writing the JSON files of a run (summaries, metrics, results, manifests)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from llama_tune.errors import UserError
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file (metrics, predictions), blank lines skipped."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_json(path: Path, payload: Any) -> None:
+    """Write JSON through a temporary file and a rename, so readers never see half a file."""
+    staging = path.with_name(f".{path.name}.tmp")
+    staging.parent.mkdir(parents=True, exist_ok=True)
+    staging.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(staging, path)
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file written by llama-tune; a damaged one is a UserError naming it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"{path}: unreadable ({error})") from None

@@ -1,0 +1,161 @@
+"""The training objective contract and the target-token loss every objective builds on.
+
+An objective is an `nn.Module` whose forward returns named loss *sums* over positions. It
+declares each term's weight and, per example, over how many positions each term is summed; the
+loop divides every sum by its count over the whole optimizer step, so any split of a step into
+micro-batches or processes gives the same gradient. Features (distillation, adversarial terms)
+implement the contract or wrap an objective that does; they never import the loop.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any, ClassVar, Protocol
+
+import peft
+import torch
+import transformers
+
+from llama_tune import data, models
+
+
+class Objective(Protocol):
+    """What the training loop asks of an objective, besides being an `nn.Module`."""
+
+    weights: dict[str, float]
+    """Weight of each term in the loss the optimizer minimises."""
+    reference_terms: frozenset[str]
+    """Terms that score the data's reference answers: an on-policy step, which trains on the
+    model's own completions instead, counts them over no position."""
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The trained model (the loop saves, checkpoints and scores it)."""
+        ...
+
+    def counts(self, example: data.Example) -> dict[str, int]:
+        """Over how many positions of `example` each term is summed."""
+        ...
+
+    def extra_inputs(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        """Tensors the forward needs besides the batch, by training example index."""
+        ...
+
+    def rewrite_step(
+        self, step: int, batches: list[list[data.Example]]
+    ) -> list[list[data.Example]] | None:
+        """Other examples to train this step on (on-policy distillation); None keeps the data's."""
+        ...
+
+    def parameters(self) -> Any: ...
+
+    def named_parameters(self) -> Any: ...
+
+    def __call__(self, **batch: torch.Tensor) -> dict[str, torch.Tensor]: ...
+
+
+class TargetTokenLoss(torch.nn.Module):
+    """Summed cross-entropy over target tokens, with the output head applied only there.
+
+    The vocabulary is wide (49,152 for SmolLM2) and most positions are prompt, so projecting only
+    the target positions saves much of the head's compute. Wrapping this as a module lets
+    Accelerate prepare it (autocast, DDP) like any model.
+    """
+
+    weights: ClassVar[dict[str, float]] = {"ce": 1.0}
+    reference_terms: ClassVar[frozenset[str]] = frozenset({"ce"})
+
+    def __init__(self, model: peft.PeftModel | transformers.PreTrainedModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def counts(self, example: data.Example) -> dict[str, int]:
+        return {"ce": example.target_length}
+
+    def extra_inputs(self, _indices: list[int]) -> dict[str, torch.Tensor]:
+        return {}
+
+    def rewrite_step(
+        self, _step: int, _batches: list[list[data.Example]]
+    ) -> list[list[data.Example]] | None:
+        return None
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        base = models.causal_lm(self.model)
+        hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask)
+        head = base.get_output_embeddings()
+        return {"ce": target_cross_entropy(head, hidden.last_hidden_state[:, :-1], labels)}
+
+
+class WrappedObjective(torch.nn.Module):
+    """Base of objectives that add terms to another (consistency, adversarial): everything the
+    contract asks is delegated to the wrapped objective unless the wrapper says otherwise."""
+
+    def __init__(self, objective: Objective) -> None:
+        super().__init__()
+        self.objective = objective
+        self.weights = dict(objective.weights)
+        self.reference_terms = objective.reference_terms
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.objective.model
+
+    def counts(self, example: data.Example) -> dict[str, int]:
+        return dict(self.objective.counts(example))
+
+    def extra_inputs(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        return self.objective.extra_inputs(indices)
+
+    def rewrite_step(
+        self, step: int, batches: list[list[data.Example]]
+    ) -> list[list[data.Example]] | None:
+        return self.objective.rewrite_step(step, batches)
+
+
+def target_cross_entropy(
+    head: torch.nn.Module, predicting_states: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
+    """Summed cross-entropy of the target tokens, the head applied only where they are predicted.
+
+    `predicting_states` are the final hidden states of positions 0..n-2: position t predicts
+    token t + 1.
+    """
+    logits, targets, _ = target_logits(head, predicting_states, labels)
+    return torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+
+
+def target_logits(
+    head: torch.nn.Module, predicting_states: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(float logits of the positions that predict a target token, those tokens, the
+    [batch, n-1] mask of where the positions are), the head applied only there."""
+    targets = labels[:, 1:]
+    selected = targets != data.IGNORE_INDEX
+    return head(predicting_states[selected]).float(), targets[selected], selected
+
+
+def step_counts(
+    objective: Objective, examples: list[data.Example], reference_answers: bool = True
+) -> Counter[str]:
+    """Positions each loss term is summed over in these examples; without `reference_answers`
+    (the model's own completions) the terms that score reference answers count none."""
+    totals: Counter[str] = Counter()
+    for example in examples:
+        totals.update(objective.counts(example))
+    if not reference_answers:
+        for name in objective.reference_terms:
+            totals[name] = 0
+    return totals
+
+
+def combined(objective: Objective, sums: dict[str, Any], counts: Counter[str]) -> Any:
+    """The weighted sum of each term's mean: the loss the optimizer minimises.
+
+    A term counted over no position (task CE on an on-policy distillation step) is left out.
+    """
+    return sum(
+        objective.weights[name] * sums[name] / counts[name] for name in sums if counts[name] > 0
+    )

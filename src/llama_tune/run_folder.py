@@ -1,0 +1,110 @@
+"""The run folder: the name of everything a run writes, in one place.
+
+    runs/NAME/
+      recipe.yaml          the resolved recipe; resume and evaluate read it
+      summary.json         status, data statistics, steps, timings, library versions
+      metrics.jsonl        one line per training log and per evaluation
+      adapter/ | model/    the trained weights: a LoRA adapter, or the whole model
+      best/                the weights that scored best on train.best_metric (best.json inside)
+      checkpoints/step-N/  resumable state
+      student-init/        a student built from the teacher, before training
+      teacher-cache/       the teacher's top-k distributions (offline distillation)
+      evaluation/SPLIT/    results.json, predictions, report.md and report.html
+
+Every other module takes these names from here: none is typed twice.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from llama_tune.errors import UserError
+
+RECIPE_COPY = "recipe.yaml"
+SUMMARY = "summary.json"
+METRICS = "metrics.jsonl"
+ADAPTER = "adapter"
+FULL_MODEL = "model"
+BEST = "best"
+BEST_FILE = "best.json"
+CHECKPOINTS = "checkpoints"
+STUDENT_INIT = "student-init"
+TEACHER_CACHE = "teacher-cache"
+EVALUATION = "evaluation"
+RESULTS = "results.json"
+REPORT_MD = "report.md"
+REPORT_HTML = "report.html"
+
+
+def weights_folder(run_dir: Path, full_fine_tuning: bool) -> Path:
+    """Where a run's trained weights go: adapter/ (LoRA) or model/ (full fine-tuning)."""
+    return run_dir / (FULL_MODEL if full_fine_tuning else ADAPTER)
+
+
+def evaluation_folder(run_dir: Path, split: str, best: bool) -> Path:
+    """Where `llama-tune evaluate` writes the results of one split (of best/ with `best`)."""
+    return run_dir / EVALUATION / (f"{split}-best" if best else split)
+
+
+def is_run_folder(folder: Path) -> bool:
+    """Whether a folder was written by llama-tune: a run's recipe copy, summary or checkpoints,
+    or a teacher cache built before training (`llama-tune distill cache`)."""
+    marks = (RECIPE_COPY, SUMMARY, CHECKPOINTS, TEACHER_CACHE)
+    return any((folder / name).exists() for name in marks)
+
+
+def check_ours(run_dir: Path) -> None:
+    """Refuse to train into an existing folder that holds something other than a run."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"output.dir {run_dir} is a file, not a folder")
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not is_run_folder(run_dir):
+        raise UserError(
+            f"output.dir {run_dir} is not empty and is not a llama-tune run folder (no "
+            f"{RECIPE_COPY} or {SUMMARY}); nothing was changed. Choose another output.dir"
+        )
+
+
+def _aside(run_dir: Path) -> Path:
+    return run_dir.with_name(f".{run_dir.name}.replaced")
+
+
+def set_aside(run_dir: Path) -> Path | None:
+    """Move the run that `--overwrite` replaces out of the way, keeping it whole until the new
+    run has started (`discard`) or failed to (`put_back`). The teacher cache, expensive and
+    checked against the recipe when used, moves into the new run folder."""
+    if not run_dir.exists():
+        return None
+    aside = _aside(run_dir)
+    if aside.exists():
+        raise UserError(
+            f"{aside} holds the run an interrupted --overwrite of {run_dir} was replacing; "
+            "move it back or delete it, then try again"
+        )
+    os.replace(run_dir, aside)
+    run_dir.mkdir()
+    if (aside / TEACHER_CACHE).is_dir():
+        os.replace(aside / TEACHER_CACHE, run_dir / TEACHER_CACHE)
+    return aside
+
+
+def put_back(run_dir: Path, aside: Path) -> None:
+    """Undo `set_aside` after a failed start: the replaced run is back as it was."""
+    if (run_dir / TEACHER_CACHE).is_dir():
+        os.replace(run_dir / TEACHER_CACHE, aside / TEACHER_CACHE)
+    shutil.rmtree(run_dir)
+    os.replace(aside, run_dir)
+
+
+def discard(aside: Path) -> None:
+    """Delete the replaced run once the new one has written its first files."""
+    shutil.rmtree(aside)
+
+
+def remove_failed_start(run_dir: Path) -> None:
+    """After a start that failed, remove what it wrote into a folder it created, so no empty
+    run folder is left; a teacher cache it built is kept (it costs a teacher pass)."""
+    shutil.rmtree(run_dir / STUDENT_INIT, ignore_errors=True)
+    if run_dir.is_dir() and not (run_dir / TEACHER_CACHE).exists():
+        shutil.rmtree(run_dir)

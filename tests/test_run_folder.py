@@ -1,0 +1,85 @@
+"""The run folder: nothing a user owns is lost to --overwrite or a failed start (real CLI)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from llama_tune import run_folder
+
+
+def _contents(folder: Path) -> dict[str, bytes]:
+    """Every file under a folder, by relative path, with its bytes."""
+    return {
+        str(path.relative_to(folder)): path.read_bytes()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
+
+
+def test_a_failed_overwrite_leaves_the_finished_run_as_it_was(cli, tiny_recipe) -> None:
+    path = tiny_recipe(max_steps=2)
+    cli("train", str(path))
+    run_dir = path.parent / "run"
+    before = _contents(run_dir)
+    assert json.loads(before[run_folder.SUMMARY])["status"] == "finished"
+    failures = [
+        # Fails in set-up, after the old run was set aside: it must come back.
+        (["data.source=/nonexistent"], "data source /nonexistent not found"),
+        (["model.name=/no/such/model"], "/no/such/model"),
+        # Fails before anything is touched.
+        (["train.batch_size=0"], "train.batch_size"),
+        (["--resume"], "choose one"),
+    ]
+    for overrides, message in failures:
+        done = cli("train", str(path), *overrides, "--overwrite", expect=2)
+        assert message in done.stderr
+        assert "Traceback" not in done.stderr
+        assert _contents(run_dir) == before, overrides
+        assert sorted(path.parent.glob(".run*")) == [], "a set-aside copy was left behind"
+    replaced = cli("train", str(path), "train.lr=5e-3", "--overwrite")
+    assert "run folder:" in replaced.stdout
+    after = _contents(run_dir)
+    assert after["adapter/adapter_model.safetensors"] != before["adapter/adapter_model.safetensors"]
+    assert sorted(path.parent.glob(".run*")) == []
+
+
+def test_a_folder_that_is_not_a_run_is_never_written(cli, tiny_recipe, tmp_path: Path) -> None:
+    path = tiny_recipe(max_steps=2)
+    own = tmp_path / "my-project"
+    own.mkdir()
+    (own / "notes.txt").write_text("mine")
+    (own / "metrics.jsonl").write_text("mine too")
+    for flags in ([], ["--overwrite"]):
+        done = cli("train", str(path), f"output.dir={own}", *flags, expect=2)
+        assert "is not a llama-tune run folder" in done.stderr
+        assert _contents(own) == {"metrics.jsonl": b"mine too", "notes.txt": b"mine"}
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cli("train", str(path), f"output.dir={empty}", "--overwrite")
+    assert (empty / run_folder.SUMMARY).is_file()
+
+
+def test_a_failed_start_leaves_no_run_folder(cli, tiny_recipe) -> None:
+    path = tiny_recipe(max_steps=2)
+    done = cli("train", str(path), "data.source=/nonexistent", expect=2)
+    assert "not found" in done.stderr
+    assert not (path.parent / "run").exists()
+
+
+def test_bad_rows_are_reported_when_training_starts(cli, tiny_recipe, tmp_path: Path) -> None:
+    folder = tmp_path / "rows"
+    folder.mkdir()
+    rows = [{"text": f"row {number} was fine", "label": "positive"} for number in range(20)]
+    rows += [{"text": "", "label": "negative"}] * 3 + [{"label": "negative"}] * 2
+    lines = [json.dumps(row) for row in rows] + ["{not json"]
+    (folder / "train.jsonl").write_text("\n".join(lines) + "\n")
+    path = tiny_recipe(max_steps=1, batch_size=4)
+    done = cli("train", str(path), f"data.source={folder}", "data.max_train_rows=null")
+    run_dir = path.parent / "run"
+    expected = (
+        f"train: {folder / 'train.jsonl'}: 20 rows used, 0 truncated; skipped 6 rows "
+        f"(empty_field:text 3, invalid_json 1, missing_field:text 2; "
+        f"recorded in {run_dir / run_folder.SUMMARY})"
+    )
+    assert expected in done.stdout
