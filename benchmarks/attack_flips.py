@@ -1,12 +1,12 @@
 """What the HotFlip attack changes in the rows it flips, for runs scored with it.
 
 A row is flipped when the model answers it right clean and wrong under its own gradient attack
-(`robustness-tuned.jsonl` beside `predictions.jsonl` in a run's evaluation folder). For each
-flipped row the words the attack changed are compared with the lexicon of the SST-2 training
-inputs (`text.lexicon`, the one `gradient_candidates: misspellings` avoids: words seen at least
+(`robustness-tuned.jsonl` beside `predictions.jsonl` in a run's evaluation folder). For each flipped
+row the words the attack changed are compared with the lexicon of the SST-2 training inputs
+(`text_noise.lexicon`, the one `gradient_candidates: misspellings` avoids: words seen at least
 twice): a typo that makes a word of it ("fun" -> "run", "no" -> "do") makes a real word, often of
-another meaning, not a misspelling. Rows are counted as "real word" when any changed word made
-one, else "misspelling only".
+another meaning, not a misspelling. Rows are counted as "real word" when any changed word made one,
+else "misspelling only".
 
 Run: python benchmarks/attack_flips.py runs/quickstart runs/sst2_adversarial [--split validation]
 """
@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 
 from llama_tune import config, data
-from llama_tune.adversarial import text
+from llama_tune.adversarial import text_noise
 
 
 def _arguments() -> argparse.Namespace:
@@ -42,11 +42,11 @@ def sst2_lexicon(data_folder: Path) -> frozenset[str]:
     """The words of the SST-2 training inputs, as `gradient_candidates: misspellings` reads them."""
     source = data_folder / "classification" / "sst2"
     settings = config.DataConfig(source=str(source), task="classification")
-    return text.lexicon(data.training_inputs(data.TaskFormatter(settings)))
+    return text_noise.lexicon(data.training_inputs(data.TaskFormatter(settings)))
 
 
 def _makes_a_word(before: str, after: str, lexicon: frozenset[str]) -> bool:
-    return bool((set(text.words_of(after)) - set(text.words_of(before))) & lexicon)
+    return bool((set(text_noise.words_of(after)) - set(text_noise.words_of(before))) & lexicon)
 
 
 def flipped_changes(run: Path, split: str, strength: float) -> dict[int, list[tuple[str, str]]]:

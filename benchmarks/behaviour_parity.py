@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from llama_tune import config
+
 REPO = Path(__file__).resolve().parent.parent
 
 COMMON = ["train.precision=fp32", "evaluation.after_training=false", "data.max_eval_rows=16"]
@@ -41,8 +43,8 @@ CASES: dict[str, tuple[str, list[str]]] = {
             "train.batch_size=4",
             "train.warmup_steps=1",
             "distill.teacher.adapter=null",
-            "train.eval_metric_rows=null",
-            "train.best_metric=null",
+            "validation.metric_rows=null",
+            "validation.best_metric=null",
         ],
     ),
     "adversarial": (
@@ -57,9 +59,9 @@ CASES: dict[str, tuple[str, list[str]]] = {
     ),
 }
 # Keys that only log (every step) or would checkpoint: written in the schema of this tree.
-LOGGING = ["train.log_steps=1", "train.eval_steps=2", "train.save_steps=null"]
-# How the ref under comparison spells keys this tree renamed (new key -> old key).
-RENAMED_SINCE_REF: dict[str, str] = {}
+LOGGING = ["logging.every=1", "validation.every=2", "checkpoint.every=null"]
+# How a ref from before the schema split spells keys this tree moved (new key -> old key).
+RENAMED_SINCE_REF = {new: old for old, new in config.MOVED_KEYS.items()}
 # Logged fields that are timings, not behaviour.
 TIMINGS = {"seconds", "tokens_per_s"}
 
@@ -74,9 +76,16 @@ def _arguments() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def _spelled_for_ref(override: str) -> str:
+def _spelled_for_ref(override: str, ref_tree: Path) -> str:
+    """The override as the ref's schema spells it (keys moved since, under their old name)."""
     key, _, value = override.partition("=")
+    if _has_moved_keys(ref_tree):
+        return override
     return f"{RENAMED_SINCE_REF.get(key, key)}={value}"
+
+
+def _has_moved_keys(ref_tree: Path) -> bool:
+    return "MOVED_KEYS" in (ref_tree / "src" / "llama_tune" / "config.py").read_text()
 
 
 def _train(source: Path, recipe: str, overrides: list[str], run_dir: Path, data: str) -> None:
@@ -142,7 +151,8 @@ def main() -> int:
                 recipe, overrides = CASES[name]
                 overrides = [*COMMON, *overrides, *LOGGING]
                 reference, current = root / f"{name}-ref", root / f"{name}-now"
-                _train(ref_tree, recipe, [_spelled_for_ref(o) for o in overrides], reference, data)
+                spelled = [_spelled_for_ref(override, ref_tree) for override in overrides]
+                _train(ref_tree, recipe, spelled, reference, data)
                 _train(REPO, recipe, overrides, current, data)
                 problems = _compare(reference, current, args.tolerance)
                 failed += bool(problems)

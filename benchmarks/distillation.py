@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from llama_tune import config, data, models, run_folder, train
-from llama_tune.distillation import losses, setup, student
+from llama_tune.distillation import loading, losses, student
 from trainer_timing import StepTimer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -82,8 +82,8 @@ def _recipe(args: argparse.Namespace, run_dir: Path, cached: bool) -> config.Rec
                 "warmup_steps": 0,
                 "scheduler": "constant",
                 "precision": args.precision,
-                "log_steps": 1,
             },
+            "logging": {"every": 1},
             "distill": distill,
             "output": {"dir": str(run_dir)},
         },
@@ -118,7 +118,7 @@ def measure_trl(args: argparse.Namespace, recipe: config.Recipe, scratch: Path) 
     tokenizer = models.load_tokenizer(recipe.model.name)
     examples = data.build(recipe.data, tokenizer).train.examples
     precision = "bf16" if args.precision == "bf16" else "no"
-    teacher = setup.load_teacher(recipe.distill, precision)
+    teacher = loading.load_teacher(recipe.distill, precision)
     # The same starting student as llama-tune's, saved so TRL loads it like any model.
     student_dir = scratch / "student"
     student.from_teacher(teacher, KEEP).float().save_pretrained(student_dir)

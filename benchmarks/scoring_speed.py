@@ -21,7 +21,7 @@ from pathlib import Path
 
 from peft import PeftModel
 
-from llama_tune import config, models, scoring
+from llama_tune import config, inference, models, scoring
 from llama_tune.runtime import resolve_precision
 
 REPO = Path(__file__).resolve().parent.parent
@@ -69,14 +69,14 @@ def main() -> None:
     likelihood_accuracy = _accuracy(eval_set)
 
     labels = eval_set.labels or []
-    longest = max(len(ids) for ids in scoring.label_token_ids(tokenizer, labels, False))
+    longest = max(len(ids) for ids in inference.label_token_ids(tokenizer, labels, False))
     generation = {}
     for budget in (longest + 1, 16):
         settings = recipe.evaluation.model_copy(update={"max_new_tokens": budget})
         started = time.perf_counter()
-        with scoring.autocast_for(model, precision):
+        with inference.autocast_for(model, precision):
             for batch in scoring.length_sorted_batches(eval_set.examples, args.batch_size):
-                texts = scoring.generate(
+                texts = inference.generate(
                     model, tokenizer, [e.prompt_ids for e in batch], settings, stop_at_newline=True
                 )
                 for example, text in zip(batch, texts, strict=True):

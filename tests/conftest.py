@@ -110,10 +110,17 @@ def crash_during_save(monkeypatch: pytest.MonkeyPatch):
 def tiny_recipe(tiny_model_dir: Path, tmp_path: Path):
     """Factory: write a fast SST-2 recipe on the tiny model; returns its path.
 
-    `run` names the run folder inside tmp_path; `train` keys override the loop defaults.
+    `run` names the run folder inside tmp_path; `train` keys override the loop defaults, and
+    `logging`, `validation` and `checkpoint` are those sections.
     """
 
-    def make(run: str = "run", **train: object) -> Path:
+    def make(
+        run: str = "run",
+        logging: dict | None = None,
+        validation: dict | None = None,
+        checkpoint: dict | None = None,
+        **train: object,
+    ) -> Path:
         recipe = {
             "model": {"name": str(tiny_model_dir)},
             "adapter": {"r": 4, "alpha": 8, "dropout": 0.0},
@@ -124,7 +131,10 @@ def tiny_recipe(tiny_model_dir: Path, tmp_path: Path):
                 "max_eval_rows": 32,
                 "max_length": 96,
             },
-            "train": {"max_steps": 8, "batch_size": 8, "lr": 1e-3, "log_steps": 1, **train},
+            "train": {"max_steps": 8, "batch_size": 8, "lr": 1e-3, **train},
+            "logging": {"every": 1, **(logging or {})},
+            "validation": validation or {},
+            "checkpoint": checkpoint or {},
             "output": {"dir": str(tmp_path / run)},
         }
         path = tmp_path / f"{run}.yaml"
@@ -160,9 +170,9 @@ def resumes_exactly(tiny_recipe, crash_during_save, same_weights):
     from llama_tune import config, train
 
     def check(name: str, overrides: list[str], max_steps: int = 8, crash_step: int = 6):
-        reference = tiny_recipe(f"{name}-reference", max_steps=max_steps, save_steps=4)
+        reference = tiny_recipe(f"{name}-reference", max_steps=max_steps, checkpoint={"every": 4})
         expected = train.run(config.load(reference, overrides), reference)
-        crashing = tiny_recipe(f"{name}-crashing", max_steps=max_steps, save_steps=2)
+        crashing = tiny_recipe(f"{name}-crashing", max_steps=max_steps, checkpoint={"every": 2})
         with crash_during_save(f"step-{crash_step:08d}"):
             train.run(config.load(crashing, overrides), crashing)
         resumed = train.run(config.load(crashing, overrides), crashing, resume=True)

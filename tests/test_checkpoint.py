@@ -17,8 +17,8 @@ from llama_tune import checkpoint, config, run_folder, train
 def test_crash_mid_save_keeps_the_previous_checkpoint(
     tiny_recipe, crash_during_save, same_weights
 ) -> None:
-    reference = tiny_recipe("reference", max_steps=12, save_steps=4)
-    crashing = tiny_recipe("crashing", max_steps=12, save_steps=4)
+    reference = tiny_recipe("reference", max_steps=12, checkpoint={"every": 4})
+    crashing = tiny_recipe("crashing", max_steps=12, checkpoint={"every": 4})
     expected = train.run(config.load(reference), reference)
 
     with crash_during_save("step-00000008", "scheduler.pt"):
@@ -35,7 +35,7 @@ def test_crash_mid_save_keeps_the_previous_checkpoint(
 
 
 def test_only_the_last_checkpoints_are_kept(tiny_recipe) -> None:
-    path = tiny_recipe(max_steps=10, save_steps=2, keep_last_checkpoints=2)
+    path = tiny_recipe(max_steps=10, checkpoint={"every": 2, "keep_last": 2})
     result = train.run(config.load(path), path)
     kept = [folder.name for folder in checkpoint.complete_checkpoints(result.run_dir)]
     assert kept == ["step-00000006", "step-00000008"]
@@ -74,7 +74,7 @@ def test_each_process_restores_its_own_random_state(tmp_path: Path) -> None:
 
 
 def test_resume_refuses_a_changed_model_or_adapter(tiny_recipe) -> None:
-    path = tiny_recipe(max_steps=4, save_steps=2)
+    path = tiny_recipe(max_steps=4, checkpoint={"every": 2})
     result = train.run(config.load(path), path)
     # Make the finished run look interrupted after its step-2 checkpoint.
     (result.run_dir / run_folder.SUMMARY).unlink()
@@ -86,7 +86,7 @@ def test_resume_refuses_a_changed_model_or_adapter(tiny_recipe) -> None:
 
 
 def test_unfinished_run_needs_resume_or_overwrite(tiny_recipe) -> None:
-    path = tiny_recipe(max_steps=6, save_steps=2)
+    path = tiny_recipe(max_steps=6, checkpoint={"every": 2})
     run_dir = config.run_dir(config.load(path), path)
     (run_dir / "checkpoints" / "step-00000002").mkdir(parents=True)
     (run_dir / "checkpoints" / "step-00000002" / "state.json").write_text("{}")
@@ -104,8 +104,8 @@ def test_recipe_hash_tracks_resume_keys(tmp_path: Path) -> None:
 
 
 def test_full_fine_tuning_resumes_exactly(tiny_recipe, crash_during_save, same_weights) -> None:
-    reference = tiny_recipe("full-reference", max_steps=8, save_steps=3)
-    crashing = tiny_recipe("full-crashing", max_steps=8, save_steps=3)
+    reference = tiny_recipe("full-reference", max_steps=8, checkpoint={"every": 3})
+    crashing = tiny_recipe("full-crashing", max_steps=8, checkpoint={"every": 3})
     full = ["adapter=null"]
     expected = train.run(config.load(reference, full), reference)
 
@@ -128,7 +128,7 @@ def _interrupted_after(path: Path, overrides: list[str]) -> Path:
 
 
 def test_a_changed_learning_rate_is_applied_on_resume(tiny_recipe) -> None:
-    path = tiny_recipe(max_steps=6, save_steps=4, scheduler="constant", warmup_steps=0)
+    path = tiny_recipe(max_steps=6, scheduler="constant", warmup_steps=0, checkpoint={"every": 4})
     run_dir = _interrupted_after(path, [])
     train.run(config.load(path, ["train.lr=5e-5", "train.weight_decay=0.1"]), path, resume=True)
     records = [json.loads(line) for line in (run_dir / run_folder.METRICS).open()]
@@ -137,7 +137,7 @@ def test_a_changed_learning_rate_is_applied_on_resume(tiny_recipe) -> None:
 
 
 def test_resume_never_finishes_below_the_steps_done(tiny_recipe) -> None:
-    path = tiny_recipe(max_steps=6, save_steps=4)
+    path = tiny_recipe(max_steps=6, checkpoint={"every": 4})
     run_dir = _interrupted_after(path, [])
     with pytest.raises(train.TrainError, match="has trained 4 steps and the recipe plans 3"):
         train.run(config.load(path, ["train.max_steps=3"]), path, resume=True)
@@ -155,7 +155,7 @@ class _RunsCode:
 
 
 def test_no_code_runs_from_a_checkpoint(cli, tiny_recipe, tmp_path: Path) -> None:
-    path = tiny_recipe(max_steps=6, save_steps=2, keep_last_checkpoints=3)
+    path = tiny_recipe(max_steps=6, checkpoint={"every": 2, "keep_last": 3})
     run_dir = _interrupted_after(path, [])
     marker = tmp_path / "code-ran"
     newest = checkpoint.latest(run_dir)
@@ -170,7 +170,7 @@ def test_no_code_runs_from_a_checkpoint(cli, tiny_recipe, tmp_path: Path) -> Non
 
 
 def test_damaged_checkpoints_fall_back_or_fail_in_one_line(cli, tiny_recipe) -> None:
-    path = tiny_recipe(max_steps=6, save_steps=2, keep_last_checkpoints=3)
+    path = tiny_recipe(max_steps=6, checkpoint={"every": 2, "keep_last": 3})
     run_dir = _interrupted_after(path, [])
     older, newest = checkpoint.complete_checkpoints(run_dir)[-2:]
     (newest / checkpoint.OPTIMIZER_FILE).unlink()

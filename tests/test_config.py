@@ -45,7 +45,8 @@ def test_every_problem_is_named_at_once(tmp_path: Path) -> None:
 model: {name: x, dtype: fp8, colour: blue}
 adapter: {r: 0, target_modules: []}
 data: {source: /data, task: classification, template: "{txt}", fields: {doc: body}}
-train: {lr: -1, trackers: [mlflow], precision: fp64}
+train: {lr: -1, precision: fp64, save_steps: 5}
+logging: {trackers: [mlflow]}
 """,
     )
     keys = {problem.split(":")[0] for problem in problems}
@@ -57,9 +58,11 @@ train: {lr: -1, trackers: [mlflow], precision: fp64}
         "data.template",
         "data.fields",
         "train.lr",
-        "train.trackers.0",
+        "train.save_steps",
+        "logging.trackers.0",
         "train.precision",
     }
+    assert "train.save_steps: moved to checkpoint.every" in problems
     assert any("unknown key" in problem for problem in problems)
     assert any("'txt'" in problem for problem in problems)
 
@@ -169,25 +172,28 @@ def test_readme_documents_every_recipe_key() -> None:
 
 def test_best_adapter_keys_are_checked_together(tmp_path: Path) -> None:
     summarisation = "data: {source: d, task: summarisation}\n"
-    assert _problems(tmp_path, summarisation + "train: {best_metric: accuracy, eval_steps: 5}") == [
-        "train.best_metric: 'accuracy' is not one of eval_loss, rouge1, rouge2, rougeL, rougeLsum"
+    wrong = "validation: {best_metric: accuracy, every: 5}"
+    assert _problems(tmp_path, summarisation + wrong) == [
+        "validation.best_metric: 'accuracy' is not one of eval_loss, rouge1, rouge2, rougeL, "
+        "rougeLsum"
     ]
-    assert _problems(tmp_path, summarisation + "train: {best_metric: rougeL}") == [
-        "train.best_metric: rougeL needs train.eval_metric_rows",
-        "train.best_metric: needs train.eval_steps",
+    assert _problems(tmp_path, summarisation + "validation: {best_metric: rougeL}") == [
+        "validation.best_metric: rougeL needs validation.metric_rows",
+        "validation.best_metric: needs validation.every",
     ]
     no_validation = (
         "data: {source: d, task: classification, splits: {validation: null}}\n"
-        "train: {eval_steps: 5, eval_metric_rows: 10}\nevaluation: {adapter: best}\n"
+        "validation: {every: 5, metric_rows: 10}\nevaluation: {adapter: best}\n"
     )
     assert _problems(tmp_path, no_validation) == [
-        "train.eval_metric_rows: needs a validation split (data.splits.validation)",
-        "evaluation.adapter: 'best' needs train.best_metric",
+        "validation.metric_rows: needs a validation split (data.splits.validation)",
+        "evaluation.adapter: 'best' needs validation.best_metric",
     ]
-    fine = "data: {source: d, task: translation}\ntrain: {eval_steps: 5, eval_metric_rows: 10}\n"
+    fine = "data: {source: d, task: translation}\nvalidation: {every: 5, metric_rows: 10}\n"
     path = tmp_path / "fine.yaml"
     path.write_text(fine)
-    assert config.load(path, ["train.best_metric=chrf"]).train.best_metric == "chrf"
+    recipe = config.load(path, ["validation.best_metric=chrf"])
+    assert recipe.validation.best_metric == "chrf"
 
 
 def test_an_override_below_a_null_section_turns_it_on(tmp_path: Path) -> None:
@@ -197,3 +203,53 @@ def test_an_override_below_a_null_section_turns_it_on(tmp_path: Path) -> None:
     assert recipe.evaluation.robustness is not None
     assert recipe.evaluation.robustness.strengths == [0.3]
     assert recipe.evaluation.robustness.methods == ["char", "gradient"]
+
+
+def test_moved_keys_name_their_new_home(tmp_path: Path) -> None:
+    recipe = "data: {source: d, task: classification}\ntrain: {lr: 1.0e-4}\n"
+    problems = _problems(tmp_path, recipe, [f"{old}=3" for old in config.MOVED_KEYS])
+    assert problems == [f"{old}: moved to {new}" for old, new in config.MOVED_KEYS.items()]
+    for new in config.MOVED_KEYS.values():
+        section, key = new.split(".")
+        assert key in config.Recipe.model_fields[section].annotation.model_fields
+
+
+def test_resume_keys_are_read_from_the_schema() -> None:
+    keys = config.resume_keys()
+    assert keys[:2] == ["model.name", "model.revision"]
+    assert {"train.seed", "data.max_train_rows", "distill.teacher", "adversarial.augment"} <= set(
+        keys
+    )
+    assert not {
+        "train.lr",
+        "train.max_steps",
+        "checkpoint.every",
+        "model.gradient_checkpointing",
+    } & set(keys)
+    # A whole section is one key: nothing below it is listed again.
+    assert not [key for key in keys if key.startswith(("distill.teacher.", "adversarial.augment."))]
+
+
+def test_a_student_built_from_the_teacher_takes_its_name(tmp_path: Path) -> None:
+    path = tmp_path / "distill.yaml"
+    path.write_text(
+        "data: {source: d, task: classification}\n"
+        "distill: {teacher: {name: /teachers/big, revision: v2}, "
+        "student: {from_teacher: {every: 2}}}\n"
+    )
+    recipe = config.load(path)
+    assert (recipe.model.name, recipe.model.revision) == ("/teachers/big", "v2")
+
+
+def test_no_section_has_more_than_fifteen_keys() -> None:
+    sections, seen = [config.Recipe], set()
+    while sections:
+        section = sections.pop()
+        seen.add(section)
+        assert len(section.model_fields) <= 15, section.__name__
+        for info in section.model_fields.values():
+            for candidate in typing.get_args(info.annotation) or (info.annotation,):
+                is_section = isinstance(candidate, type) and issubclass(candidate, config.Section)
+                if is_section and candidate not in seen:
+                    sections.append(candidate)
+    assert len(seen) > 15

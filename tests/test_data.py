@@ -235,3 +235,19 @@ def test_a_byte_order_mark_is_read_past(tmp_path: Path, tokenizer, name: str, co
     built = data.build(_config(tmp_path, "classification"), tokenizer)
     assert [example.target for example in built.train.examples] == ["pos", "neg"]
     assert not built.train.stats.skipped
+
+
+def test_missing_labels_say_why(tmp_path: Path, tokenizer) -> None:
+    (tmp_path / "train.jsonl").write_text("")
+    with pytest.raises(data.DataError, match=r"train\.jsonl: the file holds no rows"):
+        data.build(_config(tmp_path, "classification"), tokenizer)
+    (tmp_path / "train.jsonl").write_text('{"text": "fine", "sentiment": "pos"}\n{"text": "ok"}\n')
+    with pytest.raises(data.DataError) as caught:
+        data.build(_config(tmp_path, "classification"), tokenizer)
+    assert "no row has a usable label in column 'label' (missing_field:label 2)" in str(
+        caught.value
+    )
+    built = data.build(
+        _config(tmp_path, "classification", fields={"label": "sentiment"}), tokenizer
+    )
+    assert built.labels == ["pos"]

@@ -13,7 +13,7 @@ from rouge_score import rouge_scorer
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 from transformers import AutoModelForCausalLM
 
-from llama_tune import config, evaluation, metrics, scoring, train
+from llama_tune import config, evaluation, inference, metrics, scoring, train
 from llama_tune.uncertainty import bootstrap, mean_of, paired_difference
 
 
@@ -24,9 +24,9 @@ def test_label_logprobs_equal_full_sequence_scoring(tiny_model_dir: Path, tokeni
         tokenizer("Review: dull and far, far too long for anyone.\nLabel:")["input_ids"],
     ]
     labels = ["positive", "negative", "very mixed feelings"]
-    label_ids = scoring.label_token_ids(tokenizer, labels, chat_template=False)
+    label_ids = inference.label_token_ids(tokenizer, labels, chat_template=False)
     assert max(len(ids) for ids in label_ids) > 1
-    fast = scoring.label_logprobs(model, prompts, label_ids, tokenizer.pad_token_id)
+    fast = inference.label_logprobs(model, prompts, label_ids, tokenizer.pad_token_id)
     for p, prompt in enumerate(prompts):
         for j, ids in enumerate(label_ids):
             sequence = torch.tensor([prompt + ids])

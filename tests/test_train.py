@@ -32,7 +32,7 @@ def test_accumulation_gives_the_same_steps(tiny_recipe) -> None:
 
 
 def test_summary_and_metrics(tiny_recipe) -> None:
-    result = _train(tiny_recipe(max_steps=6, eval_steps=3, log_steps=2))
+    result = _train(tiny_recipe(max_steps=6, validation={"every": 3}, logging={"every": 2}))
     summary = json.loads((result.run_dir / run_folder.SUMMARY).read_text())
     assert summary["status"] == "finished"
     assert summary["steps"] == 6
@@ -93,7 +93,8 @@ def test_built_in_model_learns_sst2(tmp_path: Path, data_root: Path) -> None:
                     "max_eval_rows": 64,
                     "max_length": 96,
                 },
-                "train": {"max_steps": 20, "batch_size": 8, "lr": 5e-4, "log_steps": 5},
+                "train": {"max_steps": 20, "batch_size": 8, "lr": 5e-4},
+                "logging": {"every": 5},
                 "output": {"dir": str(tmp_path / "real")},
             }
         )
@@ -103,14 +104,14 @@ def test_built_in_model_learns_sst2(tmp_path: Path, data_root: Path) -> None:
 
 
 def test_tensorboard_tracker_writes_events(tiny_recipe) -> None:
-    result = _train(tiny_recipe(max_steps=2, trackers=["tensorboard"]))
+    result = _train(tiny_recipe(max_steps=2, logging={"trackers": ["tensorboard"]}))
     assert list(result.run_dir.rglob("events.out.tfevents.*"))
 
 
 def test_full_fine_tuning_trains_every_weight(tiny_recipe, tiny_model_dir: Path) -> None:
     from safetensors.torch import load_file
 
-    result = _train(tiny_recipe(max_steps=6, eval_steps=3), "adapter=null")
+    result = _train(tiny_recipe(max_steps=6, validation={"every": 3}), "adapter=null")
     summary = result.summary
     assert summary["parameters"]["trainable"] == summary["parameters"]["total"]
     assert summary["eval_loss_after"] < summary["eval_loss_before"]

@@ -39,9 +39,9 @@ def build(recipe: config.Recipe, accelerator: Accelerator, run_dir: Path) -> Tra
         objective: Objective = TargetTokenLoss(bundle.model)
         datasets = data.build(recipe.data, bundle.tokenizer)
     else:
-        from llama_tune.distillation import setup
+        from llama_tune.distillation import loading
 
-        bundle, objective, datasets = setup.load(recipe, accelerator, run_dir)
+        bundle, objective, datasets = loading.load(recipe, accelerator, run_dir)
     augment = recipe.adversarial.augment if recipe.adversarial is not None else None
     if augment is not None and augment.consistency is not None:
         from llama_tune.adversarial.consistency import ConsistencyObjective

@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 from transformers import PreTrainedModel
 
-from llama_tune.config import Recipe
+from llama_tune.config import Recipe, resume_keys
 from llama_tune.errors import UserError
 from llama_tune.jsonfiles import write_json
 from llama_tune.run_folder import ADAPTER, CHECKPOINTS
@@ -37,40 +37,6 @@ RNG_FILE = "rng.pt"
 OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-
-# Changing any of these between a run and its resume would make the saved state mean something
-# else (another model or adapter shape, another data order or other perturbed copies of it);
-# other keys (lr, max_steps, logging) may change.
-RESUME_KEYS = (
-    "model.name",
-    "model.revision",
-    "model.dtype",
-    "model.quantization",
-    "adapter.r",
-    "adapter.alpha",
-    "adapter.target_modules",
-    "adapter.use_dora",
-    "adapter.use_rslora",
-    "data.source",
-    "data.task",
-    "data.splits",
-    "data.fields",
-    "data.template",
-    "data.chat_template",
-    "data.labels",
-    "data.source_lang",
-    "data.target_lang",
-    "data.max_length",
-    "data.truncation",
-    "data.bad_rows",
-    "data.max_train_rows",
-    "train.batch_size",
-    "train.grad_accumulation",
-    "train.seed",
-    "distill.teacher",
-    "distill.student",
-    "adversarial.augment",
-)
 
 
 @dataclass
@@ -88,17 +54,17 @@ class TrainState:
     tokens: int = 0
     """Target tokens trained on so far."""
     best_step: int | None = None
-    """Step of the adapter in best/ (train.best_metric)."""
+    """Step of the adapter in best/ (validation.best_metric)."""
     best_value: float | None = None
-    """Its value of train.best_metric."""
+    """Its value of validation.best_metric."""
     recipe_hash: str = ""
 
 
 def resume_values(recipe: Recipe) -> dict[str, Any]:
-    """The values of RESUME_KEYS in a recipe."""
+    """The values of the keys a checkpoint depends on (`config.resume_keys`) in a recipe."""
     dumped = recipe.model_dump(mode="json")
     values = {}
-    for key in RESUME_KEYS:
+    for key in resume_keys():
         node: Any = dumped
         for part in key.split("."):
             # A section set to null (adapter: null) has no keys below it.
@@ -116,7 +82,7 @@ def recipe_hash(recipe: Recipe) -> str:
 def changed_resume_keys(saved: Recipe, current: Recipe) -> list[str]:
     """Resume-relevant keys whose value differs between two recipes."""
     before, after = resume_values(saved), resume_values(current)
-    return [key for key in RESUME_KEYS if before[key] != after[key]]
+    return [key for key in resume_keys() if before[key] != after[key]]
 
 
 def _step_folder(step: int) -> str:

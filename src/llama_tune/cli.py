@@ -182,10 +182,10 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _distill(args: argparse.Namespace) -> int:
-    from llama_tune.distillation import setup
+    from llama_tune.distillation import loading
 
     recipe = config.load(args.recipe, args.overrides)
-    folder = setup.build_cache(recipe, args.recipe)
+    folder = loading.build_cache(recipe, args.recipe)
     print(f"teacher cache: {folder}")
     return 0
 

@@ -42,16 +42,23 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True, use_attribute_docstrings=True)
 
 
+RESUME = {"resume": "fixed"}
+"""Field metadata: a checkpoint depends on this key, so changing it refuses `--resume` (another
+model or adapter shape, another data order, other perturbed copies)."""
+
+
 class ModelConfig(Section):
     """Which model to adapt and how to hold its weights."""
 
-    name: str = "smollm2-135m-instruct"
+    name: str = Field("smollm2-135m-instruct", json_schema_extra=RESUME)
     """A built-in name, a local folder, or a Hugging Face Hub id."""
-    revision: str | None = None
+    revision: str | None = Field(None, json_schema_extra=RESUME)
     """Hub revision (branch, tag or commit) when `name` is a Hub id."""
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", json_schema_extra=RESUME
+    )
     """Storage dtype of the frozen base weights; auto follows the compute precision."""
-    quantization: Literal["none", "4bit", "8bit"] = "none"
+    quantization: Literal["none", "4bit", "8bit"] = Field("none", json_schema_extra=RESUME)
     """bitsandbytes quantisation of the frozen base: 4bit is NF4 (QLoRA)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward: less memory, about 30% slower."""
@@ -60,17 +67,19 @@ class ModelConfig(Section):
 class AdapterConfig(Section):
     """LoRA adapter settings (peft)."""
 
-    r: int = Field(8, ge=1, le=1024)
+    r: int = Field(8, ge=1, le=1024, json_schema_extra=RESUME)
     """Rank of the low-rank update."""
-    alpha: float = Field(16.0, gt=0)
+    alpha: float = Field(16.0, gt=0, json_schema_extra=RESUME)
     """Scale numerator: the update is scaled by alpha / r (alpha / sqrt(r) with rsLoRA)."""
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     """Dropout on the adapter input; off by default (its random numbers cost ~1/3 of a CPU step)."""
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", json_schema_extra=RESUME
+    )
     """Module names to adapt, or every linear layer except the output head."""
-    use_dora: bool = False
+    use_dora: bool = Field(False, json_schema_extra=RESUME)
     """Weight-decomposed LoRA (DoRA)."""
-    use_rslora: bool = False
+    use_rslora: bool = Field(False, json_schema_extra=RESUME)
     """Rank-stabilised scaling alpha / sqrt(r)."""
 
     @field_validator("target_modules")
@@ -98,30 +107,30 @@ class SplitsConfig(Section):
 class DataConfig(Section):
     """Where rows come from and how they become prompt and target text."""
 
-    source: str
+    source: str = Field(json_schema_extra=RESUME)
     """A folder of {train,validation,test}.jsonl|csv|parquet, a single file, or a Hub dataset id."""
-    task: TaskName
+    task: TaskName = Field(json_schema_extra=RESUME)
     """Task template: classification, summarisation, translation or instruction."""
-    splits: SplitsConfig = SplitsConfig()
-    fields: dict[str, str] = {}
+    splits: SplitsConfig = Field(SplitsConfig(), json_schema_extra=RESUME)
+    fields: dict[str, str] = Field({}, json_schema_extra=RESUME)
     """Task field -> column name in the data, e.g. {text: sentence}; defaults fit the task."""
-    template: str | None = None
+    template: str | None = Field(None, json_schema_extra=RESUME)
     """Prompt template with {field} placeholders; the task's default when null."""
-    chat_template: bool = False
+    chat_template: bool = Field(False, json_schema_extra=RESUME)
     """Wrap the prompt in the tokenizer's chat template as a user turn."""
-    labels: list[str] | None = None
+    labels: list[str] | None = Field(None, json_schema_extra=RESUME)
     """Classification label set; collected from the training split when null."""
-    source_lang: str | None = None
+    source_lang: str | None = Field(None, json_schema_extra=RESUME)
     """Translation: source language name or code; read from the rows when null."""
-    target_lang: str | None = None
+    target_lang: str | None = Field(None, json_schema_extra=RESUME)
     """Translation: target language name or code; read from the rows when null."""
-    max_length: int = Field(512, ge=8)
+    max_length: int = Field(512, ge=8, json_schema_extra=RESUME)
     """Longest prompt + target in tokens."""
-    truncation: Literal["truncate", "drop", "error"] = "truncate"
+    truncation: Literal["truncate", "drop", "error"] = Field("truncate", json_schema_extra=RESUME)
     """Over-long rows: shorten the input text, drop the row, or stop with an error."""
-    bad_rows: Literal["skip", "error"] = "skip"
+    bad_rows: Literal["skip", "error"] = Field("skip", json_schema_extra=RESUME)
     """Rows with missing, empty, mistyped or undecodable fields: count and skip, or stop."""
-    max_train_rows: int | None = Field(None, ge=1)
+    max_train_rows: int | None = Field(None, ge=1, json_schema_extra=RESUME)
     """Use only the first N usable training rows."""
     max_eval_rows: int | None = Field(None, ge=1)
     """Use only the first N usable validation rows for the eval loss."""
@@ -145,16 +154,28 @@ class DataConfig(Section):
         return self
 
 
+MOVED_KEYS = {
+    "train.log_steps": "logging.every",
+    "train.trackers": "logging.trackers",
+    "train.eval_steps": "validation.every",
+    "train.eval_metric_rows": "validation.metric_rows",
+    "train.best_metric": "validation.best_metric",
+    "train.save_steps": "checkpoint.every",
+    "train.keep_last_checkpoints": "checkpoint.keep_last",
+}
+"""Keys that moved out of the `train` section, and where they live now."""
+
+
 class TrainConfig(Section):
-    """The optimisation loop."""
+    """The optimisation loop: how many steps, of what size, at what learning rate."""
 
     epochs: float | None = Field(1.0, gt=0)
     """Passes over the training split; ignored when max_steps is set."""
     max_steps: int | None = Field(None, ge=1)
     """Optimizer steps to run; overrides epochs."""
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1, json_schema_extra=RESUME)
     """Examples per micro-batch on each process."""
-    grad_accumulation: int = Field(1, ge=1)
+    grad_accumulation: int = Field(1, ge=1, json_schema_extra=RESUME)
     """Micro-batches per optimizer step."""
     lr: float = Field(2e-4, gt=0)
     """Peak learning rate."""
@@ -170,26 +191,41 @@ class TrainConfig(Section):
     """Clip the global gradient norm; null turns clipping off."""
     precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"
     """Compute precision: autocast to bf16/fp16, or auto (fastest safe option here)."""
-    seed: int = 42
+    seed: int = Field(42, json_schema_extra=RESUME)
     """Seeds adapter init, dropout and data order; runs with the same seed are identical."""
-    log_steps: int = Field(10, ge=1)
-    """Write a metrics line every N steps."""
-    eval_steps: int | None = Field(None, ge=1)
-    """Eval loss on the validation split every N steps (and always before and after)."""
-    eval_metric_rows: int | None = Field(None, ge=1)
-    """At every eval, also score the task's metrics on the first N validation rows."""
-    best_metric: str | None = None
-    """Keep the adapter that scores best on this metric in best/: eval_loss or a task metric."""
-    save_steps: int | None = Field(None, ge=1)
-    """Checkpoint every N steps; null saves only on interruption."""
-    keep_last_checkpoints: int = Field(2, ge=1)
-    """How many step checkpoints to keep."""
     max_nonfinite_steps: int = Field(0, ge=0)
     """Steps with a NaN/inf loss to skip before stopping with an error."""
     length_bucket: int = Field(16, ge=1)
     """Pad batches to a multiple of this many tokens (fewer distinct kernel shapes)."""
+
+
+class LoggingConfig(Section):
+    """What training logs, and where, besides the progress bar."""
+
+    every: int = Field(10, ge=1)
+    """Write a metrics line every N steps (and at the last one)."""
     trackers: list[Literal["tensorboard", "wandb"]] = []
     """Accelerate trackers to log to, besides metrics.jsonl."""
+
+
+class ValidationConfig(Section):
+    """Evaluation on the validation split during training, and keeping the best weights."""
+
+    every: int | None = Field(None, ge=1)
+    """Eval loss on the validation split every N steps (and always before and after)."""
+    metric_rows: int | None = Field(None, ge=1)
+    """At every eval, also score the task's metrics on the first N validation rows."""
+    best_metric: str | None = None
+    """Keep the weights that score best on this metric in best/: eval_loss or a task metric."""
+
+
+class CheckpointConfig(Section):
+    """Resumable checkpoints of the training state."""
+
+    every: int | None = Field(None, ge=1)
+    """Checkpoint every N steps; null saves only on interruption."""
+    keep_last: int = Field(2, ge=1)
+    """How many step checkpoints to keep."""
 
 
 AugmentMethod = Literal["char", "word", "neighbour", "gradient"]
@@ -250,7 +286,7 @@ class EvaluationConfig(Section):
     after_training: bool = False
     """Score the split, adapter against base, when `llama-tune train` finishes."""
     adapter: Literal["final", "best"] = "final"
-    """Which adapter of a run to score: the last one, or best/ (needs train.best_metric)."""
+    """Which adapter of a run to score: the last one, or best/ (needs validation.best_metric)."""
     robustness: RobustnessConfig | None = None
     """Also score every system under input perturbations; null: clean inputs only."""
 
@@ -330,8 +366,8 @@ class OnPolicyConfig(Section):
 class DistillConfig(Section):
     """Knowledge distillation: the teacher's next-token distributions train the student."""
 
-    teacher: TeacherConfig
-    student: StudentConfig = StudentConfig()
+    teacher: TeacherConfig = Field(json_schema_extra=RESUME)
+    student: StudentConfig = Field(StudentConfig(), json_schema_extra=RESUME)
     loss: Literal["forward_kl", "reverse_kl", "jsd", "tvd"] = "forward_kl"
     """Divergence between teacher and student distributions."""
     beta: float = Field(0.5, gt=0.0, lt=1.0)
@@ -438,7 +474,7 @@ class AdversarialTrainConfig(Section):
 class AdversarialConfig(Section):
     """Robust training: perturbed training examples and/or adversarial embedding steps."""
 
-    augment: AugmentConfig | None = None
+    augment: AugmentConfig | None = Field(None, json_schema_extra=RESUME)
     """Text-space adversarial examples; null: none."""
     train: AdversarialTrainConfig | None = None
     """Embedding-space adversarial training; null: none."""
@@ -458,6 +494,9 @@ class Recipe(Section):
     """LoRA settings; null trains every weight of the model (full fine-tuning)."""
     data: DataConfig
     train: TrainConfig = TrainConfig()
+    logging: LoggingConfig = LoggingConfig()
+    validation: ValidationConfig = ValidationConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     distill: DistillConfig | None = None
     """Distil a teacher into the model; null trains on the data alone."""
@@ -548,28 +587,28 @@ class Recipe(Section):
                     "distill.teacher.quantization: a student is built from full-precision "
                     "teacher weights; load the teacher unquantised"
                 )
-            # The student is the teacher's architecture and tokenizer, so it carries its name.
-            self.model.name, self.model.revision = teacher.name, teacher.revision
         return problems
 
     def _selection_problems(self) -> list[str]:
         """Checks of the keys that choose the best adapter, which span three sections."""
-        settings, problems = self.train, []
+        settings, problems = self.validation, []
         task_metrics = TASKS[self.data.task].metrics
         metric = settings.best_metric
         if metric is not None and metric != "eval_loss" and metric not in task_metrics:
             choices = ", ".join(("eval_loss", *task_metrics))
-            problems.append(f"train.best_metric: {metric!r} is not one of {choices}")
-        elif metric in task_metrics and settings.eval_metric_rows is None:
-            problems.append(f"train.best_metric: {metric} needs train.eval_metric_rows")
-        needs_eval = {"best_metric": metric, "eval_metric_rows": settings.eval_metric_rows}
+            problems.append(f"validation.best_metric: {metric!r} is not one of {choices}")
+        elif metric in task_metrics and settings.metric_rows is None:
+            problems.append(f"validation.best_metric: {metric} needs validation.metric_rows")
+        needs_eval = {"best_metric": metric, "metric_rows": settings.metric_rows}
         for key, value in needs_eval.items():
-            if value is not None and settings.eval_steps is None:
-                problems.append(f"train.{key}: needs train.eval_steps")
+            if value is not None and settings.every is None:
+                problems.append(f"validation.{key}: needs validation.every")
             if value is not None and self.data.splits.validation is None:
-                problems.append(f"train.{key}: needs a validation split (data.splits.validation)")
+                problems.append(
+                    f"validation.{key}: needs a validation split (data.splits.validation)"
+                )
         if self.evaluation.adapter == "best" and metric is None:
-            problems.append("evaluation.adapter: 'best' needs train.best_metric")
+            problems.append("evaluation.adapter: 'best' needs validation.best_metric")
         return problems
 
 
@@ -636,6 +675,18 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> list[str]:
     return problems
 
 
+def _take_moved_keys(raw: dict[str, Any]) -> list[str]:
+    """Remove keys that moved to another section, each named with its new home, so the rest
+    of the recipe is still checked."""
+    problems = []
+    for old, new in MOVED_KEYS.items():
+        section, key = old.split(".")
+        if isinstance(raw.get(section), dict) and key in raw[section]:
+            del raw[section][key]
+            problems.append(f"{old}: moved to {new}")
+    return problems
+
+
 def _describe(error: dict[str, Any]) -> list[str]:
     """Turn one pydantic error into lines of `dotted.key: message`."""
     location = ".".join(str(part) for part in error["loc"])
@@ -661,13 +712,38 @@ def parse(raw: Any, source: str, overrides: list[str] | None = None) -> Recipe:
         raise RecipeError(source, ["the recipe must be a mapping of sections (model, data, ...)"])
     problems = apply_overrides(raw, overrides or [])
     expanded = _expand_env(raw, "", problems)
+    problems += _take_moved_keys(expanded)
     try:
         recipe = Recipe.model_validate(expanded)
     except ValidationError as error:
         problems += [line for item in error.errors() for line in _describe(item)]
     if problems:
         raise RecipeError(source, list(dict.fromkeys(problems)))
-    return recipe
+    return name_student_after_teacher(recipe)
+
+
+def name_student_after_teacher(recipe: Recipe) -> Recipe:
+    """A student built from the teacher (distill.student.from_teacher) is the teacher's
+    architecture and tokenizer, so `model` names the teacher's weights: the recipe as resolved."""
+    if recipe.distill is None or recipe.distill.student.from_teacher is None:
+        return recipe
+    teacher = recipe.distill.teacher
+    model = recipe.model.model_copy(update={"name": teacher.name, "revision": teacher.revision})
+    return recipe.model_copy(update={"model": model})
+
+
+def resume_keys(section: type[BaseModel] = Recipe, prefix: str = "") -> list[str]:
+    """Dotted keys marked RESUME in the schema: changing one refuses `--resume`."""
+    keys = []
+    for name, info in section.model_fields.items():
+        key = f"{prefix}{name}"
+        if info.json_schema_extra == RESUME:
+            keys.append(key)
+            continue
+        for candidate in get_args(info.annotation) or (info.annotation,):
+            if isinstance(candidate, type) and issubclass(candidate, Section):
+                keys += resume_keys(candidate, f"{key}.")
+    return keys
 
 
 def load(path: str | Path, overrides: list[str] | None = None) -> Recipe:

@@ -327,17 +327,21 @@ def encode(
     return prompt_ids + target_ids[:room_for_target], len(prompt_ids), True
 
 
-def collect_labels(config: DataConfig, rows: Iterator[RawRow]) -> list[str]:
-    """The sorted set of label strings in the training rows (classification)."""
+def collect_labels(
+    config: DataConfig, rows: Iterator[RawRow], problems: Counter[str] | None = None
+) -> list[str]:
+    """The sorted set of label strings in the training rows (classification); rows without a
+    usable label are counted in `problems` by reason."""
     formatter = TaskFormatter(config)
     labels = set()
+    problems = Counter() if problems is None else problems
     for row in rows:
-        if row.values is None:
-            continue
         try:
+            if row.values is None:
+                raise ValueError(row.problem)
             labels.add(formatter.text_field(row.values, "label").strip())
-        except ValueError:
-            continue
+        except ValueError as error:
+            problems[str(error)] += 1
     return sorted(labels)
 
 
@@ -452,9 +456,17 @@ def label_set(config: DataConfig) -> list[str] | None:
     if config.task != "classification" or config.labels is not None:
         return config.labels
     origin, rows = _open_train(config)
-    labels = collect_labels(config, rows)
+    problems: Counter[str] = Counter()
+    labels = collect_labels(config, rows, problems)
+    if not labels and not problems:
+        raise DataError(f"{origin}: the file holds no rows")
     if not labels:
-        raise DataError(f"{origin}: no usable labels found")
+        column = TaskFormatter(config).column("label")
+        reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(problems.items()))
+        raise DataError(
+            f"{origin}: no row has a usable label in column {column!r} ({reasons}); "
+            "name the label column with data.fields: {label: COLUMN}"
+        )
     return labels
 
 

@@ -19,8 +19,8 @@ from peft import PeftModel
 from transformers import PreTrainedModel
 
 from llama_tune import config, data, models, report, scoring
-from llama_tune.adversarial import drops
-from llama_tune.distillation import setup
+from llama_tune.adversarial import paired_drops
+from llama_tune.distillation import loading
 from llama_tune.errors import UserError
 from llama_tune.jsonfiles import write_json
 from llama_tune.run_folder import (
@@ -112,10 +112,10 @@ def load_systems(resolved: Target, precision: str, base: bool) -> list[System]:
     trained = _trained_model(resolved, precision)
     if recipe.distill is not None:
         systems = [System("student", trained)]
-        teacher = setup.load_teacher(recipe.distill, precision)
+        teacher = loading.load_teacher(recipe.distill, precision)
         systems.append(System("teacher", teacher))
         if base and recipe.distill.teacher.adapter is not None:
-            base_model = models.load_base_model(setup.teacher_spec(recipe.distill), precision)
+            base_model = models.load_base_model(loading.teacher_spec(recipe.distill), precision)
             systems.append(System("base", base_model))
         return systems
     systems = [System("tuned", trained)]
@@ -234,7 +234,7 @@ def run(
         result["parameters"] = sum(parameter.numel() for parameter in system.model.parameters())
         results["systems"][system.name] = result
         _write_predictions(
-            out_dir / drops.predictions_file(system.name, system is systems[0]), system_set
+            out_dir / paired_drops.predictions_file(system.name, system is systems[0]), system_set
         )
         if settings.robustness is not None:
             # Imported here: most evaluations score clean inputs only.
@@ -245,7 +245,7 @@ def run(
                     system.model, tokenizer, recipe, eval_set, scored[system.name], precision
                 )
             result["robustness"] = records
-            _write_lines(out_dir / drops.robustness_file(system.name), perturbed)
+            _write_lines(out_dir / paired_drops.robustness_file(system.name), perturbed)
     results["differences"] = {
         f"{system} - {against}": scoring.compare(
             scored[system], scored[against], len(eval_set.examples), settings

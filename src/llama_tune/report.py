@@ -18,8 +18,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on servers
 import matplotlib.pyplot as plt
 
-from llama_tune import selection
-from llama_tune.adversarial import drops
+from llama_tune import validation
+from llama_tune.adversarial import paired_drops
 from llama_tune.jsonfiles import read_json, read_jsonl
 from llama_tune.run_folder import METRICS, REPORT_HTML, REPORT_MD
 
@@ -56,7 +56,7 @@ def loss_plot(metrics_path: Path) -> bytes | None:
 
 
 def validation_metric_plot(metrics_path: Path, best_step: int | None) -> bytes | None:
-    """Task metrics on the validation subset against the step (train.eval_metric_rows)."""
+    """Task metrics on the validation subset against the step (validation.metric_rows)."""
     records = [r for r in _records(metrics_path) if "eval_loss" in r]
     names = sorted({key for r in records for key in r} - {"step", "eval_loss"})
     if not names:
@@ -153,7 +153,7 @@ def robustness_plot(series: dict[str, dict[str, Any]], metric: str) -> bytes:
 
 def robustness_section(
     series: dict[str, dict[str, Any]],
-    row_scores: dict[str, drops.RowScores | None],
+    row_scores: dict[str, paired_drops.RowScores | None],
     settings: dict[str, Any],
 ) -> Section | None:
     """Clean and perturbed scores and the drop of every system with robustness records, and
@@ -176,8 +176,8 @@ def robustness_section(
             "inputs changed",
             metric,
             "drop (clean - perturbed)",
-            f"drop - first system's drop, in {drops.row_score_name(series[reference]['metrics'])}"
-            " (rows)",
+            "drop - first system's drop, in "
+            f"{paired_drops.row_score_name(series[reference]['metrics'])} (rows)",
         ]
     ]
     for label, result in series.items():
@@ -186,7 +186,7 @@ def robustness_section(
         for record in result["robustness"]:
             versus = ""
             if label != reference and scores is not None and reference_scores is not None:
-                difference = drops.drop_difference(
+                difference = paired_drops.drop_difference(
                     scores,
                     reference_scores,
                     record["method"],
@@ -329,7 +329,7 @@ def write_run_report(out_dir: Path, results: dict[str, Any], run_dir: Path) -> N
     if systems:
         sections.append(_size_and_speed(results["systems"]))
     row_scores = {
-        name: drops.load_row_scores(out_dir, name, first=index == 0)
+        name: paired_drops.load_row_scores(out_dir, name, first=index == 0)
         for index, name in enumerate(results["systems"])
     }
     robustness = robustness_section(results["systems"], row_scores, results["settings"])
@@ -338,7 +338,7 @@ def write_run_report(out_dir: Path, results: dict[str, Any], run_dir: Path) -> N
     curves = loss_plot(run_dir / METRICS)
     if curves is not None:
         sections.append(("Loss curves", "", None, curves))
-    best = selection.best_record(run_dir)
+    best = validation.best_record(run_dir)
     best_step = best["step"] if best else None
     during = validation_metric_plot(run_dir / METRICS, best_step)
     if during is not None:
@@ -362,7 +362,7 @@ def compare_runs(results_paths: list[Path], out_dir: Path) -> dict[str, dict[str
     """One table and one chart of several evaluations' metrics; returns the rows shown."""
     rows: dict[str, dict[str, Any]] = {}
     systems: dict[str, dict[str, Any]] = {}
-    row_scores: dict[str, drops.RowScores | None] = {}
+    row_scores: dict[str, paired_drops.RowScores | None] = {}
     settings: dict[str, Any] = {}
     for path in results_paths:
         results = read_json(path)
@@ -374,7 +374,7 @@ def compare_runs(results_paths: list[Path], out_dir: Path) -> dict[str, dict[str
             label = f"{run_name} ({system}, {scored})"
             rows[label] = result["metrics"]
             systems[label] = result
-            row_scores[label] = drops.load_row_scores(path.parent, system, first=index == 0)
+            row_scores[label] = paired_drops.load_row_scores(path.parent, system, first=index == 0)
     text = f"{len(results_paths)} evaluation(s); each value with its 95% bootstrap interval."
     sections: list[Section] = [
         ("Metrics", text, _metric_table(rows), metric_plot(rows) if rows else None)

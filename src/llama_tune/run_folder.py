@@ -5,7 +5,7 @@
       summary.json         status, data statistics, steps, timings, library versions
       metrics.jsonl        one line per training log and per evaluation
       adapter/ | model/    the trained weights: a LoRA adapter, or the whole model
-      best/                the weights that scored best on train.best_metric (best.json inside)
+      best/                the weights that scored best on validation.best_metric (best.json inside)
       checkpoints/step-N/  resumable state
       student-init/        a student built from the teacher, before training
       teacher-cache/       the teacher's top-k distributions (offline distillation)

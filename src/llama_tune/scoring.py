@@ -1,14 +1,12 @@
-"""Task scorers: classification by label likelihood, generation tasks by batched decoding.
+"""Task scoring: evaluation sets, predictions, per-example scores and metrics with intervals.
 
-Classification never generates: every label string is scored as a continuation of the prompt
-(one forward over the prompts, then one over all labels reusing the prompts' KV cache), and the
-most likely label is the prediction. Summarisation and translation decode greedily or with beam
-search from left-padded prompts. Every headline metric carries a 95% bootstrap interval.
+Classification predicts the most likely label (`inference.label_logprobs`); summarisation and
+translation decode (`inference.generate`). Every headline metric carries a 95% bootstrap
+interval, and two systems scored on the same rows get a paired difference.
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -21,8 +19,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from llama_tune import data, metrics, models
+from llama_tune import data, metrics
 from llama_tune.config import EvaluationConfig, Recipe
+from llama_tune.inference import autocast_for, generate, label_logprobs, label_token_ids
 from llama_tune.uncertainty import Interval, Statistic, bootstrap, mean_of, paired_difference
 
 
@@ -106,140 +105,6 @@ def length_sorted_batches(examples: list[EvalExample], size: int) -> Iterator[li
     ordered = sorted(examples, key=lambda example: len(example.prompt_ids))
     for start in range(0, len(ordered), size):
         yield ordered[start : start + size]
-
-
-# Prompts are left-padded to a multiple of this: a new input shape rebuilds kernels (bf16 on
-# CPUs), so few distinct shapes is faster than the least padding.
-LENGTH_BUCKET = 16
-
-
-def left_pad(
-    sequences: list[list[int]], pad_id: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompts padded on the left (so generation continues each one), with their mask."""
-    longest = max(len(sequence) for sequence in sequences)
-    width = -(-longest // LENGTH_BUCKET) * LENGTH_BUCKET
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, sequence in enumerate(sequences):
-        input_ids[row, width - len(sequence) :] = torch.tensor(sequence)
-        attention_mask[row, width - len(sequence) :] = 1
-    return input_ids.to(device), attention_mask.to(device)
-
-
-def label_token_ids(
-    tokenizer: PreTrainedTokenizerBase, labels: list[str], chat_template: bool
-) -> list[list[int]]:
-    """Token ids of each label as the target would start (a space first in plain templates)."""
-    prefix = "" if chat_template else " "
-    return [tokenizer(prefix + label, add_special_tokens=False)["input_ids"] for label in labels]
-
-
-def _decoder_and_head(model: PreTrainedModel) -> tuple[torch.nn.Module, torch.nn.Module]:
-    base = models.causal_lm(model)
-    return base.get_decoder(), base.get_output_embeddings()
-
-
-def _head_logprobs(head: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    # The head gets a contiguous 2-D input: a strided 3-D slice makes torch.matmul expand the
-    # 49,152-wide weight per row (measured: 2.5x slower scoring on the CPU).
-    flat = hidden.reshape(-1, hidden.shape[-1]).contiguous()
-    logprobs = torch.log_softmax(head(flat).float(), dim=-1)
-    return logprobs.view(*hidden.shape[:-1], -1)
-
-
-@torch.no_grad()
-def label_logprobs(
-    model: PreTrainedModel,
-    prompts: list[list[int]],
-    label_ids: list[list[int]],
-    pad_id: int,
-) -> torch.Tensor:
-    """[prompts, labels] summed log-probabilities of each label continuing each prompt.
-
-    The prompts run once; the labels' later tokens run against the prompts' KV cache, repeated
-    once per label, so a prompt is never recomputed for each label. The output head runs only
-    where a label token is predicted.
-    """
-    decoder, head = _decoder_and_head(model)
-    device = head.weight.device
-    input_ids, attention_mask = left_pad(prompts, pad_id, device)
-    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    longest = max(len(ids) for ids in label_ids)
-    out = decoder(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=positions,
-        use_cache=longest > 1,
-    )
-    first = _head_logprobs(head, out.last_hidden_state[:, -1])
-    first_ids = torch.tensor([ids[0] for ids in label_ids], device=device)
-    scores = first[:, first_ids]
-    if longest == 1:
-        return scores
-    count = len(label_ids)
-    cache = out.cache
-    cache.batch_repeat_interleave(count)
-    # Row (prompt p, label j) feeds label j's tokens but the last, to predict tokens 1.. of it.
-    feed = torch.full((count, longest - 1), pad_id, dtype=torch.long)
-    wanted = torch.full((count, longest - 1), -1, dtype=torch.long)
-    for j, ids in enumerate(label_ids):
-        feed[j, : len(ids) - 1] = torch.tensor(ids[:-1])
-        wanted[j, : len(ids) - 1] = torch.tensor(ids[1:])
-    feed = feed.to(device).repeat(len(prompts), 1)
-    wanted = wanted.to(device).repeat(len(prompts), 1)
-    prompt_mask = attention_mask.repeat_interleave(count, dim=0)
-    full_mask = torch.cat([prompt_mask, (wanted >= 0).long()], dim=1)
-    start = attention_mask.sum(-1).repeat_interleave(count).unsqueeze(1)
-    later = decoder(
-        input_ids=feed,
-        attention_mask=full_mask,
-        position_ids=start + torch.arange(longest - 1, device=device),
-        cache=cache,
-        use_cache=True,
-    )
-    logprobs = _head_logprobs(head, later.last_hidden_state)
-    picked = logprobs.gather(-1, wanted.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    picked = (picked * (wanted >= 0)).sum(-1).view(len(prompts), count)
-    return scores + picked
-
-
-@torch.no_grad()
-def generate(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: list[list[int]],
-    settings: EvaluationConfig,
-    stop_at_newline: bool,
-) -> list[str]:
-    """Greedy or beam-search completions of left-padded prompts, cut at the answer's end."""
-    device = next(model.parameters()).device
-    input_ids, attention_mask = left_pad(prompts, tokenizer.pad_token_id, device)
-    output = model.generate(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        max_new_tokens=settings.max_new_tokens,
-        num_beams=settings.num_beams,
-        do_sample=False,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        stop_strings=["\n"] if stop_at_newline else None,
-        tokenizer=tokenizer,
-    )
-    texts = tokenizer.batch_decode(output[:, input_ids.shape[1] :], skip_special_tokens=True)
-    # A plain template's answer is one line; a chat answer ends at the end-of-turn token.
-    return [
-        text.strip().split("\n")[0].strip() if stop_at_newline else text.strip() for text in texts
-    ]
-
-
-def autocast_for(model: PreTrainedModel, precision: str) -> contextlib.AbstractContextManager:
-    device_type = next(model.parameters()).device.type
-    if precision == "bf16":
-        return torch.autocast(device_type, dtype=torch.bfloat16)
-    if precision == "fp16":
-        return torch.autocast(device_type, dtype=torch.float16)
-    return contextlib.nullcontext()
 
 
 def predict(

@@ -23,7 +23,7 @@ class TaskSpec:
     template: str
     """Default prompt template; the target follows it after a space."""
     metrics: tuple[str, ...]
-    """Metrics its scorer reports, higher is better (results.json, train.best_metric)."""
+    """Metrics its scorer reports, higher is better (results.json, validation.best_metric)."""
     extra_placeholders: tuple[str, ...] = ()
     """Placeholders filled from the recipe or the data rather than a row field."""
     default_columns: tuple[tuple[str, str], ...] = ()

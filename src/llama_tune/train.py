@@ -25,7 +25,7 @@ from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from llama_tune import assembly, checkpoint, config, data, models, run_folder, selection
+from llama_tune import assembly, checkpoint, config, data, models, run_folder, validation
 from llama_tune.checkpoint import StopSignals, TrainState
 from llama_tune.errors import UserError
 from llama_tune.jsonfiles import read_json, write_json
@@ -151,7 +151,7 @@ class TrainingRun:
         self.accelerator = Accelerator(
             mixed_precision=resolve_precision(self.settings.precision),
             gradient_accumulation_steps=self.settings.grad_accumulation,
-            log_with=list(self.settings.trackers) or None,
+            log_with=list(recipe.logging.trackers) or None,
             project_dir=run_dir,
         )
 
@@ -316,15 +316,15 @@ class TrainingRun:
         )
         self.summary = summary
         self.probe = None
-        if self.settings.eval_metric_rows is not None and accelerator.is_main_process:
-            self.probe = selection.MetricProbe.load(
+        if self.recipe.validation.metric_rows is not None and accelerator.is_main_process:
+            self.probe = validation.MetricProbe.load(
                 self.recipe, self.tokenizer, accelerator.mixed_precision
             )
         if self.has_validation and "eval_loss_before" not in summary:
             summary["eval_loss_before"] = self._evaluate(0)["eval_loss"]
         if accelerator.is_main_process:
             write_json(self.summary_path, summary)
-        if self.settings.trackers:
+        if self.recipe.logging.trackers:
             tracked = {
                 key: value if isinstance(value, int | float | str | bool) else str(value)
                 for key, value in config.flatten(self.recipe).items()
@@ -456,9 +456,9 @@ class TrainingRun:
         self.accelerator.print(f"skipping step {self.state.step + 1}: loss is {loss_value}")
 
     def _log(self, steps_in_epoch: int) -> None:
-        """A metrics line every `train.log_steps` steps and at the last one."""
+        """A metrics line every `logging.every` steps and at the last one."""
         state, window = self.state, self.window
-        if state.step % self.settings.log_steps and state.step != self.plan.total_steps:
+        if state.step % self.recipe.logging.every and state.step != self.plan.total_steps:
             return
         elapsed = time.perf_counter() - window.started
         record = {
@@ -489,10 +489,8 @@ class TrainingRun:
         self.window = LogWindow()
 
     def _evaluate_if_due(self) -> None:
-        step, settings = self.state.step, self.settings
-        due = step == self.plan.total_steps or (
-            settings.eval_steps and step % settings.eval_steps == 0
-        )
+        step, settings = self.state.step, self.recipe.validation
+        due = step == self.plan.total_steps or (settings.every and step % settings.every == 0)
         if not (self.has_validation and due):
             return
         record = self._evaluate(step)
@@ -525,17 +523,17 @@ class TrainingRun:
     def _keep_if_best(self, metric: str, record: dict[str, Any]) -> None:
         """Save the adapter to best/ when this eval beats every earlier one on `metric`."""
         state = self.state
-        value = record[metric if metric == selection.EVAL_LOSS else f"eval_{metric}"]
-        if selection.is_better(metric, value, state.best_value):
+        value = record[metric if metric == validation.EVAL_LOSS else f"eval_{metric}"]
+        if validation.is_better(metric, value, state.best_value):
             model = self.accelerator.unwrap_model(self.loss_module).model
-            selection.save_best(self.run_dir, model, self.tokenizer, state.step, metric, value)
+            validation.save_best(self.run_dir, model, self.tokenizer, state.step, metric, value)
             state.best_step, state.best_value = state.step, value
 
     def _checkpoint_if_due(self, signals: StopSignals) -> None:
-        """Save every `train.save_steps` steps, and on a stop signal (then stop)."""
+        """Save every `checkpoint.every` steps, and on a stop signal (then stop)."""
         state, accelerator = self.state, self.accelerator
-        save_steps = self.settings.save_steps
-        save_due = save_steps and state.step % save_steps == 0
+        every = self.recipe.checkpoint.every
+        save_due = every and state.step % every == 0
         stop = _any_process(accelerator, signals.requested is not None)
         if not (save_due or stop) or state.step >= self.plan.total_steps:
             return
@@ -555,7 +553,7 @@ class TrainingRun:
                 self.optimizer,
                 self.scheduler,
                 state,
-                self.settings.keep_last_checkpoints,
+                self.recipe.checkpoint.keep_last,
                 process_rng_states,
                 self.extras,
             )
@@ -583,7 +581,7 @@ class TrainingRun:
                 train_seconds=self.train_seconds,
                 tokens_per_s=self.input_tokens / self.train_seconds if self.train_seconds else None,
                 weights=str(weights_dir),
-                best=selection.best_record(self.run_dir),
+                best=validation.best_record(self.run_dir),
             )
             write_json(self.summary_path, summary)
         accelerator.end_training()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from llama_tune import cli, config, data, models, run_folder, train
-from llama_tune.adversarial import augment, text
+from llama_tune.adversarial import augment, text_noise
 
 ALL_METHODS = "adversarial.augment.methods=[char,word,neighbour,gradient]"
 
@@ -70,8 +70,8 @@ def test_gradient_attack_takes_tokens_from_the_chosen_pool(augmenter, pool: str)
                 else:
                     assert token in made.substitutes.nearest(clean, made.settings.neighbours)
         if pool == "misspellings":
-            new_words = set(text.words_of(item.example.fields["text"])) - set(
-                text.words_of(item.clean.fields["text"])
+            new_words = set(text_noise.words_of(item.example.fields["text"])) - set(
+                text_noise.words_of(item.clean.fields["text"])
             )
             assert made.lexicon is not None
             assert not new_words & made.lexicon

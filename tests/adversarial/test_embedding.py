@@ -211,9 +211,9 @@ def test_two_processes_resume_exactly(tiny_recipe, same_weights) -> None:
         "train.length_bucket=1",
     ]
     straight = _train_on_two_processes(
-        tiny_recipe("straight", batch_size=4, max_steps=4, save_steps=3), overrides
+        tiny_recipe("straight", batch_size=4, max_steps=4, checkpoint={"every": 3}), overrides
     )
-    recipe = tiny_recipe("resumed", batch_size=4, max_steps=4, save_steps=3)
+    recipe = tiny_recipe("resumed", batch_size=4, max_steps=4, checkpoint={"every": 3})
     run_dir = recipe.parent / recipe.stem
     shutil.copytree(straight, run_dir)
     # What a crash after the step-3 checkpoint leaves: no adapter, an unfinished summary.

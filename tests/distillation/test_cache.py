@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from llama_tune import config, data, models, run_folder, train
-from llama_tune.distillation import cache, objective, setup, student
+from llama_tune.distillation import cache, loading, objective, student
 from llama_tune.distillation.teacher import FrozenTeacher, distilled_count
 
 
@@ -143,7 +143,7 @@ def test_interrupted_build_keeps_finished_shards(
 
 
 def test_training_from_the_cache_cli(tiny_recipe, tiny_model_dir: Path) -> None:
-    path = tiny_recipe(max_steps=4, eval_steps=2)
+    path = tiny_recipe(max_steps=4, validation={"every": 2})
     overrides = [
         f"distill.teacher.name={tiny_model_dir}",
         "distill.student.from_teacher.every=2",
@@ -186,12 +186,12 @@ def test_a_finished_cache_spares_loading_the_teacher(
     ]
     path = tiny_recipe(max_steps=2)
     recipe = config.load(path, overrides)
-    folder = setup.build_cache(recipe, path)
+    folder = loading.build_cache(recipe, path)
 
     def refuse(*_args: object) -> None:
         raise AssertionError("the teacher was loaded")
 
-    monkeypatch.setattr(setup, "load_teacher", refuse)
-    assert setup.build_cache(recipe, path) == folder
+    monkeypatch.setattr(loading, "load_teacher", refuse)
+    assert loading.build_cache(recipe, path) == folder
     result = train.run(recipe, path)
     assert result.summary["status"] == "finished"

@@ -48,14 +48,14 @@ def test_projected_hidden_distillation_resumes_exactly(
         "distill.hidden_states.loss=cosine",
         "adapter=null",
     ]
-    reference = tiny_recipe("hidden-reference", max_steps=6, save_steps=2)
+    reference = tiny_recipe("hidden-reference", max_steps=6, checkpoint={"every": 2})
     expected = train.run(config.load(reference, overrides), reference)
     records = [json.loads(line) for line in (expected.run_dir / run_folder.METRICS).open()]
     hidden_losses = [record["hidden_loss"] for record in records if "hidden_loss" in record]
     assert len(hidden_losses) == 6
     assert hidden_losses[-1] < hidden_losses[0]
 
-    crashing = tiny_recipe("hidden-crashing", max_steps=6, save_steps=2)
+    crashing = tiny_recipe("hidden-crashing", max_steps=6, checkpoint={"every": 2})
     with crash_during_save("step-00000004"):
         train.run(config.load(crashing, overrides), crashing)
     saved = checkpoint.latest(config.run_dir(config.load(crashing, overrides), crashing))

@@ -16,7 +16,7 @@ from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from llama_tune import config, data, models
-from llama_tune.adversarial import text, tokens
+from llama_tune.adversarial import text_noise, token_substitutes
 from llama_tune.config import AugmentConfig
 from llama_tune.tasks import TASKS
 
@@ -55,7 +55,7 @@ class Augmenter:
         model: PreTrainedModel | PeftModel | None,
         seed: int,
         precision: str,
-        substitutes: tokens.Substitutes | None = None,
+        substitutes: token_substitutes.Substitutes | None = None,
     ) -> None:
         """`substitutes` reuses a table already built for this model's embeddings."""
         self.settings = settings
@@ -68,7 +68,7 @@ class Augmenter:
         self.lexicon = None
         if "gradient" in settings.methods and settings.gradient_candidates == "misspellings":
             try:
-                self.lexicon = text.lexicon(data.training_inputs(formatter))
+                self.lexicon = text_noise.lexicon(data.training_inputs(formatter))
             except data.DataError as error:
                 raise data.DataError(
                     "gradient_candidates: misspellings (adversarial.augment or "
@@ -77,7 +77,7 @@ class Augmenter:
         if needs_model(settings.methods) and substitutes is None:
             assert model is not None
             embeddings = models.causal_lm(model).get_input_embeddings().weight
-            self.substitutes = tokens.Substitutes(embeddings, tokenizer)
+            self.substitutes = token_substitutes.Substitutes(embeddings, tokenizer)
 
     def method_for(self, step: int, index: int) -> str | None:
         """The method that perturbs example `index` at `step`, or None to keep it clean."""
@@ -108,12 +108,12 @@ class Augmenter:
             zip(indices, examples, methods, strict=True)
         ):
             rng = example_rng(self.seed, step, index)
-            if method in text.TEXT_METHODS:
+            if method in text_noise.TEXT_METHODS:
                 results.append(self._text_perturbed(example, method, rng))
             elif method == "neighbour":
                 assert self.substitutes is not None
-                where = tokens.input_positions(example, self.formatter, self.tokenizer)
-                substitutions = tokens.neighbour_substitutions(
+                where = token_substitutes.input_positions(example, self.formatter, self.tokenizer)
+                substitutions = token_substitutes.neighbour_substitutions(
                     example,
                     where,
                     self.substitutes,
@@ -147,8 +147,10 @@ class Augmenter:
     ) -> None:
         assert self.model is not None
         clean = [results[i].clean for i in attacked]
-        where = [tokens.input_positions(e, self.formatter, self.tokenizer) for e in clean]
-        substitutions = tokens.gradient_substitutions(
+        where = [
+            token_substitutes.input_positions(e, self.formatter, self.tokenizer) for e in clean
+        ]
+        substitutions = token_substitutes.gradient_substitutions(
             self.model,
             clean,
             where,
@@ -166,7 +168,7 @@ class Augmenter:
     def _text_perturbed(self, example: data.Example, method: str, rng: random.Random) -> Perturbed:
         fields = dict(example.fields)
         for name in self.formatter.task.input_fields:
-            fields[name] = text.TEXT_METHODS[method](fields[name], self.settings.budget, rng)
+            fields[name] = text_noise.TEXT_METHODS[method](fields[name], self.settings.budget, rng)
         if fields == example.fields:
             # The budget rounded down to no edit.
             return Perturbed(example, example)
@@ -200,7 +202,7 @@ class Augmenter:
         """`example` with `substitutions` made; `where` are its input field's positions."""
         if not substitutions:
             return Perturbed(example, example)
-        perturbed = tokens.with_tokens(example, substitutions)
+        perturbed = token_substitutes.with_tokens(example, substitutions)
         fields = dict(example.fields)
         (name,) = self.formatter.task.input_fields
         # The input as the model now reads it, for previews and predictions.

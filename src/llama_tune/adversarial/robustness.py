@@ -18,7 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from llama_tune import config, data, models, scoring
 from llama_tune.adversarial.augment import Augmenter, needs_model
-from llama_tune.adversarial.tokens import Substitutes
+from llama_tune.adversarial.token_substitutes import Substitutes
 
 
 def as_example(

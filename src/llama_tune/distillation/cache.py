@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from llama_tune import config, data, scoring
+from llama_tune import config, data, inference
 from llama_tune.distillation.losses import compared_logits, log_remainder, tempered_log_probs
 from llama_tune.distillation.teacher import FrozenTeacher, distilled_positions
 from llama_tune.errors import UserError
@@ -96,12 +96,13 @@ def _teacher_shard(
     batch_size: int,
     pad_token_id: int,
     precision: str,
+    progress: tqdm,
 ) -> dict[str, torch.Tensor]:
     """Top-k log-probabilities, their token indices and the remaining mass, per position."""
     device = teacher.head.weight.device
     subset = None if token_subset is None else token_subset.to(device)
     ids, log_probs, rest, counts = [], [], [], []
-    with scoring.autocast_for(teacher.model, precision):
+    with inference.autocast_for(teacher.model, precision):
         for start in range(0, len(examples), batch_size):
             batch = data.collate(examples[start : start + batch_size], pad_token_id, 1)
             batch = {name: value.to(device) for name, value in batch.items()}
@@ -116,6 +117,7 @@ def _teacher_shard(
                 ids.append(top.indices.to(torch.int32).cpu())
                 log_probs.append(top.values.cpu())
                 rest.append(log_remainder(kept_mass).cpu())
+            progress.update(len(examples[start : start + batch_size]))
     offsets = torch.tensor([0, *counts]).cumsum(0)
     return {
         "ids": torch.cat(ids),
@@ -153,10 +155,13 @@ def build(
     if not missing:
         return folder
     frozen = FrozenTeacher(teacher())
-    for shard in tqdm(missing, desc="teacher cache", dynamic_ncols=True):
+    shards = {shard: examples[shard * per_shard : (shard + 1) * per_shard] for shard in missing}
+    total = sum(len(shard_examples) for shard_examples in shards.values())
+    progress = tqdm(total=total, desc="teacher cache", unit="example", dynamic_ncols=True)
+    for shard, shard_examples in shards.items():
         tensors = _teacher_shard(
             frozen,
-            examples[shard * per_shard : (shard + 1) * per_shard],
+            shard_examples,
             settings,
             expected["top_k"],
             vocab_size,
@@ -164,11 +169,13 @@ def build(
             batch_size,
             pad_token_id,
             precision,
+            progress,
         )
         final = _shard_path(folder, shard)
         staging = final.with_name(f".{final.name}.tmp")
         save_file(tensors, staging)
         os.replace(staging, final)
+    progress.close()
     return folder
 
 

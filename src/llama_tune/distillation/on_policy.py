@@ -14,7 +14,7 @@ import torch
 from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from llama_tune import data, scoring
+from llama_tune import data, inference
 from llama_tune.config import OnPolicyConfig
 
 
@@ -35,11 +35,11 @@ def student_examples(
     """The examples with their answers replaced by the student's sampled completions."""
     prompts = [example.input_ids[: example.prompt_length] for example in examples]
     device = next(model.parameters()).device
-    input_ids, attention_mask = scoring.left_pad(prompts, tokenizer.pad_token_id, device)
+    input_ids, attention_mask = inference.left_pad(prompts, tokenizer.pad_token_id, device)
     sampling = settings.temperature > 0
     was_training = model.training
     model.eval()
-    with scoring.autocast_for(model, precision):
+    with inference.autocast_for(model, precision):
         output = model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from llama_tune import config, evaluation, run_folder, selection, train
+from llama_tune import config, evaluation, run_folder, train, validation
 
 
 def _evals(run_dir: Path) -> list[dict]:
@@ -15,15 +15,17 @@ def _evals(run_dir: Path) -> list[dict]:
 
 
 def test_is_better_knows_which_way_each_metric_goes() -> None:
-    assert selection.is_better("accuracy", 0.5, None)
-    assert selection.is_better("accuracy", 0.6, 0.5)
-    assert not selection.is_better("accuracy", 0.5, 0.5)
-    assert selection.is_better("eval_loss", 1.0, 2.0)
-    assert not selection.is_better("eval_loss", 2.0, 1.0)
+    assert validation.is_better("accuracy", 0.5, None)
+    assert validation.is_better("accuracy", 0.6, 0.5)
+    assert not validation.is_better("accuracy", 0.5, 0.5)
+    assert validation.is_better("eval_loss", 1.0, 2.0)
+    assert not validation.is_better("eval_loss", 2.0, 1.0)
 
 
 def test_best_adapter_is_the_one_that_scored_best(tiny_recipe) -> None:
-    path = tiny_recipe(max_steps=8, eval_steps=2, eval_metric_rows=24, best_metric="accuracy")
+    path = tiny_recipe(
+        max_steps=8, validation={"every": 2, "metric_rows": 24, "best_metric": "accuracy"}
+    )
     result = train.run(config.load(path), path)
 
     evals = _evals(result.run_dir)
@@ -32,7 +34,7 @@ def test_best_adapter_is_the_one_that_scored_best(tiny_recipe) -> None:
     trained = evals[1:]
     best_value = max(record["eval_accuracy"] for record in trained)
     first_best = next(record for record in trained if record["eval_accuracy"] == best_value)
-    best = selection.best_record(result.run_dir)
+    best = validation.best_record(result.run_dir)
     assert best == {"step": first_best["step"], "metric": "accuracy", "value": best_value}
     assert result.summary["best"] == best
 
@@ -48,12 +50,12 @@ def test_best_adapter_is_the_one_that_scored_best(tiny_recipe) -> None:
 
 
 def test_best_by_eval_loss_needs_no_task_metric(tiny_recipe) -> None:
-    path = tiny_recipe(max_steps=6, eval_steps=2, best_metric="eval_loss")
+    path = tiny_recipe(max_steps=6, validation={"every": 2, "best_metric": "eval_loss"})
     result = train.run(config.load(path), path)
     trained = _evals(result.run_dir)[1:]
     assert all("eval_accuracy" not in record for record in trained)
     lowest = min(trained, key=lambda record: record["eval_loss"])
-    assert selection.best_record(result.run_dir) == {
+    assert validation.best_record(result.run_dir) == {
         "step": lowest["step"],
         "metric": "eval_loss",
         "value": lowest["eval_loss"],

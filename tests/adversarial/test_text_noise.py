@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from llama_tune.adversarial import text
+from llama_tune.adversarial import text_noise
 
 SENTENCE = (
     "the acting is superb , and the story moves along at a brisk pace\n"
@@ -18,7 +18,7 @@ SENTENCE = (
 
 @pytest.mark.parametrize("method", ["char", "word"])
 def test_same_seed_same_perturbation(method: str) -> None:
-    perturb = text.TEXT_METHODS[method]
+    perturb = text_noise.TEXT_METHODS[method]
     first = perturb(SENTENCE, 0.3, random.Random(7))
     assert first == perturb(SENTENCE, 0.3, random.Random(7))
     others = {perturb(SENTENCE, 0.3, random.Random(seed)) for seed in range(8)}
@@ -31,7 +31,7 @@ def test_char_noise_touches_at_most_the_budget_of_words(budget: float) -> None:
     words = SENTENCE.split()
     eligible = sum(sum(char.isalpha() for char in word) >= 2 for word in words)
     for seed in range(30):
-        noisy = text.char_noise(SENTENCE, budget, random.Random(seed)).split()
+        noisy = text_noise.char_noise(SENTENCE, budget, random.Random(seed)).split()
         assert len(noisy) == len(words)
         changed = sum(a != b for a, b in zip(words, noisy, strict=True))
         assert changed <= math.ceil(budget * eligible)
@@ -44,7 +44,7 @@ def test_char_noise_touches_at_most_the_budget_of_words(budget: float) -> None:
 def test_word_noise_touches_at_most_the_budget_of_words(budget: float) -> None:
     words = SENTENCE.split()
     for seed in range(30):
-        noisy = text.word_noise(SENTENCE, budget, random.Random(seed)).split()
+        noisy = text_noise.word_noise(SENTENCE, budget, random.Random(seed)).split()
         matcher = difflib.SequenceMatcher(a=words, b=noisy, autojunk=False)
         kept = sum(block.size for block in matcher.get_matching_blocks())
         # Every original word not kept in place was deleted or moved by a swap.
@@ -54,18 +54,18 @@ def test_word_noise_touches_at_most_the_budget_of_words(budget: float) -> None:
 
 def test_budget_is_met_on_average() -> None:
     words = SENTENCE.split()
-    noisy = [text.char_noise(SENTENCE, 0.25, random.Random(s)).split() for s in range(400)]
+    noisy = [text_noise.char_noise(SENTENCE, 0.25, random.Random(s)).split() for s in range(400)]
     changed = [sum(a != b for a, b in zip(words, other, strict=True)) for other in noisy]
     eligible = sum(sum(char.isalpha() for char in word) >= 2 for word in words)
     assert abs(sum(changed) / len(changed) - 0.25 * eligible) < 0.3
 
 
 def test_whitespace_and_short_texts_survive() -> None:
-    noisy = text.char_noise(SENTENCE, 1.0, random.Random(0))
+    noisy = text_noise.char_noise(SENTENCE, 1.0, random.Random(0))
     assert noisy.count("\n") == 1
-    assert text.word_noise("one", 1.0, random.Random(0)) in {"one", "one one"}
-    assert text.char_noise("a . !", 1.0, random.Random(0)) == "a . !"
-    assert text.word_noise("", 1.0, random.Random(0)) == ""
+    assert text_noise.word_noise("one", 1.0, random.Random(0)) in {"one", "one one"}
+    assert text_noise.char_noise("a . !", 1.0, random.Random(0)) == "a . !"
+    assert text_noise.word_noise("", 1.0, random.Random(0)) == ""
 
 
 def _typo_distance(first: str, second: str) -> int:
@@ -85,28 +85,28 @@ def _typo_distance(first: str, second: str) -> int:
 def test_keyboard_neighbours_follow_the_staggered_rows() -> None:
     expected = {"a": "qwsz", "s": "weadzx", "g": "tyfhvb", "m": "jkn", "p": "ol", "z": "asx"}
     for letter, neighbours in expected.items():
-        assert sorted(text.KEYBOARD_NEIGHBOURS[letter]) == sorted(neighbours)
+        assert sorted(text_noise.KEYBOARD_NEIGHBOURS[letter]) == sorted(neighbours)
     assert all(
-        letter in text.KEYBOARD_NEIGHBOURS[neighbour]
-        for letter, neighbours in text.KEYBOARD_NEIGHBOURS.items()
+        letter in text_noise.KEYBOARD_NEIGHBOURS[neighbour]
+        for letter, neighbours in text_noise.KEYBOARD_NEIGHBOURS.items()
         for neighbour in neighbours
     )
 
 
 def test_spelling_variants_are_one_typo_away() -> None:
-    variants = text.spelling_variants("good")
+    variants = text_noise.spelling_variants("good")
     assert {"god", "goods", "Good", "ogod", "food", "goad"} <= variants
     assert "good" not in variants
     assert all(_typo_distance("good", variant) == 1 for variant in variants)
     # 4 deletions (3 distinct), 3 swaps, 26x4 substitutions, 26x5 insertions, 4 case flips.
     assert len(variants) < 3 + 3 + 26 * 4 + 26 * 5 + 4
-    assert text.spelling_variants(",") == text.spelling_variants("1999") == set()
+    assert text_noise.spelling_variants(",") == text_noise.spelling_variants("1999") == set()
     # Letters the word holds are offered too, so any alphabet gets its own typos.
-    assert {"gäbä", "gäeb", "Gäbe"} <= text.spelling_variants("gäbe")
+    assert {"gäbä", "gäeb", "Gäbe"} <= text_noise.spelling_variants("gäbe")
 
 
 def test_lexicon_holds_the_words_seen_often_enough() -> None:
-    assert text.words_of("Don't go-kart 2 Größe!") == ["don", "t", "go", "kart", "größe"]
+    assert text_noise.words_of("Don't go-kart 2 Größe!") == ["don", "t", "go", "kart", "größe"]
     lines = ["a good film", "A GOOD cast", "a film"]
-    assert text.lexicon(lines) == {"a", "good", "film"}
-    assert text.lexicon(lines, min_count=3) == {"a"}
+    assert text_noise.lexicon(lines) == {"a", "good", "film"}
+    assert text_noise.lexicon(lines, min_count=3) == {"a"}

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llama_tune import config, evaluation, run_folder, train
-from llama_tune.distillation import preflight, setup
+from llama_tune.distillation import loading, preflight
 
 
 def _evals(run_dir: Path) -> list[dict]:
@@ -51,7 +51,7 @@ def test_lora_student_of_a_tuned_teacher_is_scored_against_both(
     assert recipe.model.name == str(tiny_model_dir)
     result = train.run(recipe, path)
     init = AutoModelForCausalLM.from_pretrained(result.run_dir / run_folder.STUDENT_INIT)
-    teacher = setup.load_teacher(recipe.distill, "no")
+    teacher = loading.load_teacher(recipe.distill, "no")
     assert init.config.num_hidden_layers == 1
     # The student starts from the teacher's layer 1 with the teacher's adapter merged into it.
     kept = init.model.layers[0].mlp.up_proj.weight
@@ -84,7 +84,9 @@ def test_real_distillation_on_sst2_lowers_the_distillation_loss(
             "max_eval_rows": 32,
             "max_length": 64,
         },
-        "train": {"max_steps": 12, "batch_size": 8, "lr": 1e-4, "log_steps": 4, "eval_steps": 12},
+        "train": {"max_steps": 12, "batch_size": 8, "lr": 1e-4},
+        "logging": {"every": 4},
+        "validation": {"every": 12},
         "distill": {
             "teacher": {"name": "smollm2-135m-instruct"},
             "student": {"from_teacher": {"every": 2}},

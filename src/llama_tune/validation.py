@@ -45,14 +45,14 @@ class MetricProbe:
     def load(
         cls, recipe: config.Recipe, tokenizer: PreTrainedTokenizerBase, precision: str
     ) -> MetricProbe:
-        """Read the first `train.eval_metric_rows` usable rows of the validation split."""
-        # Recipe validation guarantees a validation split whenever eval_metric_rows is set.
-        split, rows = recipe.data.splits.validation, recipe.train.eval_metric_rows
+        """Read the first `validation.metric_rows` usable rows of the validation split."""
+        # Recipe validation guarantees a validation split whenever metric_rows is set.
+        split, rows = recipe.data.splits.validation, recipe.validation.metric_rows
         assert split is not None
         eval_set = scoring.load_eval_set(recipe, tokenizer, split, rows)
         if not eval_set.examples:
             raise UserError(
-                f"train.eval_metric_rows: {eval_set.origin} has no usable rows to score "
+                f"validation.metric_rows: {eval_set.origin} has no usable rows to score "
                 f"(skipped: {dict(eval_set.skipped) or 'none'})"
             )
         return cls(recipe, tokenizer, eval_set, precision)

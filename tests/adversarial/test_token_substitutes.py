@@ -12,8 +12,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from llama_tune import config, data
-from llama_tune.adversarial import tokens
-from llama_tune.adversarial.text import edit_count, lexicon, spelling_variants, words_of
+from llama_tune.adversarial import token_substitutes
+from llama_tune.adversarial.text_noise import edit_count, lexicon, spelling_variants, words_of
 from llama_tune.objective import target_cross_entropy
 
 
@@ -23,8 +23,8 @@ def real_model(builtin_dir: Path):
 
 
 @pytest.fixture(scope="module")
-def neighbours(real_model, tokenizer) -> tokens.Substitutes:
-    return tokens.Substitutes(real_model.get_input_embeddings().weight, tokenizer)
+def neighbours(real_model, tokenizer) -> token_substitutes.Substitutes:
+    return token_substitutes.Substitutes(real_model.get_input_embeddings().weight, tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def sst2(tokenizer, data_root: Path) -> tuple[data.TaskFormatter, list[data.Exam
 def test_input_positions_spell_the_input_field(sst2, tokenizer) -> None:
     formatter, examples = sst2
     for example in examples:
-        positions = tokens.input_positions(example, formatter, tokenizer)
+        positions = token_substitutes.input_positions(example, formatter, tokenizer)
         assert positions == list(range(positions[0], positions[-1] + 1))
         assert positions[-1] < example.prompt_length
         spelled = tokenizer.decode([example.input_ids[i] for i in positions]).strip()
@@ -68,11 +68,11 @@ def test_neighbours_are_real_ordinary_tokens(neighbours, tokenizer) -> None:
 def test_neighbour_substitutions_are_seeded_and_within_budget(sst2, neighbours, tokenizer):
     formatter, examples = sst2
     for index, example in enumerate(examples):
-        positions = tokens.input_positions(example, formatter, tokenizer)
-        first = tokens.neighbour_substitutions(
+        positions = token_substitutes.input_positions(example, formatter, tokenizer)
+        first = token_substitutes.neighbour_substitutions(
             example, positions, neighbours, 5, 0.2, random.Random(index)
         )
-        again = tokens.neighbour_substitutions(
+        again = token_substitutes.neighbour_substitutions(
             example, positions, neighbours, 5, 0.2, random.Random(index)
         )
         assert first == again
@@ -80,7 +80,7 @@ def test_neighbour_substitutions_are_seeded_and_within_budget(sst2, neighbours, 
         assert set(first) <= set(positions)
         for position, token_id in first.items():
             assert token_id in neighbours.nearest(example.input_ids[position], 5)
-        perturbed = tokens.with_tokens(example, first)
+        perturbed = token_substitutes.with_tokens(example, first)
         assert (
             perturbed.input_ids[example.prompt_length :]
             == example.input_ids[example.prompt_length :]
@@ -166,7 +166,7 @@ def test_gradient_attack_beats_random_substitutions(
     sst2, sst2_lexicon, neighbours, real_model, tokenizer, pool
 ):
     formatter, examples = sst2
-    positions = [tokens.input_positions(e, formatter, tokenizer) for e in examples]
+    positions = [token_substitutes.input_positions(e, formatter, tokenizer) for e in examples]
     budget = 0.15
 
     def options_for(input_ids: list[int], where: list[int]) -> list[list[int]]:
@@ -176,7 +176,7 @@ def test_gradient_attack_beats_random_substitutions(
             return [neighbours.misspellings(input_ids, p, sst2_lexicon) for p in where]
         return neighbours.nearest_many([input_ids[p] for p in where], 10)
 
-    attacked = tokens.gradient_substitutions(
+    attacked = token_substitutes.gradient_substitutions(
         real_model,
         examples,
         positions,
@@ -199,7 +199,7 @@ def test_gradient_attack_beats_random_substitutions(
             else:
                 assert token_id in neighbours.spellings(example.input_ids[position])
         if pool == "misspellings":
-            attacked_example = tokens.with_tokens(example, chosen)
+            attacked_example = token_substitutes.with_tokens(example, chosen)
             attacked_words = set(words_of(tokenizer.decode(attacked_example.input_ids)))
             clean_words = set(words_of(tokenizer.decode(example.input_ids)))
             assert not (attacked_words - clean_words) & sst2_lexicon
@@ -208,8 +208,12 @@ def test_gradient_attack_beats_random_substitutions(
         assert len(chosen) == len(randomly)
     pad = tokenizer.pad_token_id
     clean = _losses(real_model, examples, pad)
-    gradient = _losses(real_model, list(map(tokens.with_tokens, examples, attacked)), pad)
-    random_ = _losses(real_model, list(map(tokens.with_tokens, examples, randomised)), pad)
+    gradient = _losses(
+        real_model, list(map(token_substitutes.with_tokens, examples, attacked)), pad
+    )
+    random_ = _losses(
+        real_model, list(map(token_substitutes.with_tokens, examples, randomised)), pad
+    )
     assert (gradient - clean).mean() > 1.5 * (random_ - clean).mean() > 0
     assert (gradient > random_).float().mean() > 0.5
     assert not any(param.grad is not None for param in real_model.parameters())
@@ -230,7 +234,7 @@ def _sentencepiece_tokenizer() -> PreTrainedTokenizerFast:
 def test_word_starts_survive_a_decoder_that_drops_the_first_space() -> None:
     tokenizer = _sentencepiece_tokenizer()
     assert tokenizer.decode(tokenizer.convert_tokens_to_ids(["▁good"])) == "good"
-    substitutes = tokens.Substitutes(torch.randn(len(tokenizer), 8), tokenizer)
+    substitutes = token_substitutes.Substitutes(torch.randn(len(tokenizer), 8), tokenizer)
     piece = tokenizer.get_vocab()
     assert substitutes.texts[piece["▁good"]] == " good"
     assert substitutes.texts[piece["good"]] == "good"

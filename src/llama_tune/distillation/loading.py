@@ -14,7 +14,7 @@ from accelerate import Accelerator
 from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from llama_tune import config, data, models, scoring
+from llama_tune import config, data, inference, models
 from llama_tune.distillation import cache, hidden, preflight, student
 from llama_tune.distillation.hidden import HiddenStateMatch
 from llama_tune.distillation.objective import DistillationObjective, Sampling
@@ -50,7 +50,9 @@ def load_teacher(settings: config.DistillConfig, mixed_precision: str) -> PreTra
     spec = settings.teacher
     model = models.load_base_model(teacher_spec(settings), mixed_precision)
     if spec.adapter is not None:
-        model = PeftModel.from_pretrained(model, teacher_adapter_dir(spec.adapter))
+        adapter_dir = teacher_adapter_dir(spec.adapter)
+        models.check_weights(adapter_dir)
+        model = PeftModel.from_pretrained(model, adapter_dir)
         # Merging removes the adapter's extra matmuls from every teacher forward; a quantised
         # base cannot take merged weights, so it keeps the adapter as is.
         if spec.quantization == "none":
@@ -62,7 +64,7 @@ def label_first_tokens(recipe: config.Recipe, tokenizer: PreTrainedTokenizerBase
     """The token id each label starts with; they must differ to tell the labels apart."""
     labels = data.label_set(recipe.data)
     assert labels is not None
-    label_ids = scoring.label_token_ids(tokenizer, labels, recipe.data.chat_template)
+    label_ids = inference.label_token_ids(tokenizer, labels, recipe.data.chat_template)
     first_tokens = [ids[0] for ids in label_ids]
     shared = sorted(
         label

@@ -1,5 +1,5 @@
-"""The package's import graph: no cycle, features below the loop, only `python -m` imports
-the CLI.
+"""The package's shape: an import graph with no cycle, features below the loop, only
+`python -m` importing the CLI; and no function too long to read at once.
 
 Every `import` of a `llama_tune` module counts, at module level or inside a function: a lazy
 import still ties the importer to the imported.
@@ -95,3 +95,17 @@ def test_features_never_import_the_loop_or_the_cli() -> None:
             assert "llama_tune.cli" not in imported, f"{module} imports the CLI"
         if module.startswith(FEATURES):
             assert "llama_tune.train" not in imported, f"{module} imports the training loop"
+
+
+LONGEST_FUNCTION = 80
+
+
+def test_no_function_is_longer_than_a_screen() -> None:
+    long = []
+    for name, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                length = node.end_lineno - node.lineno + 1
+                if length > LONGEST_FUNCTION:
+                    long.append(f"{name}.{node.name}: {length} lines")
+    assert not long

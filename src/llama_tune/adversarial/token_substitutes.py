@@ -17,8 +17,8 @@ import torch
 from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from llama_tune import data, models, scoring
-from llama_tune.adversarial.text import edit_count, spelling_variants, words_of
+from llama_tune import data, inference, models
+from llama_tune.adversarial.text_noise import edit_count, spelling_variants, words_of
 from llama_tune.objective import target_cross_entropy, target_logits
 
 SENTINEL = "\x00"
@@ -279,7 +279,7 @@ def example_losses(
     losses = []
     was_training = model.training
     model.eval()
-    with torch.no_grad(), scoring.autocast_for(model, precision):
+    with torch.no_grad(), inference.autocast_for(model, precision):
         for start in range(0, len(examples), batch_size):
             batch = data.collate(examples[start : start + batch_size], pad_token_id, 16)
             batch = {name: value.to(device) for name, value in batch.items()}
@@ -310,7 +310,7 @@ def input_gradients(
     batch = {name: value.to(embedding.weight.device) for name, value in batch.items()}
     was_training = model.training
     model.eval()
-    with torch.enable_grad(), scoring.autocast_for(model, precision):
+    with torch.enable_grad(), inference.autocast_for(model, precision):
         embedded = embedding(batch["input_ids"]).detach().requires_grad_(True)
         hidden = base.get_decoder()(
             inputs_embeds=embedded, attention_mask=batch["attention_mask"]

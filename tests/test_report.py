@@ -1,0 +1,47 @@
+"""Reports: several runs' evaluations side by side, from their results.json files alone."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from llama_tune import report, run_folder
+
+
+def _results(run_dir: Path, accuracy: float) -> Path:
+    """A run's results.json as `llama-tune evaluate` writes it (the fields reports read)."""
+    interval = {"value": accuracy, "low": accuracy - 0.05, "high": accuracy + 0.05}
+    base = {"value": 0.5, "low": 0.45, "high": 0.55}
+    results = {
+        "settings": {"bootstrap_resamples": 100, "seed": 0},
+        "systems": {
+            "tuned": {"metrics": {"accuracy": interval}, "parameters": 10, "examples_per_s": 1.0},
+            "base": {"metrics": {"accuracy": base}, "parameters": 9, "examples_per_s": 2.0},
+        },
+    }
+    path = run_folder.evaluation_folder(run_dir, "validation", best=False) / run_folder.RESULTS
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(results))
+    return path
+
+
+def test_runs_are_compared_in_one_table(tmp_path: Path) -> None:
+    paths = [_results(tmp_path / "plain", 0.8), _results(tmp_path / "robust", 0.9)]
+    rows = report.compare_runs(paths, tmp_path / "comparison")
+    assert list(rows) == [
+        "plain (tuned, validation)",
+        "plain (base, validation)",
+        "robust (tuned, validation)",
+        "robust (base, validation)",
+    ]
+    markdown = (tmp_path / "comparison" / run_folder.REPORT_MD).read_text()
+    assert "| robust (tuned, validation) | 0.9000 [0.8500, 0.9500] |" in markdown
+    page = (tmp_path / "comparison" / run_folder.REPORT_HTML).read_text()
+    assert "data:image/png;base64," in page
+    assert "Robustness" not in page
+
+
+def test_intervals_are_shown_with_four_decimals() -> None:
+    assert report.format_interval({"value": 0.5, "low": 0.25, "high": 0.75}) == (
+        "0.5000 [0.2500, 0.7500]"
+    )
