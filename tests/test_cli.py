@@ -125,7 +125,12 @@ def test_evaluate_a_trained_run_against_its_base(cli, tiny_recipe, tmp_path: Pat
     cli("train", str(path))
     run_dir = path.parent / "run"
     done = cli("evaluate", str(run_dir), "--split", "validation", "--limit", "40", "--base")
+    assert "validation: " in done.stdout
+    assert "40 to score" in done.stdout
     assert "40 examples scored" in done.stdout
+    # A progress bar per system scored.
+    assert "score tuned: 100%" in done.stderr
+    assert "score base: 100%" in done.stderr
     assert "tuned - base accuracy:" in done.stdout
     out = run_dir / "evaluation" / "validation"
     results = json.loads((out / "results.json").read_text())

@@ -75,10 +75,11 @@ def test_bad_rows_are_reported_when_training_starts(cli, tiny_recipe, tmp_path: 
     lines = [json.dumps(row) for row in rows] + ["{not json"]
     (folder / "train.jsonl").write_text("\n".join(lines) + "\n")
     path = tiny_recipe(max_steps=1, batch_size=4)
-    done = cli("train", str(path), f"data.source={folder}", "data.max_train_rows=null")
+    done = cli("train", str(path), f"data.source={folder}", "data.max_train_rows=32")
     run_dir = path.parent / "run"
     expected = (
-        f"train: {folder / 'train.jsonl'}: 20 rows used, 0 truncated; skipped 6 rows "
+        f"train: {folder / 'train.jsonl'}: 20 rows used, 0 truncated (data.max_train_rows asked "
+        "for 32: the file has no more usable rows); skipped 6 rows "
         f"(empty_field:text 3, invalid_json 1, missing_field:text 2; "
         f"recorded in {run_dir / run_folder.SUMMARY})"
     )

@@ -291,11 +291,18 @@ class TrainingRun:
         """Say how many rows each split used and why others were skipped."""
         if not self.accelerator.is_main_process:
             return
-        for name, split in (("train", self.train_split), ("validation", self.validation)):
+        settings = self.recipe.data
+        splits = (
+            ("train", self.train_split, settings.max_train_rows, "data.max_train_rows"),
+            ("validation", self.validation, settings.max_eval_rows, "data.max_eval_rows"),
+        )
+        for name, split, asked, key in splits:
             if split is None:
                 continue
             stats = split.stats
             used = f"{stats.rows_used} rows used, {stats.truncated} truncated"
+            if asked is not None and stats.rows_used < asked:
+                used += f" ({key} asked for {asked}: the file has no more usable rows)"
             print(data.describe_rows(name, stats.origin, used, stats.skipped, self.summary_path))
 
     def _setup_summary(self, resume: bool) -> None:
