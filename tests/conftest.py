@@ -19,6 +19,8 @@ from llama_tune import checkpoint, models
 REPO = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "llama_tune"]
 SHARED_DATA = Path(os.environ.get("LLAMA_TUNE_DATA", REPO.parent / "shared" / "datasets"))
+TEST_DATA = REPO / "tests" / "data"
+"""Tiny datasets written for the tests (tests/data/README.md): unit tests need nothing else."""
 
 
 @pytest.fixture(scope="session")
@@ -108,7 +110,7 @@ def crash_during_save(monkeypatch: pytest.MonkeyPatch):
 
 @pytest.fixture
 def tiny_recipe(tiny_model_dir: Path, tmp_path: Path):
-    """Factory: write a fast SST-2 recipe on the tiny model; returns its path.
+    """Factory: write a fast sentiment recipe (tests/data) on the tiny model; returns its path.
 
     `run` names the run folder inside tmp_path; `train` keys override the loop defaults, and
     `logging`, `validation` and `checkpoint` are those sections.
@@ -125,10 +127,8 @@ def tiny_recipe(tiny_model_dir: Path, tmp_path: Path):
             "model": {"name": str(tiny_model_dir)},
             "adapter": {"r": 4, "alpha": 8, "dropout": 0.0},
             "data": {
-                "source": str(SHARED_DATA / "classification" / "sst2"),
+                "source": str(TEST_DATA / "sentiment"),
                 "task": "classification",
-                "max_train_rows": 256,
-                "max_eval_rows": 32,
                 "max_length": 96,
             },
             "train": {"max_steps": 8, "batch_size": 8, "lr": 1e-3, **train},

@@ -124,10 +124,10 @@ def test_evaluate_a_trained_run_against_its_base(cli, tiny_recipe, tmp_path: Pat
     path = tiny_recipe(max_steps=6, lr=5e-3)
     cli("train", str(path))
     run_dir = path.parent / "run"
-    done = cli("evaluate", str(run_dir), "--split", "validation", "--limit", "40", "--base")
+    done = cli("evaluate", str(run_dir), "--split", "validation", "--limit", "24", "--base")
     assert "validation: " in done.stdout
-    assert "40 to score" in done.stdout
-    assert "40 examples scored" in done.stdout
+    assert "24 to score" in done.stdout
+    assert "24 examples scored" in done.stdout
     # A progress bar per system scored.
     assert "score tuned: 100%" in done.stderr
     assert "score base: 100%" in done.stderr
@@ -137,7 +137,7 @@ def test_evaluate_a_trained_run_against_its_base(cli, tiny_recipe, tmp_path: Pat
     predictions = [
         json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()
     ]
-    assert len(predictions) == results["n"] == 40
+    assert len(predictions) == results["n"] == 24
     accuracy = sum(p["prediction"] == p["reference"] for p in predictions) / len(predictions)
     assert results["systems"]["tuned"]["metrics"]["accuracy"]["value"] == accuracy
     assert set(results["systems"]) == {"tuned", "base"}

@@ -13,8 +13,8 @@ from rouge_score import rouge_scorer
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 from transformers import AutoModelForCausalLM
 
+from conftest import TEST_DATA
 from llama_tune import config, evaluation, inference, metrics, scoring, train
-from llama_tune.uncertainty import bootstrap, mean_of, paired_difference
 
 
 def test_label_logprobs_equal_full_sequence_scoring(tiny_model_dir: Path, tokenizer) -> None:
@@ -76,20 +76,6 @@ def test_bleu_chrf_module_matches_sacrebleu() -> None:
     assert statistic(numpy.arange(2)) == pytest.approx(result["bleu"])
 
 
-def test_bootstrap_contains_the_estimate_and_narrows_with_n() -> None:
-    generator = numpy.random.default_rng(3)
-    small = generator.random(50) < 0.7
-    large = generator.random(2000) < 0.7
-    narrow = bootstrap(mean_of(large), len(large), resamples=500)
-    wide = bootstrap(mean_of(small), len(small), resamples=500)
-    assert wide.low <= wide.value <= wide.high
-    assert narrow.low <= narrow.value <= narrow.high
-    assert narrow.high - narrow.low < (wide.high - wide.low) / 3
-    assert bootstrap(mean_of(large), len(large), resamples=500) == narrow
-    same = paired_difference(mean_of(large), mean_of(large), len(large), resamples=200)
-    assert (same.low, same.value, same.high) == (0.0, 0.0, 0.0)
-
-
 def _two_row_folder(tmp_path: Path) -> Path:
     folder = tmp_path / "two"
     folder.mkdir()
@@ -127,21 +113,19 @@ def test_label_scoring_learns_two_overfit_examples(tiny_recipe, tmp_path: Path) 
         assert (out / image).read_bytes().startswith(b"\x89PNG")
 
 
-def test_generation_scores_summaries_with_intervals(
-    tiny_model_dir: Path, tmp_path: Path, data_root: Path
-) -> None:
-    path = tmp_path / "aeslc.yaml"
+def test_generation_scores_summaries_with_intervals(tiny_model_dir: Path, tmp_path: Path) -> None:
+    path = tmp_path / "summaries.yaml"
     path.write_text(
         json.dumps(
             {
                 "model": {"name": str(tiny_model_dir)},
                 "data": {
-                    "source": str(data_root / "summarisation" / "aeslc"),
+                    "source": str(TEST_DATA / "summaries"),
                     "task": "summarisation",
                     "max_length": 256,
                 },
                 "evaluation": {"max_new_tokens": 6, "batch_size": 4, "bootstrap_resamples": 50},
-                "output": {"dir": str(tmp_path / "aeslc")},
+                "output": {"dir": str(tmp_path / "summaries")},
             }
         )
     )

@@ -36,7 +36,7 @@ def test_summary_and_metrics(tiny_recipe) -> None:
     summary = json.loads((result.run_dir / run_folder.SUMMARY).read_text())
     assert summary["status"] == "finished"
     assert summary["steps"] == 6
-    assert summary["data"]["splits"]["train"]["rows_used"] == 256
+    assert summary["data"]["splits"]["train"]["rows_used"] == 64
     assert summary["data"]["labels"] == ["negative", "positive"]
     assert summary["eval_loss_after"] < summary["eval_loss_before"]
     records = _metrics(result.run_dir)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from conftest import TEST_DATA
 from llama_tune import config, data, models, run_folder, train
 from llama_tune.distillation import cache, loading, objective, student
 from llama_tune.distillation.teacher import FrozenTeacher, distilled_count
@@ -20,9 +21,9 @@ def _settings(tiny_model_dir: Path, **values: object) -> config.DistillConfig:
     return config.DistillConfig(teacher={"name": str(tiny_model_dir)}, temperature=2.0, **values)
 
 
-def _examples(tokenizer, data_root: Path, count: int) -> list[data.Example]:
+def _examples(tokenizer, count: int) -> list[data.Example]:
     recipe = config.DataConfig(
-        source=str(data_root / "classification" / "sst2"),
+        source=str(TEST_DATA / "sentiment"),
         task="classification",
         max_train_rows=count,
         max_length=64,
@@ -49,9 +50,9 @@ def teacher(tiny_model_dir: Path):
     return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
 
 
-def test_top_k_round_trip(tmp_path, tiny_model_dir, teacher, tokenizer, data_root) -> None:
+def test_top_k_round_trip(tmp_path, tiny_model_dir, teacher, tokenizer) -> None:
     settings = _settings(tiny_model_dir, cache={"top_k": 5, "examples_per_shard": 4})
-    examples = _examples(tokenizer, data_root, 10)
+    examples = _examples(tokenizer, 10)
     folder = _build(tmp_path, settings, teacher, examples, tokenizer)
     assert sorted(path.name for path in folder.glob("shard-*")) == [
         "shard-00000.safetensors",
@@ -75,13 +76,11 @@ def test_top_k_round_trip(tmp_path, tiny_model_dir, teacher, tokenizer, data_roo
     torch.testing.assert_close(rows["teacher_rest"], remainder, rtol=1e-4, atol=1e-5)
 
 
-def test_whole_vocabulary_cache_equals_online(
-    tmp_path, tiny_model_dir, teacher, tokenizer, data_root
-) -> None:
+def test_whole_vocabulary_cache_equals_online(tmp_path, tiny_model_dir, teacher, tokenizer) -> None:
     settings = _settings(
         tiny_model_dir, loss="jsd", positions="all", cache={"top_k": len(tokenizer)}
     )
-    examples = _examples(tokenizer, data_root, 4)
+    examples = _examples(tokenizer, 4)
     folder = _build(tmp_path, settings, teacher, examples, tokenizer)
     cached = cache.CachedTeacher(folder)
     assert not cached.has_rest
@@ -100,10 +99,10 @@ def test_whole_vocabulary_cache_equals_online(
 
 
 def test_interrupted_build_keeps_finished_shards(
-    tmp_path, tiny_model_dir, teacher, tokenizer, data_root, monkeypatch: pytest.MonkeyPatch
+    tmp_path, tiny_model_dir, teacher, tokenizer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     settings = _settings(tiny_model_dir, cache={"top_k": 3, "examples_per_shard": 2})
-    examples = _examples(tokenizer, data_root, 6)
+    examples = _examples(tokenizer, 6)
     real_save = cache.save_file
 
     def failing_save(tensors: dict, path: Path) -> None:
@@ -148,7 +147,7 @@ def test_training_from_the_cache_cli(tiny_recipe, tiny_model_dir: Path) -> None:
         f"distill.teacher.name={tiny_model_dir}",
         "distill.student.from_teacher.every=2",
         "distill.cache.top_k=8",
-        "distill.cache.examples_per_shard=100",
+        "distill.cache.examples_per_shard=25",
         "adapter=null",
     ]
     built = subprocess.run(
@@ -162,7 +161,7 @@ def test_training_from_the_cache_cli(tiny_recipe, tiny_model_dir: Path) -> None:
     run_dir = config.run_dir(recipe, path)
     assert f"teacher cache: {run_dir / run_folder.TEACHER_CACHE}" in built.stdout
     shards = sorted((run_dir / run_folder.TEACHER_CACHE).glob("shard-*"))
-    assert len(shards) == 3  # 256 training rows
+    assert len(shards) == 3  # 64 training rows
     before = [shard.stat().st_mtime_ns for shard in shards]
 
     result = train.run(recipe, path)
