@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 import train_throughput
-from llama_tune import config
+from llama_tune import config, schema
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -64,7 +64,7 @@ def _arguments() -> argparse.Namespace:
     return arguments
 
 
-def _recipe(args: argparse.Namespace, run_dir: Path, adversarial: dict) -> config.Recipe:
+def _recipe(args: argparse.Namespace, run_dir: Path, adversarial: dict) -> schema.Recipe:
     raw = train_throughput._recipe(args, run_dir).model_dump(mode="json")
     raw["adversarial"] = adversarial or None
     return config.parse(raw, "benchmark")

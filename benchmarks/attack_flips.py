@@ -20,7 +20,7 @@ import json
 import os
 from pathlib import Path
 
-from llama_tune import config, data
+from llama_tune import data, schema
 from llama_tune.adversarial import text_noise
 
 
@@ -41,7 +41,7 @@ def _jsonl(path: Path) -> list[dict]:
 def sst2_lexicon(data_folder: Path) -> frozenset[str]:
     """The words of the SST-2 training inputs, as `gradient_candidates: misspellings` reads them."""
     source = data_folder / "classification" / "sst2"
-    settings = config.DataConfig(source=str(source), task="classification")
+    settings = schema.DataConfig(source=str(source), task="classification")
     return text_noise.lexicon(data.training_inputs(data.TaskFormatter(settings)))
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from llama_tune import config
+from llama_tune import schema
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -61,7 +61,7 @@ CASES: dict[str, tuple[str, list[str]]] = {
 # Keys that only log (every step) or would checkpoint: written in the schema of this tree.
 LOGGING = ["logging.every=1", "validation.every=2", "checkpoint.every=null"]
 # How a ref from before the schema split spells keys this tree moved (new key -> old key).
-RENAMED_SINCE_REF = {new: old for old, new in config.MOVED_KEYS.items()}
+RENAMED_SINCE_REF = {new: old for old, new in schema.MOVED_KEYS.items()}
 # Logged fields that are timings, not behaviour.
 TIMINGS = {"seconds", "tokens_per_s"}
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from llama_tune import config, data, models, run_folder, train
+from llama_tune import config, data, models, run_folder, schema, train
 from llama_tune.distillation import loading, losses, student
 from trainer_timing import StepTimer
 
@@ -54,7 +54,7 @@ def _arguments() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def _recipe(args: argparse.Namespace, run_dir: Path, cached: bool) -> config.Recipe:
+def _recipe(args: argparse.Namespace, run_dir: Path, cached: bool) -> schema.Recipe:
     steps = args.warmup + args.steps
     distill = {
         "teacher": {"name": "smollm2-135m-instruct"},
@@ -99,7 +99,7 @@ def _counted(run_dir: Path, warmup: int) -> dict[str, float]:
     return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
 
 
-def measure_llama_tune(recipe: config.Recipe, warmup: int) -> dict[str, float]:
+def measure_llama_tune(recipe: schema.Recipe, warmup: int) -> dict[str, float]:
     """Tokens/s of llama-tune's loop over the steps after `warmup` (and the cache build time)."""
     started = time.perf_counter()
     result = train.run(recipe, "benchmark.yaml")
@@ -108,7 +108,7 @@ def measure_llama_tune(recipe: config.Recipe, warmup: int) -> dict[str, float]:
     return measured
 
 
-def measure_trl(args: argparse.Namespace, recipe: config.Recipe, scratch: Path) -> dict[str, float]:
+def measure_trl(args: argparse.Namespace, recipe: schema.Recipe, scratch: Path) -> dict[str, float]:
     """Tokens/s of TRL's GKDTrainer on the same batches, teacher and student."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM

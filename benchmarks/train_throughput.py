@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from llama_tune import config, data, models, run_folder, train
+from llama_tune import config, data, models, run_folder, schema, train
 from trainer_timing import StepTimer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -42,7 +42,7 @@ def _arguments() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def _recipe(args: argparse.Namespace, run_dir: Path) -> config.Recipe:
+def _recipe(args: argparse.Namespace, run_dir: Path) -> schema.Recipe:
     return config.parse(
         {
             "model": {"dtype": args.dtype},
@@ -69,7 +69,7 @@ def _recipe(args: argparse.Namespace, run_dir: Path) -> config.Recipe:
     )
 
 
-def measure_llama_tune(recipe: config.Recipe, warmup: int) -> dict[str, float]:
+def measure_llama_tune(recipe: schema.Recipe, warmup: int) -> dict[str, float]:
     """Tokens/s of llama-tune's loop over the steps after `warmup`."""
     result = train.run(recipe, "benchmark.yaml")
     records = [
@@ -82,7 +82,7 @@ def measure_llama_tune(recipe: config.Recipe, warmup: int) -> dict[str, float]:
 
 
 def measure_trl(
-    recipe: config.Recipe, warmup: int, neftune_alpha: float | None = None
+    recipe: schema.Recipe, warmup: int, neftune_alpha: float | None = None
 ) -> dict[str, float]:
     """Tokens/s of TRL's SFTTrainer on the same prompts, targets, LoRA and batch size
     (with NEFTune noise of `neftune_alpha`, if given)."""

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import TEST_DATA
 from llama_tune import data
-from llama_tune.config import DataConfig
+from llama_tune.schema import DataConfig
 
 
 def _config(source: Path | str, task: str, **extra: object) -> DataConfig:
@@ -129,10 +130,10 @@ def test_parquet_split_folder(tmp_path: Path, tokenizer) -> None:
     assert [example.prompt for example in built.train.examples] == ["Say hi.", "Say bye."]
 
 
-def test_chat_template_wraps_the_prompt(data_root: Path, tokenizer) -> None:
+def test_chat_template_wraps_the_prompt(tokenizer) -> None:
     built = data.build(
         _config(
-            data_root / "classification/sst2",
+            TEST_DATA / "sentiment",
             "classification",
             chat_template=True,
             max_train_rows=3,

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from llama_tune import models
-from llama_tune.config import AdapterConfig, ModelConfig
+from llama_tune.schema import AdapterConfig, ModelConfig
 
 
 def test_unknown_names_list_the_built_in_models(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from accelerate import Accelerator
 
-from llama_tune import config, data, models
+from llama_tune import data, models, schema
 from llama_tune.objective import Objective, TargetTokenLoss
 
 if TYPE_CHECKING:
@@ -32,7 +32,7 @@ class TrainingSetup:
     """Rewrites training batches with adversarial examples (adversarial.augment); None: none."""
 
 
-def build(recipe: config.Recipe, accelerator: Accelerator, run_dir: Path) -> TrainingSetup:
+def build(recipe: schema.Recipe, accelerator: Accelerator, run_dir: Path) -> TrainingSetup:
     """Load the model (and teacher) and data, and compose the recipe's objective."""
     if recipe.distill is None:
         bundle = models.load(recipe.model, recipe.adapter, accelerator.mixed_precision)

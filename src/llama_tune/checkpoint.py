@@ -25,10 +25,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 from transformers import PreTrainedModel
 
-from llama_tune.config import Recipe, resume_keys
 from llama_tune.errors import UserError
 from llama_tune.jsonfiles import write_json
 from llama_tune.run_folder import ADAPTER, CHECKPOINTS
+from llama_tune.schema import Recipe, resume_keys
 
 STATE_FILE = "state.json"
 FULL_WEIGHTS = "model.safetensors"
@@ -61,7 +61,7 @@ class TrainState:
 
 
 def resume_values(recipe: Recipe) -> dict[str, Any]:
-    """The values of the keys a checkpoint depends on (`config.resume_keys`) in a recipe."""
+    """The values of the keys a checkpoint depends on (`schema.resume_keys`) in a recipe."""
     dumped = recipe.model_dump(mode="json")
     values = {}
     for key in resume_keys():

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from llama_tune.config import DataConfig
 from llama_tune.errors import UserError
+from llama_tune.schema import DataConfig
 from llama_tune.tasks import TASKS, TaskSpec, language_name
 
 SPLIT_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")

@@ -18,7 +18,7 @@ from typing import Any
 from peft import PeftModel
 from transformers import PreTrainedModel
 
-from llama_tune import config, data, models, report, scoring
+from llama_tune import config, data, models, report, schema, scoring
 from llama_tune.adversarial import paired_drops
 from llama_tune.distillation import loading
 from llama_tune.errors import UserError
@@ -42,7 +42,7 @@ class EvaluationError(UserError):
 class Target:
     """What to score: the recipe, where results go, and the trained weights if there are any."""
 
-    recipe: config.Recipe
+    recipe: schema.Recipe
     run_dir: Path
     weights_dir: Path | None
     """A LoRA adapter folder or a full model folder; None scores the base model alone."""

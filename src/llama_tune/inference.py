@@ -14,7 +14,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from llama_tune import models
-from llama_tune.config import EvaluationConfig
+from llama_tune.schema import EvaluationConfig
 
 # Prompts are left-padded to a multiple of this: a new input shape rebuilds kernels (bf16 on
 # CPUs), so few distinct shapes is faster than the least padding.

@@ -27,8 +27,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from llama_tune.config import AdapterConfig, ModelConfig
 from llama_tune.errors import UserError
+from llama_tune.schema import AdapterConfig, ModelConfig
 
 
 class ModelError(UserError):

@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from llama_tune import data, metrics
-from llama_tune.config import EvaluationConfig, Recipe
 from llama_tune.inference import autocast_for, generate, label_logprobs, label_token_ids
+from llama_tune.schema import EvaluationConfig, Recipe
 from llama_tune.uncertainty import Interval, Statistic, bootstrap, mean_of, paired_difference
 
 

@@ -25,7 +25,7 @@ from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from llama_tune import assembly, checkpoint, config, data, models, run_folder, validation
+from llama_tune import assembly, checkpoint, config, data, models, run_folder, schema, validation
 from llama_tune.checkpoint import StopSignals, TrainState
 from llama_tune.errors import UserError
 from llama_tune.jsonfiles import read_json, write_json
@@ -81,7 +81,7 @@ class LogWindow:
 
 
 def run(
-    recipe: config.Recipe,
+    recipe: schema.Recipe,
     recipe_path: str | Path,
     resume: bool = False,
     overwrite: bool = False,
@@ -97,7 +97,7 @@ def run(
     return training.train()
 
 
-def check_run_dir(run_dir: Path, recipe: config.Recipe, resume: bool, overwrite: bool) -> None:
+def check_run_dir(run_dir: Path, recipe: schema.Recipe, resume: bool, overwrite: bool) -> None:
     """Refuse to clobber a run, or a folder that is not one, unless told to; change nothing."""
     if resume and overwrite:
         raise TrainError(
@@ -126,7 +126,7 @@ def check_run_dir(run_dir: Path, recipe: config.Recipe, resume: bool, overwrite:
         check_resumable(run_dir, recipe)
 
 
-def check_resumable(run_dir: Path, recipe: config.Recipe) -> None:
+def check_resumable(run_dir: Path, recipe: schema.Recipe) -> None:
     """Stop when the recipe changed in a way the saved state cannot follow."""
     saved_path = run_dir / run_folder.RECIPE_COPY
     if not saved_path.is_file():
@@ -142,7 +142,7 @@ def check_resumable(run_dir: Path, recipe: config.Recipe) -> None:
 class TrainingRun:
     """One run of a recipe: `start` (the named set-up steps), then `train`."""
 
-    def __init__(self, recipe: config.Recipe, run_dir: Path) -> None:
+    def __init__(self, recipe: schema.Recipe, run_dir: Path) -> None:
         self.recipe = recipe
         self.settings = recipe.train
         self.run_dir = run_dir

@@ -17,7 +17,7 @@ from pathlib import Path
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
-from llama_tune import config, scoring
+from llama_tune import schema, scoring
 from llama_tune.errors import UserError
 from llama_tune.jsonfiles import read_json, write_json
 from llama_tune.run_folder import BEST, BEST_FILE
@@ -36,14 +36,14 @@ def is_better(metric: str, value: float, best: float | None) -> bool:
 class MetricProbe:
     """The fixed validation subset that is scored with the task metric at every eval."""
 
-    recipe: config.Recipe
+    recipe: schema.Recipe
     tokenizer: PreTrainedTokenizerBase
     eval_set: scoring.EvalSet
     precision: str
 
     @classmethod
     def load(
-        cls, recipe: config.Recipe, tokenizer: PreTrainedTokenizerBase, precision: str
+        cls, recipe: schema.Recipe, tokenizer: PreTrainedTokenizerBase, precision: str
     ) -> MetricProbe:
         """Read the first `validation.metric_rows` usable rows of the validation split."""
         # Recipe validation guarantees a validation split whenever metric_rows is set.

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from llama_tune import cli, config, data, models, run_folder, train
+from llama_tune import cli, config, data, models, run_folder, schema, train
 from llama_tune.adversarial import augment, text_noise
 
 ALL_METHODS = "adversarial.augment.methods=[char,word,neighbour,gradient]"
@@ -204,9 +204,9 @@ def test_overrides_may_follow_options(tiny_recipe, capsys) -> None:
 
 def test_misspellings_without_a_training_split_is_a_clear_error(tmp_path: Path, tokenizer) -> None:
     (tmp_path / "validation.jsonl").write_text('{"text": "fine", "label": "positive"}\n')
-    settings = config.DataConfig(source=str(tmp_path), task="classification")
+    settings = schema.DataConfig(source=str(tmp_path), task="classification")
     formatter = data.TaskFormatter(settings, ["negative", "positive"])
-    pool = config.AugmentConfig(methods=["gradient"], gradient_candidates="misspellings")
+    pool = schema.AugmentConfig(methods=["gradient"], gradient_candidates="misspellings")
     named = r"misspellings \(adversarial.augment or evaluation.robustness\) reads its lexicon"
     with pytest.raises(data.DataError, match=named + r".*no 'train' split"):
         augment.Augmenter(pool, formatter, tokenizer, None, 0, "no")

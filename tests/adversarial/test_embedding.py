@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from llama_tune import checkpoint, config, data, run_folder, train
+from llama_tune import checkpoint, config, data, run_folder, schema, train
 from llama_tune.adversarial import embedding
 from llama_tune.objective import TargetTokenLoss
 
@@ -55,7 +55,7 @@ def test_adversarial_offsets_respect_the_epsilon_ball(
     method: str, norm: str, tiny_model_dir: Path, tokenizer
 ) -> None:
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    settings = config.AdversarialTrainConfig(method=method, norm=norm, epsilon=0.3, steps=3)
+    settings = schema.AdversarialTrainConfig(method=method, norm=norm, epsilon=0.3, steps=3)
     objective = embedding.AdversarialObjective(TargetTokenLoss(model), settings).train()
     seen: list[torch.Tensor] = []
     model.get_input_embeddings().register_forward_hook(
@@ -88,7 +88,7 @@ def test_smart_reads_its_clean_logits_from_the_clean_forward(
     tiny_model_dir: Path, tokenizer, monkeypatch
 ) -> None:
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    settings = config.AdversarialTrainConfig(method="smart", epsilon=0.3, steps=2)
+    settings = schema.AdversarialTrainConfig(method="smart", epsilon=0.3, steps=2)
     objective = embedding.AdversarialObjective(TargetTokenLoss(model), settings).train()
     forwards: list[int] = []
     model.get_decoder().register_forward_hook(lambda *_: forwards.append(1))

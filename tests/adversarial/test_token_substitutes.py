@@ -11,7 +11,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from llama_tune import config, data
+from llama_tune import data, schema
 from llama_tune.adversarial import token_substitutes
 from llama_tune.adversarial.text_noise import edit_count, lexicon, spelling_variants, words_of
 from llama_tune.objective import target_cross_entropy
@@ -29,7 +29,7 @@ def neighbours(real_model, tokenizer) -> token_substitutes.Substitutes:
 
 @pytest.fixture(scope="module")
 def sst2(tokenizer, data_root: Path) -> tuple[data.TaskFormatter, list[data.Example]]:
-    settings = config.DataConfig(
+    settings = schema.DataConfig(
         source=str(data_root / "classification" / "sst2"),
         task="classification",
         splits={"train": "validation", "validation": None},
@@ -146,7 +146,7 @@ def test_misspellings_leave_out_typos_that_make_a_word(neighbours, tokenizer) ->
 
 @pytest.fixture(scope="module")
 def sst2_lexicon(data_root: Path) -> frozenset[str]:
-    settings = config.DataConfig(
+    settings = schema.DataConfig(
         source=str(data_root / "classification" / "sst2"), task="classification"
     )
     return lexicon(data.training_inputs(data.TaskFormatter(settings)))

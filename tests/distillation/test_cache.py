@@ -12,17 +12,17 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import TEST_DATA
-from llama_tune import config, data, models, run_folder, train
+from llama_tune import config, data, models, run_folder, schema, train
 from llama_tune.distillation import cache, loading, objective, student
 from llama_tune.distillation.teacher import FrozenTeacher, distilled_count
 
 
-def _settings(tiny_model_dir: Path, **values: object) -> config.DistillConfig:
-    return config.DistillConfig(teacher={"name": str(tiny_model_dir)}, temperature=2.0, **values)
+def _settings(tiny_model_dir: Path, **values: object) -> schema.DistillConfig:
+    return schema.DistillConfig(teacher={"name": str(tiny_model_dir)}, temperature=2.0, **values)
 
 
 def _examples(tokenizer, count: int) -> list[data.Example]:
-    recipe = config.DataConfig(
+    recipe = schema.DataConfig(
         source=str(TEST_DATA / "sentiment"),
         task="classification",
         max_train_rows=count,

@@ -7,13 +7,13 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from llama_tune import config, data
+from llama_tune import data, schema
 from llama_tune.distillation import objective, student
 from llama_tune.distillation.teacher import FrozenTeacher, distilled_count, distilled_positions
 
 
-def _settings(**values: object) -> config.DistillConfig:
-    return config.DistillConfig(teacher={"name": "t"}, **values)
+def _settings(**values: object) -> schema.DistillConfig:
+    return schema.DistillConfig(teacher={"name": "t"}, **values)
 
 
 def _batch(tokenizer) -> tuple[list[data.Example], dict[str, torch.Tensor]]:

@@ -9,16 +9,16 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from llama_tune import config, data, run_folder, train
+from llama_tune import config, data, run_folder, schema, train
 from llama_tune.distillation import on_policy
 
 
 def test_on_policy_steps_are_seeded_and_as_frequent_as_asked() -> None:
-    settings = config.OnPolicyConfig(probability=0.3)
+    settings = schema.OnPolicyConfig(probability=0.3)
     chosen = [on_policy.is_on_policy_step(settings, 42, step) for step in range(2000)]
     assert chosen == [on_policy.is_on_policy_step(settings, 42, step) for step in range(2000)]
     assert 0.27 < sum(chosen) / len(chosen) < 0.33
-    never = config.OnPolicyConfig(probability=0.0)
+    never = schema.OnPolicyConfig(probability=0.0)
     assert not any(on_policy.is_on_policy_step(never, 42, step) for step in range(100))
 
 
@@ -28,7 +28,7 @@ def test_student_completions_replace_the_answers(tiny_model_dir: Path, tokenizer
         data.Example("a", "b", [5, 6, 7, 8, tokenizer.eos_token_id], 3, 0),
         data.Example("c", "d", [9, 10, tokenizer.eos_token_id], 2, 1),
     ]
-    greedy = config.OnPolicyConfig(max_new_tokens=6, temperature=0.0)
+    greedy = schema.OnPolicyConfig(max_new_tokens=6, temperature=0.0)
     rewritten = on_policy.student_examples(model, tokenizer, examples, greedy, "no")
     assert model.training
     for original, new in zip(examples, rewritten, strict=True):
@@ -58,7 +58,7 @@ def test_on_policy_training_resumes_exactly(resumes_exactly, tiny_model_dir: Pat
     expected = resumes_exactly("policy", overrides)
     steps = [record for record in _metrics(expected.run_dir) if "loss" in record]
     on_policy_steps = [record["step"] for record in steps if "ce_loss" not in record]
-    settings = config.OnPolicyConfig(probability=0.5)
+    settings = schema.OnPolicyConfig(probability=0.5)
     assert on_policy_steps == [
         step + 1 for step in range(8) if on_policy.is_on_policy_step(settings, 42, step)
     ]
@@ -79,7 +79,7 @@ def test_on_policy_steps_score_no_reference_answer_under_attack(
     path = tiny_recipe("policy-fgm", max_steps=6)
     result = train.run(config.load(path, overrides), path)
     steps = [record for record in _metrics(result.run_dir) if "loss" in record]
-    settings = config.OnPolicyConfig(probability=0.5)
+    settings = schema.OnPolicyConfig(probability=0.5)
     chosen = {step + 1 for step in range(6) if on_policy.is_on_policy_step(settings, 42, step)}
     assert 0 < len(chosen) < 6
     for record in steps:

@@ -15,9 +15,9 @@ from dataclasses import dataclass, replace
 from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from llama_tune import config, data, models
+from llama_tune import data, models, schema
 from llama_tune.adversarial import text_noise, token_substitutes
-from llama_tune.config import AugmentConfig
+from llama_tune.schema import AugmentConfig
 from llama_tune.tasks import TASKS
 
 
@@ -237,7 +237,7 @@ class Augmenter:
         return new_indices, new_batches
 
 
-def preview(recipe: config.Recipe, count: int, precision: str) -> list[Perturbed]:
+def preview(recipe: schema.Recipe, count: int, precision: str) -> list[Perturbed]:
     """The first `count` training rows, each perturbed by the recipe's methods in turn.
 
     Every row shown is perturbed (the probability is for training); the gradient method attacks
@@ -262,6 +262,6 @@ def preview(recipe: config.Recipe, count: int, precision: str) -> list[Perturbed
     return augmenter.perturb(0, list(range(len(examples))), examples, methods)
 
 
-def input_fields(recipe: config.Recipe) -> tuple[str, ...]:
+def input_fields(recipe: schema.Recipe) -> tuple[str, ...]:
     """The task fields that perturbations change."""
     return TASKS[recipe.data.task].input_fields

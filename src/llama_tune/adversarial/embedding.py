@@ -31,8 +31,8 @@ from typing import Any
 import torch
 
 from llama_tune import data, models
-from llama_tune.config import AdversarialTrainConfig
 from llama_tune.objective import Objective, WrappedObjective, target_logits
+from llama_tune.schema import AdversarialTrainConfig
 
 SMART_START = 1e-5
 """Standard deviation of SMART's random start (the paper's sigma)."""

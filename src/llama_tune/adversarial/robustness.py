@@ -16,7 +16,7 @@ from peft import PeftModel
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from llama_tune import config, data, models, scoring
+from llama_tune import data, models, schema, scoring
 from llama_tune.adversarial.augment import Augmenter, needs_model
 from llama_tune.adversarial.token_substitutes import Substitutes
 
@@ -77,7 +77,7 @@ def perturbed_set(
 def measure(
     model: PreTrainedModel | PeftModel,
     tokenizer: PreTrainedTokenizerBase,
-    recipe: config.Recipe,
+    recipe: schema.Recipe,
     eval_set: scoring.EvalSet,
     clean: scoring.Scores,
     precision: str,
@@ -95,7 +95,7 @@ def measure(
     count = len(eval_set.examples)
     for method in robustness.methods:
         for strength in robustness.strengths:
-            augment = config.AugmentConfig(
+            augment = schema.AugmentConfig(
                 methods=[method],
                 probability=1.0,
                 budget=strength,

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from llama_tune import config, data, inference
+from llama_tune import data, inference, schema
 from llama_tune.distillation.losses import compared_logits, log_remainder, tempered_log_probs
 from llama_tune.distillation.teacher import FrozenTeacher, distilled_positions
 from llama_tune.errors import UserError
@@ -53,7 +53,7 @@ def data_fingerprint(examples: list[data.Example]) -> str:
 
 
 def manifest(
-    settings: config.DistillConfig, examples: list[data.Example], compared_width: int
+    settings: schema.DistillConfig, examples: list[data.Example], compared_width: int
 ) -> dict[str, Any]:
     """What a cache is built from; any difference makes an existing cache unusable."""
     assert settings.cache is not None
@@ -89,7 +89,7 @@ def _check_manifest(folder: Path, expected: dict[str, Any]) -> None:
 def _teacher_shard(
     teacher: FrozenTeacher,
     examples: list[data.Example],
-    settings: config.DistillConfig,
+    settings: schema.DistillConfig,
     top_k: int,
     vocab_size: int,
     token_subset: torch.Tensor | None,
@@ -129,7 +129,7 @@ def _teacher_shard(
 
 def build(
     run_dir: Path,
-    settings: config.DistillConfig,
+    settings: schema.DistillConfig,
     teacher: Callable[[], PreTrainedModel],
     examples: list[data.Example],
     vocab_size: int,

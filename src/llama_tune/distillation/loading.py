@@ -14,7 +14,7 @@ from accelerate import Accelerator
 from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from llama_tune import config, data, inference, models
+from llama_tune import config, data, inference, models, schema
 from llama_tune.distillation import cache, hidden, preflight, student
 from llama_tune.distillation.hidden import HiddenStateMatch
 from llama_tune.distillation.objective import DistillationObjective, Sampling
@@ -40,12 +40,12 @@ def teacher_adapter_dir(path: str) -> Path:
     )
 
 
-def teacher_spec(settings: config.DistillConfig) -> config.ModelConfig:
+def teacher_spec(settings: schema.DistillConfig) -> schema.ModelConfig:
     """The teacher's model section without its adapter key."""
-    return config.ModelConfig(**settings.teacher.model_dump(exclude={"adapter"}))
+    return schema.ModelConfig(**settings.teacher.model_dump(exclude={"adapter"}))
 
 
-def load_teacher(settings: config.DistillConfig, mixed_precision: str) -> PreTrainedModel:
+def load_teacher(settings: schema.DistillConfig, mixed_precision: str) -> PreTrainedModel:
     """The frozen teacher in its storage dtype, its LoRA adapter merged in when it has one."""
     spec = settings.teacher
     model = models.load_base_model(teacher_spec(settings), mixed_precision)
@@ -60,7 +60,7 @@ def load_teacher(settings: config.DistillConfig, mixed_precision: str) -> PreTra
     return model.eval().requires_grad_(False)
 
 
-def label_first_tokens(recipe: config.Recipe, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
+def label_first_tokens(recipe: schema.Recipe, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
     """The token id each label starts with; they must differ to tell the labels apart."""
     labels = data.label_set(recipe.data)
     assert labels is not None
@@ -80,7 +80,7 @@ def label_first_tokens(recipe: config.Recipe, tokenizer: PreTrainedTokenizerBase
 
 
 def _memory_estimate(
-    recipe: config.Recipe, settings: config.DistillConfig, mixed_precision: str
+    recipe: schema.Recipe, settings: schema.DistillConfig, mixed_precision: str
 ) -> preflight.MemoryEstimate:
     spec = teacher_spec(settings)
     teacher_location = models.resolve(spec.name)
@@ -106,7 +106,7 @@ def _memory_estimate(
     )
 
 
-def _kept_layers(settings: config.DistillConfig, teacher_location: str) -> list[int]:
+def _kept_layers(settings: schema.DistillConfig, teacher_location: str) -> list[int]:
     choice = settings.student.from_teacher
     assert choice is not None
     layer_count = preflight.layer_count(teacher_location, settings.teacher.revision)
@@ -114,7 +114,7 @@ def _kept_layers(settings: config.DistillConfig, teacher_location: str) -> list[
 
 
 def _checked_tokenizers(
-    recipe: config.Recipe, settings: config.DistillConfig
+    recipe: schema.Recipe, settings: schema.DistillConfig
 ) -> PreTrainedTokenizerBase:
     """The student's tokenizer, once it is known to match the teacher's."""
     spec = teacher_spec(settings)
@@ -125,7 +125,7 @@ def _checked_tokenizers(
 
 
 def _build_cache(
-    recipe: config.Recipe,
+    recipe: schema.Recipe,
     run_dir: Path,
     teacher: Callable[[], PreTrainedModel],
     examples: list[data.Example],
@@ -147,7 +147,7 @@ def _build_cache(
     )
 
 
-def build_cache(recipe: config.Recipe, recipe_path: str | Path) -> Path:
+def build_cache(recipe: schema.Recipe, recipe_path: str | Path) -> Path:
     """`llama-tune distill cache`: run the teacher over the training split and store it."""
     settings = recipe.distill
     if settings is None or settings.cache is None:
@@ -169,7 +169,7 @@ def build_cache(recipe: config.Recipe, recipe_path: str | Path) -> Path:
 
 
 def _hidden_match(
-    settings: config.DistillConfig,
+    settings: schema.DistillConfig,
     student_model: PreTrainedModel | PeftModel,
     teacher: PreTrainedModel | None,
     keep: list[int] | None,
@@ -189,13 +189,13 @@ def _hidden_match(
     )
 
 
-def _robust(recipe: config.Recipe) -> bool:
+def _robust(recipe: schema.Recipe) -> bool:
     """Whether the student trains on adversarial examples (the teacher then reads clean ones)."""
     return recipe.adversarial is not None and recipe.adversarial.augment is not None
 
 
 def load(
-    recipe: config.Recipe, accelerator: Accelerator, run_dir: Path
+    recipe: schema.Recipe, accelerator: Accelerator, run_dir: Path
 ) -> tuple[models.ModelBundle, DistillationObjective, data.Datasets]:
     """Check, then load teacher, student and data; the objective that trains the student.
 

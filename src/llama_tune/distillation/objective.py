@@ -15,13 +15,13 @@ from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from llama_tune import data, models
-from llama_tune.config import DistillConfig
 from llama_tune.distillation import on_policy
 from llama_tune.distillation.cache import CachedTeacher
 from llama_tune.distillation.hidden import HiddenStateMatch
 from llama_tune.distillation.losses import OnlineTeacher, TopKTeacher, chunked_distillation
 from llama_tune.distillation.teacher import FrozenTeacher, distilled_count, distilled_positions
 from llama_tune.objective import target_cross_entropy
+from llama_tune.schema import DistillConfig
 
 
 @dataclass(frozen=True)

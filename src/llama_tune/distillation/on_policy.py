@@ -15,7 +15,7 @@ from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from llama_tune import data, inference
-from llama_tune.config import OnPolicyConfig
+from llama_tune.schema import OnPolicyConfig
 
 
 def is_on_policy_step(settings: OnPolicyConfig, seed: int, step: int) -> bool:

@@ -8,7 +8,7 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from llama_tune import data
-from llama_tune.config import DistillConfig
+from llama_tune.schema import DistillConfig
 
 
 class FrozenTeacher:
