@@ -37,6 +37,10 @@ def test_a_failed_overwrite_leaves_the_finished_run_as_it_was(cli, tiny_recipe) 
         assert "Traceback" not in done.stderr
         assert _contents(run_dir) == before, overrides
         assert sorted(path.parent.glob(".run*")) == [], "a set-aside copy was left behind"
+    # A damaged summary is named when the run would be kept, and replaced with --overwrite.
+    (run_dir / run_folder.SUMMARY).write_text('{"status": "fini')
+    damaged = cli("train", str(path), expect=2)
+    assert f"{run_dir / run_folder.SUMMARY}: unreadable" in damaged.stderr
     replaced = cli("train", str(path), "train.lr=5e-3", "--overwrite")
     assert "run folder:" in replaced.stdout
     after = _contents(run_dir)

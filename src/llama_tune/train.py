@@ -104,11 +104,12 @@ def check_run_dir(run_dir: Path, recipe: schema.Recipe, resume: bool, overwrite:
             f"--resume continues the run in {run_dir} and --overwrite replaces it: choose one"
         )
     run_folder.check_ours(run_dir)
+    if overwrite:
+        # Whatever the folder's run holds, damaged files included, is being replaced.
+        return
     summary_path = run_dir / run_folder.SUMMARY
     status = read_json(summary_path).get("status") if summary_path.is_file() else None
     has_checkpoint = checkpoint.latest(run_dir) is not None
-    if overwrite:
-        return
     if not resume and status == "finished":
         raise TrainError(f"{run_dir} holds a finished run; use --overwrite to replace it")
     if not resume and (has_checkpoint or status is not None):
