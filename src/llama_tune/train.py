@@ -314,6 +314,7 @@ class TrainingRun:
             status="running",
             run_dir=str(self.run_dir),
             model=self.recipe.model.name,
+            base_model=models.base_record(self.recipe.model),
             precision=accelerator.mixed_precision,
             processes=accelerator.num_processes,
             parameters={"trainable": trainable_count, "total": total_count},

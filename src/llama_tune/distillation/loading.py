@@ -227,7 +227,11 @@ def load(
     else:
         student_model = models.load_base_model(recipe.model, mixed_precision, trained=full)
     if recipe.adapter is not None:
-        student_model = models.add_adapter(student_model, recipe.adapter)
+        # A student cut from the teacher sits on the run's own copy of itself.
+        base = recipe.model
+        if keep is not None:
+            base = base.model_copy(update={"name": str(run_dir / STUDENT_INIT), "revision": None})
+        student_model = models.add_adapter(student_model, recipe.adapter, base)
 
     datasets = data.build(recipe.data, tokenizer)
     token_subset = label_first_tokens(recipe, tokenizer) if settings.label_tokens_only else None
