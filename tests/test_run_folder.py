@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from llama_tune import run_folder
+from llama_tune.errors import UserError
 
 
 def _contents(folder: Path) -> dict[str, bytes]:
@@ -88,3 +91,22 @@ def test_bad_rows_are_reported_when_training_starts(cli, tiny_recipe, tmp_path: 
         f"recorded in {run_dir / run_folder.SUMMARY})"
     )
     assert expected in done.stdout
+
+
+def test_an_interrupted_overwrite_is_named_not_repeated(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    (run_dir / run_folder.TEACHER_CACHE).mkdir(parents=True)
+    (run_dir / run_folder.SUMMARY).write_text("{}")
+    aside = run_folder.set_aside(run_dir)
+    assert aside == tmp_path / ".run.replaced"
+    # The teacher cache moved into the new run; the rest waits aside.
+    assert _contents(run_dir) == {}
+    assert (run_dir / run_folder.TEACHER_CACHE).is_dir()
+    assert _contents(aside) == {run_folder.SUMMARY: b"{}"}
+    # A second overwrite while the first one's copy is still aside (a hard kill) refuses.
+    with pytest.raises(UserError, match=r"\.run\.replaced holds the run an interrupted"):
+        run_folder.set_aside(run_dir)
+    run_folder.put_back(run_dir, aside)
+    assert _contents(run_dir) == {run_folder.SUMMARY: b"{}"}
+    assert (run_dir / run_folder.TEACHER_CACHE).is_dir()
+    assert not aside.exists()
