@@ -139,3 +139,14 @@ def test_full_fine_tuning_trains_every_weight(tiny_recipe, tiny_model_dir: Path)
     results = evaluation.run(result.run_dir, split="validation", limit=16, base=True)
     assert set(results["systems"]) == {"tuned", "base"}
     assert results["weights"] == str(result.weights_dir)
+
+
+def test_a_launcher_that_reports_no_gradient_norm_still_trains(
+    tiny_recipe, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Under DeepSpeed, Accelerator.clip_grad_norm_ clips inside the engine and returns None.
+    from accelerate import Accelerator
+
+    monkeypatch.setattr(Accelerator, "clip_grad_norm_", lambda *_args, **_kwargs: None)
+    result = _train(tiny_recipe(max_steps=2))
+    assert [r["grad_norm"] for r in _metrics(result.run_dir) if "loss" in r] == [None, None]

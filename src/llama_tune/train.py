@@ -412,7 +412,8 @@ class TrainingRun:
         if math.isfinite(loss_value):
             if self.settings.max_grad_norm is not None:
                 norm = accelerator.clip_grad_norm_(self.trainable, self.settings.max_grad_norm)
-                self.grad_norm = float(norm)
+                # DeepSpeed clips inside its engine and returns no norm.
+                self.grad_norm = None if norm is None else float(norm)
             self.optimizer.step()
             self.scheduler.step()
         else:
