@@ -85,7 +85,10 @@ def _spelled_for_ref(override: str, ref_tree: Path) -> str:
 
 
 def _has_moved_keys(ref_tree: Path) -> bool:
-    return "MOVED_KEYS" in (ref_tree / "src" / "llama_tune" / "config.py").read_text()
+    """Whether the ref's schema already has the logging/validation/checkpoint sections."""
+    package = ref_tree / "src" / "llama_tune"
+    sources = [package / "schema.py", package / "config.py"]
+    return any("MOVED_KEYS" in path.read_text() for path in sources if path.is_file())
 
 
 def _train(source: Path, recipe: str, overrides: list[str], run_dir: Path, data: str) -> None:
