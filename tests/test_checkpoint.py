@@ -127,10 +127,16 @@ def _interrupted_after(path: Path, overrides: list[str]) -> Path:
     return result.run_dir
 
 
-def test_a_changed_learning_rate_is_applied_on_resume(tiny_recipe) -> None:
+def test_a_changed_learning_rate_is_applied_on_resume(tiny_recipe, capsys) -> None:
     path = tiny_recipe(max_steps=6, scheduler="constant", warmup_steps=0, checkpoint={"every": 4})
     run_dir = _interrupted_after(path, [])
+    capsys.readouterr()
     train.run(config.load(path, ["train.lr=5e-5", "train.weight_decay=0.1"]), path, resume=True)
+    changes = [line for line in capsys.readouterr().out.splitlines() if "changed since" in line]
+    assert changes == [
+        "  changed since the run started: train.lr 0.001 -> 5e-05",
+        "  changed since the run started: train.weight_decay 0.0 -> 0.1",
+    ]
     records = [json.loads(line) for line in (run_dir / run_folder.METRICS).open()]
     rates = {record["step"]: record["lr"] for record in records if "lr" in record}
     assert rates == {1: 1e-3, 2: 1e-3, 3: 1e-3, 4: 1e-3, 5: 5e-5, 6: 5e-5}

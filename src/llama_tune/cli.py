@@ -85,12 +85,8 @@ def _train(args: argparse.Namespace) -> int:
 
     recipe_path = Path(args.recipe)
     if args.resume and recipe_path.is_dir():
-        saved = recipe_path / run_folder.RECIPE_COPY
-        if not saved.is_file():
-            raise UserError(f"{recipe_path} is not a run folder: it has no {saved.name}")
         # The run's own resolved recipe: no override of the original command can be forgotten.
-        recipe = config.load(saved, args.overrides)
-        recipe.output.dir = str(recipe_path)
+        recipe = config.load_run(recipe_path, args.overrides)
     else:
         recipe = config.load(recipe_path, args.overrides)
     try:

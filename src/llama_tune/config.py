@@ -16,6 +16,7 @@ import yaml
 from pydantic import ValidationError
 
 from llama_tune.errors import UserError
+from llama_tune.run_folder import RECIPE_COPY
 from llama_tune.schema import MOVED_KEYS, Recipe
 
 
@@ -163,6 +164,17 @@ def load(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     except (yaml.YAMLError, UnicodeDecodeError) as error:
         raise RecipeError(str(path), [f"not valid YAML: {error}".replace("\n", " ")]) from None
     return parse(raw, str(path), overrides)
+
+
+def load_run(folder: Path, overrides: list[str] | None = None) -> Recipe:
+    """The resolved recipe a run folder saved (with overrides), its output.dir the folder
+    itself: wherever the folder now is, that is where the run lives."""
+    saved = folder / RECIPE_COPY
+    if not saved.is_file():
+        raise UserError(f"{folder} is not a run folder: it has no {RECIPE_COPY}")
+    recipe = load(saved, overrides)
+    recipe.output.dir = str(folder)
+    return recipe
 
 
 def run_dir(recipe: Recipe, recipe_path: str | Path) -> Path:

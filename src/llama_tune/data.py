@@ -327,14 +327,12 @@ def encode(
     return prompt_ids + target_ids[:room_for_target], len(prompt_ids), True
 
 
-def collect_labels(
-    config: DataConfig, rows: Iterator[RawRow], problems: Counter[str] | None = None
-) -> list[str]:
-    """The sorted set of label strings in the training rows (classification); rows without a
-    usable label are counted in `problems` by reason."""
+def collect_labels(config: DataConfig, rows: Iterator[RawRow]) -> tuple[list[str], Counter[str]]:
+    """The sorted set of label strings in the training rows (classification), and the rows
+    without a usable label counted by reason."""
     formatter = TaskFormatter(config)
     labels = set()
-    problems = Counter() if problems is None else problems
+    problems: Counter[str] = Counter()
     for row in rows:
         try:
             if row.values is None:
@@ -342,7 +340,7 @@ def collect_labels(
             labels.add(formatter.text_field(row.values, "label").strip())
         except ValueError as error:
             problems[str(error)] += 1
-    return sorted(labels)
+    return sorted(labels), problems
 
 
 @dataclass
@@ -456,8 +454,7 @@ def label_set(config: DataConfig) -> list[str] | None:
     if config.task != "classification" or config.labels is not None:
         return config.labels
     origin, rows = _open_train(config)
-    problems: Counter[str] = Counter()
-    labels = collect_labels(config, rows, problems)
+    labels, problems = collect_labels(config, rows)
     if not labels and not problems:
         raise DataError(f"{origin}: the file holds no rows")
     if not labels:

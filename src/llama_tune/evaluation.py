@@ -25,7 +25,6 @@ from llama_tune.errors import UserError
 from llama_tune.jsonfiles import write_json
 from llama_tune.run_folder import (
     BEST,
-    RECIPE_COPY,
     RESULTS,
     STUDENT_INIT,
     evaluation_folder,
@@ -55,10 +54,7 @@ def resolve_target(target: str | Path, overrides: list[str]) -> Target:
     """
     path = Path(target)
     if path.is_dir():
-        recipe_path = path / RECIPE_COPY
-        if not recipe_path.is_file():
-            raise EvaluationError(f"{path} is not a run folder: it has no {RECIPE_COPY}")
-        recipe = config.load(recipe_path, overrides)
+        recipe = config.load_run(path, overrides)
         final = weights_folder(path, full_fine_tuning=recipe.adapter is None)
         weights_dir = path / BEST if recipe.evaluation.adapter == "best" else final
         marker = "config.json" if recipe.adapter is None else "adapter_config.json"

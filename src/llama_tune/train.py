@@ -97,8 +97,12 @@ def run(
     return training.train()
 
 
-def check_run_dir(run_dir: Path, recipe: schema.Recipe, resume: bool, overwrite: bool) -> None:
-    """Refuse to clobber a run, or a folder that is not one, unless told to; change nothing."""
+def check_run_dir(
+    run_dir: Path, recipe: schema.Recipe, resume: bool, overwrite: bool
+) -> schema.Recipe | None:
+    """Refuse to clobber a run, or a folder that is not one, unless told to; change nothing.
+
+    On resume, returns the recipe the run started with."""
     if resume and overwrite:
         raise TrainError(
             f"--resume continues the run in {run_dir} and --overwrite replaces it: choose one"
@@ -106,7 +110,7 @@ def check_run_dir(run_dir: Path, recipe: schema.Recipe, resume: bool, overwrite:
     run_folder.check_ours(run_dir)
     if overwrite:
         # Whatever the folder's run holds, damaged files included, is being replaced.
-        return
+        return None
     summary_path = run_dir / run_folder.SUMMARY
     status = read_json(summary_path).get("status") if summary_path.is_file() else None
     has_checkpoint = checkpoint.latest(run_dir) is not None
@@ -123,21 +127,20 @@ def check_run_dir(run_dir: Path, recipe: schema.Recipe, resume: bool, overwrite:
         raise TrainError(
             f"{run_dir} has no complete checkpoint to resume from; use --overwrite to start again"
         )
-    if resume:
-        check_resumable(run_dir, recipe)
+    return check_resumable(run_dir, recipe) if resume else None
 
 
-def check_resumable(run_dir: Path, recipe: schema.Recipe) -> None:
-    """Stop when the recipe changed in a way the saved state cannot follow."""
-    saved_path = run_dir / run_folder.RECIPE_COPY
-    if not saved_path.is_file():
-        raise TrainError(f"{run_dir} has no {run_folder.RECIPE_COPY}; it cannot be resumed")
-    changed = checkpoint.changed_resume_keys(config.load(saved_path), recipe)
+def check_resumable(run_dir: Path, recipe: schema.Recipe) -> schema.Recipe:
+    """Stop when the recipe changed in a way the saved state cannot follow; returns the recipe
+    the run started with."""
+    saved = config.load_run(run_dir)
+    changed = checkpoint.changed_resume_keys(saved, recipe)
     if changed:
         raise TrainError(
             f"cannot resume {run_dir}: the recipe changed {', '.join(changed)} "
-            f"(see {saved_path}); use --overwrite to start again"
+            f"(see {run_dir / run_folder.RECIPE_COPY}); use --overwrite to start again"
         )
+    return saved
 
 
 class TrainingRun:
@@ -163,8 +166,10 @@ class TrainingRun:
         main = self.accelerator.is_main_process
         existed = self.run_dir.exists()
         replaced = None
+        # The recipe a resumed run started with (main process): its changes are printed.
+        self.started_with = None
         if main:
-            check_run_dir(self.run_dir, self.recipe, resume, overwrite)
+            self.started_with = check_run_dir(self.run_dir, self.recipe, resume, overwrite)
             if overwrite:
                 replaced = run_folder.set_aside(self.run_dir)
         self.accelerator.wait_for_everyone()
@@ -266,7 +271,8 @@ class TrainingRun:
             if self.accelerator.is_main_process:
                 _trim_metrics(self.metrics_path, state.step)
                 print(f"resuming from {folder} (step {state.step})")
-                self._print_changes()
+                assert self.started_with is not None
+                self._print_changes(self.started_with)
             return state
         raise TrainError(f"{self.run_dir}: no intact checkpoint to resume from")
 
@@ -282,9 +288,10 @@ class TrainingRun:
             group["lr"] = self.settings.lr * factor(scheduler.last_epoch)
             group["weight_decay"] = self.settings.weight_decay
 
-    def _print_changes(self) -> None:
-        saved = config.load(self.run_dir / run_folder.RECIPE_COPY)
-        changes = config.changed_keys(saved, self.recipe)
+    def _print_changes(self, started_with: schema.Recipe) -> None:
+        changes = config.changed_keys(started_with, self.recipe)
+        # The folder resumed is where the run is, however the recipe names it.
+        changes.pop("output.dir", None)
         for key, (before, after) in changes.items():
             print(f"  changed since the run started: {key} {before} -> {after}")
 

@@ -104,7 +104,8 @@ def _teacher_shard(
     ids, log_probs, rest, counts = [], [], [], []
     with inference.autocast_for(teacher.model, precision):
         for start in range(0, len(examples), batch_size):
-            batch = data.collate(examples[start : start + batch_size], pad_token_id, 1)
+            batch_examples = examples[start : start + batch_size]
+            batch = data.collate(batch_examples, pad_token_id, 1)
             batch = {name: value.to(device) for name, value in batch.items()}
             chosen = distilled_positions(batch["labels"], batch["attention_mask"], settings)
             states = teacher.hidden(batch["input_ids"], batch["attention_mask"])[:, :-1][chosen]
@@ -117,7 +118,7 @@ def _teacher_shard(
                 ids.append(top.indices.to(torch.int32).cpu())
                 log_probs.append(top.values.cpu())
                 rest.append(log_remainder(kept_mass).cpu())
-            progress.update(len(examples[start : start + batch_size]))
+            progress.update(len(batch_examples))
     offsets = torch.tensor([0, *counts]).cumsum(0)
     return {
         "ids": torch.cat(ids),
