@@ -190,3 +190,14 @@ def test_damaged_checkpoints_fall_back_or_fail_in_one_line(cli, tiny_recipe) -> 
         f"error: {run_dir}: no intact checkpoint to resume from"
     )
     assert "Traceback" not in done.stderr
+
+
+def test_a_metrics_line_cut_by_a_crash_is_dropped_on_resume(tiny_recipe) -> None:
+    path = tiny_recipe(max_steps=6, checkpoint={"every": 4})
+    run_dir = _interrupted_after(path, [])
+    metrics = run_dir / run_folder.METRICS
+    metrics.write_text(metrics.read_text() + '{"step": 7, "lo')
+    result = train.run(config.load(path), path, resume=True)
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert result.summary["status"] == "finished"

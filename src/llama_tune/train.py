@@ -609,7 +609,11 @@ def _trim_metrics(path: Path, after_step: int) -> None:
     """Drop metric lines past the checkpoint being resumed; they will be written again."""
     if not path.is_file():
         return
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text()
+    lines = [line for line in text.splitlines() if line.strip()]
+    if lines and not text.endswith("\n"):
+        # A crash mid-write leaves the last line partial; it was past the checkpoint anyway.
+        lines.pop()
     kept = [line for line in lines if json.loads(line)["step"] <= after_step]
     path.write_text("".join(f"{line}\n" for line in kept))
 
