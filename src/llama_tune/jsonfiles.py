@@ -11,8 +11,17 @@ from llama_tune.errors import UserError
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The records of a JSON-lines file (metrics, predictions), blank lines skipped."""
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The records of a JSON-lines file (metrics, predictions), blank lines skipped; a damaged
+    line is a UserError naming the file and the line."""
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            raise UserError(f"{path}: line {number} unreadable ({error})") from None
+    return records
 
 
 def write_json(path: Path, payload: Any) -> None:

@@ -62,7 +62,8 @@ def check_ours(run_dir: Path) -> None:
     if run_dir.is_dir() and any(run_dir.iterdir()) and not is_run_folder(run_dir):
         raise UserError(
             f"output.dir {run_dir} is not empty and is not a llama-tune run folder (no "
-            f"{RECIPE_COPY} or {SUMMARY}); nothing was changed. Choose another output.dir"
+            f"{RECIPE_COPY}, {SUMMARY}, {CHECKPOINTS}/ or {TEACHER_CACHE}/); nothing was "
+            "changed. Choose another output.dir"
         )
 
 
