@@ -28,6 +28,7 @@ from transformers import (
 )
 
 from llama_tune.errors import UserError
+from llama_tune.runtime import model_device
 from llama_tune.schema import AdapterConfig, ModelConfig
 
 
@@ -186,19 +187,23 @@ def _quantization(config: ModelConfig, dtype: torch.dtype) -> BitsAndBytesConfig
 def load_base_model(
     config: ModelConfig, mixed_precision: str = "no", trained: bool = False
 ) -> PreTrainedModel:
-    """The base causal LM in its storage dtype, quantised when the recipe asks.
+    """The base causal LM in its storage dtype, quantised when the recipe asks, created on this
+    process's device (`runtime.model_device`): a GPU run reads the weights straight onto its GPU.
 
     `trained` says its own weights will be trained (full fine-tuning), which keeps them fp32.
     """
     location = resolve(config.name)
     dtype = storage_dtype(config, mixed_precision, trained)
     quantization = _quantization(config, dtype)
+    device = model_device()
     try:
         model = AutoModelForCausalLM.from_pretrained(
             location,
             revision=config.revision,
             dtype=dtype,
             quantization_config=quantization,
+            # On the CPU the default placement is the same; bitsandbytes needs it on a GPU.
+            device_map=None if device.type == "cpu" else {"": device},
         )
     except (OSError, ValueError) as error:
         raise ModelError(_load_failure(config.name, error)) from None

@@ -10,6 +10,8 @@ import accelerate
 import peft
 import torch
 import transformers
+from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
 
 from llama_tune.errors import UserError
 
@@ -23,6 +25,34 @@ def resolve_precision(precision: str) -> str:
     if precision == "fp16" and not torch.cuda.is_available():
         raise UserError("train.precision: fp16 needs a CUDA GPU; use bf16 or auto on a CPU")
     return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+
+
+def model_device() -> torch.device:
+    """Where this process creates its models: its own accelerator (`cuda:LOCAL_RANK` under a
+    launcher, the GPU of a plain run, else the CPU), so that no full copy is built on the CPU
+    first. FSDP and DeepSpeed shard a model when it is prepared, from the CPU: a whole model on
+    every GPU first would not fit the models they are for.
+    """
+    if parse_flag_from_env("ACCELERATE_USE_FSDP") or parse_flag_from_env(
+        "ACCELERATE_USE_DEEPSPEED"
+    ):
+        return torch.device("cpu")
+    return PartialState().device
+
+
+def device_name(device: torch.device) -> str:
+    """The device a run computes on, as its summary records it (`cuda:0 (NVIDIA H200)`)."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return str(device)
+
+
+def peak_memory_gib(device: torch.device) -> float | None:
+    """The most accelerator memory this process's tensors held so far, in GiB; None on the CPU,
+    where torch keeps no such count."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**30
 
 
 def _cpu_has_fast_bf16() -> bool:

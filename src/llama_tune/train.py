@@ -30,7 +30,7 @@ from llama_tune.checkpoint import StopSignals, TrainState
 from llama_tune.errors import UserError
 from llama_tune.jsonfiles import read_json, write_json
 from llama_tune.objective import Objective, combined, step_counts
-from llama_tune.runtime import library_versions, resolve_precision
+from llama_tune.runtime import device_name, library_versions, peak_memory_gib, resolve_precision
 
 
 class TrainError(UserError):
@@ -323,6 +323,7 @@ class TrainingRun:
             model=self.recipe.model.name,
             base_model=models.base_record(self.recipe.model),
             precision=accelerator.mixed_precision,
+            device=device_name(accelerator.device),
             processes=accelerator.num_processes,
             parameters={"trainable": trainable_count, "total": total_count},
             data=self.built.datasets.summary(),
@@ -597,6 +598,7 @@ class TrainingRun:
                 input_tokens=self.input_tokens,
                 train_seconds=self.train_seconds,
                 tokens_per_s=self.input_tokens / self.train_seconds if self.train_seconds else None,
+                peak_memory_gib=peak_memory_gib(accelerator.device),
                 weights=str(weights_dir),
                 best=validation.best_record(self.run_dir),
             )
