@@ -120,6 +120,17 @@ def test_accelerate_launch_runs_the_same_recipe(cli, tiny_recipe) -> None:
     assert summary["processes"] == 1
 
 
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_launch_config_loads_in_accelerate_and_names_its_command(path: Path) -> None:
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    settings = load_config_from_file(str(path))
+    assert settings.compute_environment == "LOCAL_MACHINE"
+    header = "".join(line for line in path.read_text().splitlines(True) if line.startswith("#"))
+    assert f"--config_file configs/{path.name}" in header
+    assert "-m llama_tune train RECIPE" in header
+
+
 def test_evaluate_a_trained_run_against_its_base(cli, tiny_recipe, tmp_path: Path) -> None:
     path = tiny_recipe(max_steps=6, lr=5e-3)
     cli("train", str(path))
