@@ -148,6 +148,8 @@ def measure_trl(args: argparse.Namespace, recipe: schema.Recipe, scratch: Path) 
         temperature=1.0,
         seed=settings.seed,
         dataloader_num_workers=0,
+        # TRL turns it on by default; the recipe's setting keeps the work the same.
+        gradient_checkpointing=recipe.model.gradient_checkpointing,
     )
     trainer = GKDTrainer(
         model=AutoModelForCausalLM.from_pretrained(student_dir),

@@ -1,0 +1,57 @@
+"""Model FLOPs of LoRA training on a Llama, for model FLOPs utilisation (MFU).
+
+The count is the work the loss needs, the same for every trainer compared, so MFU ratios equal
+throughput ratios:
+- every decoder layer for every input token; a frozen weight costs 4 FLOPs per token (forward
+  and input gradient; no weight gradient), the LoRA factors are left out (under 1%);
+- attention scores and mixing, 4 * width FLOPs per token per key in the forward, not halved for
+  the causal mask, times 3 with its backward;
+- the output head for target tokens only, 4 FLOPs per weight (the loss needs no other position).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from transformers import PretrainedConfig
+
+H200_BF16_DENSE_TFLOPS = 989.4
+"""NVIDIA's dense bf16 Tensor Core peak of the H100/H200 SXM (without sparsity)."""
+
+
+def decoder_weights(config: PretrainedConfig) -> int:
+    """Weights of the matrix products in the decoder layers (attention and MLP projections)."""
+    width, ffn = config.hidden_size, config.intermediate_size
+    head_dim = getattr(config, "head_dim", None) or width // config.num_attention_heads
+    query_width = config.num_attention_heads * head_dim
+    key_value_width = config.num_key_value_heads * head_dim
+    attention = width * (query_width + 2 * key_value_width) + query_width * width
+    return config.num_hidden_layers * (attention + 3 * width * ffn)
+
+
+def lora_training_flops(
+    config: PretrainedConfig, input_tokens: int, target_tokens: int, mean_length: float
+) -> float:
+    """FLOPs of LoRA training steps over these tokens (see the module docstring)."""
+    layers = 4 * decoder_weights(config) * input_tokens
+    width = config.num_attention_heads * (
+        getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    )
+    attention = 3 * 4 * width * mean_length * config.num_hidden_layers * input_tokens
+    head = 4 * config.hidden_size * config.vocab_size * target_tokens
+    return float(layers + attention + head)
+
+
+def measured_matmul_tflops(size: int = 8192, repeats: int = 10) -> float:
+    """bf16 TFLOP/s of a square matrix product on this GPU: the ceiling seen in practice."""
+    left = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    right = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        left @ right
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        left @ right
+    torch.cuda.synchronize()
+    return 2 * size**3 * repeats / (time.perf_counter() - started) / 1e12
