@@ -47,6 +47,20 @@ def tokenizer(builtin_dir: Path):
     return models.load_tokenizer(str(builtin_dir))
 
 
+def torchrun(
+    arguments: list[str], processes: int = 2, timeout: float = 600
+) -> subprocess.CompletedProcess:
+    """`llama-tune ARGUMENTS` on `processes` CPU processes joined by gloo, through torchrun, the
+    real launcher (`accelerate launch --cpu --num_processes N` starts only one process); one
+    thread each, so that they do not thrash two cores."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc_per_node", str(processes), "-m", "llama_tune", *arguments]
+    environment = os.environ | {"OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=timeout
+    )
+
+
 def write_tiny_llama(
     folder: Path, tokenizer, width: int = 64, layers: int = 2, seed: int = 0
 ) -> Path:

@@ -20,7 +20,7 @@ def test_models_are_created_on_the_process_accelerator_unless_sharded(
 ) -> None:
     # A process of a launched run on its GPU; FSDP and DeepSpeed shard from the CPU instead.
     monkeypatch.setattr(
-        runtime, "PartialState", lambda: SimpleNamespace(device=torch.device("cuda:1"))
+        runtime, "process_state", lambda: SimpleNamespace(device=torch.device("cuda:1"))
     )
     monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)

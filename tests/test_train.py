@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from conftest import TEST_DATA, torchrun
 from llama_tune import config, evaluation, models, run_folder, train
 
 
@@ -150,3 +152,41 @@ def test_a_launcher_that_reports_no_gradient_norm_still_trains(
     monkeypatch.setattr(Accelerator, "clip_grad_norm_", lambda *_args, **_kwargs: None)
     result = _train(tiny_recipe(max_steps=2))
     assert [r["grad_norm"] for r in _metrics(result.run_dir) if "loss" in r] == [None, None]
+
+
+def test_two_processes_through_torchrun_train_as_one(tiny_recipe) -> None:
+    # One process with batch 8, and two with 4 each: the same examples in every step.
+    single = _train(tiny_recipe("single", batch_size=8, max_steps=4))
+    double = tiny_recipe("double", batch_size=4, max_steps=4)
+    done = torchrun(["train", str(double)])
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    run_dir = double.parent / "double"
+    assert json.loads((run_dir / run_folder.SUMMARY).read_text())["processes"] == 2
+    expected, actual = _metrics(single.run_dir), _metrics(run_dir)
+    assert [line["step"] for line in expected] == [line["step"] for line in actual]
+    for one, two in zip(expected, actual, strict=True):
+        for key in ("loss", "eval_loss", "grad_norm"):
+            if key in one:
+                assert two[key] == pytest.approx(one[key], rel=1e-5), (one["step"], key)
+    for name, weight in load_file(single.weights_dir / "adapter_model.safetensors").items():
+        other = load_file(run_dir / run_folder.ADAPTER / "adapter_model.safetensors")[name]
+        torch.testing.assert_close(other, weight, rtol=1e-5, atol=1e-6)
+
+
+def test_a_set_up_error_on_one_process_stops_every_process(tiny_recipe, tmp_path: Path) -> None:
+    # The data folder exists for process 0 only (torchrun gives each its RANK).
+    (tmp_path / "by-rank").mkdir()
+    (tmp_path / "by-rank" / "r0").symlink_to(TEST_DATA / "sentiment")
+    path = tiny_recipe("one-fails", max_steps=4)
+    recipe = json.loads(path.read_text())
+    recipe["data"]["source"] = str(tmp_path / "by-rank" / "r${RANK}")
+    path.write_text(json.dumps(recipe))
+    # A process left waiting for the failed one would hang here until the timeout.
+    done = torchrun(["train", str(path)], timeout=180)
+    output = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert f"error: data source {tmp_path / 'by-rank' / 'r1'} not found" in output
+    assert "error: stopped: 1 other process(es) failed while setting up" in output
+    # Each process ended on its own error line: no traceback passed through llama_tune.
+    assert "llama_tune/" not in output.replace("-m llama_tune", "")
+    assert not (tmp_path / "one-fails").exists()

@@ -3,6 +3,7 @@ shape its numbers (recorded in every summary and evaluation)."""
 
 from __future__ import annotations
 
+import os
 import platform
 from pathlib import Path
 
@@ -27,6 +28,21 @@ def resolve_precision(precision: str) -> str:
     return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
 
 
+def cpu_processes() -> bool:
+    """Several launched processes (torchrun, `accelerate launch`) on a machine without a GPU.
+
+    Accelerate joins such processes into one run (gloo) only when told they are on the CPU;
+    otherwise each would train alone, all writing the same run folder. Every Accelerator and
+    process state of a run is made with this flag, since the first one made fixes it.
+    """
+    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def process_state() -> PartialState:
+    """This process's place in the run (rank, count, device), with the flag above."""
+    return PartialState(cpu=cpu_processes())
+
+
 def model_device() -> torch.device:
     """Where this process creates its models: its own accelerator (`cuda:LOCAL_RANK` under a
     launcher, the GPU of a plain run, else the CPU), so that no full copy is built on the CPU
@@ -37,7 +53,7 @@ def model_device() -> torch.device:
         "ACCELERATE_USE_DEEPSPEED"
     ):
         return torch.device("cpu")
-    return PartialState().device
+    return process_state().device
 
 
 def device_name(device: torch.device) -> str:

@@ -15,6 +15,8 @@ import json
 import math
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,13 @@ from llama_tune.checkpoint import StopSignals, TrainState
 from llama_tune.errors import UserError
 from llama_tune.jsonfiles import read_json, write_json
 from llama_tune.objective import Objective, combined, step_counts
-from llama_tune.runtime import device_name, library_versions, peak_memory_gib, resolve_precision
+from llama_tune.runtime import (
+    cpu_processes,
+    device_name,
+    library_versions,
+    peak_memory_gib,
+    resolve_precision,
+)
 
 
 class TrainError(UserError):
@@ -143,6 +151,31 @@ def check_resumable(run_dir: Path, recipe: schema.Recipe) -> schema.Recipe:
     return saved
 
 
+@contextmanager
+def together(accelerator: Accelerator) -> Iterator[None]:
+    """Run a set-up phase on every process, then stop them all if any of them failed.
+
+    A process that stopped alone (a data file missing on one machine) would leave the others
+    waiting in their next collective, under NCCL for as long as its timeout. Each process holds
+    its error until every process has finished the phase; the failed ones raise their own, the
+    others a TrainError pointing at it. One process needs no agreement.
+    """
+    error = None
+    try:
+        yield
+    except Exception as caught:  # held, then raised below once every process knows
+        error = caught
+    if accelerator.num_processes > 1:
+        flag = torch.tensor([int(error is not None)], device=accelerator.device)
+        failed = int(accelerator.reduce(flag, reduction="sum").item())
+        if error is None and failed:
+            raise TrainError(
+                f"stopped: {failed} other process(es) failed while setting up (see their error)"
+            )
+    if error is not None:
+        raise error
+
+
 class TrainingRun:
     """One run of a recipe: `start` (the named set-up steps), then `train`."""
 
@@ -153,6 +186,7 @@ class TrainingRun:
         self.metrics_path = run_dir / run_folder.METRICS
         self.summary_path = run_dir / run_folder.SUMMARY
         self.accelerator = Accelerator(
+            cpu=cpu_processes(),
             mixed_precision=resolve_precision(self.settings.precision),
             gradient_accumulation_steps=self.settings.grad_accumulation,
             log_with=list(recipe.logging.trackers) or None,
@@ -168,11 +202,11 @@ class TrainingRun:
         replaced = None
         # The recipe a resumed run started with (main process): its changes are printed.
         self.started_with = None
-        if main:
-            self.started_with = check_run_dir(self.run_dir, self.recipe, resume, overwrite)
-            if overwrite:
-                replaced = run_folder.set_aside(self.run_dir)
-        self.accelerator.wait_for_everyone()
+        with together(self.accelerator):
+            if main:
+                self.started_with = check_run_dir(self.run_dir, self.recipe, resume, overwrite)
+                if overwrite:
+                    replaced = run_folder.set_aside(self.run_dir)
         try:
             self._setup(resume)
         except BaseException:
@@ -186,12 +220,13 @@ class TrainingRun:
 
     def _setup(self, resume: bool) -> None:
         set_seed(self.settings.seed)
-        self.built = assembly.build(self.recipe, self.accelerator, self.run_dir)
-        self.objective = self.built.objective
-        self.tokenizer = self.built.bundle.tokenizer
-        self.train_split = self.built.datasets.train
-        self.validation = self.built.datasets.validation
-        self.plan = self._setup_plan()
+        with together(self.accelerator):
+            self.built = assembly.build(self.recipe, self.accelerator, self.run_dir)
+            self.objective = self.built.objective
+            self.tokenizer = self.built.bundle.tokenizer
+            self.train_split = self.built.datasets.train
+            self.validation = self.built.datasets.validation
+            self.plan = self._setup_plan()
         self._setup_optimizer()
         self.state = self._resume() if resume else self._start_fresh()
         self._print_data()

@@ -4,22 +4,17 @@ processes and resume (on one process and on two) behave as without it."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from conftest import torchrun
 from llama_tune import checkpoint, config, data, run_folder, schema, train
 from llama_tune.adversarial import embedding
 from llama_tune.objective import TargetTokenLoss
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _losses(run_dir: Path, key: str = "loss") -> list[float]:
@@ -157,36 +152,10 @@ def test_accumulation_gives_the_same_adversarial_steps(tiny_recipe) -> None:
         assert abs(a - b) <= 1e-5 * abs(a)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _train_on_two_processes(recipe: Path, arguments: list[str]) -> Path:
-    """Train `recipe` on two gloo processes through the CLI; returns the run folder."""
-    port = str(_free_port())
-    ranks = []
-    for rank in (0, 1):
-        environment = os.environ | {
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": port,
-            "WORLD_SIZE": "2",
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "LOCAL_WORLD_SIZE": "2",
-            "ACCELERATE_USE_CPU": "true",
-            "OMP_NUM_THREADS": "1",
-        }
-        command = [sys.executable, "-m", "llama_tune", "train", str(recipe), *arguments]
-        ranks.append(
-            subprocess.Popen(
-                command, cwd=REPO, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-            )
-        )
-    for process in ranks:
-        output, _ = process.communicate(timeout=600)
-        assert process.returncode == 0, output.decode()[-2000:]
+    """Train `recipe` on two gloo processes through torchrun; returns the run folder."""
+    done = torchrun(["train", str(recipe), *arguments])
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     run_dir = recipe.parent / recipe.stem
     assert json.loads((run_dir / run_folder.SUMMARY).read_text())["processes"] == 2
     return run_dir
