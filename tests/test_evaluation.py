@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import pytest
+
+from conftest import torchrun
 from llama_tune import checkpoint, run_folder
 
 
@@ -25,3 +29,34 @@ def test_a_truncated_adapter_is_named(cli, tiny_recipe, tmp_path: Path) -> None:
     report = cli("report", str(run_dir), "--output", str(tmp_path / "comparison"), expect=2)
     assert report.stderr.startswith(f"error: {results}: unreadable")
     assert "Traceback" not in report.stderr
+
+
+def _scored(out_dir: Path) -> tuple[dict, list[dict]]:
+    results = json.loads((out_dir / "results.json").read_text())
+    lines = (out_dir / "predictions.jsonl").read_text().splitlines()
+    return results, [json.loads(line) for line in lines]
+
+
+def test_two_processes_score_each_row_once_as_one_process(cli, tiny_recipe) -> None:
+    path = tiny_recipe(max_steps=4, lr=5e-3)
+    recipe = json.loads(path.read_text())
+    # 23 rows: the processes' shares differ in size.
+    recipe["evaluation"] = {"split": "validation", "max_rows": 23, "after_training": True}
+    path.write_text(json.dumps(recipe))
+    # Trained and scored after training on two processes, through the launcher.
+    done = torchrun(["train", str(path)])
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert done.stdout.count("23 examples scored") == 1
+    out_dir = path.parent / "run" / "evaluation" / "validation"
+    two, two_rows = _scored(out_dir)
+    # The same run scored again by one process.
+    cli("evaluate", str(path.parent / "run"), "--split", "validation", "--limit", "23", "--base")
+    one, one_rows = _scored(out_dir)
+    assert [row["row"] for row in two_rows] == [row["row"] for row in one_rows]
+    assert len({row["row"] for row in two_rows}) == two["n"] == 23
+    assert [row["prediction"] for row in two_rows] == [row["prediction"] for row in one_rows]
+    for first, second in zip(one_rows, two_rows, strict=True):
+        for label, logprob in first["label_logprobs"].items():
+            assert second["label_logprobs"][label] == pytest.approx(logprob, abs=1e-4)
+    for system in ("tuned", "base"):
+        assert two["systems"][system]["metrics"] == one["systems"][system]["metrics"]

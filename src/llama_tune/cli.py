@@ -10,9 +10,13 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from llama_tune import __version__, config, run_folder
 from llama_tune.errors import UserError
+
+if TYPE_CHECKING:
+    from llama_tune.train import RunResult
 
 USAGE_ERROR = 2
 
@@ -82,6 +86,7 @@ def _parser() -> argparse.ArgumentParser:
 def _train(args: argparse.Namespace) -> int:
     # Imported here so `validate` and `--help` stay fast: torch and transformers load slowly.
     from llama_tune import train
+    from llama_tune.runtime import end_processes
 
     recipe_path = Path(args.recipe)
     if args.resume and recipe_path.is_dir():
@@ -95,10 +100,22 @@ def _train(args: argparse.Namespace) -> int:
         print(f"\nstopped: checkpoint saved to {stop.checkpoint_dir}", file=sys.stderr)
         print(f"continue with: llama-tune train {stop.run_dir} --resume", file=sys.stderr)
         return stop.exit_code
+    main = result.summary.get("status") == "finished"  # only the main process marks it
+    if main:
+        _print_summary(result)
+    if recipe.evaluation.after_training:
+        from llama_tune import evaluation
+
+        # Every process scores its share of the rows; the main one writes and prints.
+        results = evaluation.run(result.run_dir, base=True)
+        if main:
+            _print_results(results)
+    end_processes()
+    return 0
+
+
+def _print_summary(result: RunResult) -> None:
     summary = result.summary
-    # Only the main process marks the run finished; the others stop here.
-    if summary.get("status") != "finished":
-        return 0
     print(f"\nrun folder:  {result.run_dir}")
     print(f"{result.weights_dir.name + ':':<13}{result.weights_dir}")
     print(f"summary:     {result.run_dir / run_folder.SUMMARY}")
@@ -117,11 +134,6 @@ def _train(args: argparse.Namespace) -> int:
         f"time:        {summary['train_seconds']:.0f} s for {summary['steps']} steps, "
         f"{summary['tokens_per_s']:.0f} tokens/s"
     )
-    if recipe.evaluation.after_training:
-        from llama_tune import evaluation
-
-        _print_results(evaluation.run(result.run_dir, base=True))
-    return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -130,7 +142,13 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         print("error: --limit must be at least 1", file=sys.stderr)
         return USAGE_ERROR
-    _print_results(evaluation.run(args.target, args.overrides, args.split, args.limit, args.base))
+    from llama_tune.runtime import end_processes, process_state
+
+    results = evaluation.run(args.target, args.overrides, args.split, args.limit, args.base)
+    # Under a launcher every process scored a share; the main one reports.
+    if process_state().is_main_process:
+        _print_results(results)
+    end_processes()
     return 0
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from peft import PeftModel
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from llama_tune import config, data, models, report, schema, scoring
 from llama_tune.adversarial import paired_drops
@@ -30,7 +30,7 @@ from llama_tune.run_folder import (
     evaluation_folder,
     weights_folder,
 )
-from llama_tune.runtime import library_versions, resolve_precision
+from llama_tune.runtime import library_versions, process_state, resolve_precision
 
 
 class EvaluationError(UserError):
@@ -173,28 +173,66 @@ def _write_predictions(path: Path, eval_set: scoring.EvalSet) -> None:
     _write_lines(path, records)
 
 
-def run(
-    target: str | Path,
-    overrides: list[str] | None = None,
-    split: str | None = None,
-    limit: int | None = None,
-    base: bool = False,
-) -> dict[str, Any]:
-    """Score the target on one split and write results.json and predictions; returns results."""
-    resolved = resolve_target(target, overrides or [])
-    recipe, settings = resolved.recipe, resolved.recipe.evaluation
-    split = split or settings.split
-    precision = resolve_precision(recipe.train.precision)
-    tokenizer = models.load_tokenizer(recipe.model.name, recipe.model.revision)
-    eval_set = scoring.load_eval_set(recipe, tokenizer, split, limit or settings.max_rows)
+@dataclass
+class Scoring:
+    """What every system of one evaluation is scored with, and where its files go."""
 
-    systems = load_systems(resolved, precision, base)
-    best = resolved.weights_dir is not None and resolved.weights_dir.name == BEST
-    out_dir = evaluation_folder(resolved.run_dir, split, best)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    used = f"{len(eval_set.examples)} to score"
-    print(data.describe_rows(split, eval_set.origin, used, eval_set.skipped, out_dir / RESULTS))
-    results: dict[str, Any] = {
+    recipe: schema.Recipe
+    tokenizer: PreTrainedTokenizerBase
+    eval_set: scoring.EvalSet
+    precision: str
+    out_dir: Path
+    main: bool
+    """This process writes the files (the only one, or the main one under a launcher)."""
+
+    def score(self, system: System, first: bool) -> tuple[scoring.Scores, dict[str, Any]]:
+        """One system's scores and result; its predictions are written beside results.json.
+
+        Under a launcher every process predicts its share of the rows (`shared`)."""
+        recipe, settings, eval_set = self.recipe, self.recipe.evaluation, self.eval_set
+        examples = [dataclasses.replace(example) for example in eval_set.examples]
+        system_set = dataclasses.replace(eval_set, examples=examples)
+        with system.scoring():
+            seconds = scoring.predict(
+                system.model,
+                self.tokenizer,
+                recipe,
+                system_set,
+                self.precision,
+                f"score {system.name}",
+                shared=True,
+            )
+        scores = scoring.score(system_set, recipe.data.task, settings)
+        result = _system_result(system_set, scores, seconds)
+        result["parameters"] = sum(parameter.numel() for parameter in system.model.parameters())
+        if self.main:
+            name = paired_drops.predictions_file(system.name, first)
+            _write_predictions(self.out_dir / name, system_set)
+        if settings.robustness is not None:
+            # Imported here: most evaluations score clean inputs only.
+            from llama_tune.adversarial import robustness
+
+            with system.scoring():
+                records, perturbed = robustness.measure(
+                    system.model,
+                    self.tokenizer,
+                    recipe,
+                    eval_set,
+                    scores,
+                    self.precision,
+                    shared=True,
+                )
+            result["robustness"] = records
+            if self.main:
+                _write_lines(self.out_dir / paired_drops.robustness_file(system.name), perturbed)
+        return scores, result
+
+
+def _results_header(
+    resolved: Target, eval_set: scoring.EvalSet, split: str, precision: str
+) -> dict[str, Any]:
+    recipe = resolved.recipe
+    return {
         "task": recipe.data.task,
         "model": recipe.model.name,
         "weights": str(resolved.weights_dir) if resolved.weights_dir else None,
@@ -209,39 +247,50 @@ def run(
         },
         "n": len(eval_set.examples),
         "precision": precision,
-        "settings": settings.model_dump(mode="json"),
+        "settings": recipe.evaluation.model_dump(mode="json"),
         "systems": {},
         "versions": _versions(),
     }
+
+
+def run(
+    target: str | Path,
+    overrides: list[str] | None = None,
+    split: str | None = None,
+    limit: int | None = None,
+    base: bool = False,
+) -> dict[str, Any]:
+    """Score the target on one split and write results.json and predictions; returns results.
+
+    Under a launcher (torchrun, `accelerate launch`) every process must call it: each scores
+    its share of the rows, every row once, and the main process writes the files.
+    """
+    resolved = resolve_target(target, overrides or [])
+    recipe, settings = resolved.recipe, resolved.recipe.evaluation
+    split = split or settings.split
+    precision = resolve_precision(recipe.train.precision)
+    tokenizer = models.load_tokenizer(recipe.model.name, recipe.model.revision)
+    eval_set = scoring.load_eval_set(recipe, tokenizer, split, limit or settings.max_rows)
+
+    systems = load_systems(resolved, precision, base)
+    best = resolved.weights_dir is not None and resolved.weights_dir.name == BEST
+    out_dir = evaluation_folder(resolved.run_dir, split, best)
+    main = process_state().is_main_process
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        used = f"{len(eval_set.examples)} to score"
+        print(data.describe_rows(split, eval_set.origin, used, eval_set.skipped, out_dir / RESULTS))
+    results = _results_header(resolved, eval_set, split, precision)
     if not eval_set.examples:
         # Nothing to score is a result too: recorded with its reasons, not a crash.
         systems = []
         results["note"] = f"no usable rows in {eval_set.origin}"
+    scoring_run = Scoring(recipe, tokenizer, eval_set, precision, out_dir, main)
     scored: dict[str, scoring.Scores] = {}
     for system in systems:
-        examples = [dataclasses.replace(example) for example in eval_set.examples]
-        system_set = dataclasses.replace(eval_set, examples=examples)
-        with system.scoring():
-            seconds = scoring.predict(
-                system.model, tokenizer, recipe, system_set, precision, f"score {system.name}"
-            )
-        scored[system.name] = scoring.score(system_set, recipe.data.task, settings)
-        result = _system_result(system_set, scored[system.name], seconds)
-        result["parameters"] = sum(parameter.numel() for parameter in system.model.parameters())
-        results["systems"][system.name] = result
-        _write_predictions(
-            out_dir / paired_drops.predictions_file(system.name, system is systems[0]), system_set
+        scored[system.name], results["systems"][system.name] = scoring_run.score(
+            system, first=system is systems[0]
         )
-        if settings.robustness is not None:
-            # Imported here: most evaluations score clean inputs only.
-            from llama_tune.adversarial import robustness
-
-            with system.scoring():
-                records, perturbed = robustness.measure(
-                    system.model, tokenizer, recipe, eval_set, scored[system.name], precision
-                )
-            result["robustness"] = records
-            _write_lines(out_dir / paired_drops.robustness_file(system.name), perturbed)
     results["differences"] = {
         f"{system} - {against}": scoring.compare(
             scored[system], scored[against], len(eval_set.examples), settings
@@ -249,7 +298,8 @@ def run(
         for system, against in COMPARISONS
         if {system, against} <= scored.keys()
     }
-    write_json(out_dir / RESULTS, results)
-    report.write_run_report(out_dir, results, resolved.run_dir)
+    if main:
+        write_json(out_dir / RESULTS, results)
+        report.write_run_report(out_dir, results, resolved.run_dir)
     results["output_dir"] = str(out_dir)
     return results

@@ -43,6 +43,11 @@ def process_state() -> PartialState:
     return PartialState(cpu=cpu_processes())
 
 
+def end_processes() -> None:
+    """End the process group of a launched run, once nothing more is shared over it."""
+    process_state().destroy_process_group()
+
+
 def model_device() -> torch.device:
     """Where this process creates its models: its own accelerator (`cuda:LOCAL_RANK` under a
     launcher, the GPU of a plain run, else the CPU), so that no full copy is built on the CPU

@@ -16,11 +16,13 @@ from typing import Any
 import numpy
 import sacrebleu
 import torch
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from llama_tune import data, metrics
 from llama_tune.inference import autocast_for, generate, label_logprobs, label_token_ids
+from llama_tune.runtime import process_state
 from llama_tune.schema import EvaluationConfig, Recipe
 from llama_tune.uncertainty import Interval, Statistic, bootstrap, mean_of, paired_difference
 
@@ -114,48 +116,79 @@ def predict(
     eval_set: EvalSet,
     precision: str,
     progress: str | None = None,
+    shared: bool = False,
 ) -> float:
     """Fill in every example's prediction; returns the seconds spent.
 
-    `progress` names a progress bar over the rows (none when None: training's probe)."""
-    settings = recipe.evaluation
+    `progress` names a progress bar over the rows (none when None: training's probe). With
+    `shared`, the processes of a launched run split the rows, every N-th to each, so that each
+    row is predicted once, then exchange their predictions: every process ends with all of them.
+    Every process must then call it, with the same rows.
+    """
+    state = process_state() if shared else None
+    split = state is not None and state.num_processes > 1
+    examples = eval_set.examples
+    own = examples[state.process_index :: state.num_processes] if split else examples
     model.eval()
     started = time.perf_counter()
     bar = tqdm(
-        total=len(eval_set.examples),
+        total=len(own),
         desc=progress,
         unit="row",
-        disable=progress is None,
+        disable=progress is None or (state is not None and not state.is_main_process),
         dynamic_ncols=True,
     )
     with autocast_for(model, precision), bar:
-        if eval_set.labels is not None:
-            label_ids = label_token_ids(tokenizer, eval_set.labels, recipe.data.chat_template)
-            lengths = torch.tensor([len(ids) for ids in label_ids], dtype=torch.float)
-            for batch in length_sorted_batches(eval_set.examples, settings.batch_size):
-                scores = label_logprobs(
-                    model, [e.prompt_ids for e in batch], label_ids, tokenizer.pad_token_id
-                ).cpu()
-                ranked = scores / lengths if settings.length_normalise else scores
-                for example, row_scores, ranking in zip(batch, scores, ranked, strict=True):
-                    example.prediction = eval_set.labels[int(ranking.argmax())]
-                    example.label_logprobs = dict(
-                        zip(eval_set.labels, row_scores.tolist(), strict=True)
-                    )
-                bar.update(len(batch))
-        else:
-            for batch in length_sorted_batches(eval_set.examples, settings.batch_size):
-                texts = generate(
-                    model,
-                    tokenizer,
-                    [e.prompt_ids for e in batch],
-                    settings,
-                    stop_at_newline=not recipe.data.chat_template,
-                )
-                for example, text in zip(batch, texts, strict=True):
-                    example.prediction = text
-                bar.update(len(batch))
+        _predict_rows(model, tokenizer, recipe, own, eval_set.labels, bar)
+    if split:
+        _exchange_predictions(examples, state.process_index, state.num_processes)
     return time.perf_counter() - started
+
+
+def _predict_rows(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    recipe: Recipe,
+    examples: list[EvalExample],
+    labels: list[str] | None,
+    bar: tqdm,
+) -> None:
+    settings = recipe.evaluation
+    if labels is not None:
+        label_ids = label_token_ids(tokenizer, labels, recipe.data.chat_template)
+        lengths = torch.tensor([len(ids) for ids in label_ids], dtype=torch.float)
+        for batch in length_sorted_batches(examples, settings.batch_size):
+            scores = label_logprobs(
+                model, [e.prompt_ids for e in batch], label_ids, tokenizer.pad_token_id
+            ).cpu()
+            ranked = scores / lengths if settings.length_normalise else scores
+            for example, row_scores, ranking in zip(batch, scores, ranked, strict=True):
+                example.prediction = labels[int(ranking.argmax())]
+                example.label_logprobs = dict(zip(labels, row_scores.tolist(), strict=True))
+            bar.update(len(batch))
+        return
+    for batch in length_sorted_batches(examples, settings.batch_size):
+        texts = generate(
+            model,
+            tokenizer,
+            [e.prompt_ids for e in batch],
+            settings,
+            stop_at_newline=not recipe.data.chat_template,
+        )
+        for example, text in zip(batch, texts, strict=True):
+            example.prediction = text
+        bar.update(len(batch))
+
+
+def _exchange_predictions(examples: list[EvalExample], index: int, processes: int) -> None:
+    """Give every process the predictions of every row, each made by one process."""
+    mine = [
+        (row, examples[row].prediction, examples[row].label_logprobs)
+        for row in range(index, len(examples), processes)
+    ]
+    for row, prediction, logprobs in gather_object(mine):
+        examples[row].prediction = prediction
+        examples[row].label_logprobs = logprobs
 
 
 # ------------------------------------------------------------------------------------- metrics

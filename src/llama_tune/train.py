@@ -638,7 +638,10 @@ class TrainingRun:
                 best=validation.best_record(self.run_dir),
             )
             write_json(self.summary_path, summary)
-        accelerator.end_training()
+        # Not end_training(): it would end the process group that after-training evaluation
+        # shares its rows over; the CLI ends it (runtime.end_processes).
+        for tracker in accelerator.trackers:
+            tracker.finish()
         return RunResult(run_dir=self.run_dir, weights_dir=weights_dir, summary=summary)
 
 

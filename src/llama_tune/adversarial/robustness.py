@@ -81,8 +81,13 @@ def measure(
     eval_set: scoring.EvalSet,
     clean: scoring.Scores,
     precision: str,
+    shared: bool = False,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(one record per method and strength, the perturbed predictions) for one system."""
+    """(one record per method and strength, the perturbed predictions) for one system.
+
+    With `shared`, the processes of a launched run split the scoring of the perturbed rows
+    (`scoring.predict`); each builds the same perturbed rows from the same seed.
+    """
     settings = recipe.evaluation
     robustness = settings.robustness
     assert robustness is not None
@@ -107,7 +112,13 @@ def measure(
             )
             perturbed, changed = perturbed_set(eval_set, augmenter, method, settings.batch_size)
             seconds = scoring.predict(
-                model, tokenizer, recipe, perturbed, precision, f"score ({method} {strength})"
+                model,
+                tokenizer,
+                recipe,
+                perturbed,
+                precision,
+                f"score ({method} {strength})",
+                shared,
             )
             scores = scoring.score(perturbed, recipe.data.task, settings)
             records.append(
