@@ -6,7 +6,8 @@
 #   3. llama-1b:   LoRA in bf16 on a random Llama-3.2-1B shape, SST-2 and AESLC (100 measured
 #                  steps after 10 of warm-up, each trainer): tokens/s, peak
 #                  memory and MFU, llama-tune against TRL (benchmarks/train_throughput.py)
-#   4. llama-8b:   QLoRA on a random Llama-3.1-8B shape for a few steps: peak memory; then the
+#   4. profile:    torch.profiler over 5 of llama-tune's 1B steps: where a step's time goes
+#   5. llama-8b:   QLoRA on a random Llama-3.1-8B shape for a few steps: peak memory; then the
 #                  same in bf16 LoRA for comparison
 # Prepare here first: bash benchmarks/gpu/prepare.sh. Then, with the device tool:
 #   run(command="bash benchmarks/gpu/run.sh", carry=[".whl", ".gpu"], timeout_s=560)
@@ -46,7 +47,7 @@ export PYTHON RUNS OUT TOKENIZER QUICK_SHAPE LARGE_SHAPE HUGE_SHAPE STEPS QUICK
 # device tool's own time limit (timeout_s) stops the script. PHASES picks some phases by name
 # (to rerun them), STEPS the measured steps of the throughput runs.
 DEADLINE=${DEADLINE:-520}
-PHASES=${PHASES:-environment parity quickstart large-shape throughput-sst2 throughput-aeslc huge-shape qlora-8b lora-8b}
+PHASES=${PHASES:-environment parity quickstart large-shape throughput-sst2 throughput-aeslc profile huge-shape qlora-8b lora-8b}
 phase() {  # phase NAME SECONDS COMMAND...: run with a time limit, report its exit status and time
     local name=$1 limit=$2 started=$SECONDS
     shift 2
@@ -108,6 +109,8 @@ phase quickstart 150 quickstart
 phase large-shape 60 "$PYTHON" benchmarks/gpu/shapes.py "$LARGE_SHAPE" "$RUNS/large-model" --tokenizer "$TOKENIZER"
 phase throughput-sst2 150 throughput sst2 "$SST2_BATCH" 128
 phase throughput-aeslc 150 throughput aeslc "$AESLC_BATCH" 512
+phase profile 90 "$PYTHON" benchmarks/gpu/profile_steps.py --model "$RUNS/large-model" \
+    --batch-size "$SST2_BATCH"
 rm -rf "$RUNS/large-model"
 phase huge-shape 120 "$PYTHON" benchmarks/gpu/shapes.py "$HUGE_SHAPE" "$RUNS/huge-model" --tokenizer "$TOKENIZER"
 phase qlora-8b 120 memory qlora-8b
