@@ -207,11 +207,20 @@ def _fresh_accelerate_state() -> None:
 
 @pytest.fixture
 def cli():
-    """Run the real `llama-tune` command (or `command`) and check its exit code."""
+    """Run the real `llama-tune` command (or `command`), with `env` added to the environment,
+    and check its exit code."""
 
-    def run(*args: str, expect: int = 0, command: list[str] = CLI) -> subprocess.CompletedProcess:
+    def run(
+        *args: str, expect: int = 0, command: list[str] = CLI, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess:
         done = subprocess.run(
-            [*command, *args], capture_output=True, text=True, check=False, cwd=REPO, timeout=600
+            [*command, *args],
+            capture_output=True,
+            text=True,
+            check=False,
+            cwd=REPO,
+            timeout=600,
+            env=os.environ | env if env else None,
         )
         assert done.returncode == expect, done.stderr[-3000:]
         return done

@@ -120,6 +120,16 @@ def test_accelerate_launch_runs_the_same_recipe(cli, tiny_recipe) -> None:
     assert summary["processes"] == 1
 
 
+def test_a_sharding_launch_stops_before_any_model_loads(cli, tiny_recipe) -> None:
+    # What `accelerate launch` with an FSDP config sets in every process.
+    path = tiny_recipe()
+    done = cli("train", str(path), expect=2, env={"ACCELERATE_USE_FSDP": "true"})
+    assert "error: the launch config asks for FSDP" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert "Loading weights" not in done.stderr
+    assert not (path.parent / "run").exists()
+
+
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_launch_config_loads_in_accelerate_and_names_its_command(path: Path) -> None:
     from accelerate.commands.config.config_args import load_config_from_file

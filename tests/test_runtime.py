@@ -11,22 +11,31 @@ import torch
 from llama_tune import models, runtime, schema
 
 
-@pytest.mark.parametrize(
-    ("launcher_flag", "expected"),
-    [(None, "cuda:1"), ("ACCELERATE_USE_FSDP", "cpu"), ("ACCELERATE_USE_DEEPSPEED", "cpu")],
-)
-def test_models_are_created_on_the_process_accelerator_unless_sharded(
-    monkeypatch: pytest.MonkeyPatch, launcher_flag: str | None, expected: str
+def test_models_are_created_on_the_process_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A process of a launched run on its GPU.
+    state = SimpleNamespace(device=torch.device("cuda:1"))
+    monkeypatch.setattr(runtime, "process_state", lambda: state)
+    assert runtime.model_device() == torch.device("cuda:1")
+
+
+@pytest.mark.parametrize("flag", sorted(runtime.SHARDING_FLAGS))
+def test_a_sharding_launch_is_refused_naming_what_works(
+    monkeypatch: pytest.MonkeyPatch, flag: str
 ) -> None:
-    # A process of a launched run on its GPU; FSDP and DeepSpeed shard from the CPU instead.
-    monkeypatch.setattr(
-        runtime, "process_state", lambda: SimpleNamespace(device=torch.device("cuda:1"))
-    )
-    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
-    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
-    if launcher_flag is not None:
-        monkeypatch.setenv(launcher_flag, "true")
-    assert runtime.model_device() == torch.device(expected)
+    monkeypatch.setenv(flag, "true")
+    with pytest.raises(runtime.LaunchError, match=runtime.SHARDING_FLAGS[flag]) as refused:
+        runtime.check_launch()
+    assert "configs/multi_gpu.yaml" in str(refused.value)
+
+
+def test_more_processes_than_gpus_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runtime.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(runtime.torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    runtime.check_launch()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    with pytest.raises(runtime.LaunchError, match=r"4 processes launched .* 2 GPU"):
+        runtime.check_launch()
 
 
 def test_base_model_is_read_straight_onto_the_model_device(

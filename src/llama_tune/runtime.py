@@ -38,8 +38,37 @@ def cpu_processes() -> bool:
     return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+class LaunchError(UserError):
+    """A launch this run cannot honour (its config, or more processes than GPUs)."""
+
+
+SHARDING_FLAGS = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed"}
+"""The variables `accelerate launch` sets for a sharding config, and what they ask for."""
+
+
+def check_launch() -> None:
+    """Stop, before any model loads, on a launch this run cannot honour: sharding (FSDP,
+    DeepSpeed), which llama-tune does not do yet, or more processes on this machine than it has
+    GPUs (torch would fail on a missing device, deep in a traceback)."""
+    for flag, name in SHARDING_FLAGS.items():
+        if parse_flag_from_env(flag):
+            raise LaunchError(
+                f"the launch config asks for {name}, which llama-tune does not support yet: "
+                "use configs/multi_gpu.yaml (DDP, each GPU holds the whole model), or QLoRA "
+                "(model.quantization: 4bit) to fit the model on one GPU"
+            )
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus and local > gpus:
+        raise LaunchError(
+            f"{local} processes launched on this machine, which has {gpus} GPU(s): "
+            f"launch at most {gpus} (--num_processes, --nproc_per_node)"
+        )
+
+
 def process_state() -> PartialState:
-    """This process's place in the run (rank, count, device), with the flag above."""
+    """This process's place in the run (rank, count, device), once the launch is checked."""
+    check_launch()
     return PartialState(cpu=cpu_processes())
 
 
@@ -51,13 +80,7 @@ def end_processes() -> None:
 def model_device() -> torch.device:
     """Where this process creates its models: its own accelerator (`cuda:LOCAL_RANK` under a
     launcher, the GPU of a plain run, else the CPU), so that no full copy is built on the CPU
-    first. FSDP and DeepSpeed shard a model when it is prepared, from the CPU: a whole model on
-    every GPU first would not fit the models they are for.
-    """
-    if parse_flag_from_env("ACCELERATE_USE_FSDP") or parse_flag_from_env(
-        "ACCELERATE_USE_DEEPSPEED"
-    ):
-        return torch.device("cpu")
+    first."""
     return process_state().device
 
 

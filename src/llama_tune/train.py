@@ -33,6 +33,7 @@ from llama_tune.errors import UserError
 from llama_tune.jsonfiles import read_json, write_json
 from llama_tune.objective import Objective, combined, step_counts
 from llama_tune.runtime import (
+    check_launch,
     cpu_processes,
     device_name,
     library_versions,
@@ -185,6 +186,7 @@ class TrainingRun:
         self.run_dir = run_dir
         self.metrics_path = run_dir / run_folder.METRICS
         self.summary_path = run_dir / run_folder.SUMMARY
+        check_launch()
         self.accelerator = Accelerator(
             cpu=cpu_processes(),
             mixed_precision=resolve_precision(self.settings.precision),
