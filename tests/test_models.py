@@ -114,3 +114,13 @@ def test_auto_dtype_stores_the_base_in_the_compute_dtype(tiny_model_dir: Path) -
     assert {dtypes[name] for name in dtypes if "lora_" in name} == {torch.float32}
     fp32 = models.load(ModelConfig(name=str(tiny_model_dir)), AdapterConfig(r=4), "no")
     assert {p.dtype for p in fp32.model.parameters()} == {torch.float32}
+
+
+def test_qlora_keeps_unquantised_weights_in_the_storage_dtype(tiny_model_dir: Path) -> None:
+    # peft's kbit preparation would upcast them to fp32: twice the memory of an 8B Llama's
+    # embeddings and head, cast back to bf16 at every forward.
+    spec = ModelConfig(name=str(tiny_model_dir), quantization="4bit", dtype="bfloat16")
+    model = models.load_base_model(spec, "bf16")
+    assert model.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert model.model.norm.weight.dtype == torch.bfloat16
+    assert not any(parameter.requires_grad for parameter in model.parameters())

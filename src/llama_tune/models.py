@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 from transformers import (
     AutoModelForCausalLM,
@@ -208,16 +208,26 @@ def load_base_model(
     except (OSError, ValueError) as error:
         raise ModelError(_load_failure(config.name, error)) from None
     if quantization is not None:
-        _contiguous_head_input(model)
-        _keep_4bit_weights_trainable(model)
-        # peft passes torch no use_reentrant, and torch's reentrant default refuses the
-        # autograd.grad that embedding-space adversarial training takes of the inputs.
-        return prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=config.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
+        return _ready_for_kbit_training(model, config)
     return ready_for_training(model, config)
+
+
+def _ready_for_kbit_training(model: PreTrainedModel, config: ModelConfig) -> PreTrainedModel:
+    """Finish a quantised base for LoRA: every base weight frozen, checkpointing if asked.
+
+    peft's prepare_model_for_kbit_training would also upcast every weight bitsandbytes left
+    unquantised (embeddings, output head, norms) to fp32: for an 8B Llama 2.1 GB more for the
+    embeddings and head, cast back to the compute dtype at every forward under autocast. They
+    stay in the storage dtype here, as an unquantised base's frozen weights do.
+    """
+    _contiguous_head_input(model)
+    _keep_4bit_weights_trainable(model)
+    model.requires_grad_(False)
+    if config.gradient_checkpointing:
+        # Not torch's reentrant default: it refuses the autograd.grad that embedding-space
+        # adversarial training takes of the inputs.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
 
 
 def ready_for_training(model: PreTrainedModel, config: ModelConfig) -> PreTrainedModel:
