@@ -16,6 +16,8 @@ from llama_tune.schema import AdapterConfig, ModelConfig
 def test_unknown_names_list_the_built_in_models(tmp_path: Path) -> None:
     with pytest.raises(models.ModelError, match="built-in models: smollm2-135m-instruct"):
         models.resolve("./no/such/folder")
+    with pytest.raises(models.ModelError, match="not found"):
+        models.resolve("SmolLM2-135M-Instruct.Q4_1.gguf")
     (tmp_path / "empty").mkdir()
     with pytest.raises(models.ModelError, match=r"has no config\.json"):
         models.resolve(str(tmp_path / "empty"))
@@ -24,9 +26,8 @@ def test_unknown_names_list_the_built_in_models(tmp_path: Path) -> None:
 
 
 def test_hub_ids_pass_through_unchanged() -> None:
-    assert models.resolve("HuggingFaceTB/SmolLM2-135M-Instruct") == (
-        "HuggingFaceTB/SmolLM2-135M-Instruct"
-    )
+    for name in ("meta-llama/Llama-3.2-1B", "Qwen/Qwen2.5-0.5B-Instruct", "gpt2"):
+        assert models.resolve(name) == name
 
 
 def test_built_in_model_is_converted_once(builtin_dir: Path) -> None:
@@ -124,3 +125,22 @@ def test_qlora_keeps_unquantised_weights_in_the_storage_dtype(tiny_model_dir: Pa
     assert model.get_input_embeddings().weight.dtype == torch.bfloat16
     assert model.model.norm.weight.dtype == torch.bfloat16
     assert not any(parameter.requires_grad for parameter in model.parameters())
+
+
+def test_the_built_in_models_hub_id_stands_in_for_it_offline(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], builtin_dir: Path
+) -> None:
+    # This machine has no Hub: the adapter's portable base name loads the built-in copy.
+    origin = models.BUILTIN_MODELS["smollm2-135m-instruct"].origin
+    models.offline_stand_in.cache_clear()
+    assert models.resolve(origin) == str(builtin_dir)
+    assert f"the Hub cannot serve {origin}" in capsys.readouterr().err
+    record = models.base_record(ModelConfig(name=origin))
+    assert record["name"] == record["portable_name"] == origin
+    assert "Q4_1.gguf" in str(record["weights"])
+    # A pinned revision, or a Hub that serves the id, is never stood in for.
+    assert models.resolve(origin, "abc123") == origin
+    models.offline_stand_in.cache_clear()
+    monkeypatch.setattr(models, "hf_hub_download", lambda *_args, **_kwargs: "config.json")
+    assert models.resolve(origin) == origin
+    models.offline_stand_in.cache_clear()

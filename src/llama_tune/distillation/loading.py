@@ -83,7 +83,7 @@ def _memory_estimate(
     recipe: schema.Recipe, settings: schema.DistillConfig, mixed_precision: str
 ) -> preflight.MemoryEstimate:
     spec = teacher_spec(settings)
-    teacher_location = models.resolve(spec.name)
+    teacher_location = models.resolve(spec.name, spec.revision)
     teacher_parameters = preflight.parameter_count(teacher_location, spec.revision)
     if settings.student.from_teacher is not None:
         student_parameters = preflight.parameter_count(
@@ -91,7 +91,7 @@ def _memory_estimate(
         )
     else:
         student_parameters = preflight.parameter_count(
-            models.resolve(recipe.model.name), recipe.model.revision
+            models.resolve(recipe.model.name, recipe.model.revision), recipe.model.revision
         )
     full = recipe.adapter is None
     student_dtype = models.storage_dtype(recipe.model, mixed_precision, trained=full)
@@ -216,7 +216,9 @@ def load(
     keep = None
     if settings.student.from_teacher is not None:
         assert teacher is not None
-        keep = _kept_layers(settings, models.resolve(settings.teacher.name))
+        keep = _kept_layers(
+            settings, models.resolve(settings.teacher.name, settings.teacher.revision)
+        )
         dtype = models.storage_dtype(recipe.model, mixed_precision, trained=full)
         built = student.from_teacher(teacher, keep).to(dtype).requires_grad_(True)
         if not full and accelerator.is_main_process:
