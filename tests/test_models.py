@@ -7,6 +7,7 @@ from pathlib import Path
 import bitsandbytes
 import pytest
 import torch
+from huggingface_hub.errors import LocalEntryNotFoundError
 from transformers import AutoModelForCausalLM
 
 from llama_tune import models
@@ -130,8 +131,14 @@ def test_qlora_keeps_unquantised_weights_in_the_storage_dtype(tiny_model_dir: Pa
 def test_the_built_in_models_hub_id_stands_in_for_it_offline(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], builtin_dir: Path
 ) -> None:
-    # This machine has no Hub: the adapter's portable base name loads the built-in copy.
+    # The Hub cannot serve the adapter's portable base name (what hf_hub_download raises with
+    # no network, or with HF_HUB_OFFLINE): it loads the built-in copy.
     origin = models.BUILTIN_MODELS["smollm2-135m-instruct"].origin
+
+    def offline(*_args: object, **_kwargs: object) -> str:
+        raise LocalEntryNotFoundError("cannot reach the Hub")
+
+    monkeypatch.setattr(models, "hf_hub_download", offline)
     models.offline_stand_in.cache_clear()
     assert models.resolve(origin) == str(builtin_dir)
     assert f"the Hub cannot serve {origin}" in capsys.readouterr().err
