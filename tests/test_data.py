@@ -252,3 +252,41 @@ def test_missing_labels_say_why(tmp_path: Path, tokenizer) -> None:
         _config(tmp_path, "classification", fields={"label": "sentiment"}), tokenizer
     )
     assert built.labels == ["pos"]
+
+
+def _hub_sentiment(splits: tuple[str, ...]) -> object:
+    """A Hub dataset as datasets serves it: integer class labels with names, these splits."""
+    import datasets
+
+    rows = [json.loads(line) for line in (TEST_DATA / "sentiment" / "train.jsonl").open()]
+    features = datasets.Features(
+        {
+            "text": datasets.Value("string"),
+            "label": datasets.ClassLabel(names=["negative", "positive"]),
+        }
+    )
+    columns = {"text": [row["text"] for row in rows], "label": [row["label"] for row in rows]}
+    columns["label"][-1] = -1  # datasets' "no label"
+    split = datasets.Dataset.from_dict(columns, features=features)
+    return datasets.DatasetDict(dict.fromkeys(splits, split))
+
+
+def test_a_hub_dataset_gives_label_names_and_may_lack_a_validation_split(
+    monkeypatch: pytest.MonkeyPatch, tokenizer
+) -> None:
+    import datasets
+
+    def load_dataset(dataset_id: str) -> object:
+        assert dataset_id == "someone/sentiment"
+        return _hub_sentiment(("train",))
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    data._hub_dataset.cache_clear()
+    config = DataConfig(source="someone/sentiment", task="classification")
+    built = data.build(config, tokenizer)
+    data._hub_dataset.cache_clear()
+    assert built.labels == ["negative", "positive"]
+    assert built.validation is None
+    assert built.train.stats.origin == "someone/sentiment[train]"
+    assert built.train.stats.skipped == Counter({"missing_field:label": 1})
+    assert {example.target for example in built.train.examples} == {"negative", "positive"}

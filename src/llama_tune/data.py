@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import json
 from collections import Counter
 from collections.abc import Iterator
@@ -183,18 +184,35 @@ READERS = {
 }
 
 
-def _read_hub(dataset_id: str, split: str) -> Iterator[RawRow]:
+@functools.cache
+def _hub_dataset(dataset_id: str) -> Any:
+    """Every split of a Hub dataset (a datasets.DatasetDict), loaded once per process."""
     import datasets
 
     try:
-        rows = datasets.load_dataset(dataset_id, split=split)
+        return datasets.load_dataset(dataset_id)
     except Exception as error:  # datasets raises many types for unreachable or unknown ids
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
-        raise DataError(
-            f"cannot load dataset {dataset_id!r} split {split!r}: {first_line}"
-        ) from None
+        raise DataError(f"cannot load dataset {dataset_id!r}: {first_line}") from None
+
+
+def _read_hub_split(rows: Any) -> Iterator[RawRow]:
+    """Rows of a Hub split, class-label integers given as their names (0 -> "negative")."""
+    import datasets
+
+    names = {
+        column: feature
+        for column, feature in rows.features.items()
+        if isinstance(feature, datasets.ClassLabel)
+    }
     for number, values in enumerate(rows, start=1):
-        yield RawRow(number, dict(values))
+        values = dict(values)
+        for column, feature in names.items():
+            if isinstance(values.get(column), int):
+                # -1 is datasets' "no label" (GLUE's unlabelled test rows): a missing field.
+                label = values[column]
+                values[column] = feature.int2str(label) if label >= 0 else None
+        yield RawRow(number, values)
 
 
 def open_split(source: str, split: str) -> tuple[str, Iterator[RawRow]] | None:
@@ -215,7 +233,10 @@ def open_split(source: str, split: str) -> tuple[str, Iterator[RawRow]] | None:
         return (str(path), READERS[path.suffix](path)) if split == "train" else None
     if source.startswith((".", "/", "~")) or path.suffix in READERS:
         raise DataError(f"data source {source} not found")
-    return f"{source}[{split}]", _read_hub(source, split)
+    splits = _hub_dataset(source)
+    if split not in splits:
+        return None
+    return f"{source}[{split}]", _read_hub_split(splits[split])
 
 
 # ------------------------------------------------------------------------------------- rendering
