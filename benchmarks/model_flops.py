@@ -20,12 +20,15 @@ H200_BF16_DENSE_TFLOPS = 989.4
 """NVIDIA's dense bf16 Tensor Core peak of the H100/H200 SXM (without sparsity)."""
 
 
+def _head_dim(config: PretrainedConfig) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def decoder_weights(config: PretrainedConfig) -> int:
     """Weights of the matrix products in the decoder layers (attention and MLP projections)."""
     width, ffn = config.hidden_size, config.intermediate_size
-    head_dim = getattr(config, "head_dim", None) or width // config.num_attention_heads
-    query_width = config.num_attention_heads * head_dim
-    key_value_width = config.num_key_value_heads * head_dim
+    query_width = config.num_attention_heads * _head_dim(config)
+    key_value_width = config.num_key_value_heads * _head_dim(config)
     attention = width * (query_width + 2 * key_value_width) + query_width * width
     return config.num_hidden_layers * (attention + 3 * width * ffn)
 
@@ -35,9 +38,7 @@ def lora_training_flops(
 ) -> float:
     """FLOPs of LoRA training steps over these tokens (see the module docstring)."""
     layers = 4 * decoder_weights(config) * input_tokens
-    width = config.num_attention_heads * (
-        getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    )
+    width = config.num_attention_heads * _head_dim(config)
     attention = 3 * 4 * width * mean_length * config.num_hidden_layers * input_tokens
     head = 4 * config.hidden_size * config.vocab_size * target_tokens
     return float(layers + attention + head)

@@ -86,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
 def _train(args: argparse.Namespace) -> int:
     # Imported here so `validate` and `--help` stay fast: torch and transformers load slowly.
     from llama_tune import train
-    from llama_tune.runtime import end_processes
+    from llama_tune.runtime import end_processes, process_state
 
     recipe_path = Path(args.recipe)
     if args.resume and recipe_path.is_dir():
@@ -100,7 +100,7 @@ def _train(args: argparse.Namespace) -> int:
         print(f"\nstopped: checkpoint saved to {stop.checkpoint_dir}", file=sys.stderr)
         print(f"continue with: llama-tune train {stop.run_dir} --resume", file=sys.stderr)
         return stop.exit_code
-    main = result.summary.get("status") == "finished"  # only the main process marks it
+    main = process_state().is_main_process
     if main:
         _print_summary(result)
     if recipe.evaluation.after_training:

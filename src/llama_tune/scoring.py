@@ -128,7 +128,10 @@ def predict(
     state = process_state() if shared else None
     split = state is not None and state.num_processes > 1
     examples = eval_set.examples
-    own = examples[state.process_index :: state.num_processes] if split else examples
+    rows = range(len(examples))
+    if split:
+        rows = range(state.process_index, len(examples), state.num_processes)
+    own = [examples[row] for row in rows]
     model.eval()
     started = time.perf_counter()
     bar = tqdm(
@@ -141,7 +144,7 @@ def predict(
     with autocast_for(model, precision), bar:
         _predict_rows(model, tokenizer, recipe, own, eval_set.labels, bar)
     if split:
-        _exchange_predictions(examples, state.process_index, state.num_processes)
+        _exchange_predictions(examples, rows)
     return time.perf_counter() - started
 
 
@@ -180,12 +183,10 @@ def _predict_rows(
         bar.update(len(batch))
 
 
-def _exchange_predictions(examples: list[EvalExample], index: int, processes: int) -> None:
-    """Give every process the predictions of every row, each made by one process."""
-    mine = [
-        (row, examples[row].prediction, examples[row].label_logprobs)
-        for row in range(index, len(examples), processes)
-    ]
+def _exchange_predictions(examples: list[EvalExample], rows: range) -> None:
+    """Give every process the predictions of every row, each made by one process (this one
+    made `rows`)."""
+    mine = [(row, examples[row].prediction, examples[row].label_logprobs) for row in rows]
     for row, prediction, logprobs in gather_object(mine):
         examples[row].prediction = prediction
         examples[row].label_logprobs = logprobs
