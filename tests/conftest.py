@@ -20,6 +20,13 @@ REPO = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "llama_tune"]
 SHARED_DATA = Path(os.environ.get("LLAMA_TUNE_DATA", REPO.parent / "shared" / "datasets"))
 TEST_DATA = REPO / "tests" / "data"
+INSTRUCTION_FOLDERS = [
+    ("instruction/alpaca_en_demo", "alpaca"),
+    ("instruction/alpaca_en_demo_messages", "messages"),
+    ("instruction/sharegpt_dummy", "sharegpt"),
+    ("classification/sst2", "text"),
+]
+"""Shared folders read as instruction rows, and the format each one is written in."""
 """Tiny datasets written for the tests (tests/data/README.md): unit tests need nothing else."""
 
 

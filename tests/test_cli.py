@@ -176,3 +176,40 @@ def test_evaluate_a_trained_run_against_its_base(cli, tiny_recipe, tmp_path: Pat
     assert "Traceback" not in failed.stderr
     missing = cli("report", str(not_a_run), expect=2)
     assert "no evaluation results" in missing.stderr
+
+
+def test_chat_data_trains_and_scores_its_last_answers(cli, tiny_recipe, data_root: Path) -> None:
+    source = data_root / "instruction" / "sharegpt_dummy"
+    path = tiny_recipe("chat", max_steps=4)
+    settings = [f"data.source={source}", "data.task=instruction", "data.max_train_rows=32"]
+    settings += ["data.chat.system_prompt=Be brief.", "evaluation.after_training=true"]
+    settings += ["evaluation.max_rows=6", "evaluation.max_new_tokens=4"]
+    done = cli("train", str(path), *settings)
+    assert "6 examples scored" in done.stdout
+    results_dir = path.parent / "chat" / "evaluation" / "test"
+    results = json.loads((results_dir / "results.json").read_text())
+    for system in ("tuned", "base"):
+        metrics = results["systems"][system]["metrics"]
+        assert set(metrics) == {"rougeL", "chrf", "exact_match"}
+        assert all(0 <= metrics[name]["low"] <= metrics[name]["high"] for name in metrics)
+    rows = [
+        json.loads(line) for line in (results_dir / "predictions.jsonl").read_text().splitlines()
+    ]
+    test_rows = (source / "test.jsonl").read_text().splitlines()
+    for row in rows:
+        turns = json.loads(test_rows[row["row"] - 1])["conversations"]
+        assert row["input"] == turns[-2]["value"]
+        assert row["references"] == [turns[-1]["value"]]
+
+    augmented = cli(
+        "train",
+        str(path),
+        *settings[:3],
+        "--overwrite",
+        "adversarial.augment.methods=[char]",
+        expect=2,
+    )
+    assert "adversarial.augment: perturbations rewrite the one prompt" in augmented.stderr
+    assert "Traceback" not in augmented.stderr
+    # The refused run put the finished one back as it was.
+    assert json.loads((results_dir / "results.json").read_text()) == results

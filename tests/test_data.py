@@ -135,7 +135,7 @@ def test_chat_template_wraps_the_prompt(tokenizer) -> None:
         _config(
             TEST_DATA / "sentiment",
             "classification",
-            chat_template=True,
+            chat={"template": "tokenizer"},
             max_train_rows=3,
         ),
         tokenizer,

@@ -24,7 +24,7 @@ def test_label_logprobs_equal_full_sequence_scoring(tiny_model_dir: Path, tokeni
         tokenizer("Review: dull and far, far too long for anyone.\nLabel:")["input_ids"],
     ]
     labels = ["positive", "negative", "very mixed feelings"]
-    label_ids = inference.label_token_ids(tokenizer, labels, chat_template=False)
+    label_ids = inference.label_token_ids(tokenizer, labels, False)
     assert max(len(ids) for ids in label_ids) > 1
     fast = inference.label_logprobs(model, prompts, label_ids, tokenizer.pad_token_id)
     for p, prompt in enumerate(prompts):
@@ -165,3 +165,43 @@ def test_empty_split_and_bad_references_are_reported(tiny_model_dir: Path, tmp_p
     scored = evaluation.run(path, split="test")
     assert scored["n"] == 1
     assert scored["data"]["skipped"] == {"empty_field:label": 1, "missing_field:text": 1}
+
+
+def test_answer_scores_rouge_l_chrf_and_exact_match() -> None:
+    predictions = ["The  cat sat.", "a dog", "nothing alike"]
+    references = [["the cat sat."], ["A dog ran", "a DOG"], ["zebra"]]
+    scores = scoring.answer_scores(predictions, references)
+    values = scoring.point_values(scores, 3)
+    assert values["exact_match"] == pytest.approx(2 / 3)
+    expected_rouge = metrics.load("rouge").compute(predictions=predictions, references=references)
+    assert values["rougeL"] == pytest.approx(expected_rouge["rougeL"])
+    streams = [["the cat sat.", "A dog ran", "zebra"], ["the cat sat.", "a DOG", "zebra"]]
+    chrf = sacrebleu.metrics.CHRF().corpus_score(predictions, streams)
+    assert values["chrf"] == pytest.approx(chrf.score)
+
+
+def test_a_generated_answer_ends_at_its_first_stop_string() -> None:
+    assert inference.cut_at_stops("\n\n Paris.\nQuestion: next", ["\n"]) == "Paris."
+    assert inference.cut_at_stops(" Paris.<|eot_id|>\n<|start", ["<|eot_id|>"]) == "Paris."
+    assert inference.cut_at_stops(" Two\nlines.<|eot_id|>", ["<|eot_id|>"]) == "Two\nlines."
+    assert inference.cut_at_stops(" no stop at all ", []) == "no stop at all"
+
+
+def test_the_built_in_model_answers_chat_rows_within_the_turn(
+    tmp_path: Path, data_root: Path
+) -> None:
+    path = tmp_path / "chat.yaml"
+    source = data_root / "instruction" / "alpaca_en_demo_messages"
+    recipe = {
+        "data": {"source": str(source), "task": "instruction"},
+        "evaluation": {"max_new_tokens": 48, "batch_size": 4, "bootstrap_resamples": 50},
+        "output": {"dir": str(tmp_path / "chat")},
+    }
+    path.write_text(json.dumps(recipe))
+    results = evaluation.run(path, limit=4)
+    assert set(results["systems"]["base"]["metrics"]) == {"rougeL", "chrf", "exact_match"}
+    lines = (Path(results["output_dir"]) / "predictions.jsonl").read_text().splitlines()
+    predictions = [json.loads(line)["prediction"] for line in lines]
+    assert all(predictions)
+    assert not any("<|im" in prediction for prediction in predictions)
+    assert results["systems"]["base"]["metrics"]["rougeL"]["value"] > 0.05

@@ -53,6 +53,8 @@ def build(recipe: schema.Recipe, accelerator: Accelerator, run_dir: Path) -> Tra
         objective = AdversarialObjective(objective, recipe.adversarial.train)
     augmenter = None
     if augment is not None:
+        stats = datasets.train.stats
+        data.refuse_perturbing(stats.format, stats.origin, "adversarial.augment")
         from llama_tune.adversarial.augment import Augmenter
 
         augmenter = Augmenter(

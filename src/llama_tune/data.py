@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from llama_tune import chat_templates, conversations
+from llama_tune.chat_templates import Message, RenderedConversation
 from llama_tune.errors import UserError
 from llama_tune.schema import DataConfig
 from llama_tune.tasks import TASKS, TaskSpec, language_name
@@ -58,11 +60,15 @@ class Example:
     perturbation: str | None = None
     """The augmentation method that made this example from a clean training row; None for a
     row as read."""
+    earlier_answers: tuple[tuple[int, int], ...] = ()
+    """Token spans [start, end) before the prompt's end that the loss also covers: the earlier
+    assistant turns of a conversation."""
 
     @property
     def target_length(self) -> int:
         """Tokens the task cross-entropy covers."""
-        return len(self.input_ids) - self.prompt_length
+        earlier = sum(end - start for start, end in self.earlier_answers)
+        return len(self.input_ids) - self.prompt_length + earlier
 
 
 @dataclass
@@ -70,6 +76,8 @@ class SplitStats:
     """What happened to the rows of one split; goes into the run summary."""
 
     origin: str
+    format: str | None = None
+    """The row format read (instruction rows), None for a task's own fields."""
     rows_read: int = 0
     rows_used: int = 0
     truncated: int = 0
@@ -78,6 +86,7 @@ class SplitStats:
     def as_dict(self) -> dict[str, Any]:
         return {
             "origin": self.origin,
+            "format": self.format,
             "rows_read": self.rows_read,
             "rows_used": self.rows_used,
             "truncated": self.truncated,
@@ -243,7 +252,11 @@ def open_split(source: str, split: str) -> tuple[str, Iterator[RawRow]] | None:
 
 
 class TaskFormatter:
-    """Renders rows of one task into prompt and target text, as the recipe says."""
+    """Renders rows of one task into prompt and target text, as the recipe says.
+
+    Instruction rows come in several formats (`conversations`): the recipe's, or the one the
+    first usable row is written in, which then holds for every file of the source.
+    """
 
     def __init__(
         self, config: DataConfig, labels: list[str] | None = None, strict_labels: bool = True
@@ -255,6 +268,45 @@ class TaskFormatter:
         self.template = config.template or self.task.template
         self.labels = labels
         self.columns = {**dict(self.task.default_columns), **config.fields}
+        self.row_format: str | None = None
+        if config.task != "instruction":
+            self.row_format = "fields"
+        elif config.format != "auto":
+            self.row_format = config.format
+        self._chat: dict[int, chat_templates.ChatTemplate | None] = {}
+
+    @property
+    def conversational(self) -> bool:
+        return self.row_format in conversations.CONVERSATIONAL
+
+    def chat_template(
+        self, tokenizer: PreTrainedTokenizerBase
+    ) -> chat_templates.ChatTemplate | None:
+        """The template rows are rendered with, None for plain text: the recipe's choice, else
+        the tokenizer's own for conversations. Resolved once per tokenizer."""
+        if id(tokenizer) not in self._chat:
+            choice = self.config.chat.template
+            if choice is None and self.conversational:
+                choice = chat_templates.TOKENIZER
+            self._chat[id(tokenizer)] = (
+                None if choice is None else chat_templates.resolve(choice, tokenizer)
+            )
+        return self._chat[id(tokenizer)]
+
+    def stop_strings(self, tokenizer: PreTrainedTokenizerBase) -> list[str]:
+        """Where a generated answer ends besides the end-of-sequence token: the line's end for a
+        plain template, the chat template's end of turn."""
+        template = self.chat_template(tokenizer)
+        if template is None:
+            return ["\n"]
+        turn_end = template.turn_end(tokenizer)
+        return [] if turn_end in ("", tokenizer.eos_token) else [turn_end]
+
+    def adopt_format(self, values: dict[str, Any]) -> None:
+        """Take the row format from the first usable row when the recipe leaves it to the data."""
+        if self.row_format is None:
+            mapped = self.column("prompt") in values and self.column("completion") in values
+            self.row_format = "prompt_completion" if mapped else conversations.detect(values)
 
     def column(self, task_field: str) -> str:
         return self.columns.get(task_field, task_field)
@@ -291,17 +343,23 @@ class TaskFormatter:
         return rendered
 
     def prompt(self, fields: dict[str, str], tokenizer: PreTrainedTokenizerBase) -> str:
+        """The prompt text of a single-prompt row: the task template, as a user turn of the
+        chat template (after the system prompt) when there is one."""
         prompt = self.template.format(**fields)
-        if self.config.chat_template:
-            return tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-            )
-        return prompt
+        template = self.chat_template(tokenizer)
+        if template is None:
+            return prompt
+        turns = [{"role": "user", "content": prompt}]
+        if self.config.chat.system_prompt is not None:
+            turns.insert(0, {"role": "system", "content": self.config.chat.system_prompt})
+        return template.render(turns, tokenizer, add_generation_prompt=True)
 
-    def target(self, fields: dict[str, str]) -> str:
-        # The prompt template ends before the answer; a plain template needs the separating space.
+    def target(self, fields: dict[str, str], tokenizer: PreTrainedTokenizerBase) -> str:
+        """The target text: after a space in a plain template, with the chat template's end of
+        turn (the end-of-sequence token follows a plain one)."""
         target = fields[self.task.target_field]
-        return target if self.config.chat_template else f" {target}"
+        template = self.chat_template(tokenizer)
+        return f" {target}" if template is None else target + template.turn_end(tokenizer)
 
 
 # -------------------------------------------------------------------------------------- encoding
@@ -322,18 +380,18 @@ def encode(
     then, if the target alone still does not fit, the end of the target.
     """
     config = formatter.config
-    # A chat-rendered prompt already holds its special tokens as text.
-    special = not config.chat_template
-    target_ids = _encode_text(tokenizer, formatter.target(fields), False)
-    target_ids.append(tokenizer.eos_token_id)
+    # A chat-rendered prompt already holds its special tokens as text, and its end of turn.
+    special = formatter.chat_template(tokenizer) is None
+    target_ids = _encode_text(tokenizer, formatter.target(fields, tokenizer), False)
+    if special:
+        target_ids.append(tokenizer.eos_token_id)
     prompt_ids = _encode_text(tokenizer, formatter.prompt(fields, tokenizer), special)
     overflow = len(prompt_ids) + len(target_ids) - config.max_length
     if overflow <= 0:
         return prompt_ids + target_ids, len(prompt_ids), False
+    _too_long(config, len(prompt_ids) + len(target_ids))
     if config.truncation == "drop":
         return None
-    if config.truncation == "error":
-        raise ValueError(f"too_long ({len(prompt_ids) + len(target_ids)} > {config.max_length})")
     long_field = formatter.task.truncatable_field
     field_ids = _encode_text(tokenizer, fields[long_field], False)
     shortened = dict(fields)
@@ -346,6 +404,87 @@ def encode(
             break
     room_for_target = max(config.max_length - len(prompt_ids), 1)
     return prompt_ids + target_ids[:room_for_target], len(prompt_ids), True
+
+
+def _too_long(config: DataConfig, length: int) -> None:
+    """Under `truncation: error`, stop on a row of `length` tokens."""
+    if config.truncation == "error":
+        raise ValueError(f"too_long ({length} > {config.max_length})")
+
+
+def _without_first_exchange(messages: list[Message]) -> list[Message] | None:
+    """The conversation without its first user turn and the answer to it; None when that
+    would leave no answer."""
+    first = 1 if messages[0]["role"] == "system" else 0
+    answers = [index for index, message in enumerate(messages) if message["role"] == "assistant"]
+    if len(answers) < 2:
+        return None
+    return messages[:first] + messages[first + 2 :]
+
+
+def _with_shorter_question(
+    messages: list[Message], overflow: int, tokenizer: PreTrainedTokenizerBase
+) -> Iterator[list[Message]]:
+    """The conversation with the end of its last question cut by about `overflow` tokens, then
+    by a little more each time (re-tokenising decoded text can merge tokens differently)."""
+    last = max(index for index, message in enumerate(messages) if message["role"] == "assistant")
+    question_ids = _encode_text(tokenizer, messages[last - 1]["content"], False)
+    for extra in (0, 2, 8, 32):
+        keep = max(len(question_ids) - overflow - extra, 1)
+        shortened = [dict(message) for message in messages]
+        shortened[last - 1]["content"] = tokenizer.decode(question_ids[:keep])
+        yield shortened
+        if keep == 1:
+            return
+
+
+def encode_conversation(
+    messages: list[Message], formatter: TaskFormatter, tokenizer: PreTrainedTokenizerBase
+) -> tuple[RenderedConversation, bool] | None:
+    """The conversation rendered within `data.max_length`, and whether it was shortened;
+    None when it cannot be kept.
+
+    Too-long conversations lose whole exchanges from the start (the system turn stays), then the
+    end of the last question; the last answer is never cut: a row whose last exchange does not
+    fit even so is too long.
+    """
+    config = formatter.config
+    template = formatter.chat_template(tokenizer)
+    assert template is not None
+    rendered = chat_templates.render(messages, template, tokenizer)
+    if len(rendered.input_ids) <= config.max_length:
+        return rendered, False
+    _too_long(config, len(rendered.input_ids))
+    if config.truncation == "drop":
+        return None
+    while len(rendered.input_ids) > config.max_length:
+        shorter = _without_first_exchange(messages)
+        if shorter is None:
+            break
+        messages = shorter
+        rendered = chat_templates.render(messages, template, tokenizer)
+    overflow = len(rendered.input_ids) - config.max_length
+    if overflow > 0:
+        for shortened in _with_shorter_question(messages, overflow, tokenizer):
+            rendered = chat_templates.render(shortened, template, tokenizer)
+            if len(rendered.input_ids) <= config.max_length:
+                break
+    return (rendered, True) if len(rendered.input_ids) <= config.max_length else None
+
+
+def encode_plain_text(
+    text: str, formatter: TaskFormatter, tokenizer: PreTrainedTokenizerBase
+) -> tuple[list[int], bool] | None:
+    """Plain text as token ids with the end-of-sequence token, its end cut to
+    `data.max_length` under `truncation: truncate`; None when it is dropped."""
+    config = formatter.config
+    input_ids = [*_encode_text(tokenizer, text, True), tokenizer.eos_token_id]
+    if len(input_ids) <= config.max_length:
+        return input_ids, False
+    _too_long(config, len(input_ids))
+    if config.truncation == "drop":
+        return None
+    return input_ids[: config.max_length], True
 
 
 def collect_labels(config: DataConfig, rows: Iterator[RawRow]) -> tuple[list[str], Counter[str]]:
@@ -370,9 +509,52 @@ class RenderedRow:
 
     row: RawRow
     fields: dict[str, str]
+    prompt: str
     input_ids: list[int]
     prompt_length: int
     truncated: bool
+    earlier_answers: tuple[tuple[int, int], ...] = ()
+
+
+def render_row(
+    row: RawRow, formatter: TaskFormatter, tokenizer: PreTrainedTokenizerBase
+) -> RenderedRow | None:
+    """One row rendered and encoded in the source's format; None when it is too long to keep,
+    ValueError with the bad-row reason when it does not fit."""
+    if row.problem is not None:
+        raise ValueError(row.problem)
+    assert row.values is not None
+    formatter.adopt_format(row.values)
+    if formatter.row_format == "text":
+        text = formatter.text_field(row.values, "text")
+        encoded_text = encode_plain_text(text, formatter, tokenizer)
+        if encoded_text is None:
+            return None
+        input_ids, truncated = encoded_text
+        # The first token is never predicted: the loss covers every later one.
+        fields = {"prompt": "", "completion": text}
+        return RenderedRow(row, fields, "", input_ids, 1, truncated)
+    if not formatter.conversational:
+        fields = formatter.fields(row.values)
+        encoded = encode(fields, formatter, tokenizer)
+        if encoded is None:
+            return None
+        return RenderedRow(row, fields, formatter.prompt(fields, tokenizer), *encoded)
+    assert formatter.row_format is not None
+    messages = conversations.to_messages(
+        row.values, formatter.row_format, formatter.config.chat.system_prompt
+    )
+    conversation = encode_conversation(messages, formatter, tokenizer)
+    if conversation is None:
+        return None
+    rendered, truncated = conversation
+    *earlier, (prompt_length, _) = rendered.answers
+    if formatter.config.chat.assistant_turns == "last":
+        earlier = []
+    fields = conversations.last_exchange(messages)
+    return RenderedRow(
+        row, fields, rendered.prompt, rendered.input_ids, prompt_length, truncated, tuple(earlier)
+    )
 
 
 def rendered_rows(
@@ -390,21 +572,30 @@ def rendered_rows(
     """
     for row in rows:
         try:
-            if row.problem is not None:
-                raise ValueError(row.problem)
-            assert row.values is not None
-            fields = formatter.fields(row.values)
-            encoded = encode(fields, formatter, tokenizer)
+            rendered = render_row(row, formatter, tokenizer)
         except ValueError as error:
             too_long = str(error).startswith("too_long")
             if strict and (too_long or formatter.config.bad_rows == "error"):
-                raise DataError(f"{origin}: row {row.number}: {error}") from None
+                raise DataError(
+                    f"{origin}: row {row.number}: {error}{_expected(formatter)}"
+                ) from None
             skipped["too_long" if too_long else str(error)] += 1
             continue
-        if encoded is None:
+        if rendered is None:
             skipped["too_long"] += 1
             continue
-        yield RenderedRow(row, fields, *encoded)
+        yield rendered
+
+
+def _expected(formatter: TaskFormatter) -> str:
+    """What the rows of an instruction source must hold, for a bad row's error."""
+    row_format = formatter.row_format
+    if row_format is None:
+        listing = "; ".join(conversations.expected(name) for name in conversations.FORMATS)
+        return f" (instruction rows hold one of: {listing})"
+    if row_format == "fields":
+        return ""
+    return f" (format {row_format}: expected {conversations.expected(row_format)})"
 
 
 def build_split(
@@ -418,15 +609,17 @@ def build_split(
     stats = SplitStats(origin=origin)
     examples = []
     for rendered in rendered_rows(origin, rows, formatter, tokenizer, stats.skipped, strict=True):
+        stats.format = None if formatter.row_format == "fields" else formatter.row_format
         stats.truncated += rendered.truncated
         examples.append(
             Example(
-                prompt=formatter.prompt(rendered.fields, tokenizer),
+                prompt=rendered.prompt,
                 target=rendered.fields[formatter.task.target_field],
                 input_ids=rendered.input_ids,
                 prompt_length=rendered.prompt_length,
                 row=rendered.row.number,
                 fields=rendered.fields,
+                earlier_answers=rendered.earlier_answers,
             )
         )
         if limit is not None and len(examples) >= limit:
@@ -456,6 +649,16 @@ def _open_train(config: DataConfig) -> tuple[str, Iterator[RawRow]]:
     if opened is None:
         raise DataError(f"data source {config.source} has no {config.splits.train!r} split")
     return opened
+
+
+def refuse_perturbing(row_format: str | None, origin: str, key: str) -> None:
+    """Perturbations rewrite a row's one prompt: stop naming `key` when the rows have none
+    (plain text) or several turns (conversations)."""
+    if row_format not in ("fields", "prompt_completion", None):
+        raise DataError(
+            f"{key}: perturbations rewrite the one prompt of a row, and {origin} holds "
+            f"{row_format} rows; use prompt/completion rows or turn {key} off"
+        )
 
 
 def training_inputs(formatter: TaskFormatter) -> Iterator[str]:
@@ -546,6 +749,8 @@ def collate(examples: list[Example], pad_token_id: int, bucket: int) -> dict[str
         input_ids[row, : len(ids)] = ids
         attention_mask[row, : len(ids)] = 1
         labels[row, example.prompt_length : len(ids)] = ids[example.prompt_length :]
+        for start, end in example.earlier_answers:
+            labels[row, start:end] = ids[start:end]
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 

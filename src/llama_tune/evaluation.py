@@ -271,6 +271,8 @@ def run(
     precision = resolve_precision(recipe.train.precision)
     tokenizer = models.load_tokenizer(recipe.model.name, recipe.model.revision)
     eval_set = scoring.load_eval_set(recipe, tokenizer, split, limit or settings.max_rows)
+    if settings.robustness is not None:
+        data.refuse_perturbing(eval_set.row_format, eval_set.origin, "evaluation.robustness")
 
     systems = load_systems(resolved, precision, base)
     best = resolved.weights_dir is not None and resolved.weights_dir.name == BEST

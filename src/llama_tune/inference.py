@@ -36,10 +36,11 @@ def left_pad(
 
 
 def label_token_ids(
-    tokenizer: PreTrainedTokenizerBase, labels: list[str], chat_template: bool
+    tokenizer: PreTrainedTokenizerBase, labels: list[str], in_chat: bool
 ) -> list[list[int]]:
-    """Token ids of each label as the target would start (a space first in plain templates)."""
-    prefix = "" if chat_template else " "
+    """Token ids of each label as the target would start: a space first in plain templates,
+    none as a chat template's answer (`in_chat`)."""
+    prefix = "" if in_chat else " "
     return [tokenizer(prefix + label, add_special_tokens=False)["input_ids"] for label in labels]
 
 
@@ -118,9 +119,11 @@ def generate(
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[list[int]],
     settings: EvaluationConfig,
-    stop_at_newline: bool,
+    stop_strings: list[str],
 ) -> list[str]:
-    """Greedy or beam-search completions of left-padded prompts, cut at the answer's end."""
+    """Greedy or beam-search completions of left-padded prompts, cut where an answer ends: the
+    end-of-sequence token or the first of `stop_strings` (a plain template's line end, a chat
+    template's end of turn)."""
     device = next(model.parameters()).device
     input_ids, attention_mask = left_pad(prompts, tokenizer.pad_token_id, device)
     output = model.generate(
@@ -131,14 +134,20 @@ def generate(
         do_sample=False,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        stop_strings=["\n"] if stop_at_newline else None,
+        stop_strings=stop_strings or None,
         tokenizer=tokenizer,
     )
     texts = tokenizer.batch_decode(output[:, input_ids.shape[1] :], skip_special_tokens=True)
-    # A plain template's answer is one line; a chat answer ends at the end-of-turn token.
-    return [
-        text.strip().split("\n")[0].strip() if stop_at_newline else text.strip() for text in texts
-    ]
+    return [cut_at_stops(text, stop_strings) for text in texts]
+
+
+def cut_at_stops(text: str, stop_strings: list[str]) -> str:
+    """A generated text up to its first stop string (a row of a batch, or a beam, may run past
+    it while others go on), without surrounding whitespace. A whitespace stop (a plain
+    template's line end) counts only after the answer has started."""
+    for stop in stop_strings:
+        text = text.split(stop, 1)[0] if stop.strip() else text.strip().split(stop, 1)[0]
+    return text.strip()
 
 
 def autocast_for(model: PreTrainedModel, precision: str) -> contextlib.AbstractContextManager:

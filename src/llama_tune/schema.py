@@ -83,6 +83,22 @@ class SplitsConfig(Section):
     """Split kept for final scoring."""
 
 
+RowFormat = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"]
+
+
+class ChatConfig(Section):
+    """How conversations are rendered, and which turns the loss covers."""
+
+    template: str | None = Field(None, json_schema_extra=RESUME)
+    """Chat template: 'tokenizer' (its own), a named one (llama-3, chatml, mistral, gemma,
+    zephyr), a .jinja file or an inline Jinja string. Null: the tokenizer's own for
+    conversations (messages, ShareGPT, alpaca), none for other rows."""
+    system_prompt: str | None = Field(None, json_schema_extra=RESUME)
+    """A system turn put first in every conversation that has none of its own."""
+    assistant_turns: Literal["all", "last"] = Field("all", json_schema_extra=RESUME)
+    """Which assistant turns of a conversation the loss covers: every one, or the last."""
+
+
 class DataConfig(Section):
     """Where rows come from and how they become prompt and target text."""
 
@@ -95,8 +111,10 @@ class DataConfig(Section):
     """Task field -> column name in the data, e.g. {text: sentence}; defaults fit the task."""
     template: str | None = Field(None, json_schema_extra=RESUME)
     """Prompt template with {field} placeholders; the task's default when null."""
-    chat_template: bool = Field(False, json_schema_extra=RESUME)
-    """Wrap the prompt in the tokenizer's chat template as a user turn."""
+    format: RowFormat = Field("auto", json_schema_extra=RESUME)
+    """Instruction rows: messages, sharegpt, alpaca, prompt_completion or text; auto reads it
+    from the first usable row."""
+    chat: ChatConfig = Field(ChatConfig(), json_schema_extra=RESUME)
     labels: list[str] | None = Field(None, json_schema_extra=RESUME)
     """Classification label set; collected from the training split when null."""
     source_lang: str | None = Field(None, json_schema_extra=RESUME)
@@ -128,12 +146,21 @@ class DataConfig(Section):
             ]
         if self.labels is not None and self.task != "classification":
             problems.append("labels: only classification recipes take labels")
+        if self.format != "auto" and self.task != "instruction":
+            problems.append(
+                f"format: {self.task} rows have the task's fields; only "
+                "instruction recipes take a format"
+            )
+        plain = self.chat.template is None and self.task != "instruction"
+        if self.chat.system_prompt is not None and plain:
+            problems.append("chat.system_prompt: needs a chat.template to put it in")
         if problems:
             raise ValueError("\n".join(problems))
         return self
 
 
 MOVED_KEYS = {
+    "data.chat_template": "data.chat.template",
     "train.log_steps": "logging.every",
     "train.trackers": "logging.trackers",
     "train.eval_steps": "validation.every",
@@ -253,9 +280,9 @@ class EvaluationConfig(Section):
     batch_size: int = Field(16, ge=1)
     """Prompts per forward pass."""
     max_new_tokens: int = Field(48, ge=1)
-    """Summarisation and translation: longest generated answer."""
+    """Generated answers (summarisation, translation, instruction): the longest."""
     num_beams: int = Field(1, ge=1)
-    """Summarisation and translation: 1 is greedy search."""
+    """Generated answers: 1 is greedy search."""
     length_normalise: bool = False
     """Classification: rank labels by mean instead of summed token log-probability."""
     bootstrap_resamples: int = Field(1000, ge=10)

@@ -55,6 +55,10 @@ class EvalSet:
     rows_read: int = 0
     skipped: Counter[str] = field(default_factory=Counter)
     unknown_reference_labels: Counter[str] = field(default_factory=Counter)
+    row_format: str | None = None
+    """The format of the rows (instruction data), "fields" for a task's own."""
+    stop_strings: list[str] = field(default_factory=list)
+    """Where a generated answer ends besides the end-of-sequence token."""
 
 
 def _references(values: dict[str, Any], target: str) -> list[str]:
@@ -99,6 +103,13 @@ def load_eval_set(
         if limit is not None and len(eval_set.examples) >= limit:
             break
     eval_set.rows_read = len(eval_set.examples) + sum(eval_set.skipped.values())
+    if formatter.row_format == "text":
+        raise data.DataError(
+            f"{origin}: plain-text rows have no answers to score; score a split of prompts and "
+            "answers, or turn scoring off with data.splits.test: null"
+        )
+    eval_set.stop_strings = formatter.stop_strings(tokenizer)
+    eval_set.row_format = formatter.row_format
     return eval_set
 
 
@@ -142,7 +153,7 @@ def predict(
         dynamic_ncols=True,
     )
     with autocast_for(model, precision), bar:
-        _predict_rows(model, tokenizer, recipe, own, eval_set.labels, bar)
+        _predict_rows(model, tokenizer, recipe, own, eval_set, bar)
     if split:
         _exchange_predictions(examples, rows)
     return time.perf_counter() - started
@@ -153,12 +164,14 @@ def _predict_rows(
     tokenizer: PreTrainedTokenizerBase,
     recipe: Recipe,
     examples: list[EvalExample],
-    labels: list[str] | None,
+    eval_set: EvalSet,
     bar: tqdm,
 ) -> None:
+    """Predict `examples`, some or all of `eval_set`'s."""
     settings = recipe.evaluation
+    labels = eval_set.labels
     if labels is not None:
-        label_ids = label_token_ids(tokenizer, labels, recipe.data.chat_template)
+        label_ids = label_token_ids(tokenizer, labels, recipe.data.chat.template is not None)
         lengths = torch.tensor([len(ids) for ids in label_ids], dtype=torch.float)
         for batch in length_sorted_batches(examples, settings.batch_size):
             scores = label_logprobs(
@@ -176,7 +189,7 @@ def _predict_rows(
             tokenizer,
             [e.prompt_ids for e in batch],
             settings,
-            stop_at_newline=not recipe.data.chat_template,
+            eval_set.stop_strings,
         )
         for example, text in zip(batch, texts, strict=True):
             example.prediction = text
@@ -254,10 +267,39 @@ def sacrebleu_statistic(
     )
 
 
+def _normalised(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def answer_scores(predictions: list[str], references: list[list[str]]) -> Scores:
+    """Instruction and chat answers: ROUGE-L (the per-example score), chrF, and the share of
+    answers that equal a reference up to case and spacing."""
+    per_example = metrics.load("rouge").compute(
+        predictions=predictions, references=references, per_example=True
+    )["per_example"]
+    chrf = sacrebleu.metrics.CHRF()
+    exact = [
+        float(_normalised(prediction) in {_normalised(text) for text in example_references})
+        for prediction, example_references in zip(predictions, references, strict=True)
+    ]
+    statistics = {
+        "rougeL": mean_of(per_example["rougeL"]),
+        "chrf": sacrebleu_statistic(chrf, predictions, references),
+        "exact_match": mean_of(exact),
+    }
+    return Scores(intervals={}, statistics=statistics, details={"rougeL": per_example["rougeL"]})
+
+
 def generation_scores(eval_set: EvalSet, task: str) -> Scores:
-    """ROUGE (summarisation) or BLEU and chrF (translation) with intervals."""
+    """ROUGE (summarisation), BLEU and chrF (translation), or ROUGE-L, chrF and exact match
+    (instruction), with intervals."""
     predictions = [example.prediction for example in eval_set.examples]
     references = [example.references for example in eval_set.examples]
+    if task == "instruction":
+        scores = answer_scores(predictions, references)
+        for example, value in zip(eval_set.examples, scores.details.pop("rougeL"), strict=True):
+            example.score = value
+        return scores
     if task == "summarisation":
         result = metrics.load("rouge").compute(
             predictions=predictions, references=references, per_example=True

@@ -74,7 +74,7 @@ TASKS: dict[str, TaskSpec] = {
         target_field="completion",
         truncatable_field="prompt",
         template="{prompt}",
-        metrics=("bleu", "chrf"),
+        metrics=("rougeL", "chrf", "exact_match"),
     ),
 }
 

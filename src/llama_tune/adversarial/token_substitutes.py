@@ -33,7 +33,7 @@ def input_positions(
     tokens whose characters lie wholly inside the field are its tokens. A truncated prompt only
     matches up to where it was cut.
     """
-    special = not formatter.config.chat_template
+    special = formatter.chat_template(tokenizer) is None
     encoded = tokenizer(example.prompt, add_special_tokens=special, return_offsets_mapping=True)
     ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
     matching = 0

@@ -64,7 +64,7 @@ def label_first_tokens(recipe: schema.Recipe, tokenizer: PreTrainedTokenizerBase
     """The token id each label starts with; they must differ to tell the labels apart."""
     labels = data.label_set(recipe.data)
     assert labels is not None
-    label_ids = inference.label_token_ids(tokenizer, labels, recipe.data.chat_template)
+    label_ids = inference.label_token_ids(tokenizer, labels, recipe.data.chat.template is not None)
     first_tokens = [ids[0] for ids in label_ids]
     shared = sorted(
         label
