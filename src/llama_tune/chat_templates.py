@@ -114,6 +114,12 @@ class ChatTemplate:
             raise TemplateError(f"chat template {self.name} does not render the assistant turn")
         return rendered.split(_ANSWER, 1)[1].rstrip()
 
+    def stop_strings(self, tokenizer: PreTrainedTokenizerBase) -> list[str]:
+        """Where a generated answer ends besides the end-of-sequence token: the end of turn,
+        unless it is that token."""
+        turn_end = self.turn_end(tokenizer)
+        return [] if turn_end in ("", tokenizer.eos_token) else [turn_end]
+
 
 def resolve(choice: str, tokenizer: PreTrainedTokenizerBase) -> ChatTemplate:
     """The template `data.chat.template` names: the tokenizer's own, a named one, a Jinja file

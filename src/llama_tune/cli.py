@@ -77,6 +77,13 @@ def _parser() -> argparse.ArgumentParser:
     augment.add_argument("--show", type=int, default=10, help="how many rows to show")
     augment.add_argument("--data", help="data folder; sets LLAMA_TUNE_DATA for the recipe")
 
+    chat = verbs.add_parser(
+        "chat", help="talk to a run's model (or a recipe's base) with the recipe's chat template"
+    )
+    chat.add_argument("target", help="a run folder (its trained model) or a recipe (its base)")
+    chat.add_argument("overrides", nargs="*", help="dotted key=value recipe overrides")
+    chat.add_argument("--prompt", help="answer this one message and stop (default: interactive)")
+
     validate = verbs.add_parser("validate", help="check recipes without loading any model")
     validate.add_argument("recipes", nargs="+", help="recipe YAML files")
     validate.add_argument("--data", help="data folder; sets LLAMA_TUNE_DATA for the recipes")
@@ -227,6 +234,17 @@ def _augment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _chat(args: argparse.Namespace) -> int:
+    from llama_tune import chat
+
+    conversation = chat.Conversation(args.target, args.overrides)
+    if args.prompt is not None:
+        print(conversation.answer(args.prompt))
+    else:
+        chat.interactive(conversation, sys.stdin, sys.stdout)
+    return 0
+
+
 def _validate(args: argparse.Namespace) -> int:
     failed = 0
     for path in args.recipes:
@@ -263,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         "report": _report,
         "distill": _distill,
         "augment": _augment,
+        "chat": _chat,
         "validate": _validate,
     }
     try:

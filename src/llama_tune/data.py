@@ -297,10 +297,7 @@ class TaskFormatter:
         """Where a generated answer ends besides the end-of-sequence token: the line's end for a
         plain template, the chat template's end of turn."""
         template = self.chat_template(tokenizer)
-        if template is None:
-            return ["\n"]
-        turn_end = template.turn_end(tokenizer)
-        return [] if turn_end in ("", tokenizer.eos_token) else [turn_end]
+        return ["\n"] if template is None else template.stop_strings(tokenizer)
 
     def adopt_format(self, values: dict[str, Any]) -> None:
         """Take the row format from the first usable row when the recipe leaves it to the data."""
