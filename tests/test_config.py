@@ -203,3 +203,27 @@ def test_a_student_built_from_the_teacher_takes_its_name(tmp_path: Path) -> None
     )
     recipe = config.load(path)
     assert (recipe.model.name, recipe.model.revision) == ("/teachers/big", "v2")
+
+
+def test_data_sources_and_formats_that_do_not_fit_are_named(tmp_path: Path) -> None:
+    problems = _problems(
+        tmp_path,
+        "data: {source: {hub: someone/data, configuration: x}, task: classification,"
+        " splits: {validation: null, validation_fraction: 0.1}}\n",
+    )
+    assert problems == [
+        "data.source.configuration: unknown key",
+        "data.splits.validation_fraction: holds rows out for splits.validation, not null",
+    ]
+    problems = _problems(
+        tmp_path,
+        "data: {source: d, task: classification, format: messages, chat: {system_prompt: Hi}}\n",
+    )
+    assert problems == [
+        "data.format: classification rows have the task's fields; only instruction recipes take "
+        "a format",
+        "data.chat.system_prompt: needs a chat.template to put it in",
+    ]
+    path = tmp_path / "hub.yaml"
+    path.write_text("data: {source: {hub: nyu-mll/glue, config: sst2}, task: classification}\n")
+    assert str(config.load(path).data.source) == "nyu-mll/glue/sst2"

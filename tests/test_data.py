@@ -276,17 +276,112 @@ def test_a_hub_dataset_gives_label_names_and_may_lack_a_validation_split(
 ) -> None:
     import datasets
 
-    def load_dataset(dataset_id: str) -> object:
-        assert dataset_id == "someone/sentiment"
+    def load_dataset(dataset_id: str, name: str | None, **options: object) -> object:
+        assert (dataset_id, name, options) == ("someone/sentiment", None, {})
         return _hub_sentiment(("train",))
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
-    data._hub_dataset.cache_clear()
+    data._load_hub_dataset.cache_clear()
     config = DataConfig(source="someone/sentiment", task="classification")
     built = data.build(config, tokenizer)
-    data._hub_dataset.cache_clear()
+    data._load_hub_dataset.cache_clear()
     assert built.labels == ["negative", "positive"]
     assert built.validation is None
     assert built.train.stats.origin == "someone/sentiment[train]"
     assert built.train.stats.skipped == Counter({"missing_field:label": 1})
     assert {example.target for example in built.train.examples} == {"negative", "positive"}
+
+
+@pytest.fixture(scope="module")
+def hub_folder(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> Path:
+    """SST-2 and TREC rows laid out as the Hub serves a dataset with two configurations:
+    parquet files written by datasets with class-label features, listed in README.md."""
+    import datasets
+
+    folder = tmp_path_factory.mktemp("hub")
+    for config, source, names in [
+        ("sst2", "classification/sst2", ["negative", "positive"]),
+        ("trec", "classification/trec", ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]),
+    ]:
+        for split in ("train", "validation"):
+            path = data_root / source / f"{split}.jsonl"
+            if not path.is_file():
+                continue
+            rows = [json.loads(line) for line in path.open()][:120]
+            features = datasets.Features(
+                {"sentence": datasets.Value("string"), "label": datasets.ClassLabel(names=names)}
+            )
+            columns = {
+                "sentence": [row["text"] for row in rows],
+                "label": [names.index(row["label"]) for row in rows],
+            }
+            table = datasets.Dataset.from_dict(columns, features=features)
+            table.to_parquet(folder / config / f"{split}-00000-of-00001.parquet")
+    (folder / "README.md").write_text(
+        "---\nconfigs:\n"
+        "- config_name: sst2\n  data_files:\n  - split: train\n    path: sst2/train-*\n"
+        "  - split: validation\n    path: sst2/validation-*\n"
+        "- config_name: trec\n  data_files:\n  - split: train\n    path: trec/train-*\n---\n"
+    )
+    return folder
+
+
+def _hub_config(folder: Path, config: str, **splits: object) -> DataConfig:
+    return DataConfig(
+        source={"hub": str(folder), "config": config},
+        task="classification",
+        fields={"text": "sentence"},
+        splits=splits,
+    )
+
+
+def test_a_hub_configuration_is_read_with_its_label_names(hub_folder: Path, tokenizer) -> None:
+    built = data.build(_hub_config(hub_folder, "sst2"), tokenizer)
+    assert built.labels == ["negative", "positive"]
+    assert built.train.stats.origin == f"{hub_folder}/sst2[train]"
+    assert (built.train.stats.rows_used, built.validation.stats.rows_used) == (120, 120)
+    trec = data.build(_hub_config(hub_folder, "trec"), tokenizer)
+    assert trec.labels == ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]
+    assert trec.validation is None
+    with pytest.raises(data.DataError, match=r"cannot load dataset .*'nope' not found.*sst2"):
+        data.build(_hub_config(hub_folder, "nope"), tokenizer)
+    with pytest.raises(data.DataError, match=r"Config name is missing.*sst2"):
+        data.build(DataConfig(source={"hub": str(hub_folder)}, task="classification"), tokenizer)
+
+
+def test_a_validation_fraction_is_held_out_reproducibly(hub_folder: Path, tokenizer) -> None:
+    settings = _hub_config(hub_folder, "trec", validation_fraction=0.25)
+    first, again = data.build(settings, tokenizer, seed=3), data.build(settings, tokenizer, seed=3)
+    other = data.build(settings, tokenizer, seed=4)
+
+    def rows(split: data.Split) -> list[int]:
+        return [example.row for example in split.examples]
+
+    assert rows(first.validation) == rows(again.validation)
+    assert rows(first.validation) != rows(other.validation)
+    assert len(rows(first.validation)) == 30
+    assert sorted(rows(first.train) + rows(first.validation)) == list(range(1, 121))
+    assert "held out: 30 of 120 rows, seed 3" in first.validation.stats.origin
+    # A source with its own validation split keeps it.
+    sst2 = data.build(_hub_config(hub_folder, "sst2", validation_fraction=0.25), tokenizer)
+    assert sst2.validation.stats.rows_used == 120
+
+
+def test_hub_revision_and_files_reach_datasets(monkeypatch: pytest.MonkeyPatch, tokenizer) -> None:
+    import datasets
+
+    calls = []
+
+    def load_dataset(dataset_id: str, name: str | None, **options: object) -> object:
+        calls.append((dataset_id, name, options))
+        return _hub_sentiment(("train", "validation"))
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    data._load_hub_dataset.cache_clear()
+    files = {"train": ["a.parquet", "b.parquet"]}
+    source = {"hub": "someone/sentiment", "revision": "v1.2", "data_files": files}
+    built = data.build(DataConfig(source=source, task="classification"), tokenizer)
+    data.build(DataConfig(source=source, task="classification"), tokenizer)
+    data._load_hub_dataset.cache_clear()
+    assert calls == [("someone/sentiment", None, {"revision": "v1.2", "data_files": files})]
+    assert built.train.stats.origin == "someone/sentiment@v1.2[train]"

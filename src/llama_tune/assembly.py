@@ -37,7 +37,7 @@ def build(recipe: schema.Recipe, accelerator: Accelerator, run_dir: Path) -> Tra
     if recipe.distill is None:
         bundle = models.load(recipe.model, recipe.adapter, accelerator.mixed_precision)
         objective: Objective = TargetTokenLoss(bundle.model)
-        datasets = data.build(recipe.data, bundle.tokenizer)
+        datasets = data.build(recipe.data, bundle.tokenizer, recipe.train.seed)
     else:
         from llama_tune.distillation import loading
 

@@ -107,9 +107,13 @@ def _take_moved_keys(raw: dict[str, Any]) -> list[str]:
 
 def _describe(error: dict[str, Any]) -> list[str]:
     """Turn one pydantic error into lines of `dotted.key: message`."""
+    if "str" in error["loc"] and isinstance(error.get("input"), dict):
+        # A mapping where a string or a section fits (data.source): the section's errors say
+        # what is wrong with it, "not a string" does not.
+        return []
     location = ".".join(str(part) for part in error["loc"])
-    # Literal unions report each branch as an extra location part; keep the key readable.
-    location = re.sub(r"\.(literal\[.*?\]|list\[str\])", "", location)
+    # Unions report each branch as an extra location part; keep the key readable.
+    location = re.sub(r"\.(literal\[.*?\]|list\[str\]|str|HubSource)(?=\.|$)", "", location)
     if error["type"] == "extra_forbidden":
         return [f"{location}: unknown key"]
     message = error["msg"].removeprefix("Value error, ")
@@ -117,7 +121,7 @@ def _describe(error: dict[str, Any]) -> list[str]:
     for line in message.split("\n"):
         # Section validators prefix each line with the key inside the section.
         key, sep, rest = line.partition(": ")
-        if sep and key.isidentifier():
+        if sep and all(part.isidentifier() for part in key.split(".")):
             lines.append(f"{location}.{key}: {rest}" if location else line)
         else:
             lines.append(f"{location}: {line}" if location else line)

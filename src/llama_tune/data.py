@@ -23,7 +23,7 @@ from transformers import PreTrainedTokenizerBase
 from llama_tune import chat_templates, conversations
 from llama_tune.chat_templates import Message, RenderedConversation
 from llama_tune.errors import UserError
-from llama_tune.schema import DataConfig
+from llama_tune.schema import DataConfig, HubSource
 from llama_tune.tasks import TASKS, TaskSpec, language_name
 
 SPLIT_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
@@ -193,16 +193,24 @@ READERS = {
 }
 
 
-@functools.cache
-def _hub_dataset(dataset_id: str) -> Any:
+def _hub_dataset(source: HubSource) -> Any:
     """Every split of a Hub dataset (a datasets.DatasetDict), loaded once per process."""
+    files = json.dumps(source.data_files, sort_keys=True)
+    return _load_hub_dataset(source.hub, source.config, source.revision, files)
+
+
+@functools.cache
+def _load_hub_dataset(dataset_id: str, config: str | None, revision: str | None, files: str) -> Any:
     import datasets
 
+    options: dict[str, Any] = {"revision": revision} if revision else {}
+    if json.loads(files) is not None:
+        options["data_files"] = json.loads(files)
     try:
-        return datasets.load_dataset(dataset_id)
+        return datasets.load_dataset(dataset_id, config, **options)
     except Exception as error:  # datasets raises many types for unreachable or unknown ids
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
-        raise DataError(f"cannot load dataset {dataset_id!r}: {first_line}") from None
+        message = " ".join(str(error).split()) or repr(error)
+        raise DataError(f"cannot load dataset {dataset_id!r}: {message[:400]}") from None
 
 
 def _read_hub_split(rows: Any) -> Iterator[RawRow]:
@@ -224,12 +232,14 @@ def _read_hub_split(rows: Any) -> Iterator[RawRow]:
         yield RawRow(number, values)
 
 
-def open_split(source: str, split: str) -> tuple[str, Iterator[RawRow]] | None:
+def open_split(source: str | HubSource, split: str) -> tuple[str, Iterator[RawRow]] | None:
     """(origin, rows) of a split, or None when the source has no such split.
 
     A folder holds one file per split; a single file is the train split; anything else that is
     not a local path is taken as a Hub dataset id.
     """
+    if isinstance(source, HubSource):
+        return _open_hub_split(source, split)
     path = Path(source).expanduser()
     if path.is_dir():
         found = split_file(path, split)
@@ -242,6 +252,10 @@ def open_split(source: str, split: str) -> tuple[str, Iterator[RawRow]] | None:
         return (str(path), READERS[path.suffix](path)) if split == "train" else None
     if source.startswith((".", "/", "~")) or path.suffix in READERS:
         raise DataError(f"data source {source} not found")
+    return _open_hub_split(HubSource(hub=source), split)
+
+
+def _open_hub_split(source: HubSource, split: str) -> tuple[str, Iterator[RawRow]] | None:
     splits = _hub_dataset(source)
     if split not in splits:
         return None
@@ -688,19 +702,39 @@ def label_set(config: DataConfig) -> list[str] | None:
     return labels
 
 
-def build(config: DataConfig, tokenizer: PreTrainedTokenizerBase) -> Datasets:
-    """Read, render and encode the train and validation splits of a recipe."""
+def held_out(
+    origin: str, rows: Iterator[RawRow], fraction: float, seed: int
+) -> tuple[tuple[str, Iterator[RawRow]], tuple[str, Iterator[RawRow]]]:
+    """(train, validation) from one split: `fraction` of its rows, chosen with `seed`, held out
+    as validation; both keep the file's order and row numbers."""
+    every = list(rows)
+    count = max(1, round(fraction * len(every)))
+    order = torch.randperm(len(every), generator=torch.Generator().manual_seed(seed)).tolist()
+    held = set(order[:count])
+    kept = [row for index, row in enumerate(every) if index not in held]
+    validation = [row for index, row in enumerate(every) if index in held]
+    label = f"{origin} (held out: {count} of {len(every)} rows, seed {seed})"
+    return (origin, iter(kept)), (label, iter(validation))
+
+
+def build(config: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> Datasets:
+    """Read, render and encode the train and validation splits of a recipe; `seed` (the
+    recipe's train.seed) picks the rows `splits.validation_fraction` holds out."""
     labels = label_set(config)
     opened = _open_train(config)
+    validation_opened = None
+    if config.splits.validation is not None:
+        validation_opened = open_split(config.source, config.splits.validation)
+    fraction = config.splits.validation_fraction
+    if validation_opened is None and fraction is not None:
+        opened, validation_opened = held_out(*opened, fraction, seed)
     formatter = TaskFormatter(config, labels)
     train = build_split(*opened, formatter, tokenizer, config.max_train_rows)
     if not train.examples:
         raise DataError(f"{train.stats.origin}: no usable rows ({dict(train.stats.skipped)})")
     validation = None
-    if config.splits.validation is not None:
-        opened = open_split(config.source, config.splits.validation)
-        if opened is not None:
-            validation = build_split(*opened, formatter, tokenizer, config.max_eval_rows)
+    if validation_opened is not None:
+        validation = build_split(*validation_opened, formatter, tokenizer, config.max_eval_rows)
     return Datasets(train=train, validation=validation, labels=labels)
 
 

@@ -237,7 +237,7 @@ def _results_header(
         "model": recipe.model.name,
         "weights": str(resolved.weights_dir) if resolved.weights_dir else None,
         "data": {
-            "source": recipe.data.source,
+            "source": str(recipe.data.source),
             "split": split,
             "origin": eval_set.origin,
             "rows_read": eval_set.rows_read,

@@ -81,6 +81,32 @@ class SplitsConfig(Section):
     """Split for the eval loss; skipped when the source has none."""
     test: str | None = "test"
     """Split kept for final scoring."""
+    validation_fraction: float | None = Field(None, gt=0.0, lt=0.5)
+    """When the source has no validation split: hold out this share of the training rows
+    (chosen with train.seed) as one."""
+
+    @model_validator(mode="after")
+    def _fraction_needs_validation(self) -> SplitsConfig:
+        if self.validation_fraction is not None and self.validation is None:
+            raise ValueError("validation_fraction: holds rows out for splits.validation, not null")
+        return self
+
+
+class HubSource(Section):
+    """A Hugging Face Hub dataset with its configuration, revision or files."""
+
+    hub: str
+    """The dataset id (owner/name), or a local folder laid out as the Hub serves it."""
+    config: str | None = None
+    """Configuration name, e.g. sst2 of nyu-mll/glue."""
+    revision: str | None = None
+    """Branch, tag or commit."""
+    data_files: str | list[str] | dict[str, str | list[str]] | None = None
+    """Files to read instead of the configuration's, optionally by split."""
+
+    def __str__(self) -> str:
+        named = self.hub + (f"/{self.config}" if self.config else "")
+        return named + (f"@{self.revision}" if self.revision else "")
 
 
 RowFormat = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"]
@@ -102,8 +128,9 @@ class ChatConfig(Section):
 class DataConfig(Section):
     """Where rows come from and how they become prompt and target text."""
 
-    source: str = Field(json_schema_extra=RESUME)
-    """A folder of {train,validation,test}.jsonl|csv|parquet, a single file, or a Hub dataset id."""
+    source: str | HubSource = Field(json_schema_extra=RESUME)
+    """A folder of {train,validation,test}.jsonl|csv|parquet, a single file, a Hub dataset id,
+    or {hub: ID, config, revision, data_files}."""
     task: TaskName = Field(json_schema_extra=RESUME)
     """Task template: classification, summarisation, translation or instruction."""
     splits: SplitsConfig = Field(SplitsConfig(), json_schema_extra=RESUME)

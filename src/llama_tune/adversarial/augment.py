@@ -252,7 +252,8 @@ def preview(recipe: schema.Recipe, count: int, precision: str) -> list[Perturbed
         tokenizer, model = loaded.tokenizer, loaded.model
     else:
         tokenizer = models.load_tokenizer(recipe.model.name, recipe.model.revision)
-    datasets = data.build(recipe.data.model_copy(update={"max_train_rows": count}), tokenizer)
+    limited = recipe.data.model_copy(update={"max_train_rows": count})
+    datasets = data.build(limited, tokenizer, recipe.train.seed)
     formatter = data.TaskFormatter(recipe.data, datasets.labels)
     augmenter = Augmenter(settings, formatter, tokenizer, model, recipe.train.seed, precision)
     examples = datasets.train.examples[:count]

@@ -154,7 +154,7 @@ def build_cache(recipe: schema.Recipe, recipe_path: str | Path) -> Path:
         raise DistillationError(f"{recipe_path}: distill.cache is not set; nothing to cache")
     precision = resolve_precision(recipe.train.precision)
     tokenizer = _checked_tokenizers(recipe, settings)
-    datasets = data.build(recipe.data, tokenizer)
+    datasets = data.build(recipe.data, tokenizer, recipe.train.seed)
     token_subset = label_first_tokens(recipe, tokenizer) if settings.label_tokens_only else None
     run_dir = config.run_dir(recipe, recipe_path)
     return _build_cache(
@@ -235,7 +235,7 @@ def load(
             base = base.model_copy(update={"name": str(run_dir / STUDENT_INIT), "revision": None})
         student_model = models.add_adapter(student_model, recipe.adapter, base)
 
-    datasets = data.build(recipe.data, tokenizer)
+    datasets = data.build(recipe.data, tokenizer, recipe.train.seed)
     token_subset = label_first_tokens(recipe, tokenizer) if settings.label_tokens_only else None
     frozen = None
     if teacher is not None:
