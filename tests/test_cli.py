@@ -200,6 +200,10 @@ def test_chat_data_trains_and_scores_its_last_answers(cli, tiny_recipe, data_roo
         turns = json.loads(test_rows[row["row"] - 1])["conversations"]
         assert row["input"] == turns[-2]["value"]
         assert row["references"] == [turns[-1]["value"]]
+    report = (results_dir / "report.md").read_text()
+    samples = report.split("## Sample answers", 1)[1].split("\n## ", 1)[0]
+    assert samples.count("\n| ") == 1 + 5  # the header and the first five rows
+    assert f"| {rows[0]['row']} | {rows[0]['input']} | {rows[0]['reference']} |" in samples
 
     augmented = cli(
         "train",

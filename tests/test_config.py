@@ -105,11 +105,12 @@ def test_environment_variables_expand(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.delenv("UNSET_DATA", raising=False)
     path = tmp_path / "env.yaml"
     path.write_text(
-        "data: {source: '${MY_DATA}/sst2', task: translation, source_lang: '${UNSET_DATA:-en}'}\n"
+        "data: {source: '${MY_DATA}/sst2', task: translation,"
+        " languages: {source: '${UNSET_DATA:-en}'}}\n"
     )
     recipe = config.load(path)
     assert recipe.data.source == "/somewhere/sst2"
-    assert recipe.data.source_lang == "en"
+    assert recipe.data.languages.source == "en"
     problems = _problems(tmp_path, "data: {source: '${UNSET_DATA}/x', task: classification}\n")
     assert problems == ["data.source: environment variable UNSET_DATA is not set"]
 
@@ -123,7 +124,7 @@ def test_epochs_or_steps_required(tmp_path: Path) -> None:
 
 def test_resolved_recipe_round_trips(tmp_path: Path) -> None:
     path = tmp_path / "r.yaml"
-    path.write_text("data: {source: /d, task: translation, source_lang: en}\n")
+    path.write_text("data: {source: /d, task: translation, languages: {source: en}}\n")
     recipe = config.load(path)
     again = tmp_path / "again.yaml"
     again.write_text(config.to_yaml(recipe))

@@ -7,6 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 
 from llama_tune import chat_templates, data
 from llama_tune.schema import DataConfig
@@ -170,3 +171,47 @@ def test_a_task_prompt_in_a_named_template_ends_with_its_turn_end(tokenizer) -> 
     template = chat_templates.resolve("chatml", tokenizer)
     assert data.TaskFormatter(settings).stop_strings(tokenizer) == []
     assert template.turn_end(tokenizer) == tokenizer.eos_token
+
+
+def _mixed(data_root: Path, weight: float, **extra: object) -> DataConfig:
+    folder = data_root / "instruction"
+    return _config(
+        folder / "alpaca_en_demo",
+        mix=[{"source": str(folder / "sharegpt_dummy"), "weight": weight}],
+        max_length=1024,
+        **extra,
+    )
+
+
+def test_a_mixed_source_takes_its_share_of_every_epoch(data_root: Path, tokenizer) -> None:
+    built = data.build(_mixed(data_root, 0.3), tokenizer, seed=5)
+    sources = [example.source for example in built.train.examples]
+    # 899 alpaca rows are 70%: the ShareGPT source adds round(0.3 * 899 / 0.7) examples.
+    assert (sources.count(0), sources.count(1)) == (899, 385)
+    summary = built.summary()
+    assert summary["splits"]["train"]["format"] == "alpaca"
+    assert summary["mix"][0]["format"] == "sharegpt"
+    assert (summary["mix"][0]["rows_used"], summary["mix"][0]["examples"]) == (450, 385)
+    lengths = [len(example.input_ids) for example in built.train.examples]
+    plan = data.plan_epoch(lengths, 16, torch.Generator().manual_seed(0))
+    planned = [sources[index] for step in plan for index in step]
+    share = planned.count(1) / len(planned)
+    # Only the incomplete last step is left out of an epoch: the share stays within 1 point.
+    assert abs(share - 0.3) < 0.01
+    again = data.build(_mixed(data_root, 0.3), tokenizer, seed=5)
+    other = data.build(_mixed(data_root, 0.3), tokenizer, seed=6)
+
+    def mixed_rows(datasets: data.Datasets) -> list[int]:
+        return [example.row for example in datasets.train.examples if example.source == 1]
+
+    assert mixed_rows(again) == mixed_rows(built)
+    assert mixed_rows(other) != mixed_rows(built)
+
+
+def test_a_source_smaller_than_its_share_is_cycled(data_root: Path, tokenizer) -> None:
+    built = data.build(_mixed(data_root, 0.9, max_train_rows=100), tokenizer)
+    mixed = [example.row for example in built.train.examples if example.source == 1]
+    # 100 main rows are 10%: the 450 ShareGPT rows must give 900 examples, each row twice.
+    assert len(mixed) == 900
+    assert sorted(mixed[:450]) == list(range(1, 451))
+    assert sorted(mixed) == sorted(list(range(1, 451)) * 2)

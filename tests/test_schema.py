@@ -8,16 +8,21 @@ from pathlib import Path
 from llama_tune import schema
 
 
-def _keys(section: type[schema.Section], prefix: str = "") -> list[str]:
+def _keys(section: type[schema.Section], prefix: str = "", seen: set | None = None) -> list[str]:
+    """Every documented key: a section that may be null (adapter: null) or a string (a data
+    source) is documented itself and key by key, the latter only where it first appears."""
+    seen = set() if seen is None else seen
     keys = []
     for name, field in section.model_fields.items():
-        # A section that may be null (adapter: null) is documented itself and key by key.
         choices = typing.get_args(field.annotation) or (field.annotation,)
         sections = [c for c in choices if isinstance(c, type) and issubclass(c, schema.Section)]
-        if not sections or type(None) in choices:
+        if not sections or type(None) in choices or str in choices:
             keys.append(f"{prefix}{name}")
         for nested in sections:
-            keys += _keys(nested, f"{prefix}{name}.")
+            if str in choices and nested in seen:
+                continue
+            seen.add(nested)
+            keys += _keys(nested, f"{prefix}{name}.", seen)
     return keys
 
 

@@ -209,3 +209,11 @@ def test_each_instruction_format_trains(
     assert result.summary["data"]["splits"]["train"]["format"] == row_format
     losses = [record["loss"] for record in _metrics(result.run_dir) if "loss" in record]
     assert sum(losses[-3:]) / 3 < 0.9 * sum(losses[:3]) / 3
+
+
+def test_a_run_with_a_mixed_source_resumes_exactly(resumes_exactly) -> None:
+    # The validation rows mixed into training as a second source, at a quarter of each epoch.
+    source = TEST_DATA / "sentiment"
+    mix = f"data.mix=[{{source: {source}, split: validation, weight: 0.25}}]"
+    expected = resumes_exactly("mixed", [mix])
+    assert expected.summary["data"]["mix"][0]["examples"] > 0

@@ -13,7 +13,7 @@ import functools
 import json
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,8 @@ class Example:
     earlier_answers: tuple[tuple[int, int], ...] = ()
     """Token spans [start, end) before the prompt's end that the loss also covers: the earlier
     assistant turns of a conversation."""
+    source: int = 0
+    """Where the row comes from: 0 the main data source, i the i-th of `data.mix`."""
 
     @property
     def target_length(self) -> int:
@@ -345,8 +347,8 @@ class TaskFormatter:
                 raise ValueError("unknown_label")
             rendered["labels"] = ", ".join(self.labels)
         for name, configured in (
-            ("source_lang", self.config.source_lang),
-            ("target_lang", self.config.target_lang),
+            ("source_lang", self.config.languages.source),
+            ("target_lang", self.config.languages.target),
         ):
             if name in self.task.extra_placeholders:
                 code = configured or self.text_field(values, name)
@@ -647,12 +649,21 @@ class Datasets:
     train: Split
     validation: Split | None
     labels: list[str] | None
+    mixed: list[SplitStats] = field(default_factory=list)
+    """What was read from each source of `data.mix` (the train split holds its examples)."""
 
     def summary(self) -> dict[str, Any]:
         splits = {"train": self.train.stats.as_dict()}
         if self.validation is not None:
             splits["validation"] = self.validation.stats.as_dict()
-        return {"labels": self.labels, "splits": splits}
+        summary: dict[str, Any] = {"labels": self.labels, "splits": splits}
+        if self.mixed:
+            counts = Counter(example.source for example in self.train.examples)
+            summary["mix"] = [
+                stats.as_dict() | {"examples": counts[index + 1]}
+                for index, stats in enumerate(self.mixed)
+            ]
+        return summary
 
 
 def _open_train(config: DataConfig) -> tuple[str, Iterator[RawRow]]:
@@ -735,7 +746,46 @@ def build(config: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0)
     validation = None
     if validation_opened is not None:
         validation = build_split(*validation_opened, formatter, tokenizer, config.max_eval_rows)
-    return Datasets(train=train, validation=validation, labels=labels)
+    mixed = [
+        mixed_examples(config, index, labels, tokenizer, len(train.examples), seed)
+        for index in range(len(config.mix))
+    ]
+    for split in mixed:
+        train.examples += split.examples
+    stats = [split.stats for split in mixed]
+    return Datasets(train=train, validation=validation, labels=labels, mixed=stats)
+
+
+def mixed_examples(
+    config: DataConfig,
+    index: int,
+    labels: list[str] | None,
+    tokenizer: PreTrainedTokenizerBase,
+    main_count: int,
+    seed: int,
+) -> Split:
+    """The examples `data.mix[index]` adds to an epoch whose `main_count` main-source examples
+    are the share its weights leave: drawn with `seed` in a shuffled order, again and again
+    when the source has fewer rows than its share."""
+    mixed = config.mix[index]
+    settings = config.model_copy(
+        update={"source": mixed.source, "format": mixed.format, "fields": mixed.fields}
+    )
+    opened = open_split(mixed.source, mixed.split)
+    if opened is None:
+        raise DataError(f"data.mix.{index}: {mixed.source} has no {mixed.split!r} split")
+    split = build_split(*opened, TaskFormatter(settings, labels), tokenizer)
+    if not split.examples:
+        raise DataError(f"{split.stats.origin}: no usable rows ({dict(split.stats.skipped)})")
+    main_share = 1.0 - sum(source.weight for source in config.mix)
+    wanted = round(mixed.weight * main_count / main_share)
+    generator = torch.Generator().manual_seed(seed + index + 1)
+    drawn: list[Example] = []
+    while len(drawn) < wanted:
+        order = torch.randperm(len(split.examples), generator=generator).tolist()
+        drawn += [split.examples[i] for i in order[: wanted - len(drawn)]]
+    split.examples = [replace(example, source=index + 1) for example in drawn]
+    return split
 
 
 # -------------------------------------------------------------------------------------- batching

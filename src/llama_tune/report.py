@@ -236,8 +236,11 @@ def _metric_table(rows: dict[str, dict[str, dict[str, float]]]) -> list[list[str
 
 
 def _markdown_table(table: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(table[0]) + " |", "|" + "---|" * len(table[0])]
-    lines += ["| " + " | ".join(row) + " |" for row in table[1:]]
+    def row_line(row: list[str]) -> str:
+        return "| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |"
+
+    lines = [row_line(table[0]), "|" + "---|" * len(table[0])]
+    lines += [row_line(row) for row in table[1:]]
     return "\n".join(lines)
 
 
@@ -308,6 +311,42 @@ def _size_and_speed(systems: dict[str, Any]) -> Section:
     return ("Size and speed", text, table, None)
 
 
+SAMPLE_ANSWERS = 5
+"""Rows whose generated answers a generation task's report shows beside the references."""
+SAMPLE_CHARACTERS = 300
+"""Longest text shown in one cell of the sample answers."""
+
+
+def _excerpt(text: str) -> str:
+    one_line = " / ".join(line.strip() for line in text.strip().splitlines() if line.strip())
+    return one_line if len(one_line) <= SAMPLE_CHARACTERS else one_line[:SAMPLE_CHARACTERS] + "..."
+
+
+def sample_answers(out_dir: Path, systems: list[str]) -> Section | None:
+    """The first rows' input and reference beside each system's answer (generation tasks)."""
+    answers = {}
+    for index, name in enumerate(systems):
+        path = out_dir / paired_drops.predictions_file(name, first=index == 0)
+        if not path.is_file():
+            return None
+        answers[name] = read_jsonl(path)[:SAMPLE_ANSWERS]
+    if not systems or not answers[systems[0]]:
+        return None
+    table = [["row", "input", "reference", *systems]]
+    for position, first in enumerate(answers[systems[0]]):
+        predictions = [_excerpt(answers[name][position]["prediction"]) for name in systems]
+        table.append(
+            [
+                str(first["row"]),
+                _excerpt(first["input"]),
+                _excerpt(first["reference"]),
+                *predictions,
+            ]
+        )
+    text = f"The first {len(table) - 1} rows scored; line breaks shown as /, long texts cut."
+    return ("Sample answers", text, table, None)
+
+
 def write_run_report(out_dir: Path, results: dict[str, Any], run_dir: Path) -> None:
     """The report of one evaluation: data, metrics with intervals, loss curves, confusion."""
     systems = {name: result["metrics"] for name, result in results["systems"].items()}
@@ -328,6 +367,10 @@ def write_run_report(out_dir: Path, results: dict[str, Any], run_dir: Path) -> N
         )
     if systems:
         sections.append(_size_and_speed(results["systems"]))
+    if results["task"] != "classification":
+        samples = sample_answers(out_dir, list(results["systems"]))
+        if samples is not None:
+            sections.append(samples)
     row_scores = {
         name: paired_drops.load_row_scores(out_dir, name, first=index == 0)
         for index, name in enumerate(results["systems"])

@@ -125,6 +125,30 @@ class ChatConfig(Section):
     """Which assistant turns of a conversation the loss covers: every one, or the last."""
 
 
+class LanguagesConfig(Section):
+    """Translation: the languages, when the rows do not name them."""
+
+    source: str | None = Field(None, json_schema_extra=RESUME)
+    """Source language name or code (en -> English); read from the rows when null."""
+    target: str | None = Field(None, json_schema_extra=RESUME)
+    """Target language name or code; read from the rows when null."""
+
+
+class MixedSource(Section):
+    """Another source of training rows, mixed in at a share of every epoch's examples."""
+
+    source: str | HubSource = Field(json_schema_extra=RESUME)
+    """A folder, a file, a Hub id or {hub: ID, ...}, as data.source."""
+    weight: float = Field(gt=0.0, lt=1.0, json_schema_extra=RESUME)
+    """Share of every epoch's training examples drawn from this source."""
+    split: str = Field("train", json_schema_extra=RESUME)
+    """The split its rows come from."""
+    format: RowFormat = Field("auto", json_schema_extra=RESUME)
+    """Instruction rows: their format, as data.format."""
+    fields: dict[str, str] = Field({}, json_schema_extra=RESUME)
+    """Task field -> column name in this source, as data.fields."""
+
+
 class DataConfig(Section):
     """Where rows come from and how they become prompt and target text."""
 
@@ -144,10 +168,10 @@ class DataConfig(Section):
     chat: ChatConfig = Field(ChatConfig(), json_schema_extra=RESUME)
     labels: list[str] | None = Field(None, json_schema_extra=RESUME)
     """Classification label set; collected from the training split when null."""
-    source_lang: str | None = Field(None, json_schema_extra=RESUME)
-    """Translation: source language name or code; read from the rows when null."""
-    target_lang: str | None = Field(None, json_schema_extra=RESUME)
-    """Translation: target language name or code; read from the rows when null."""
+    languages: LanguagesConfig = Field(LanguagesConfig(), json_schema_extra=RESUME)
+    mix: list[MixedSource] = Field([], json_schema_extra=RESUME)
+    """Other sources of training rows, each at its weight's share of every epoch; the main
+    source gives the rest, and the validation and test rows."""
     max_length: int = Field(512, ge=8, json_schema_extra=RESUME)
     """Longest prompt + target in tokens."""
     truncation: Literal["truncate", "drop", "error"] = Field("truncate", json_schema_extra=RESUME)
@@ -163,17 +187,23 @@ class DataConfig(Section):
     def _fits_task(self) -> DataConfig:
         task = TASKS[self.task]
         problems = []
-        unknown = sorted(set(self.fields) - task.fields)
-        if unknown:
-            allowed = ", ".join(sorted(task.fields))
-            problems.append(f"fields: unknown task field(s) {unknown}; allowed: {allowed}")
+        allowed = ", ".join(sorted(task.fields))
+        for key, fields in [("fields", self.fields)] + [
+            (f"mix.{index}.fields", mixed.fields) for index, mixed in enumerate(self.mix)
+        ]:
+            unknown = sorted(set(fields) - task.fields)
+            if unknown:
+                problems.append(f"{key}: unknown task field(s) {unknown}; allowed: {allowed}")
+        if sum(mixed.weight for mixed in self.mix) >= 1.0:
+            problems.append("mix: the weights must leave the main source a share (sum below 1)")
         if self.template is not None:
             problems += [
                 f"template: {problem}" for problem in template_problems(self.template, task)
             ]
         if self.labels is not None and self.task != "classification":
             problems.append("labels: only classification recipes take labels")
-        if self.format != "auto" and self.task != "instruction":
+        formats = [self.format, *(mixed.format for mixed in self.mix)]
+        if any(name != "auto" for name in formats) and self.task != "instruction":
             problems.append(
                 f"format: {self.task} rows have the task's fields; only "
                 "instruction recipes take a format"
@@ -188,6 +218,8 @@ class DataConfig(Section):
 
 MOVED_KEYS = {
     "data.chat_template": "data.chat.template",
+    "data.source_lang": "data.languages.source",
+    "data.target_lang": "data.languages.target",
     "train.log_steps": "logging.every",
     "train.trackers": "logging.trackers",
     "train.eval_steps": "validation.every",
