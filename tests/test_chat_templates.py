@@ -23,7 +23,7 @@ def _expected_answer_tokens(template, tokenizer) -> list[bool]:
     """Per token of the rendering, whether it spells an answer or the end of turn after it, found
     by searching the rendered text for each answer (independently of the code under test)."""
     text = template.render(CONVERSATION, tokenizer)
-    turn_end = template.turn_end(tokenizer)
+    turn_end = template.turn_end
     spans, cursor = [], 0
     for message in CONVERSATION:
         if message["role"] == "assistant":
@@ -60,7 +60,7 @@ def test_every_named_template_renders_each_answer_and_its_end(name: str, tokeniz
     template = chat_templates.resolve(name, tokenizer)
     rendered = chat_templates.render(CONVERSATION, template, tokenizer)
     answers = [message["content"] for message in CONVERSATION if message["role"] == "assistant"]
-    turn_end = template.turn_end(tokenizer)
+    turn_end = template.turn_end
     for (start, end), answer in zip(rendered.answers, answers, strict=True):
         decoded = tokenizer.decode(rendered.input_ids[start:end])
         assert decoded.strip().startswith(answer)
@@ -74,7 +74,7 @@ def test_the_tokenizers_own_template_matches_apply_chat_template(tokenizer) -> N
     template = chat_templates.resolve("tokenizer", tokenizer)
     expected = tokenizer.apply_chat_template(CONVERSATION[:3], tokenize=False)
     assert template.render(CONVERSATION[:3], tokenizer) == expected
-    assert template.turn_end(tokenizer) == "<|im_end|>"
+    assert template.turn_end == "<|im_end|>"
 
 
 def test_templates_from_a_file_and_inline(tmp_path: Path, tokenizer) -> None:
@@ -90,9 +90,9 @@ def test_unusable_templates_are_clear_errors(tmp_path: Path, tokenizer) -> None:
         chat_templates.resolve("alpaca", tokenizer)
     with pytest.raises(chat_templates.TemplateError, match=r"cannot read .*missing\.jinja"):
         chat_templates.resolve(str(tmp_path / "missing.jinja"), tokenizer)
-    broken = chat_templates.resolve("{% for m in messages %}{{ m.content }", tokenizer)
+    broken = "{% for m in messages %}{{ m.content }"
     with pytest.raises(chat_templates.TemplateError, match="chat template inline"):
-        broken.render(CONVERSATION, tokenizer)
+        chat_templates.resolve(broken, tokenizer)
 
 
 def test_a_template_that_renders_earlier_turns_differently_is_refused(tokenizer) -> None:

@@ -170,7 +170,7 @@ def test_a_task_prompt_in_a_named_template_ends_with_its_turn_end(tokenizer) -> 
     assert _loss_text(example, tokenizer) == [f"{example.target}<|im_end|>"]
     template = chat_templates.resolve("chatml", tokenizer)
     assert data.TaskFormatter(settings).stop_strings(tokenizer) == []
-    assert template.turn_end(tokenizer) == tokenizer.eos_token
+    assert template.turn_end == tokenizer.eos_token
 
 
 def _mixed(data_root: Path, weight: float, **extra: object) -> DataConfig:

@@ -170,11 +170,12 @@ def test_empty_split_and_bad_references_are_reported(tiny_model_dir: Path, tmp_p
 def test_answer_scores_rouge_l_chrf_and_exact_match() -> None:
     predictions = ["The  cat sat.", "a dog", "nothing alike"]
     references = [["the cat sat."], ["A dog ran", "a DOG"], ["zebra"]]
-    scores = scoring.answer_scores(predictions, references)
+    scores, rouge_l = scoring.answer_scores(predictions, references)
     values = scoring.point_values(scores, 3)
     assert values["exact_match"] == pytest.approx(2 / 3)
     expected_rouge = metrics.load("rouge").compute(predictions=predictions, references=references)
     assert values["rougeL"] == pytest.approx(expected_rouge["rougeL"])
+    assert sum(rouge_l) / 3 == pytest.approx(expected_rouge["rougeL"])
     streams = [["the cat sat.", "A dog ran", "zebra"], ["the cat sat.", "a DOG", "zebra"]]
     chrf = sacrebleu.metrics.CHRF().corpus_score(predictions, streams)
     assert values["chrf"] == pytest.approx(chrf.score)

@@ -11,7 +11,7 @@ one that does not is refused with an error rather than masked wrongly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
@@ -83,10 +83,14 @@ class TemplateError(UserError):
 
 @dataclass(frozen=True)
 class ChatTemplate:
-    """A resolved template: its Jinja text and what the recipe called it."""
+    """A resolved template: its Jinja text, what the recipe called it, and what it puts after
+    an answer."""
 
     name: str
     source: str
+    turn_end: str = ""
+    """The text after an assistant's answer ('<|im_end|>' in chatml), found once when the
+    template is resolved: it ends a generated answer and follows a single-turn target."""
 
     def render(
         self,
@@ -104,9 +108,7 @@ class ChatTemplate:
         except Exception as error:  # jinja2 raises template, undefined and runtime errors
             raise TemplateError(f"chat template {self.name}: {error}") from None
 
-    def turn_end(self, tokenizer: PreTrainedTokenizerBase) -> str:
-        """The text the template puts after an assistant's answer ('<|im_end|>' in chatml);
-        it ends a generated answer and follows a single-turn target."""
+    def _rendered_turn_end(self, tokenizer: PreTrainedTokenizerBase) -> str:
         conversation = [{"role": "user", "content": "question"}]
         conversation.append({"role": "assistant", "content": _ANSWER})
         rendered = self.render(conversation, tokenizer)
@@ -117,13 +119,24 @@ class ChatTemplate:
     def stop_strings(self, tokenizer: PreTrainedTokenizerBase) -> list[str]:
         """Where a generated answer ends besides the end-of-sequence token: the end of turn,
         unless it is that token."""
-        turn_end = self.turn_end(tokenizer)
-        return [] if turn_end in ("", tokenizer.eos_token) else [turn_end]
+        return [] if self.turn_end in ("", tokenizer.eos_token) else [self.turn_end]
+
+
+def last_answer(messages: list[Message]) -> int:
+    """The index of a conversation's last assistant turn."""
+    return max(index for index, message in enumerate(messages) if message["role"] == "assistant")
 
 
 def resolve(choice: str, tokenizer: PreTrainedTokenizerBase) -> ChatTemplate:
     """The template `data.chat.template` names: the tokenizer's own, a named one, a Jinja file
-    (a path ending in .jinja or .j2), or an inline Jinja string."""
+    (a path ending in .jinja or .j2), or an inline Jinja string; a template that cannot render
+    an answer stops here, before any row."""
+    template = ChatTemplate(*_named_source(choice, tokenizer))
+    return replace(template, turn_end=template._rendered_turn_end(tokenizer))
+
+
+def _named_source(choice: str, tokenizer: PreTrainedTokenizerBase) -> tuple[str, str]:
+    """(name, Jinja text) of the template `choice` names."""
     if choice == TOKENIZER:
         if not tokenizer.chat_template:
             named = ", ".join(NAMED_TEMPLATES)
@@ -131,15 +144,15 @@ def resolve(choice: str, tokenizer: PreTrainedTokenizerBase) -> ChatTemplate:
                 "the tokenizer has no chat template of its own; set data.chat.template to a "
                 f"named template ({named}), a .jinja file or an inline Jinja string"
             )
-        return ChatTemplate(TOKENIZER, tokenizer.chat_template)
+        return TOKENIZER, tokenizer.chat_template
     if choice in NAMED_TEMPLATES:
-        return ChatTemplate(choice, NAMED_TEMPLATES[choice])
+        return choice, NAMED_TEMPLATES[choice]
     if "{{" in choice or "{%" in choice:
-        return ChatTemplate("inline", choice)
+        return "inline", choice
     path = Path(choice).expanduser()
     if path.suffix in (".jinja", ".j2"):
         try:
-            return ChatTemplate(str(path), path.read_text(encoding="utf-8"))
+            return str(path), path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as error:
             raise TemplateError(f"data.chat.template: cannot read {path}: {error}") from None
     named = ", ".join([TOKENIZER, *NAMED_TEMPLATES])
@@ -164,7 +177,7 @@ def _answer_characters(
 ) -> tuple[str, list[tuple[int, int]]]:
     """The rendering through the last assistant turn, and each assistant turn's character span
     in it (the answer and the template's end of turn, without the whitespace after it)."""
-    last = max(index for index, message in enumerate(messages) if message["role"] == "assistant")
+    last = last_answer(messages)
     text = template.render(messages[: last + 1], tokenizer)
     spans = []
     for index, message in enumerate(messages[: last + 1]):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from llama_tune.chat_templates import Message
+from llama_tune.chat_templates import Message, last_answer
 
 CONVERSATIONAL = ("messages", "sharegpt", "alpaca")
 """Formats that are conversations, rendered through a chat template."""
@@ -143,7 +143,7 @@ def to_messages(
 def last_exchange(messages: list[Message]) -> dict[str, str]:
     """The last user turn and the answer to it, as the instruction task's fields (the text
     scoring shows and compares, and perturbations start from)."""
-    last = max(index for index, message in enumerate(messages) if message["role"] == "assistant")
+    last = last_answer(messages)
     return {
         "prompt": messages[last - 1]["content"],
         "completion": messages[last]["content"].strip(),

@@ -206,8 +206,9 @@ def _load_hub_dataset(dataset_id: str, config: str | None, revision: str | None,
     import datasets
 
     options: dict[str, Any] = {"revision": revision} if revision else {}
-    if json.loads(files) is not None:
-        options["data_files"] = json.loads(files)
+    data_files = json.loads(files)
+    if data_files is not None:
+        options["data_files"] = data_files
     try:
         return datasets.load_dataset(dataset_id, config, **options)
     except Exception as error:  # datasets raises many types for unreachable or unknown ids
@@ -372,7 +373,7 @@ class TaskFormatter:
         turn (the end-of-sequence token follows a plain one)."""
         target = fields[self.task.target_field]
         template = self.chat_template(tokenizer)
-        return f" {target}" if template is None else target + template.turn_end(tokenizer)
+        return f" {target}" if template is None else target + template.turn_end
 
 
 # -------------------------------------------------------------------------------------- encoding
@@ -402,8 +403,7 @@ def encode(
     overflow = len(prompt_ids) + len(target_ids) - config.max_length
     if overflow <= 0:
         return prompt_ids + target_ids, len(prompt_ids), False
-    _too_long(config, len(prompt_ids) + len(target_ids))
-    if config.truncation == "drop":
+    if not _shortens(config, len(prompt_ids) + len(target_ids)):
         return None
     long_field = formatter.task.truncatable_field
     field_ids = _encode_text(tokenizer, fields[long_field], False)
@@ -419,10 +419,12 @@ def encode(
     return prompt_ids + target_ids[:room_for_target], len(prompt_ids), True
 
 
-def _too_long(config: DataConfig, length: int) -> None:
-    """Under `truncation: error`, stop on a row of `length` tokens."""
+def _shortens(config: DataConfig, length: int) -> bool:
+    """Whether a row of `length` tokens, over `data.max_length`, is shortened (`truncate`) or
+    dropped (`drop`); under `error`, ValueError naming its length."""
     if config.truncation == "error":
         raise ValueError(f"too_long ({length} > {config.max_length})")
+    return config.truncation == "truncate"
 
 
 def _without_first_exchange(messages: list[Message]) -> list[Message] | None:
@@ -440,7 +442,7 @@ def _with_shorter_question(
 ) -> Iterator[list[Message]]:
     """The conversation with the end of its last question cut by about `overflow` tokens, then
     by a little more each time (re-tokenising decoded text can merge tokens differently)."""
-    last = max(index for index, message in enumerate(messages) if message["role"] == "assistant")
+    last = chat_templates.last_answer(messages)
     question_ids = _encode_text(tokenizer, messages[last - 1]["content"], False)
     for extra in (0, 2, 8, 32):
         keep = max(len(question_ids) - overflow - extra, 1)
@@ -467,8 +469,7 @@ def encode_conversation(
     rendered = chat_templates.render(messages, template, tokenizer)
     if len(rendered.input_ids) <= config.max_length:
         return rendered, False
-    _too_long(config, len(rendered.input_ids))
-    if config.truncation == "drop":
+    if not _shortens(config, len(rendered.input_ids)):
         return None
     while len(rendered.input_ids) > config.max_length:
         shorter = _without_first_exchange(messages)
@@ -494,8 +495,7 @@ def encode_plain_text(
     input_ids = [*_encode_text(tokenizer, text, True), tokenizer.eos_token_id]
     if len(input_ids) <= config.max_length:
         return input_ids, False
-    _too_long(config, len(input_ids))
-    if config.truncation == "drop":
+    if not _shortens(config, len(input_ids)):
         return None
     return input_ids[: config.max_length], True
 
@@ -622,7 +622,6 @@ def build_split(
     stats = SplitStats(origin=origin)
     examples = []
     for rendered in rendered_rows(origin, rows, formatter, tokenizer, stats.skipped, strict=True):
-        stats.format = None if formatter.row_format == "fields" else formatter.row_format
         stats.truncated += rendered.truncated
         examples.append(
             Example(
@@ -637,6 +636,7 @@ def build_split(
         )
         if limit is not None and len(examples) >= limit:
             break
+    stats.format = None if formatter.row_format == "fields" else formatter.row_format
     stats.rows_used = len(examples)
     stats.rows_read = stats.rows_used + sum(stats.skipped.values())
     return Split(examples=examples, stats=stats)

@@ -271,9 +271,11 @@ def _normalised(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-def answer_scores(predictions: list[str], references: list[list[str]]) -> Scores:
-    """Instruction and chat answers: ROUGE-L (the per-example score), chrF, and the share of
-    answers that equal a reference up to case and spacing."""
+def answer_scores(
+    predictions: list[str], references: list[list[str]]
+) -> tuple[Scores, list[float]]:
+    """Instruction and chat answers: ROUGE-L, chrF, and the share of answers that equal a
+    reference up to case and spacing; and each answer's ROUGE-L (its per-example score)."""
     per_example = metrics.load("rouge").compute(
         predictions=predictions, references=references, per_example=True
     )["per_example"]
@@ -287,7 +289,7 @@ def answer_scores(predictions: list[str], references: list[list[str]]) -> Scores
         "chrf": sacrebleu_statistic(chrf, predictions, references),
         "exact_match": mean_of(exact),
     }
-    return Scores(intervals={}, statistics=statistics, details={"rougeL": per_example["rougeL"]})
+    return Scores(intervals={}, statistics=statistics, details={}), per_example["rougeL"]
 
 
 def generation_scores(eval_set: EvalSet, task: str) -> Scores:
@@ -296,8 +298,8 @@ def generation_scores(eval_set: EvalSet, task: str) -> Scores:
     predictions = [example.prediction for example in eval_set.examples]
     references = [example.references for example in eval_set.examples]
     if task == "instruction":
-        scores = answer_scores(predictions, references)
-        for example, value in zip(eval_set.examples, scores.details.pop("rougeL"), strict=True):
+        scores, rouge_l = answer_scores(predictions, references)
+        for example, value in zip(eval_set.examples, rouge_l, strict=True):
             example.score = value
         return scores
     if task == "summarisation":
