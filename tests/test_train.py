@@ -217,3 +217,30 @@ def test_a_run_with_a_mixed_source_resumes_exactly(resumes_exactly) -> None:
     mix = f"data.mix=[{{source: {source}, split: validation, weight: 0.25}}]"
     expected = resumes_exactly("mixed", [mix])
     assert expected.summary["data"]["mix"][0]["examples"] > 0
+
+
+def test_packed_steps_equal_padded_ones(tiny_recipe, data_root: Path) -> None:
+    # Instruction rows pack by default; the same run unpacked takes the same steps.
+    overrides = [
+        f"data.source={data_root / 'instruction/sharegpt_dummy'}",
+        "data.task=instruction",
+        "data.max_length=256",
+        "data.max_train_rows=64",
+        "data.splits.validation=null",
+        "adapter=null",
+    ]
+    packed = _train(tiny_recipe("packed", max_steps=6, lr=1e-2), *overrides)
+    padded = _train(tiny_recipe("padded", max_steps=6, lr=1e-2), *overrides, "train.packing=false")
+    assert packed.summary["packed"] is True
+    assert padded.summary["packed"] is False
+    packed_losses = [record["loss"] for record in _metrics(packed.run_dir) if "loss" in record]
+    padded_losses = [record["loss"] for record in _metrics(padded.run_dir) if "loss" in record]
+    assert len(packed_losses) == 6
+    assert packed_losses[-1] < packed_losses[0]
+    torch.testing.assert_close(packed_losses, padded_losses, rtol=1e-4, atol=0)
+    assert packed.summary["input_tokens"] == padded.summary["input_tokens"]
+
+
+def test_a_packed_run_resumes_exactly(resumes_exactly) -> None:
+    expected = resumes_exactly("packed", ["train.packing=true"])
+    assert expected.summary["packed"] is True

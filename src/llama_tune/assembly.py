@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from accelerate import Accelerator
 
-from llama_tune import data, models, schema
+from llama_tune import data, models, packing, schema
 from llama_tune.objective import Objective, TargetTokenLoss
 
 if TYPE_CHECKING:
@@ -42,6 +42,8 @@ def build(recipe: schema.Recipe, accelerator: Accelerator, run_dir: Path) -> Tra
         from llama_tune.distillation import loading
 
         bundle, objective, datasets = loading.load(recipe, accelerator, run_dir)
+    if recipe.packed:
+        packing.use_packed_attention(models.causal_lm(bundle.model))
     augment = recipe.adversarial.augment if recipe.adversarial is not None else None
     if augment is not None and augment.consistency is not None:
         from llama_tune.adversarial.consistency import ConsistencyObjective

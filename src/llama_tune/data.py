@@ -818,6 +818,16 @@ def micro_batches(step: list[int], lengths: list[int], count: int) -> list[list[
     return [ordered[i * size : (i + 1) * size] for i in range(count)]
 
 
+def _labels(example: Example) -> torch.Tensor:
+    """The example's tokens where the loss covers them (target, earlier answers), else -100."""
+    ids = torch.tensor(example.input_ids, dtype=torch.long)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[example.prompt_length :] = ids[example.prompt_length :]
+    for start, end in example.earlier_answers:
+        labels[start:end] = ids[start:end]
+    return labels
+
+
 def collate(examples: list[Example], pad_token_id: int, bucket: int) -> dict[str, torch.Tensor]:
     """Right-pad to a multiple of `bucket`; labels are -100 outside the target tokens."""
     longest = max(len(example.input_ids) for example in examples)
@@ -826,13 +836,25 @@ def collate(examples: list[Example], pad_token_id: int, bucket: int) -> dict[str
     attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
     for row, example in enumerate(examples):
-        ids = torch.tensor(example.input_ids, dtype=torch.long)
-        input_ids[row, : len(ids)] = ids
-        attention_mask[row, : len(ids)] = 1
-        labels[row, example.prompt_length : len(ids)] = ids[example.prompt_length :]
-        for start, end in example.earlier_answers:
-            labels[row, start:end] = ids[start:end]
+        length = len(example.input_ids)
+        input_ids[row, :length] = torch.tensor(example.input_ids, dtype=torch.long)
+        attention_mask[row, :length] = 1
+        labels[row, :length] = _labels(example)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def collate_packed(examples: list[Example]) -> dict[str, torch.Tensor]:
+    """The examples end to end in one row, without padding or attention mask: position ids
+    restart at 0 at each example, which keeps attention inside it (`packing`). As in a padded
+    row, an example's first token is no target: nothing predicts across a boundary."""
+    labels = [_labels(example) for example in examples]
+    for example_labels in labels:
+        example_labels[0] = IGNORE_INDEX
+    return {
+        "input_ids": torch.tensor([[t for example in examples for t in example.input_ids]]),
+        "labels": torch.cat(labels)[None],
+        "position_ids": torch.cat([torch.arange(len(e.input_ids)) for e in examples])[None],
+    }
 
 
 def eval_batches(split: Split, batch_size: int) -> list[list[Example]]:

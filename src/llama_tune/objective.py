@@ -81,10 +81,21 @@ class TargetTokenLoss(torch.nn.Module):
         return None
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
+        """`attention_mask` for padded rows, `position_ids` for packed ones (`data.collate*`)."""
         base = models.causal_lm(self.model)
-        hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask)
+        hidden = base.get_decoder()(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            # A cache would make a packed row causal over its whole length (docs/plans).
+            use_cache=False,
+        )
         head = base.get_output_embeddings()
         return {"ce": target_cross_entropy(head, hidden.last_hidden_state[:, :-1], labels)}
 

@@ -262,6 +262,9 @@ class TrainConfig(Section):
     """Steps with a NaN/inf loss to skip before stopping with an error."""
     length_bucket: int = Field(16, ge=1)
     """Pad batches to a multiple of this many tokens (fewer distinct kernel shapes)."""
+    packing: bool | None = None
+    """Lay each micro-batch's examples end to end in one row, without padding (attention stays
+    inside each example); null: on for instruction data, off for the other tasks."""
 
 
 class LoggingConfig(Section):
@@ -568,6 +571,13 @@ class Recipe(Section):
     adversarial: AdversarialConfig | None = None
     """Adversarial examples and adversarial training; null: neither."""
     output: OutputConfig = OutputConfig()
+
+    @property
+    def packed(self) -> bool:
+        """Whether training packs its micro-batches (`train.packing`, resolved)."""
+        if self.train.packing is not None:
+            return self.train.packing
+        return self.data.task == "instruction"
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:

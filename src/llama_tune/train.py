@@ -362,6 +362,7 @@ class TrainingRun:
             precision=accelerator.mixed_precision,
             device=device_name(accelerator.device),
             processes=accelerator.num_processes,
+            packed=self.recipe.packed,
             parameters={"trainable": trainable_count, "total": total_count},
             data=self.built.datasets.summary(),
             total_steps=self.plan.total_steps,
@@ -487,7 +488,10 @@ class TrainingRun:
         accelerator, settings = self.accelerator, self.settings
         step_sums = torch.zeros(len(terms), device=accelerator.device)
         for indices, examples in zip(own, own_examples, strict=True):
-            batch = data.collate(examples, self.tokenizer.pad_token_id, settings.length_bucket)
+            if self.recipe.packed:
+                batch = data.collate_packed(examples)
+            else:
+                batch = data.collate(examples, self.tokenizer.pad_token_id, settings.length_bucket)
             batch |= self.objective.extra_inputs(indices)
             batch = {name: value.to(accelerator.device) for name, value in batch.items()}
             with accelerator.accumulate(self.loss_module):

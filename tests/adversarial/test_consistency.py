@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from llama_tune import data
+from llama_tune import data, packing
 from llama_tune.adversarial import consistency
 from llama_tune.objective import TargetTokenLoss
 
@@ -64,3 +64,16 @@ def test_the_term_is_the_divergence_from_the_clean_answer(tiny_model_dir: Path, 
 
     # Evaluation batches are not paired: no term.
     assert set(objective.eval()(**batch)) == {"ce"}
+
+
+def test_a_packed_row_gives_the_padded_term(tiny_model_dir: Path, tokenizer) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    packing.use_packed_attention(model)
+    objective = consistency.ConsistencyObjective(TargetTokenLoss(model), 2.0).train()
+    examples, indices = _paired_batch(tokenizer)
+    paired = objective.extra_inputs(indices)
+    expected = objective(**data.collate(examples, tokenizer.pad_token_id, 8), **paired)
+    actual = objective(**data.collate_packed(examples), **paired)
+    assert expected["consistency"] > 0
+    for name, value in expected.items():
+        torch.testing.assert_close(actual[name], value, rtol=1e-4, atol=1e-6)

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import torchrun
-from llama_tune import checkpoint, config, data, run_folder, schema, train
+from llama_tune import checkpoint, config, data, packing, run_folder, schema, train
 from llama_tune.adversarial import embedding
 from llama_tune.objective import TargetTokenLoss
 
@@ -204,3 +204,38 @@ def test_adversarial_training_resumes_exactly(resumes_exactly) -> None:
         "adapter.dropout=0.1",
     ]
     resumes_exactly("freelb", overrides)
+
+
+@pytest.mark.parametrize(("method", "norm"), [("fgm", "l2"), ("pgd", "linf")])
+def test_a_packed_row_gives_the_padded_sums(
+    method: str, norm: str, tiny_model_dir: Path, tokenizer
+) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    packing.use_packed_attention(model)
+    settings = schema.AdversarialTrainConfig(method=method, norm=norm, epsilon=0.3, steps=2)
+    objective = embedding.AdversarialObjective(TargetTokenLoss(model), settings).train()
+    examples = [
+        data.Example("p", "t", [5, 6, 7, 8, 9, tokenizer.eos_token_id], 3, 0),
+        data.Example("p", "t", [5, 6, tokenizer.eos_token_id], 2, 1),
+    ]
+    expected = objective(**data.collate(examples, tokenizer.pad_token_id, 8))
+    actual = objective(**data.collate_packed(examples))
+    assert set(actual) == set(expected) == {"ce", "adversarial_ce"}
+    for name, value in expected.items():
+        torch.testing.assert_close(actual[name], value, rtol=1e-4, atol=1e-6)
+
+
+def test_neftune_scales_by_each_examples_own_length(tokenizer) -> None:
+    examples = [
+        data.Example("p", "t", [5, 6, 7, 8, 9, tokenizer.eos_token_id], 3, 0),
+        data.Example("p", "t", [5, 6, tokenizer.eos_token_id], 2, 1),
+    ]
+    padded = data.collate(examples, tokenizer.pad_token_id, 8)
+    packed = data.collate_packed(examples)
+    in_rows = embedding.example_lengths(padded["input_ids"], padded["attention_mask"], None)
+    assert in_rows.tolist() == [[6] * 6 + [0] * 2, [3] * 3 + [0] * 5]
+    in_row = embedding.example_lengths(packed["input_ids"], None, packed["position_ids"])
+    assert in_row.tolist() == [[6] * 6 + [3] * 3]
+    noise = embedding.neftune_noise(in_rows, 64, 5.0)
+    assert (noise[0, 6:] == 0).all()
+    assert noise[1, :3].abs().max() <= 5.0 / (3 * 64) ** 0.5

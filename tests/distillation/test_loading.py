@@ -102,3 +102,22 @@ def test_real_distillation_on_sst2_lowers_the_distillation_loss(
     assert after["eval_loss"] < before["eval_loss"]
     trained = AutoModelForCausalLM.from_pretrained(result.weights_dir)
     assert trained.config.num_hidden_layers == 15
+
+
+def test_packed_distillation_steps_equal_padded_ones(tiny_recipe, tiny_model_dir: Path) -> None:
+    overrides = [
+        f"distill.teacher.name={tiny_model_dir}",
+        "distill.student.from_teacher.keep_layers=[1]",
+        "distill.positions=all",
+    ]
+    losses = []
+    for packed in ("true", "false"):
+        path = tiny_recipe(f"packed-{packed}", max_steps=5)
+        result = train.run(config.load(path, [*overrides, f"train.packing={packed}"]), path)
+        assert result.summary["packed"] is (packed == "true")
+        lines = (result.run_dir / run_folder.METRICS).read_text().splitlines()
+        records = [record for line in lines if "loss" in (record := json.loads(line))]
+        losses.append([[record["loss"], record["distill_loss"]] for record in records])
+    assert len(losses[0]) == 5
+    assert all(distill > 0 for _, distill in losses[0])
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-4, atol=0)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from llama_tune import data, schema
+from llama_tune import data, packing, schema
 from llama_tune.distillation import objective, student
+from llama_tune.distillation.hidden import HiddenStateMatch
 from llama_tune.distillation.teacher import FrozenTeacher, distilled_count, distilled_positions
 
 
@@ -27,11 +29,17 @@ def _batch(tokenizer) -> tuple[list[data.Example], dict[str, torch.Tensor]]:
 def test_positions_follow_the_settings(tokenizer) -> None:
     examples, batch = _batch(tokenizer)
     labels, mask = batch["labels"], batch["attention_mask"]
+    packed = data.collate_packed(examples)
     for settings in (_settings(), _settings(positions="all"), _settings(label_tokens_only=True)):
-        chosen = distilled_positions(labels, mask, settings)
+        chosen = distilled_positions(labels, settings, mask)
         counts = [distilled_count(example, settings) for example in examples]
         assert chosen.sum(dim=1).tolist() == counts
-    first = distilled_positions(labels, mask, _settings(label_tokens_only=True))
+        # The same positions in one packed row: none predicts across the boundary.
+        in_row = distilled_positions(packed["labels"], settings, None, packed["position_ids"])
+        assert in_row[0, :5].sum() == counts[0]
+        assert in_row[0, 6:].sum() == counts[1]
+        assert not in_row[0, 5]
+    first = distilled_positions(labels, _settings(label_tokens_only=True), mask)
     # Position prompt_length - 1 predicts the first target token.
     assert first.nonzero().tolist() == [[0, 2], [1, 1]]
 
@@ -79,3 +87,28 @@ def test_robust_distillation_teacher_reads_the_clean_example(
     # Swapping roles: the student reading the clean examples matches the teacher exactly.
     clean_batch = data.collate(clean, tokenizer.pad_token_id, 8)
     assert module(**clean_batch, **module.extra_inputs([0, 1]))["distill"].item() < 1e-6
+
+
+@pytest.mark.parametrize(
+    "values",
+    [{}, {"positions": "all", "loss": "jsd"}, {"label_tokens_only": True}],
+    ids=["target", "all", "label-tokens"],
+)
+def test_a_packed_row_gives_the_padded_sums(
+    make_tiny_llama, tokenizer, values: dict[str, object]
+) -> None:
+    teacher = AutoModelForCausalLM.from_pretrained(make_tiny_llama("teacher", layers=3))
+    copy = student.from_teacher(teacher, [0, 2]).train()
+    for model in (teacher, copy):
+        packing.use_packed_attention(model)
+    hidden = HiddenStateMatch({1: 2, 2: 3}, 64, 64, "mse")
+    module = objective.DistillationObjective(
+        copy, FrozenTeacher(teacher), _settings(**values), len(tokenizer), hidden_match=hidden
+    )
+    examples, padded = _batch(tokenizer)
+    expected = module(**padded)
+    actual = module(**data.collate_packed(examples))
+    assert set(actual) == set(expected) == {"ce", "distill", "hidden"}
+    for name, value in expected.items():
+        assert value > 0
+        torch.testing.assert_close(actual[name], value, rtol=1e-4, atol=1e-6)

@@ -19,7 +19,7 @@ from itertools import accumulate
 
 import torch
 
-from llama_tune import data, models
+from llama_tune import data, models, packing
 from llama_tune.objective import Objective, WrappedObjective, target_logits
 
 
@@ -79,19 +79,26 @@ class ConsistencyObjective(WrappedObjective):
     def forward(
         self,
         input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
         labels: torch.Tensor,
         clean_rows: torch.Tensor | None = None,
-        **extra: torch.Tensor,
+        **layout: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
         """The wrapped objective's sums, plus `consistency` for training micro-batches
-        (evaluation batches come without `clean_rows`: nothing is paired there)."""
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-        batch |= extra
+        (evaluation batches come without `clean_rows`: nothing is paired there). `layout` is
+        the padded rows' `attention_mask` or the packed row's `position_ids`, and any inputs
+        the wrapped objective takes besides."""
+        batch = {"input_ids": input_ids, "labels": labels} | layout
         if clean_rows is None:
             return self.objective(**batch)
         with self._states.keeping():
             sums = self.objective(**batch)
         head = models.causal_lm(self.model).get_output_embeddings()
         logits, _, selected = target_logits(head, self._states.take()[:, :-1], labels)
-        return sums | {"consistency": paired_divergence(logits, selected.sum(dim=1), clean_rows)}
+        position_ids = layout.get("position_ids")
+        if position_ids is None:
+            per_example = selected.sum(dim=1)
+        else:
+            # A packed row holds the examples in order: count each one's targets.
+            example = packing.example_index(position_ids)[:, :-1]
+            per_example = torch.bincount(example[selected], minlength=len(clean_rows))
+        return sums | {"consistency": paired_divergence(logits, per_example, clean_rows)}

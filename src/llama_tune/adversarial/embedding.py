@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from llama_tune import data, models
+from llama_tune import data, models, packing
 from llama_tune.objective import Objective, WrappedObjective, target_logits
 from llama_tune.schema import AdversarialTrainConfig
 
@@ -64,14 +64,28 @@ def random_start(
     return direction * torch.rand((*shape[:-1], 1), device=device) * epsilon
 
 
-def neftune_noise(
-    attention_mask: torch.Tensor, width: int, alpha: float, device: torch.device
+def neftune_noise(lengths: torch.Tensor, width: int, alpha: float) -> torch.Tensor:
+    """NEFTune's uniform noise, alpha / sqrt(length x width), where `lengths` [batch, seq]
+    gives each position the length of its own example (0 at padding: no noise there)."""
+    scale = alpha / torch.sqrt(lengths.clamp_min(1).float() * width)
+    noise = torch.rand((*lengths.shape, width), device=lengths.device) * 2 - 1
+    return noise * (scale * (lengths > 0))[..., None]
+
+
+def example_lengths(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
 ) -> torch.Tensor:
-    """NEFTune's uniform noise, alpha / sqrt(length x width), per example's own length."""
-    lengths = attention_mask.sum(dim=1, keepdim=True).clamp_min(1).float()
-    scale = alpha / torch.sqrt(lengths * width)
-    noise = torch.rand((*attention_mask.shape, width), device=device) * 2 - 1
-    return noise * scale[:, :, None]
+    """[batch, seq]: the length of the example each position belongs to, 0 at padding, in
+    padded rows (`attention_mask`) and packed ones (`position_ids`)."""
+    if position_ids is not None:
+        example = packing.example_index(position_ids)
+        lengths = torch.zeros_like(example).scatter_add_(1, example, torch.ones_like(example))
+        return lengths.gather(1, example)
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    return attention_mask * attention_mask.sum(dim=1, keepdim=True)
 
 
 def symmetric_kl(first_logits: torch.Tensor, second_logits: torch.Tensor) -> torch.Tensor:
@@ -122,20 +136,27 @@ class AdversarialObjective(WrappedObjective):
     def forward(
         self,
         input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
         labels: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
         **extra: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-        batch |= extra
+        """Padded rows come with `attention_mask`, packed ones with `position_ids`."""
+        batch = {"input_ids": input_ids, "labels": labels} | extra
+        if attention_mask is not None:
+            batch["attention_mask"] = attention_mask
+        if position_ids is not None:
+            batch["position_ids"] = position_ids
         settings = self.settings
         embedding = models.causal_lm(self.model).get_input_embeddings()
         width = embedding.embedding_dim
         device = input_ids.device
-        mask = attention_mask[..., None].float()
+        lengths = example_lengths(input_ids, attention_mask, position_ids)
+        # Offsets stay off padding; a packed row has none.
+        mask = (lengths > 0)[..., None].float()
         noise = torch.zeros((*input_ids.shape, width), device=device)
         if self.training and settings.neftune_alpha is not None:
-            noise = neftune_noise(attention_mask, width, settings.neftune_alpha, device) * mask
+            noise = neftune_noise(lengths, width, settings.neftune_alpha)
         if not self.training or settings.method is None:
             return self._run(batch, noise)
 
@@ -201,7 +222,12 @@ class AdversarialObjective(WrappedObjective):
         try:
             states = (
                 models.causal_lm(self.model)
-                .get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                .get_decoder()(
+                    input_ids=batch["input_ids"],
+                    attention_mask=batch.get("attention_mask"),
+                    position_ids=batch.get("position_ids"),
+                    use_cache=False,
+                )
                 .last_hidden_state
             )
         finally:

@@ -107,7 +107,7 @@ def _teacher_shard(
             batch_examples = examples[start : start + batch_size]
             batch = data.collate(batch_examples, pad_token_id, 1)
             batch = {name: value.to(device) for name, value in batch.items()}
-            chosen = distilled_positions(batch["labels"], batch["attention_mask"], settings)
+            chosen = distilled_positions(batch["labels"], settings, batch["attention_mask"])
             states = teacher.hidden(batch["input_ids"], batch["attention_mask"])[:, :-1][chosen]
             counts += chosen.sum(dim=1).tolist()
             for chunk in states.split(settings.chunk_size):

@@ -239,7 +239,7 @@ def load(
     token_subset = label_first_tokens(recipe, tokenizer) if settings.label_tokens_only else None
     frozen = None
     if teacher is not None:
-        frozen = FrozenTeacher(teacher.to(accelerator.device))
+        frozen = FrozenTeacher(teacher.to(accelerator.device), packed=recipe.packed)
     cached = None
     if settings.cache is not None:
         examples = datasets.train.examples

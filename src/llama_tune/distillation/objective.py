@@ -108,8 +108,9 @@ class DistillationObjective(torch.nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
         labels: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
         teacher_ids: torch.Tensor | None = None,
         teacher_log_probs: torch.Tensor | None = None,
         teacher_rest: torch.Tensor | None = None,
@@ -117,16 +118,22 @@ class DistillationObjective(torch.nn.Module):
         teacher_attention_mask: torch.Tensor | None = None,
         teacher_labels: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
+        """Padded rows come with `attention_mask`, packed ones with `position_ids`; the
+        teacher reads the same rows, or `teacher_*` (its clean versions, padded)."""
         base = models.causal_lm(self.model)
         head = base.get_output_embeddings()
         every_layer = self.hidden_match is not None and self.teacher is not None
         hidden = base.get_decoder()(
-            input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=every_layer
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            output_hidden_states=every_layer,
+            use_cache=False,
         )
         student_states = hidden.last_hidden_state[:, :-1]
         cross_entropy = target_cross_entropy(head, student_states, labels)
 
-        distilled = distilled_positions(labels, attention_mask, self.settings)
+        distilled = distilled_positions(labels, self.settings, attention_mask, position_ids)
         subset = self.token_subset
         if subset is not None:
             subset = subset.to(input_ids.device)
@@ -143,10 +150,13 @@ class DistillationObjective(torch.nn.Module):
                 assert teacher_attention_mask is not None
                 assert teacher_labels is not None
                 input_ids, attention_mask = teacher_input_ids, teacher_attention_mask
+                position_ids = None
                 teacher_distilled = distilled_positions(
-                    teacher_labels, attention_mask, self.settings
+                    teacher_labels, self.settings, attention_mask
                 )
-            teacher_output = self.teacher.outputs(input_ids, attention_mask, every_layer)
+            teacher_output = self.teacher.outputs(
+                input_ids, attention_mask, position_ids, every_layer
+            )
             teacher_states = teacher_output.last_hidden_state[:, :-1]
             side = OnlineTeacher(
                 teacher_states[teacher_distilled], self.teacher.head, self.vocab_size, subset

@@ -1,0 +1,133 @@
+"""Packed rows: attention stays inside each example, and losses and gradients equal padded rows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from llama_tune import data, packing
+from llama_tune.objective import TargetTokenLoss
+from llama_tune.schema import DataConfig, SplitsConfig
+
+
+def _rows(data_root: Path, tokenizer, folder: str, count: int) -> list[data.Example]:
+    config = DataConfig(
+        source=str(data_root / folder),
+        task="instruction",
+        max_length=256,
+        max_train_rows=count,
+        splits=SplitsConfig(validation=None, test=None),
+    )
+    return data.build(config, tokenizer).train.examples
+
+
+@pytest.fixture(scope="module")
+def real_rows(data_root: Path, tokenizer) -> list[data.Example]:
+    """Alpaca rows (one answer) and ShareGPT conversations (earlier answers in the loss)."""
+    alpaca = _rows(data_root, tokenizer, "instruction/alpaca_en_demo", 4)
+    sharegpt = _rows(data_root, tokenizer, "instruction/sharegpt_dummy", 3)
+    assert any(example.earlier_answers for example in sharegpt)
+    return alpaca + sharegpt
+
+
+def _model(folder: Path) -> torch.nn.Module:
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    packing.use_packed_attention(model)
+    assert model.config._attn_implementation == packing.PACKED_SDPA
+    return model
+
+
+def _per_example_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> list[float]:
+    """Each example's summed target cross-entropy: a padded batch's rows, or a packed row's
+    examples in order."""
+    logits = model(**batch, use_cache=False).logits[:, :-1].float()
+    targets = batch["labels"][:, 1:]
+    losses = torch.nn.functional.cross_entropy(
+        logits.transpose(1, 2), targets, ignore_index=data.IGNORE_INDEX, reduction="none"
+    )
+    if "position_ids" not in batch:
+        return losses.sum(dim=1).tolist()
+    example = packing.example_index(batch["position_ids"])[:, :-1]
+    return torch.zeros(int(example.max()) + 1).index_add_(0, example[0], losses[0]).tolist()
+
+
+def test_collate_packed_lays_examples_end_to_end(real_rows, tokenizer) -> None:
+    padded = data.collate(real_rows, tokenizer.pad_token_id, 16)
+    packed = data.collate_packed(real_rows)
+    lengths = [len(example.input_ids) for example in real_rows]
+    assert packed["input_ids"].shape == (1, sum(lengths))
+    assert "attention_mask" not in packed
+    bounds = packing.example_bounds(packed["position_ids"][0])
+    assert [end - start for start, end in bounds] == lengths
+    for row, (start, end) in enumerate(bounds):
+        assert packed["position_ids"][0, start:end].tolist() == list(range(end - start))
+        assert packed["input_ids"][0, start:end].tolist() == real_rows[row].input_ids
+        # The same labels as the padded row (whose first token is never predicted either).
+        assert (
+            packed["labels"][0, start + 1 : end].tolist()
+            == padded["labels"][row, 1 : end - start].tolist()
+        )
+        assert packed["labels"][0, start] == data.IGNORE_INDEX
+
+
+def test_a_packed_row_keeps_attention_inside_each_example(tiny_model_dir, real_rows) -> None:
+    model = _model(tiny_model_dir).eval()
+    first, second, third = real_rows[0], real_rows[4], real_rows[1]
+    packed = data.collate_packed([first, second, third])
+    with torch.no_grad():
+        logits = model(**packed).logits[0]
+        alone = [model(input_ids=torch.tensor([e.input_ids])).logits[0] for e in (first, second)]
+        # Another first example: the later ones' logits do not move (block-diagonal attention).
+        changed = dict(packed, input_ids=packed["input_ids"].clone())
+        changed["input_ids"][0, 1 : len(first.input_ids)] = 42
+        changed_logits = model(**changed).logits[0]
+    split = len(first.input_ids)
+    torch.testing.assert_close(logits[:split], alone[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        logits[split : split + len(second.input_ids)], alone[1], rtol=0, atol=1e-5
+    )
+    assert (changed_logits[:split] - logits[:split]).abs().max() > 1e-3
+    torch.testing.assert_close(changed_logits[split:], logits[split:], rtol=0, atol=0)
+
+
+def test_padded_rows_read_as_with_sdpa(tiny_model_dir, real_rows, tokenizer) -> None:
+    """The packed attention is SDPA itself for padded rows and for generation."""
+    packed_model = _model(tiny_model_dir).eval()
+    sdpa_model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    batch = data.collate(real_rows[:3], tokenizer.pad_token_id, 16)
+    prompt = torch.tensor([real_rows[0].input_ids[:20]])
+    with torch.no_grad():
+        ours, theirs = (
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            for model in (packed_model, sdpa_model)
+        )
+        generated = [
+            model.generate(prompt, max_new_tokens=8, do_sample=False)
+            for model in (packed_model, sdpa_model)
+        ]
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(ours[real], theirs[real], rtol=0, atol=1e-5)
+    assert generated[0].tolist() == generated[1].tolist()
+
+
+def test_packed_losses_and_gradients_equal_padded_ones(tiny_model_dir, real_rows, tokenizer):
+    model = _model(tiny_model_dir).train()
+    padded = data.collate(real_rows, tokenizer.pad_token_id, 16)
+    packed = data.collate_packed(real_rows)
+    with torch.no_grad():
+        expected = _per_example_losses(model, padded)
+        actual = _per_example_losses(model, packed)
+    assert len(actual) == len(real_rows)
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+
+    objective = TargetTokenLoss(model)
+    gradients = []
+    for batch in (padded, packed):
+        model.zero_grad()
+        objective(**batch)["ce"].backward()
+        gradients.append([p.grad.clone() for p in model.parameters()])
+    for padded_grad, packed_grad in zip(*gradients, strict=True):
+        torch.testing.assert_close(packed_grad, padded_grad, rtol=1e-4, atol=1e-5)
