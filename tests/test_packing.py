@@ -1,4 +1,5 @@
-"""Packed rows: attention stays inside each example, and losses and gradients equal padded rows."""
+"""Packed rows: attention stays inside each example, and losses and gradients equal padded rows
+(`data.collate_packed`, `packing`, `attention.PACKED_SDPA`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from llama_tune import data, packing
+from llama_tune import attention, data, packing
 from llama_tune.objective import TargetTokenLoss
 from llama_tune.schema import DataConfig, SplitsConfig
 
@@ -35,8 +36,8 @@ def real_rows(data_root: Path, tokenizer) -> list[data.Example]:
 
 def _model(folder: Path) -> torch.nn.Module:
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    packing.use_packed_attention(model)
-    assert model.config._attn_implementation == packing.PACKED_SDPA
+    attention.use_training_attention(model, packed=True)
+    assert model.config._attn_implementation == attention.PACKED_SDPA
     return model
 
 
@@ -131,3 +132,29 @@ def test_packed_losses_and_gradients_equal_padded_ones(tiny_model_dir, real_rows
         gradients.append([p.grad.clone() for p in model.parameters()])
     for padded_grad, packed_grad in zip(*gradients, strict=True):
         torch.testing.assert_close(packed_grad, padded_grad, rtol=1e-4, atol=1e-5)
+
+
+def test_short_half_precision_rows_train_on_the_math_kernel(
+    tiny_model_dir, real_rows, tokenizer, monkeypatch
+) -> None:
+    """On a CPU, bf16 rows up to SHORT_ROWS tokens train on the math kernel (faster there);
+    longer rows, fp32 and forwards without gradients keep the default kernel."""
+    chosen: list[list] = []
+    real_kernel = attention.sdpa_kernel
+    monkeypatch.setattr(
+        attention, "sdpa_kernel", lambda backends: chosen.append(backends) or real_kernel(backends)
+    )
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+    attention.use_training_attention(model, packed=False)
+    model.get_input_embeddings().requires_grad_(True)
+    short = data.collate(real_rows[:2], tokenizer.pad_token_id, 16)
+    assert short["input_ids"].shape[1] <= attention.SHORT_ROWS
+    model(input_ids=short["input_ids"], attention_mask=short["attention_mask"])
+    assert chosen == [[attention.SDPBackend.MATH]] * 2
+    chosen.clear()
+    with torch.no_grad():
+        model(input_ids=short["input_ids"], attention_mask=short["attention_mask"])
+    long = torch.tensor([real_rows[0].input_ids * 4])[:, : attention.SHORT_ROWS + 16]
+    model(input_ids=long)
+    model.float()(input_ids=short["input_ids"], attention_mask=short["attention_mask"])
+    assert chosen == []

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from accelerate import Accelerator
 
-from llama_tune import data, models, packing, schema
+from llama_tune import attention, data, models, schema
 from llama_tune.objective import Objective, TargetTokenLoss
 
 if TYPE_CHECKING:
@@ -42,8 +42,9 @@ def build(recipe: schema.Recipe, accelerator: Accelerator, run_dir: Path) -> Tra
         from llama_tune.distillation import loading
 
         bundle, objective, datasets = loading.load(recipe, accelerator, run_dir)
-    if recipe.packed:
-        packing.use_packed_attention(models.causal_lm(bundle.model))
+    attention.use_training_attention(models.causal_lm(bundle.model), recipe.packed)
+    if accelerator.mixed_precision != "no":
+        models.skip_adapter_input_casts(bundle.model)
     augment = recipe.adversarial.augment if recipe.adversarial is not None else None
     if augment is not None and augment.consistency is not None:
         from llama_tune.adversarial.consistency import ConsistencyObjective

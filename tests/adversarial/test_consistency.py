@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from llama_tune import data, packing
+from llama_tune import attention, data
 from llama_tune.adversarial import consistency
 from llama_tune.objective import TargetTokenLoss
 
@@ -68,7 +68,7 @@ def test_the_term_is_the_divergence_from_the_clean_answer(tiny_model_dir: Path, 
 
 def test_a_packed_row_gives_the_padded_term(tiny_model_dir: Path, tokenizer) -> None:
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    packing.use_packed_attention(model)
+    attention.use_training_attention(model, packed=True)
     objective = consistency.ConsistencyObjective(TargetTokenLoss(model), 2.0).train()
     examples, indices = _paired_batch(tokenizer)
     paired = objective.extra_inputs(indices)

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import torchrun
-from llama_tune import checkpoint, config, data, packing, run_folder, schema, train
+from llama_tune import attention, checkpoint, config, data, run_folder, schema, train
 from llama_tune.adversarial import embedding
 from llama_tune.objective import TargetTokenLoss
 
@@ -211,7 +211,7 @@ def test_a_packed_row_gives_the_padded_sums(
     method: str, norm: str, tiny_model_dir: Path, tokenizer
 ) -> None:
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    packing.use_packed_attention(model)
+    attention.use_training_attention(model, packed=True)
     settings = schema.AdversarialTrainConfig(method=method, norm=norm, epsilon=0.3, steps=2)
     objective = embedding.AdversarialObjective(TargetTokenLoss(model), settings).train()
     examples = [

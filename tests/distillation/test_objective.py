@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from llama_tune import data, packing, schema
+from llama_tune import attention, data, schema
 from llama_tune.distillation import objective, student
 from llama_tune.distillation.hidden import HiddenStateMatch
 from llama_tune.distillation.teacher import FrozenTeacher, distilled_count, distilled_positions
@@ -100,7 +100,7 @@ def test_a_packed_row_gives_the_padded_sums(
     teacher = AutoModelForCausalLM.from_pretrained(make_tiny_llama("teacher", layers=3))
     copy = student.from_teacher(teacher, [0, 2]).train()
     for model in (teacher, copy):
-        packing.use_packed_attention(model)
+        attention.use_training_attention(model, packed=True)
     hidden = HiddenStateMatch({1: 2, 2: 3}, 64, 64, "mse")
     module = objective.DistillationObjective(
         copy, FrozenTeacher(teacher), _settings(**values), len(tokenizer), hidden_match=hidden

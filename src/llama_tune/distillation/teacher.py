@@ -7,7 +7,7 @@ import torch
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
-from llama_tune import data, packing
+from llama_tune import attention, data, packing
 from llama_tune.schema import DistillConfig
 
 
@@ -17,8 +17,7 @@ class FrozenTeacher:
     def __init__(self, model: PreTrainedModel, packed: bool = False) -> None:
         """`packed`: the teacher reads the training run's packed rows (`packing`)."""
         self.model = model.eval().requires_grad_(False)
-        if packed:
-            packing.use_packed_attention(model)
+        attention.use_training_attention(model, packed)
 
     @torch.no_grad()
     def outputs(
