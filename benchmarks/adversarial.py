@@ -61,6 +61,8 @@ def _arguments() -> argparse.Namespace:
     arguments = parser.parse_args()
     # The throughput benchmark's recipe: its LoRA, data and loop settings.
     arguments.rows, arguments.dropout, arguments.dtype = 2000, 0.0, "auto"
+    arguments.model, arguments.task, arguments.packing = "smollm2-135m-instruct", "sst2", "auto"
+    arguments.max_length = train_throughput.DEFAULT_MAX_LENGTH["sst2"]
     return arguments
 
 

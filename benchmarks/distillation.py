@@ -1,15 +1,17 @@
 """Distillation: step throughput (online, cached teacher, TRL's GKDTrainer) and loss memory.
 
-Throughput: the built-in SmolLM2-135M-Instruct teaches a half-depth copy of itself (every second
-layer and the last), fully fine-tuned, on the same encoded SST-2 prompts and answers, with the
-same batch size, precision and steps, forward KL at temperature 1 on the answer tokens only and
-no task loss, in three trainers run in this one invocation:
+Throughput: the built-in SmolLM2-135M-Instruct (or `--teacher`) teaches a half-depth copy of
+itself (every second layer and the last), fully fine-tuned, on the same encoded SST-2 prompts and
+answers, with the same batch size, precision and steps, forward KL at temperature 1 on the answer
+tokens only and no task loss, in three trainers:
 - llama-tune with the teacher online,
 - llama-tune reading a teacher cache (top-k 64; the cache build is timed separately),
 - TRL's GKDTrainer with lmbda=0 (no student generation) and beta=0 (forward KL), fed the same
   batches by the same collator.
 Throughput counts prompt and answer tokens (not padding) per second of optimizer steps, after
-warm-up steps that are not counted.
+warm-up steps that are not counted. The three alternate, each measurement in a fresh process
+(side_by_side.py), for `--rounds` rounds: medians, per-round ratios against GKDTrainer, each
+process's peak resident memory and the losses.
 
 Memory: the peak resident memory added by computing the distillation loss and its gradient for
 `--positions` positions over the 49,152-token vocabulary, each way in a fresh process: naive
@@ -24,26 +26,32 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
+from transformers import AutoConfig
 
 from llama_tune import config, data, models, run_folder, schema, train
 from llama_tune.distillation import loading, losses, student
+from side_by_side import alternate, peak_resident_gib, summary
 from trainer_timing import StepTimer
 
 REPO = Path(__file__).resolve().parent.parent
-KEEP = [*range(0, 28, 2), 29]
+SYSTEMS = ["llama-tune online", "llama-tune cached", "trl gkd"]
 
 
 def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=os.environ.get("LLAMA_TUNE_DATA", "../shared/datasets"))
+    parser.add_argument("--teacher", default="smollm2-135m-instruct", help="built-in, folder, id")
     parser.add_argument("--steps", type=int, default=12, help="measured steps per trainer")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the three trainers")
     parser.add_argument("--warmup", type=int, default=3, help="steps run first and not counted")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
@@ -51,14 +59,22 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--only", choices=["throughput", "memory"], help="run one part")
     parser.add_argument("--memory-mode", choices=["naive", "chunked"], help=argparse.SUPPRESS)
     parser.add_argument("--output", default=str(REPO / "benchmarks" / "results"))
+    parser.add_argument("--worker", choices=SYSTEMS, help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
     return parser.parse_args()
+
+
+def kept_layers(teacher: str) -> list[int]:
+    """Every second layer of the teacher and its last: the student's layers."""
+    depth = AutoConfig.from_pretrained(models.resolve(teacher)).num_hidden_layers
+    return [*range(0, depth - 2, 2), depth - 1]
 
 
 def _recipe(args: argparse.Namespace, run_dir: Path, cached: bool) -> schema.Recipe:
     steps = args.warmup + args.steps
     distill = {
-        "teacher": {"name": "smollm2-135m-instruct"},
-        "student": {"from_teacher": {"keep_layers": KEEP}},
+        "teacher": {"name": args.teacher},
+        "student": {"from_teacher": {"keep_layers": kept_layers(args.teacher)}},
         "loss": "forward_kl",
         "alpha": 1.0,
     }
@@ -66,6 +82,7 @@ def _recipe(args: argparse.Namespace, run_dir: Path, cached: bool) -> schema.Rec
         distill["cache"] = {"top_k": 64}
     return config.parse(
         {
+            "model": {"name": args.teacher},
             "adapter": None,
             "data": {
                 "source": str(Path(args.data) / "classification" / "sst2"),
@@ -91,24 +108,27 @@ def _recipe(args: argparse.Namespace, run_dir: Path, cached: bool) -> schema.Rec
     )
 
 
-def _counted(run_dir: Path, warmup: int) -> dict[str, float]:
-    lines = (run_dir / run_folder.METRICS).read_text().splitlines()
+def measure_llama_tune(recipe: schema.Recipe, warmup: int) -> dict[str, Any]:
+    """Tokens/s of llama-tune's loop over the steps after `warmup`, those steps' losses, and
+    the wall time of the whole run (a cached run's includes building the cache)."""
+    started = time.perf_counter()
+    result = train.run(recipe, "benchmark.yaml")
+    lines = (result.run_dir / run_folder.METRICS).read_text().splitlines()
     counted = [r for r in map(json.loads, lines) if "loss" in r and r["step"] > warmup]
     tokens = sum(record["tokens"] for record in counted)
     seconds = sum(record["seconds"] for record in counted)
-    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+    losses = [record["loss"] for record in counted]
+    return {
+        "tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds,
+        "wall_seconds": time.perf_counter() - started,
+        "losses": losses,
+        "mean_loss": statistics.fmean(losses),
+    }
 
 
-def measure_llama_tune(recipe: schema.Recipe, warmup: int) -> dict[str, float]:
-    """Tokens/s of llama-tune's loop over the steps after `warmup` (and the cache build time)."""
-    started = time.perf_counter()
-    result = train.run(recipe, "benchmark.yaml")
-    measured = _counted(result.run_dir, warmup)
-    measured["wall_seconds"] = time.perf_counter() - started
-    return measured
-
-
-def measure_trl(args: argparse.Namespace, recipe: schema.Recipe, scratch: Path) -> dict[str, float]:
+def measure_trl(args: argparse.Namespace, recipe: schema.Recipe, scratch: Path) -> dict[str, Any]:
     """Tokens/s of TRL's GKDTrainer on the same batches, teacher and student."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
@@ -121,7 +141,8 @@ def measure_trl(args: argparse.Namespace, recipe: schema.Recipe, scratch: Path) 
     teacher = loading.load_teacher(recipe.distill, precision)
     # The same starting student as llama-tune's, saved so TRL loads it like any model.
     student_dir = scratch / "student"
-    student.from_teacher(teacher, KEEP).float().save_pretrained(student_dir)
+    keep = kept_layers(args.teacher)
+    student.from_teacher(teacher, keep).float().save_pretrained(student_dir)
 
     timer = StepTimer()
 
@@ -161,7 +182,22 @@ def measure_trl(args: argparse.Namespace, recipe: schema.Recipe, scratch: Path) 
         callbacks=[timer],
     )
     trainer.train()
-    return timer.measured(args.warmup)
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    measured = timer.measured(args.warmup) | {"losses": losses[args.warmup :]}
+    return measured | {"mean_loss": statistics.fmean(measured["losses"])}
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One measurement of one trainer in this process; the JSON goes to `args.result`."""
+    with tempfile.TemporaryDirectory() as scratch_name:
+        scratch = Path(scratch_name)
+        if args.worker == "trl gkd":
+            result = measure_trl(args, _recipe(args, scratch / "trl-recipe", False), scratch)
+        else:
+            cached = args.worker == "llama-tune cached"
+            result = measure_llama_tune(_recipe(args, scratch / "run", cached), args.warmup)
+    result["peak_rss_gib"] = peak_resident_gib()
+    Path(args.result).write_text(json.dumps(result))
 
 
 def _peak_rss_bytes() -> int:
@@ -215,6 +251,9 @@ def main() -> None:
     if args.memory_mode:
         memory_child(args.memory_mode, args.positions)
         return
+    if args.worker:
+        worker(args)
+        return
     report: dict = {"benchmark": "distillation", "threads": torch.get_num_threads()}
     if args.only in (None, "memory"):
         memory = measure_memory(args.positions)
@@ -225,26 +264,30 @@ def main() -> None:
             f"{naive / 2**20:.0f} MiB, chunked {chunked / 2**20:.0f} MiB ({naive / chunked:.1f}x)"
         )
     if args.only in (None, "throughput"):
-        with tempfile.TemporaryDirectory() as scratch_name:
-            scratch = Path(scratch_name)
-            online = measure_llama_tune(_recipe(args, scratch / "online", False), args.warmup)
-            cached = measure_llama_tune(_recipe(args, scratch / "cached", True), args.warmup)
-            peer = measure_trl(args, _recipe(args, scratch / "trl-recipe", False), scratch)
+        runs = alternate(Path(__file__), sys.argv[1:], SYSTEMS, args.rounds)
+        online = summary(runs, "llama-tune online", "trl gkd")
+        cached = summary(runs, "llama-tune cached", "trl gkd")
         report["throughput"] = {
             "precision": args.precision,
             "batch_size": args.batch_size,
             "measured_steps": args.steps,
-            "online": online,
-            "cached": cached,
-            "trl_gkd": peer,
-            "online_vs_trl": online["tokens_per_s"] / peer["tokens_per_s"],
-            "cached_vs_online": cached["tokens_per_s"] / online["tokens_per_s"],
+            "rounds": args.rounds,
+            "runs": runs,
+            "median": online["median"],
+            "online_vs_trl": online["speed_ratio"],
+            "online_vs_trl_rounds": online["speed_ratios"],
+            "online_memory_vs_trl": online["memory_ratio"],
+            "cached_vs_trl": cached["speed_ratio"],
+            "cached_vs_trl_rounds": cached["speed_ratios"],
+            "cached_memory_vs_trl": cached["memory_ratio"],
         }
+        medians = online["median"]
+        speeds = ", ".join(f"{name} {medians[name]['tokens_per_s']:.0f}" for name in SYSTEMS)
+        memory = ", ".join(f"{name} {medians[name]['peak_rss_gib']:.2f}" for name in SYSTEMS)
+        print(f"\ntokens/s, median of {args.rounds} rounds: {speeds}")
+        print(f"peak resident GiB: {memory}")
         print(
-            f"\ntokens/s: llama-tune online {online['tokens_per_s']:.0f}, cached "
-            f"{cached['tokens_per_s']:.0f}, TRL GKD {peer['tokens_per_s']:.0f}; online/TRL "
-            f"{report['throughput']['online_vs_trl']:.2f}x, cached/online "
-            f"{report['throughput']['cached_vs_online']:.2f}x"
+            f"online / TRL {online['speed_ratio']:.2f}x, cached / TRL {cached['speed_ratio']:.2f}x"
         )
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)

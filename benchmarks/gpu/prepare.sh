@@ -16,8 +16,10 @@ grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo /.whl/ >>.git/info/exclu
 grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo /.gpu/ >>.git/info/exclude
 
 rm -rf .gpu .whl
-mkdir -p .gpu/data/classification/sst2 .gpu/data/summarisation/aeslc .gpu/smollm2-tokenizer .whl
+mkdir -p .gpu/data/classification/sst2 .gpu/data/summarisation/aeslc .gpu/data/instruction \
+    .gpu/smollm2-tokenizer .whl
 cp "$DATA"/classification/sst2/{train,validation,test}.jsonl .gpu/data/classification/sst2/
+cp -r "$DATA"/instruction/alpaca_en_demo .gpu/data/instruction/
 head -n 4000 "$DATA"/summarisation/aeslc/train.jsonl >.gpu/data/summarisation/aeslc/train.jsonl
 for split in validation test; do
     head -n 400 "$DATA/summarisation/aeslc/$split.jsonl" >".gpu/data/summarisation/aeslc/$split.jsonl"

@@ -3,9 +3,10 @@
 #   1. parity:     the quickstart's first fp32 steps on the tiny Llama equal the CPU's (1e-4)
 #   2. quickstart: the quickstart recipe end to end (train, evaluate) on a SmolLM2-shaped model
 #                  with random weights (the built-in GGUF is too big to carry)
-#   3. llama-1b:   LoRA in bf16 on a random Llama-3.2-1B shape, SST-2 and AESLC (100 measured
-#                  steps after 10 of warm-up, each trainer): tokens/s, peak
-#                  memory and MFU, llama-tune against TRL (benchmarks/train_throughput.py)
+#   3. llama-1b:   LoRA in bf16 on a random Llama-3.2-1B shape, SST-2, AESLC and alpaca (packed;
+#                  TRL padding-free) (100 measured steps after 10 of warm-up, each trainer,
+#                  one round): tokens/s, peak memory and MFU, llama-tune against TRL
+#                  (benchmarks/train_throughput.py)
 #   4. profile:    torch.profiler over 5 of llama-tune's 1B steps: where a step's time goes
 #   5. llama-8b:   QLoRA on a random Llama-3.1-8B shape for a few steps: peak memory; then the
 #                  same in bf16 LoRA for comparison
@@ -88,7 +89,7 @@ quickstart() {
 throughput() {  # throughput TASK BATCH MAX_LENGTH
     "$PYTHON" benchmarks/train_throughput.py --model "$RUNS/large-model" --task "$1" \
         --batch-size "$2" --max-length "$3" --steps "$STEPS" --warmup 10 --rows 4000 \
-        --precision bf16 --output "$OUT"
+        --rounds 1 --precision bf16 --output "$OUT"
 }
 
 memory() {  # memory NAME OVERRIDES...: a few QLoRA/LoRA steps on the 8B shape, peak memory
@@ -109,6 +110,7 @@ phase quickstart 150 quickstart
 phase large-shape 60 "$PYTHON" benchmarks/gpu/shapes.py "$LARGE_SHAPE" "$RUNS/large-model" --tokenizer "$TOKENIZER"
 phase throughput-sst2 150 throughput sst2 "$SST2_BATCH" 128
 phase throughput-aeslc 150 throughput aeslc "$AESLC_BATCH" 512
+phase throughput-alpaca 150 throughput alpaca "$AESLC_BATCH" 1024
 phase profile 90 "$PYTHON" benchmarks/gpu/profile_steps.py --model "$RUNS/large-model" \
     --batch-size "$SST2_BATCH"
 rm -rf "$RUNS/large-model"

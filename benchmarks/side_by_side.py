@@ -1,0 +1,67 @@
+"""Two systems measured in turn, each in a fresh process: A B A B ... for a number of rounds.
+
+Alternating spreads any drift of the machine (other load, thermal state) over both systems, and
+a fresh process per measurement gives each its own peak resident memory. A benchmark script is
+both the driver and the worker: the driver runs `script ARGUMENTS --worker SYSTEM --result FILE`
+and reads back the JSON the worker wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def peak_resident_gib() -> float:
+    """This process's peak resident memory so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def run_worker(script: Path, arguments: list[str], system: str) -> dict[str, Any]:
+    """One measurement of `system` in its own process."""
+    with tempfile.TemporaryDirectory() as scratch:
+        result = Path(scratch) / "result.json"
+        command = [sys.executable, str(script), *arguments, "--worker", system]
+        subprocess.run([*command, "--result", str(result)], check=True)
+        return json.loads(result.read_text())
+
+
+def alternate(
+    script: Path, arguments: list[str], systems: list[str], rounds: int
+) -> dict[str, list[dict[str, Any]]]:
+    """Every system once per round, in the same order each round."""
+    runs: dict[str, list[dict[str, Any]]] = {system: [] for system in systems}
+    for round_number in range(rounds):
+        for system in systems:
+            print(f"round {round_number + 1}/{rounds}: {system}", flush=True)
+            runs[system].append(run_worker(script, arguments, system))
+    return runs
+
+
+def summary(runs: dict[str, list[dict[str, Any]]], ours: str, peer: str) -> dict[str, Any]:
+    """Medians of each system's figures, and the per-round ratios of ours to the peer's."""
+    medians = {
+        system: {
+            key: statistics.median(run[key] for run in system_runs)
+            for key in system_runs[0]
+            if isinstance(system_runs[0][key], int | float)
+        }
+        for system, system_runs in runs.items()
+    }
+    pairs = list(zip(runs[ours], runs[peer], strict=True))
+    speed = [mine["tokens_per_s"] / theirs["tokens_per_s"] for mine, theirs in pairs]
+    memory = [mine["peak_rss_gib"] / theirs["peak_rss_gib"] for mine, theirs in pairs]
+    return {
+        "rounds": len(pairs),
+        "median": medians,
+        "speed_ratios": speed,
+        "speed_ratio": statistics.median(speed),
+        "memory_ratios": memory,
+        "memory_ratio": statistics.median(memory),
+    }

@@ -1,0 +1,70 @@
+"""The benchmark scripts run end to end on the tiny model and write well-formed results (the
+figures themselves are measured with `make bench`, never asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+
+def _run(script: str, *arguments: str) -> None:
+    command = [sys.executable, str(REPO / "benchmarks" / script), *arguments]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("task", ["sst2", "alpaca"])
+def test_train_throughput_writes_side_by_side_results(
+    task: str, tiny_model_dir: Path, data_root: Path, tmp_path: Path
+) -> None:
+    _run(
+        "train_throughput.py",
+        *("--model", str(tiny_model_dir), "--data", str(data_root), "--task", task),
+        *("--steps", "2", "--warmup", "1", "--rounds", "2", "--rows", "48", "--batch-size", "4"),
+        *("--max-length", "256", "--precision", "fp32", "--output", str(tmp_path)),
+    )
+    report = json.loads((tmp_path / f"train_throughput_{task}_fp32.json").read_text())
+    # Instruction rows pack (TRL: padding-free); classification rows do not.
+    assert report["packed"] is (task == "alpaca")
+    assert set(report["matmul_gflops"]) == {"fp32", "bf16"}
+    assert report["rounds"] == 2
+    for system in ("llama-tune", "trl"):
+        runs = report["runs"][system]
+        assert len(runs) == 2
+        for run in runs:
+            assert run["tokens"] > 0
+            assert run["tokens_per_s"] > 0
+            assert 0 < run["mfu"] < 1
+            assert 0 < run["peak_rss_gib"] < 24
+            assert len(run["losses"]) == 2
+            assert run["mean_loss"] > 0
+    assert len(report["speed_ratios"]) == len(report["memory_ratios"]) == 2
+    assert report["speed_ratio"] > 0
+    assert report["median"]["trl"]["tokens_per_s"] > 0
+
+
+def test_distillation_writes_side_by_side_results(
+    tiny_model_dir: Path, data_root: Path, tmp_path: Path
+) -> None:
+    _run(
+        "distillation.py",
+        *("--teacher", str(tiny_model_dir), "--data", str(data_root), "--only", "throughput"),
+        *("--steps", "2", "--warmup", "1", "--rounds", "1", "--batch-size", "4"),
+        *("--precision", "fp32", "--output", str(tmp_path)),
+    )
+    throughput = json.loads((tmp_path / "distillation.json").read_text())["throughput"]
+    assert set(throughput["runs"]) == {"llama-tune online", "llama-tune cached", "trl gkd"}
+    for runs in throughput["runs"].values():
+        (run,) = runs
+        assert run["tokens_per_s"] > 0
+        assert 0 < run["peak_rss_gib"] < 24
+        assert len(run["losses"]) == 2
+    assert throughput["online_vs_trl"] > 0
+    assert throughput["cached_vs_trl"] > 0
+    assert len(throughput["cached_vs_trl_rounds"]) == 1
