@@ -104,15 +104,20 @@ def test_real_distillation_on_sst2_lowers_the_distillation_loss(
     assert trained.config.num_hidden_layers == 15
 
 
-def test_packed_distillation_steps_equal_padded_ones(tiny_recipe, tiny_model_dir: Path) -> None:
+@pytest.mark.parametrize("teacher", ["online", "cached"])
+def test_packed_distillation_steps_equal_padded_ones(
+    tiny_recipe, tiny_model_dir: Path, teacher: str
+) -> None:
     overrides = [
         f"distill.teacher.name={tiny_model_dir}",
         "distill.student.from_teacher.keep_layers=[1]",
         "distill.positions=all",
     ]
+    if teacher == "cached":
+        overrides.append("distill.cache={top_k: 16}")
     losses = []
     for packed in ("true", "false"):
-        path = tiny_recipe(f"packed-{packed}", max_steps=5)
+        path = tiny_recipe(f"{teacher}-packed-{packed}", max_steps=5)
         result = train.run(config.load(path, [*overrides, f"train.packing={packed}"]), path)
         assert result.summary["packed"] is (packed == "true")
         lines = (result.run_dir / run_folder.METRICS).read_text().splitlines()
