@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,10 +36,11 @@ from typing import Any
 import torch
 from transformers import AutoConfig
 
-from llama_tune import config, data, models, run_folder, schema, train
+import train_throughput
+from llama_tune import config, data, models, schema
 from llama_tune.distillation import loading, losses, student
 from side_by_side import alternate, peak_resident_gib, summary
-from trainer_timing import StepTimer
+from trainer_timing import StepTimer, measured_losses
 
 REPO = Path(__file__).resolve().parent.parent
 SYSTEMS = ["llama-tune online", "llama-tune cached", "trl gkd"]
@@ -109,23 +109,11 @@ def _recipe(args: argparse.Namespace, run_dir: Path, cached: bool) -> schema.Rec
 
 
 def measure_llama_tune(recipe: schema.Recipe, warmup: int) -> dict[str, Any]:
-    """Tokens/s of llama-tune's loop over the steps after `warmup`, those steps' losses, and
-    the wall time of the whole run (a cached run's includes building the cache)."""
+    """train_throughput's measurement, plus the wall time of the whole run (a cached run's
+    includes building the cache)."""
     started = time.perf_counter()
-    result = train.run(recipe, "benchmark.yaml")
-    lines = (result.run_dir / run_folder.METRICS).read_text().splitlines()
-    counted = [r for r in map(json.loads, lines) if "loss" in r and r["step"] > warmup]
-    tokens = sum(record["tokens"] for record in counted)
-    seconds = sum(record["seconds"] for record in counted)
-    losses = [record["loss"] for record in counted]
-    return {
-        "tokens": tokens,
-        "seconds": seconds,
-        "tokens_per_s": tokens / seconds,
-        "wall_seconds": time.perf_counter() - started,
-        "losses": losses,
-        "mean_loss": statistics.fmean(losses),
-    }
+    measured = train_throughput.measure_llama_tune(recipe, warmup)
+    return measured | {"wall_seconds": time.perf_counter() - started}
 
 
 def measure_trl(args: argparse.Namespace, recipe: schema.Recipe, scratch: Path) -> dict[str, Any]:
@@ -182,9 +170,7 @@ def measure_trl(args: argparse.Namespace, recipe: schema.Recipe, scratch: Path) 
         callbacks=[timer],
     )
     trainer.train()
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    measured = timer.measured(args.warmup) | {"losses": losses[args.warmup :]}
-    return measured | {"mean_loss": statistics.fmean(measured["losses"])}
+    return timer.measured(args.warmup) | measured_losses(trainer, args.warmup)
 
 
 def worker(args: argparse.Namespace) -> None:

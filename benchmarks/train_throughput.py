@@ -36,7 +36,7 @@ from transformers import AutoConfig
 from llama_tune import config, data, models, run_folder, schema, train
 from model_flops import H200_BF16_DENSE_TFLOPS, cpu_matmul_gflops, lora_training_flops
 from side_by_side import alternate, peak_resident_gib, summary
-from trainer_timing import StepTimer
+from trainer_timing import StepTimer, measured_losses
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -191,8 +191,7 @@ def measure_trl(
 
         trainer.data_collator = counting_collator
         trainer.train()
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry][warmup:]
-    return timer.measured(warmup) | {"losses": losses, "mean_loss": statistics.fmean(losses)}
+    return timer.measured(warmup) | measured_losses(trainer, warmup)
 
 
 def worker(args: argparse.Namespace) -> None:

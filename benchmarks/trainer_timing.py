@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import statistics
 import time
+from typing import Any
 
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 
 
 class StepTimer(TrainerCallback):
@@ -26,3 +28,10 @@ class StepTimer(TrainerCallback):
         tokens = sum(self.batch_tokens[warmup : len(self.step_seconds)])
         seconds = sum(self.step_seconds[warmup:])
         return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+
+
+def measured_losses(trainer: Trainer, warmup: int) -> dict[str, Any]:
+    """The logged loss of each step after `warmup` (logging every step), and their mean."""
+    logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    losses = logged[warmup:]
+    return {"losses": losses, "mean_loss": statistics.fmean(losses)}

@@ -728,6 +728,13 @@ def held_out(
     return (origin, iter(kept)), (label, iter(validation))
 
 
+def _with_rows(split: Split) -> Split:
+    """The split, which must have usable rows to train on."""
+    if not split.examples:
+        raise DataError(f"{split.stats.origin}: no usable rows ({dict(split.stats.skipped)})")
+    return split
+
+
 def build(config: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> Datasets:
     """Read, render and encode the train and validation splits of a recipe; `seed` (the
     recipe's train.seed) picks the rows `splits.validation_fraction` holds out."""
@@ -740,9 +747,7 @@ def build(config: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0)
     if validation_opened is None and fraction is not None:
         opened, validation_opened = held_out(*opened, fraction, seed)
     formatter = TaskFormatter(config, labels)
-    train = build_split(*opened, formatter, tokenizer, config.max_train_rows)
-    if not train.examples:
-        raise DataError(f"{train.stats.origin}: no usable rows ({dict(train.stats.skipped)})")
+    train = _with_rows(build_split(*opened, formatter, tokenizer, config.max_train_rows))
     validation = None
     if validation_opened is not None:
         validation = build_split(*validation_opened, formatter, tokenizer, config.max_eval_rows)
@@ -774,9 +779,7 @@ def mixed_examples(
     opened = open_split(mixed.source, mixed.split)
     if opened is None:
         raise DataError(f"data.mix.{index}: {mixed.source} has no {mixed.split!r} split")
-    split = build_split(*opened, TaskFormatter(settings, labels), tokenizer)
-    if not split.examples:
-        raise DataError(f"{split.stats.origin}: no usable rows ({dict(split.stats.skipped)})")
+    split = _with_rows(build_split(*opened, TaskFormatter(settings, labels), tokenizer))
     main_share = 1.0 - sum(source.weight for source in config.mix)
     wanted = round(mixed.weight * main_count / main_share)
     generator = torch.Generator().manual_seed(seed + index + 1)

@@ -142,11 +142,8 @@ class AdversarialObjective(WrappedObjective):
         **extra: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
         """Padded rows come with `attention_mask`, packed ones with `position_ids`."""
-        batch = {"input_ids": input_ids, "labels": labels} | extra
-        if attention_mask is not None:
-            batch["attention_mask"] = attention_mask
-        if position_ids is not None:
-            batch["position_ids"] = position_ids
+        layout = {"attention_mask": attention_mask, "position_ids": position_ids}
+        batch = {"input_ids": input_ids, "labels": labels} | layout | extra
         settings = self.settings
         embedding = models.causal_lm(self.model).get_input_embeddings()
         width = embedding.embedding_dim
@@ -224,8 +221,8 @@ class AdversarialObjective(WrappedObjective):
                 models.causal_lm(self.model)
                 .get_decoder()(
                     input_ids=batch["input_ids"],
-                    attention_mask=batch.get("attention_mask"),
-                    position_ids=batch.get("position_ids"),
+                    attention_mask=batch["attention_mask"],
+                    position_ids=batch["position_ids"],
                     use_cache=False,
                 )
                 .last_hidden_state
