@@ -39,6 +39,7 @@ from transformers import AutoConfig
 import train_throughput
 from llama_tune import config, data, models, schema
 from llama_tune.distillation import loading, losses, student
+from model_flops import slow_bf16_here
 from side_by_side import alternate, peak_resident_gib, summary
 from trainer_timing import StepTimer, measured_losses
 
@@ -249,7 +250,7 @@ def main() -> None:
             f"\nloss memory, {args.positions} positions x 49,152 vocabulary: naive "
             f"{naive / 2**20:.0f} MiB, chunked {chunked / 2**20:.0f} MiB ({naive / chunked:.1f}x)"
         )
-    if args.only in (None, "throughput"):
+    if args.only in (None, "throughput") and not slow_bf16_here(args.precision):
         runs = alternate(Path(__file__), sys.argv[1:], SYSTEMS, args.rounds)
         online = summary(runs, "llama-tune online", "trl gkd")
         cached = summary(runs, "llama-tune cached", "trl gkd")

@@ -16,6 +16,8 @@ import time
 import torch
 from transformers import PretrainedConfig
 
+from llama_tune import runtime
+
 H200_BF16_DENSE_TFLOPS = 989.4
 """NVIDIA's dense bf16 Tensor Core peak of the H100/H200 SXM (without sparsity)."""
 
@@ -66,10 +68,18 @@ def measured_matmul_tflops(
     return 2 * size**3 * repeats / (time.perf_counter() - started) / 1e12
 
 
-def cpu_matmul_gflops() -> dict[str, float]:
-    """Sustained GFLOP/s of fp32 and bf16 matrix products on this CPU (2048^3, 10 repeats after
-    3 warm-up): the denominator of the CPU's model FLOPs utilisation."""
-    return {
-        name: 1000 * measured_matmul_tflops(2048, 10, "cpu", dtype)
-        for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))
-    }
+def cpu_matmul_gflops(precision: str) -> float:
+    """Sustained GFLOP/s of `precision` (fp32 or bf16) matrix products on this CPU (2048^3, 10
+    repeats after 3 warm-up): the denominator of the CPU's model FLOPs utilisation."""
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+    return 1000 * measured_matmul_tflops(2048, 10, "cpu", dtype)
+
+
+def slow_bf16_here(precision: str) -> bool:
+    """True, with a line saying so, for bf16 on a CPU without native bf16 (AVX512-BF16, AMX):
+    PyTorch emulates it there, dozens of times slower than fp32, so the figures would measure
+    the emulation rather than either system."""
+    if precision != "bf16" or torch.cuda.is_available() or runtime.cpu_has_fast_bf16():
+        return False
+    print("skipped: bf16 on this CPU (no AVX512-BF16 or AMX) measures PyTorch's emulation")
+    return True

@@ -34,7 +34,12 @@ import torch
 from transformers import AutoConfig
 
 from llama_tune import config, data, models, run_folder, schema, train
-from model_flops import H200_BF16_DENSE_TFLOPS, cpu_matmul_gflops, lora_training_flops
+from model_flops import (
+    H200_BF16_DENSE_TFLOPS,
+    cpu_matmul_gflops,
+    lora_training_flops,
+    slow_bf16_here,
+)
 from side_by_side import alternate, peak_resident_gib, summary
 from trainer_timing import StepTimer, measured_losses
 
@@ -229,10 +234,12 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
+    if slow_bf16_here(args.precision):
+        return
     on_gpu = torch.cuda.is_available()
     # The machine's own ceiling, measured now: the same conditions as the runs.
-    matmul = {} if on_gpu else cpu_matmul_gflops()
-    peak_tflops = H200_BF16_DENSE_TFLOPS if on_gpu else matmul[args.precision] / 1000
+    matmul = None if on_gpu else cpu_matmul_gflops(args.precision)
+    peak_tflops = H200_BF16_DENSE_TFLOPS if on_gpu else matmul / 1000
     systems = ["llama-tune"] if args.ours_only else ["llama-tune", "trl"]
     runs = alternate(Path(__file__), sys.argv[1:], systems, args.rounds)
     with tempfile.TemporaryDirectory() as scratch:

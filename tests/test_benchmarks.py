@@ -32,7 +32,7 @@ def test_train_throughput_writes_side_by_side_results(
     report = json.loads((tmp_path / f"train_throughput_{task}_fp32.json").read_text())
     # Instruction rows pack (TRL: padding-free); classification rows do not.
     assert report["packed"] is (task == "alpaca")
-    assert set(report["matmul_gflops"]) == {"fp32", "bf16"}
+    assert report["matmul_gflops"] > 0
     assert report["rounds"] == 2
     for system in ("llama-tune", "trl"):
         runs = report["runs"][system]

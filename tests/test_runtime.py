@@ -50,3 +50,19 @@ def test_base_model_is_read_straight_onto_the_model_device(
 def test_the_cpu_reports_no_peak_memory() -> None:
     assert runtime.peak_memory_gib(torch.device("cpu")) is None
     assert runtime.device_name(torch.device("cpu")) == "cpu"
+
+
+def test_bf16_on_a_cpu_without_native_bf16_is_named_slow(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(runtime.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: False)
+    runtime._say_bf16_is_slow.cache_clear()
+    assert runtime.resolve_precision("auto") == "no"
+    assert capsys.readouterr().err == ""
+    assert runtime.resolve_precision("bf16") == "bf16"
+    assert runtime.resolve_precision("bf16") == "bf16"
+    # Said once per process, naming the key and what auto would pick.
+    assert capsys.readouterr().err.count("train.precision is bf16") == 1
+    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: True)
+    assert runtime.resolve_precision("auto") == "bf16"
