@@ -10,6 +10,10 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+# No test reaches the network: a Hub id the tests name must fail at once, not after the retries
+# an unreachable Hub costs (45 s for one missing model). Set before huggingface_hub reads it.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -55,14 +59,18 @@ def tokenizer(builtin_dir: Path):
 
 
 def torchrun(
-    arguments: list[str], processes: int = 2, timeout: float = 600
+    arguments: list[str],
+    processes: int = 2,
+    timeout: float = 600,
+    launch: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
     """`llama-tune ARGUMENTS` on `processes` CPU processes joined by gloo, through torchrun, the
     real launcher (`accelerate launch --cpu --num_processes N` starts only one process); one
-    thread each, so that they do not thrash two cores."""
+    thread each, so that they do not thrash two cores. `launch` adds environment variables
+    (those `accelerate launch` sets from a config, say)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     command += ["--nproc_per_node", str(processes), "-m", "llama_tune", *arguments]
-    environment = os.environ | {"OMP_NUM_THREADS": "1"}
+    environment = os.environ | {"OMP_NUM_THREADS": "1"} | (launch or {})
     return subprocess.run(
         command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=timeout
     )
@@ -203,13 +211,37 @@ def resumes_exactly(tiny_recipe, crash_during_save, same_weights):
     return check
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state() -> None:
+def reset_accelerate_state() -> None:
     """Each in-process run builds its own Accelerator; Accelerate keeps process-wide state."""
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state() -> None:
+    reset_accelerate_state()
+
+
+@pytest.fixture
+def cli_here(capsys: pytest.CaptureFixture[str]):
+    """Run `llama-tune ARGS` in this process, check its exit code and return what it printed to
+    stderr: seconds faster than `cli`, whose new process imports torch again. For commands
+    that stop on a user mistake; `cli` checks that the real command prints no traceback."""
+    from llama_tune.cli import main
+
+    def run(*args: str, expect: int = 0) -> str:
+        reset_accelerate_state()
+        try:
+            code = main(list(args))
+        except SystemExit as stopped:  # argparse's usage errors
+            code = stopped.code
+        err = capsys.readouterr().err
+        assert code == expect, err[-3000:]
+        return err
+
+    return run
 
 
 @pytest.fixture

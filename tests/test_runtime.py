@@ -18,14 +18,36 @@ def test_models_are_created_on_the_process_device(monkeypatch: pytest.MonkeyPatc
     assert runtime.model_device() == torch.device("cuda:1")
 
 
-@pytest.mark.parametrize("flag", sorted(runtime.SHARDING_FLAGS))
-def test_a_sharding_launch_is_refused_naming_what_works(
-    monkeypatch: pytest.MonkeyPatch, flag: str
-) -> None:
-    monkeypatch.setenv(flag, "true")
-    with pytest.raises(runtime.LaunchError, match=runtime.SHARDING_FLAGS[flag]) as refused:
+def test_a_deepspeed_launch_is_refused_naming_what_works(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(runtime.LaunchError, match="DeepSpeed") as refused:
         runtime.check_launch()
-    assert "configs/multi_gpu.yaml" in str(refused.value)
+    assert "configs/fsdp.yaml" in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("launch", "refusal"),
+    [
+        ({"FSDP_VERSION": "1"}, "FSDP version 1; llama-tune shards with FSDP2"),
+        ({"WORLD_SIZE": "1"}, "but this run has one"),
+        ({"FSDP_OFFLOAD_PARAMS": "true"}, "sets fsdp_offload_params"),
+        ({"FSDP_ACTIVATION_CHECKPOINTING": "true"}, "model.gradient_checkpointing"),
+        ({}, None),
+    ],
+)
+def test_an_fsdp_launch_is_checked_before_any_model_loads(
+    monkeypatch: pytest.MonkeyPatch, launch: dict[str, str], refusal: str | None
+) -> None:
+    # What `accelerate launch --config_file configs/fsdp.yaml` sets, on 2 processes.
+    environment = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "WORLD_SIZE": "2"}
+    for name, value in (environment | launch).items():
+        monkeypatch.setenv(name, value)
+    assert runtime.fsdp_requested()
+    if refusal is None:
+        runtime.check_launch()
+        return
+    with pytest.raises(runtime.LaunchError, match=refusal):
+        runtime.check_launch()
 
 
 def test_more_processes_than_gpus_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:

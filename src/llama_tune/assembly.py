@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
 from accelerate import Accelerator
 
 from llama_tune import attention, data, models, schema
@@ -32,10 +33,17 @@ class TrainingSetup:
     """Rewrites training batches with adversarial examples (adversarial.augment); None: none."""
 
 
-def build(recipe: schema.Recipe, accelerator: Accelerator, run_dir: Path) -> TrainingSetup:
-    """Load the model (and teacher) and data, and compose the recipe's objective."""
+def build(
+    recipe: schema.Recipe, accelerator: Accelerator, run_dir: Path, sharded: bool = False
+) -> TrainingSetup:
+    """Load the model (and teacher) and data, and compose the recipe's objective.
+
+    A model to be `sharded` is created on the CPU: each process moves only its shard to its
+    accelerator (`sharding.shard`), so no GPU ever holds the whole model.
+    """
     if recipe.distill is None:
-        bundle = models.load(recipe.model, recipe.adapter, accelerator.mixed_precision)
+        device = torch.device("cpu") if sharded else None
+        bundle = models.load(recipe.model, recipe.adapter, accelerator.mixed_precision, device)
         objective: Objective = TargetTokenLoss(bundle.model)
         datasets = data.build(recipe.data, bundle.tokenizer, recipe.train.seed)
     else:

@@ -163,21 +163,31 @@ def read_rng_file(path: Path) -> list[dict[str, Any]]:
     return process_rng_states
 
 
+@dataclass
+class Trained:
+    """What a checkpoint saves of the trained parameters."""
+
+    model: PeftModel | PreTrainedModel
+    weights: dict[str, torch.Tensor] | None
+    """The model's trained weights gathered from a sharded model; None: the model's own."""
+    extras: dict[str, torch.Tensor]
+    """Trained parameters outside the model (a distillation projection, say)."""
+    optimizer: dict[str, Any]
+    """The optimizer's state dict, keyed by parameter index."""
+
+
 def save(
     run_dir: Path,
-    model: PeftModel | PreTrainedModel,
-    optimizer: torch.optim.Optimizer,
+    trained: Trained,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     state: TrainState,
     keep_last: int,
     process_rng_states: list[dict[str, Any]],
-    extras: dict[str, torch.nn.Parameter] | None = None,
 ) -> Path:
     """Write a checkpoint atomically and keep only the newest `keep_last`; returns its folder.
 
     `process_rng_states` holds `rng_states()` of every process, by process index: each draws
-    its own noise (dropout, NEFTune) on its own batches. `extras` are trained parameters
-    outside the model (a distillation projection, say).
+    its own noise (dropout, NEFTune) on its own batches.
     """
     root = run_dir / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
@@ -185,16 +195,21 @@ def save(
     staging = root / f".tmp-{final.name}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
+        model = trained.model
         if isinstance(model, PeftModel):
-            model.save_pretrained(staging / ADAPTER)
+            model.save_pretrained(staging / ADAPTER, state_dict=trained.weights)
         else:
             staging.mkdir(parents=True)
-            # save_model stores tied weights (embeddings and head) once and restores the tie.
-            save_model(model, str(staging / FULL_WEIGHTS))
-        if extras:
-            tensors = {name: value.detach().contiguous() for name, value in extras.items()}
+            # Tied weights (embeddings and head) are stored once; loading restores the tie.
+            if trained.weights is None:
+                save_model(model, str(staging / FULL_WEIGHTS))
+            else:
+                tensors = {name: value.contiguous() for name, value in trained.weights.items()}
+                save_file(tensors, staging / FULL_WEIGHTS)
+        if trained.extras:
+            tensors = {name: value.contiguous() for name, value in trained.extras.items()}
             save_file(tensors, staging / EXTRA_WEIGHTS)
-        torch.save(optimizer.state_dict(), staging / OPTIMIZER_FILE)
+        torch.save(trained.optimizer, staging / OPTIMIZER_FILE)
         torch.save(scheduler.state_dict(), staging / SCHEDULER_FILE)
         torch.save(process_rng_states, staging / RNG_FILE)
         # state.json goes last: its presence marks the checkpoint complete.
@@ -253,15 +268,13 @@ def read(folder: Path, full_model: bool, extras: bool) -> SavedCheckpoint:
     return SavedCheckpoint(folder, state, optimizer, scheduler, process_rng_states)
 
 
-def restore(
+def restore_weights(
     saved: SavedCheckpoint,
     model: PeftModel | PreTrainedModel,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    process_index: int,
     extras: dict[str, torch.nn.Parameter] | None = None,
-) -> TrainState:
-    """Apply a read checkpoint: trained weights, optimizer, scheduler, this process's RNGs."""
+) -> None:
+    """Put a read checkpoint's trained weights into the model (before it is prepared or
+    sharded), and `extras`, trained parameters outside it."""
     folder = saved.folder
     if isinstance(model, PeftModel):
         set_peft_model_state_dict(model, load_file(folder / ADAPTER / ADAPTER_WEIGHTS))
@@ -271,10 +284,6 @@ def restore(
         with torch.no_grad():
             for name, value in load_file(folder / EXTRA_WEIGHTS).items():
                 extras[name].copy_(value)
-    optimizer.load_state_dict(saved.optimizer)
-    scheduler.load_state_dict(saved.scheduler)
-    restore_rng_states(saved.process_rng_states, process_index)
-    return saved.state
 
 
 class StopSignals:

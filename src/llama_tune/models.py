@@ -226,17 +226,21 @@ def _quantization(config: ModelConfig, dtype: torch.dtype) -> BitsAndBytesConfig
 
 
 def load_base_model(
-    config: ModelConfig, mixed_precision: str = "no", trained: bool = False
+    config: ModelConfig,
+    mixed_precision: str = "no",
+    trained: bool = False,
+    device: torch.device | None = None,
 ) -> PreTrainedModel:
-    """The base causal LM in its storage dtype, quantised when the recipe asks, created on this
-    process's device (`runtime.model_device`): a GPU run reads the weights straight onto its GPU.
+    """The base causal LM in its storage dtype, quantised when the recipe asks, created on
+    `device`, by default this process's (`runtime.model_device`): a GPU run reads the weights
+    straight onto its GPU.
 
     `trained` says its own weights will be trained (full fine-tuning), which keeps them fp32.
     """
     location = resolve(config.name, config.revision)
     dtype = storage_dtype(config, mixed_precision, trained)
     quantization = _quantization(config, dtype)
-    device = model_device()
+    device = device or model_device()
     try:
         model = AutoModelForCausalLM.from_pretrained(
             location,
@@ -371,15 +375,19 @@ def base_record(config: ModelConfig) -> dict[str, str | None]:
 
 
 def load(
-    model_config: ModelConfig, adapter: AdapterConfig | None, mixed_precision: str = "no"
+    model_config: ModelConfig,
+    adapter: AdapterConfig | None,
+    mixed_precision: str = "no",
+    device: torch.device | None = None,
 ) -> ModelBundle:
-    """Tokenizer, base model and a new LoRA adapter (or, without one, every weight trainable).
+    """Tokenizer, base model and a new LoRA adapter (or, without one, every weight trainable),
+    on `device` (default: this process's).
 
     `mixed_precision` is Accelerate's name for the compute precision (no, bf16, fp16).
     """
     tokenizer = load_tokenizer(model_config.name, model_config.revision)
     full = adapter is None
-    model = load_base_model(model_config, mixed_precision, trained=full)
+    model = load_base_model(model_config, mixed_precision, trained=full, device=device)
     if not full:
         model = add_adapter(model, adapter, model_config)
     return ModelBundle(model=model, tokenizer=tokenizer)

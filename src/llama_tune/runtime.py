@@ -57,21 +57,24 @@ class LaunchError(UserError):
     """A launch this run cannot honour (its config, or more processes than GPUs)."""
 
 
-SHARDING_FLAGS = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed"}
-"""The variables `accelerate launch` sets for a sharding config, and what they ask for."""
+def fsdp_requested() -> bool:
+    """Whether the launch asks for FSDP (`accelerate launch --config_file configs/fsdp.yaml`
+    sets ACCELERATE_USE_FSDP): llama-tune then shards the model itself (`sharding`)."""
+    return parse_flag_from_env("ACCELERATE_USE_FSDP")
 
 
 def check_launch() -> None:
-    """Stop, before any model loads, on a launch this run cannot honour: sharding (FSDP,
-    DeepSpeed), which llama-tune does not do yet, or more processes on this machine than it has
-    GPUs (torch would fail on a missing device, deep in a traceback)."""
-    for flag, name in SHARDING_FLAGS.items():
-        if parse_flag_from_env(flag):
-            raise LaunchError(
-                f"the launch config asks for {name}, which llama-tune does not support yet: "
-                "use configs/multi_gpu.yaml (DDP, each GPU holds the whole model), or QLoRA "
-                "(model.quantization: 4bit) to fit the model on one GPU"
-            )
+    """Stop, before any model loads, on a launch this run cannot honour: DeepSpeed, FSDP other
+    than FSDP2 or with options llama-tune does not apply, FSDP on one process, or more
+    processes on this machine than it has GPUs (torch would fail on a missing device, deep in
+    a traceback)."""
+    if parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
+        raise LaunchError(
+            "the launch config asks for DeepSpeed, which llama-tune does not support yet: use "
+            "configs/fsdp.yaml to shard the model over the GPUs, or configs/multi_gpu.yaml (DDP)"
+        )
+    if fsdp_requested():
+        _check_fsdp_launch()
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if gpus and local > gpus:
@@ -79,6 +82,35 @@ def check_launch() -> None:
             f"{local} processes launched on this machine, which has {gpus} GPU(s): "
             f"launch at most {gpus} (--num_processes, --nproc_per_node)"
         )
+
+
+FSDP_OPTIONS_NOT_APPLIED = {
+    "FSDP_OFFLOAD_PARAMS": "fsdp_offload_params",
+    "FSDP_ACTIVATION_CHECKPOINTING": "fsdp_activation_checkpointing (use the recipe's "
+    "model.gradient_checkpointing)",
+}
+"""FSDP launch options that llama-tune's sharding does not apply: refused rather than ignored."""
+
+
+def _check_fsdp_launch() -> None:
+    version = os.environ.get("FSDP_VERSION", "1")
+    if version != "2":
+        raise LaunchError(
+            f"the launch config asks for FSDP version {version}; llama-tune shards with FSDP2: "
+            "set fsdp_version: 2 (see configs/fsdp.yaml)"
+        )
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        raise LaunchError(
+            "the launch config asks for FSDP, which shards the model over several processes, "
+            "but this run has one: launch several (--num_processes), or use "
+            "configs/single_gpu.yaml"
+        )
+    for variable, option in FSDP_OPTIONS_NOT_APPLIED.items():
+        if parse_flag_from_env(variable):
+            raise LaunchError(
+                f"the launch config sets {option}, which llama-tune's FSDP does not apply yet: "
+                "remove it (configs/fsdp.yaml)"
+            )
 
 
 def process_state() -> PartialState:

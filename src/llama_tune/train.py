@@ -24,10 +24,21 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from llama_tune import assembly, checkpoint, config, data, models, run_folder, schema, validation
+from llama_tune import (
+    assembly,
+    checkpoint,
+    config,
+    data,
+    models,
+    run_folder,
+    schema,
+    sharding,
+    validation,
+)
 from llama_tune.checkpoint import StopSignals, TrainState
 from llama_tune.errors import UserError
 from llama_tune.jsonfiles import read_json, write_json
@@ -36,6 +47,7 @@ from llama_tune.runtime import (
     check_launch,
     cpu_processes,
     device_name,
+    fsdp_requested,
     library_versions,
     peak_memory_gib,
     resolve_precision,
@@ -187,13 +199,17 @@ class TrainingRun:
         self.metrics_path = run_dir / run_folder.METRICS
         self.summary_path = run_dir / run_folder.SUMMARY
         check_launch()
-        self.accelerator = Accelerator(
-            cpu=cpu_processes(),
-            mixed_precision=resolve_precision(self.settings.precision),
-            gradient_accumulation_steps=self.settings.grad_accumulation,
-            log_with=list(recipe.logging.trackers) or None,
-            project_dir=run_dir,
-        )
+        self.sharded = fsdp_requested()
+        if self.sharded:
+            sharding.check_recipe(recipe)
+        with sharding.accelerator_unaware():
+            self.accelerator = Accelerator(
+                cpu=cpu_processes(),
+                mixed_precision=resolve_precision(self.settings.precision),
+                gradient_accumulation_steps=self.settings.grad_accumulation,
+                log_with=list(recipe.logging.trackers) or None,
+                project_dir=run_dir,
+            )
 
     # ------------------------------------------------------------------------------- set-up
 
@@ -223,14 +239,16 @@ class TrainingRun:
     def _setup(self, resume: bool) -> None:
         set_seed(self.settings.seed)
         with together(self.accelerator):
-            self.built = assembly.build(self.recipe, self.accelerator, self.run_dir)
+            self.built = assembly.build(self.recipe, self.accelerator, self.run_dir, self.sharded)
             self.objective = self.built.objective
             self.tokenizer = self.built.bundle.tokenizer
             self.train_split = self.built.datasets.train
             self.validation = self.built.datasets.validation
             self.plan = self._setup_plan()
+        # Saved weights go into the model before it is sharded; the optimizer's state after.
+        saved = self._read_checkpoint() if resume else None
         self._setup_optimizer()
-        self.state = self._resume() if resume else self._start_fresh()
+        self.state = self._start_fresh() if saved is None else self._resume(saved)
         self._print_data()
         self._setup_summary(resume)
 
@@ -251,16 +269,23 @@ class TrainingRun:
             warmup = round(settings.warmup_ratio * total_steps)
         return StepPlan(micro_batches, step_size, steps_per_epoch, total_steps, warmup)
 
-    def _setup_optimizer(self) -> None:
-        settings, model = self.settings, self.built.bundle.model
-        self.trainable = [param for param in self.objective.parameters() if param.requires_grad]
-        # Trained parameters outside the model (distillation projections) go into checkpoints.
-        in_model = {id(param) for param in model.parameters()}
-        self.extras = {
+    def _trained_extras(self) -> dict[str, torch.nn.Parameter]:
+        """Trained parameters outside the model (distillation projections): they go into
+        checkpoints beside the model's."""
+        in_model = {id(param) for param in self.built.bundle.model.parameters()}
+        return {
             name: param
             for name, param in self.objective.named_parameters()
             if param.requires_grad and id(param) not in in_model
         }
+
+    def _setup_optimizer(self) -> None:
+        settings, accelerator = self.settings, self.accelerator
+        if self.sharded:
+            sharding.shard(self.objective, self.built.bundle.model, accelerator.device)
+        # Collected after sharding, which replaces the parameters.
+        self.trainable = [param for param in self.objective.parameters() if param.requires_grad]
+        self.extras = self._trained_extras()
         optimizer = torch.optim.AdamW(
             self.trainable, lr=settings.lr, weight_decay=settings.weight_decay
         )
@@ -272,7 +297,12 @@ class TrainingRun:
         )
         # The scheduler is stepped by hand once per optimizer step, so it is not prepared: a
         # prepared scheduler steps once per process.
-        self.loss_module, self.optimizer = self.accelerator.prepare(self.objective, optimizer)
+        if self.sharded:
+            # Autocast, but no DDP around a sharded model: FSDP reduces the gradients itself.
+            self.loss_module = accelerator.prepare_model(self.objective, evaluation_mode=True)
+            self.optimizer = accelerator.prepare_optimizer(optimizer)
+        else:
+            self.loss_module, self.optimizer = accelerator.prepare(self.objective, optimizer)
 
     def _start_fresh(self) -> TrainState:
         if self.accelerator.is_main_process:
@@ -281,12 +311,14 @@ class TrainingRun:
             self.metrics_path.write_text("")
         return TrainState(recipe_hash=checkpoint.recipe_hash(self.recipe))
 
-    def _resume(self) -> TrainState:
-        """Restore the newest intact checkpoint; a damaged one is named and the next tried."""
+    def _read_checkpoint(self) -> checkpoint.SavedCheckpoint:
+        """Read the newest intact checkpoint (a damaged one is named and the next tried) and
+        put its trained weights into the model."""
         full_model = self.recipe.adapter is None
+        extras = self._trained_extras()
         for folder in reversed(checkpoint.complete_checkpoints(self.run_dir)):
             try:
-                saved = checkpoint.read(folder, full_model, extras=bool(self.extras))
+                saved = checkpoint.read(folder, full_model, extras=bool(extras))
             except checkpoint.CheckpointError as error:
                 self.accelerator.print(f"skipping a damaged checkpoint: {error}")
                 continue
@@ -296,22 +328,26 @@ class TrainingRun:
                     f"{self.plan.total_steps} (train.max_steps, train.epochs): nothing is left "
                     "to train; raise train.max_steps to train on"
                 )
-            state = checkpoint.restore(
-                saved,
-                self.built.bundle.model,
-                self.optimizer,
-                self.scheduler,
-                self.accelerator.process_index,
-                self.extras,
-            )
-            self._follow_recipe_schedule()
-            if self.accelerator.is_main_process:
-                _trim_metrics(self.metrics_path, state.step)
-                print(f"resuming from {folder} (step {state.step})")
-                assert self.started_with is not None
-                self._print_changes(self.started_with)
-            return state
+            checkpoint.restore_weights(saved, self.built.bundle.model, extras)
+            return saved
         raise TrainError(f"{self.run_dir}: no intact checkpoint to resume from")
+
+    def _resume(self, saved: checkpoint.SavedCheckpoint) -> TrainState:
+        """Go on from a read checkpoint: optimizer, scheduler, this process's RNGs."""
+        if self.sharded:
+            sharding.load_optimizer(self.objective, self.optimizer.optimizer, saved.optimizer)
+        else:
+            self.optimizer.load_state_dict(saved.optimizer)
+        self.scheduler.load_state_dict(saved.scheduler)
+        checkpoint.restore_rng_states(saved.process_rng_states, self.accelerator.process_index)
+        self._follow_recipe_schedule()
+        state = saved.state
+        if self.accelerator.is_main_process:
+            _trim_metrics(self.metrics_path, state.step)
+            print(f"resuming from {saved.folder} (step {state.step})")
+            assert self.started_with is not None
+            self._print_changes(self.started_with)
+        return state
 
     def _follow_recipe_schedule(self) -> None:
         """Give the restored optimizer the recipe's learning rate and weight decay, which may
@@ -458,7 +494,10 @@ class TrainingRun:
         if math.isfinite(loss_value):
             if self.settings.max_grad_norm is not None:
                 norm = accelerator.clip_grad_norm_(self.trainable, self.settings.max_grad_norm)
-                # DeepSpeed clips inside its engine and returns no norm.
+                # DeepSpeed clips inside its engine and returns no norm; under FSDP it is a
+                # sharded tensor.
+                if isinstance(norm, DTensor):
+                    norm = norm.full_tensor()
                 self.grad_norm = None if norm is None else float(norm)
             self.optimizer.step()
             self.scheduler.step()
@@ -554,7 +593,9 @@ class TrainingRun:
             return
         record = self._evaluate(step)
         self.summary["eval_loss_after"] = record["eval_loss"]
-        if settings.best_metric and self.accelerator.is_main_process:
+        # Task metrics are scored on the main process only; a sharded model needs every
+        # process to gather its weights (and is never scored during training).
+        if settings.best_metric and (self.sharded or self.accelerator.is_main_process):
             self._keep_if_best(settings.best_metric, record)
         self.window.started = time.perf_counter()
 
@@ -584,9 +625,24 @@ class TrainingRun:
         state = self.state
         value = record[metric if metric == validation.EVAL_LOSS else f"eval_{metric}"]
         if validation.is_better(metric, value, state.best_value):
-            model = self.accelerator.unwrap_model(self.loss_module).model
-            validation.save_best(self.run_dir, model, self.tokenizer, state.step, metric, value)
+            weights, _ = self._gathered_weights()
+            if self.accelerator.is_main_process:
+                model = self.accelerator.unwrap_model(self.loss_module).model
+                validation.save_best(
+                    self.run_dir, model, self.tokenizer, state.step, metric, value, weights
+                )
             state.best_step, state.best_value = state.step, value
+
+    def _gathered_weights(
+        self,
+    ) -> tuple[dict[str, torch.Tensor] | None, dict[str, torch.Tensor]]:
+        """The trained weights to save (None: the model saves its own) and the extras. Under
+        FSDP every process must call it, and the main process gets the gathered tensors."""
+        if not self.sharded:
+            return None, {name: param.detach() for name, param in self.extras.items()}
+        return sharding.gathered_weights(
+            self.objective, self.built.bundle.model, trained_only=self.recipe.adapter is not None
+        )
 
     def _checkpoint_if_due(self, signals: StopSignals) -> None:
         """Save every `checkpoint.every` steps, and on a stop signal (then stop)."""
@@ -604,17 +660,21 @@ class TrainingRun:
         )
         # Every process's RNG states, gathered onto the main process that writes them.
         process_rng_states = gather_object([checkpoint.rng_states()])
+        weights, extras = self._gathered_weights()
+        optimizer_state = (
+            sharding.gathered_optimizer(self.objective, self.optimizer.optimizer)
+            if self.sharded
+            else self.optimizer.state_dict()
+        )
         saved = self.run_dir / run_folder.CHECKPOINTS
         if accelerator.is_main_process:
             saved = checkpoint.save(
                 self.run_dir,
-                self.built.bundle.model,
-                self.optimizer,
+                checkpoint.Trained(self.built.bundle.model, weights, extras, optimizer_state),
                 self.scheduler,
                 state,
                 self.recipe.checkpoint.keep_last,
                 process_rng_states,
-                self.extras,
             )
             write_json(self.summary_path, self.summary)
         accelerator.wait_for_everyone()
@@ -627,8 +687,10 @@ class TrainingRun:
         accelerator, state, summary = self.accelerator, self.state, self.summary
         weights_dir = run_folder.weights_folder(self.run_dir, self.recipe.adapter is None)
         accelerator.wait_for_everyone()
+        weights, _ = self._gathered_weights()
         if accelerator.is_main_process:
-            accelerator.unwrap_model(self.loss_module).model.save_pretrained(weights_dir)
+            model = accelerator.unwrap_model(self.loss_module).model
+            model.save_pretrained(weights_dir, state_dict=weights)
             self.tokenizer.save_pretrained(weights_dir)
             summary.update(
                 status="finished",
@@ -707,10 +769,18 @@ def eval_losses(
     names = list(objective.weights)
     totals = torch.zeros(2 * len(names), device=accelerator.device)
     batches = data.eval_batches(split, batch_size)
-    for batch in batches[accelerator.process_index :: accelerator.num_processes]:
+    own = batches[accelerator.process_index :: accelerator.num_processes]
+    # Every process runs as many forwards as the busiest: a sharded model gathers its weights
+    # in each forward with every process, so one left out would keep the others waiting. The
+    # extra forwards repeat a batch and count nothing.
+    rounds = -(-len(batches) // accelerator.num_processes)
+    for position in range(rounds):
+        batch = own[position] if position < len(own) else batches[0]
         tensors = data.collate(batch, pad_token_id, bucket)
         tensors = {name: value.to(accelerator.device) for name, value in tensors.items()}
         sums = loss_module(**tensors)
+        if position >= len(own):
+            continue
         counts = step_counts(objective, batch)
         # A term the objective cannot compute here (distillation from a training-split cache)
         # is left out rather than reported as zero.

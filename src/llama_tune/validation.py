@@ -14,6 +14,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
@@ -73,13 +74,15 @@ def save_best(
     step: int,
     metric: str,
     value: float,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Replace `<run>/best/` with the current adapter; a crash never leaves half an adapter."""
+    """Replace `<run>/best/` with the current adapter (`weights`, gathered from a sharded
+    model, or the model's own); a crash never leaves half an adapter."""
     final = run_dir / BEST
     staging = run_dir / f".tmp-{BEST}"
     retired = run_dir / f".old-{BEST}"
     shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
+    model.save_pretrained(staging, state_dict=weights)
     tokenizer.save_pretrained(staging)
     write_json(staging / BEST_FILE, {"step": step, "metric": metric, "value": value})
     shutil.rmtree(retired, ignore_errors=True)

@@ -1,0 +1,175 @@
+"""Sharding a run's model over its processes with FSDP2, when the launch asks for it.
+
+`accelerate launch --config_file configs/fsdp.yaml` sets ACCELERATE_USE_FSDP. Accelerate's own
+FSDP path would wrap only the objective it is given (no decoder layers inside: one all-gather of
+the whole model, nothing saved) and exists only on GPUs, so llama-tune calls `fully_shard`
+itself: each decoder layer is one unit, the objective the root (embeddings, final norm, head and
+anything the objective trains beside the model). The same code then runs on GPUs (NCCL) and on
+CPU processes (gloo), where the tests run it.
+
+Weights and optimizer state are gathered into full tensors for saving, in the layout an
+unsharded run writes, so the adapter, the model folder and checkpoints look the same either way.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from accelerate.utils import parse_flag_from_env
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+
+from llama_tune import models, schema
+from llama_tune.errors import UserError
+
+GATHERED = StateDictOptions(full_state_dict=True, cpu_offload=True)
+"""Full tensors on the CPU of the main process (the others get none): what gets saved."""
+
+
+class ShardingError(UserError):
+    """A recipe that FSDP cannot train yet, named before any model loads."""
+
+
+def check_recipe(recipe: schema.Recipe) -> None:
+    """Refuse, before loading anything, what llama-tune's FSDP does not do yet."""
+    refused = {
+        "model.quantization": recipe.model.quantization != "none",
+        "model.gradient_checkpointing": recipe.model.gradient_checkpointing,
+        "distill": recipe.distill is not None,
+        "adversarial": recipe.adversarial is not None,
+        # Scoring generates on the main process alone; with the weights sharded, it would wait
+        # for the other processes' shards forever.
+        "validation.metric_rows": recipe.validation.metric_rows is not None,
+    }
+    named = [key for key, used in refused.items() if used]
+    if named:
+        raise ShardingError(
+            f"the launch asks for FSDP, which llama-tune does not combine with {', '.join(named)} "
+            "yet: remove it from the recipe, or launch with configs/multi_gpu.yaml (DDP)"
+        )
+
+
+@contextmanager
+def accelerator_unaware() -> Iterator[None]:
+    """Hide the launch's FSDP request from an Accelerator being made: it would otherwise shard
+    the objective its own way (GPUs) or fall back to DDP silently (CPUs)."""
+    saved = os.environ.pop("ACCELERATE_USE_FSDP", None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ["ACCELERATE_USE_FSDP"] = saved
+
+
+def shard(objective: torch.nn.Module, model: torch.nn.Module, device: torch.device) -> None:
+    """Shard `model`'s decoder layers and then `objective` (the root) over every process.
+
+    Parameters are replaced by sharded ones: collect trainable parameters and build the
+    optimizer afterwards. Every process must start from the same weights (the run's seed makes
+    the adapter's initialisation identical); nothing is broadcast.
+    """
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    reshard = parse_flag_from_env("FSDP_RESHARD_AFTER_FORWARD", default=True)
+    for layer in models.causal_lm(model).model.layers:
+        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard)
+    fully_shard(objective, mesh=mesh, reshard_after_forward=reshard)
+
+
+def _prefix(objective: torch.nn.Module, model: torch.nn.Module) -> str:
+    for name, module in objective.named_modules():
+        if module is model:
+            return f"{name}." if name else ""
+    raise ValueError("the model is not part of the objective")
+
+
+def gathered_weights(
+    objective: torch.nn.Module, model: torch.nn.Module, trained_only: bool
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The model's weights (only the trained ones with `trained_only`) and the objective's
+    trained parameters outside the model, as full CPU tensors on the main process; empty on
+    the others. Every process must call it: each contributes its shards.
+
+    A tied weight (the head sharing the embeddings) comes once, under its first name, as an
+    unsharded model saves it; gathering would return it twice, as two tensors.
+    """
+    options = StateDictOptions(
+        full_state_dict=True, cpu_offload=True, ignore_frozen_params=trained_only
+    )
+    state = get_model_state_dict(objective, options=options)
+    first_names = {name for name, _ in objective.named_parameters()}
+    aliases = {name for name, _ in objective.named_parameters(remove_duplicate=False)}
+    aliases -= first_names
+    prefix = _prefix(objective, model)
+    weights, extras = {}, {}
+    for name, value in state.items():
+        if name in aliases:
+            continue
+        if name.startswith(prefix):
+            weights[name.removeprefix(prefix)] = value
+        else:
+            extras[name] = value
+    return weights, extras
+
+
+def load_weights(
+    objective: torch.nn.Module, model: torch.nn.Module, weights: dict[str, torch.Tensor]
+) -> None:
+    """Give the sharded model full `weights` (keys as in the model's state dict; some or all
+    of them): each process keeps its own shard."""
+    prefix = _prefix(objective, model)
+    full = {f"{prefix}{name}": value for name, value in weights.items()}
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    set_model_state_dict(objective, full, options=options)
+
+
+def _trained_names(objective: torch.nn.Module) -> list[str]:
+    return [name for name, param in objective.named_parameters() if param.requires_grad]
+
+
+def gathered_optimizer(
+    objective: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> dict[str, Any]:
+    """The optimizer's state with full tensors on the main process, keyed by parameter index
+    like `optimizer.state_dict()` of an unsharded run (the optimizer holds the objective's
+    trained parameters in order). Every process must call it."""
+    state = get_optimizer_state_dict(objective, optimizer, options=GATHERED)
+    if not state:
+        return {}
+    index = {name: position for position, name in enumerate(_trained_names(objective))}
+    groups = [
+        group | {"params": [index[name] for name in group["params"]]}
+        for group in state["param_groups"]
+    ]
+    return {
+        "state": {index[name]: values for name, values in state["state"].items()},
+        "param_groups": groups,
+    }
+
+
+def load_optimizer(
+    objective: torch.nn.Module, optimizer: torch.optim.Optimizer, saved: dict[str, Any]
+) -> None:
+    """Apply an index-keyed optimizer state (`gathered_optimizer`, or an unsharded run's) to
+    the sharded optimizer: each process keeps its own shard."""
+    names = _trained_names(objective)
+    groups = [
+        group | {"params": [names[position] for position in group["params"]]}
+        for group in saved["param_groups"]
+    ]
+    state = {names[position]: values for position, values in saved["state"].items()}
+    options = StateDictOptions(full_state_dict=True)
+    set_optimizer_state_dict(
+        objective, optimizer, {"state": state, "param_groups": groups}, options=options
+    )
