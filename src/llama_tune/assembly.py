@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 import torch
 from accelerate import Accelerator
 
-from llama_tune import attention, data, models, schema
+from llama_tune import attention, data, models, runtime, schema
+from llama_tune.layout import Layout
 from llama_tune.objective import Objective, TargetTokenLoss
 
 if TYPE_CHECKING:
@@ -33,16 +34,30 @@ class TrainingSetup:
     """Rewrites training batches with adversarial examples (adversarial.augment); None: none."""
 
 
+def layout_for_launch(recipe: schema.Recipe, mixed_precision: str) -> Layout:
+    """The layout the launch asks for (FSDP, DeepSpeed ZeRO, else replicated), with the recipe
+    checked against it before anything loads."""
+    if runtime.fsdp_requested():
+        from llama_tune.sharding import FullyShardedLayout
+
+        return FullyShardedLayout(recipe)
+    if runtime.deepspeed_requested():
+        from llama_tune.zero import ZeroLayout
+
+        return ZeroLayout(recipe, mixed_precision)
+    return Layout()
+
+
 def build(
-    recipe: schema.Recipe, accelerator: Accelerator, run_dir: Path, sharded: bool = False
+    recipe: schema.Recipe, accelerator: Accelerator, run_dir: Path, load_on_cpu: bool = False
 ) -> TrainingSetup:
     """Load the model (and teacher) and data, and compose the recipe's objective.
 
-    A model to be `sharded` is created on the CPU: each process moves only its shard to its
-    accelerator (`sharding.shard`), so no GPU ever holds the whole model.
+    A model to be sharded or partitioned is created on the CPU (`load_on_cpu`): each process
+    moves only its part to its accelerator, so no GPU ever holds the whole model.
     """
     if recipe.distill is None:
-        device = torch.device("cpu") if sharded else None
+        device = torch.device("cpu") if load_on_cpu else None
         bundle = models.load(recipe.model, recipe.adapter, accelerator.mixed_precision, device)
         objective: Objective = TargetTokenLoss(bundle.model)
         datasets = data.build(recipe.data, bundle.tokenizer, recipe.train.seed)

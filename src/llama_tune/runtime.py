@@ -4,6 +4,7 @@ shape its numbers (recorded in every summary and evaluation)."""
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import platform
 import sys
@@ -63,15 +64,21 @@ def fsdp_requested() -> bool:
     return parse_flag_from_env("ACCELERATE_USE_FSDP")
 
 
+def deepspeed_requested() -> bool:
+    """Whether the launch asks for DeepSpeed (`configs/deepspeed_zero2.yaml` and zero3 set
+    ACCELERATE_USE_DEEPSPEED): llama-tune then trains through its ZeRO engine (`zero`)."""
+    return parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")
+
+
 def check_launch() -> None:
-    """Stop, before any model loads, on a launch this run cannot honour: DeepSpeed, FSDP other
-    than FSDP2 or with options llama-tune does not apply, FSDP on one process, or more
-    processes on this machine than it has GPUs (torch would fail on a missing device, deep in
-    a traceback)."""
-    if parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
+    """Stop, before any model loads, on a launch this run cannot honour: DeepSpeed not
+    installed, FSDP other than FSDP2 or with options llama-tune does not apply, FSDP on one
+    process, or more processes on this machine than it has GPUs (torch would fail on a
+    missing device, deep in a traceback)."""
+    if deepspeed_requested() and importlib.util.find_spec("deepspeed") is None:
         raise LaunchError(
-            "the launch config asks for DeepSpeed, which llama-tune does not support yet: use "
-            "configs/fsdp.yaml to shard the model over the GPUs, or configs/multi_gpu.yaml (DDP)"
+            "the launch config asks for DeepSpeed, which is not installed: "
+            "pip install --no-build-isolation 'deepspeed==0.19.8' (see README, Scaling out)"
         )
     if fsdp_requested():
         _check_fsdp_launch()

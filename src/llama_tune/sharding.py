@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from accelerate import Accelerator
 from accelerate.utils import parse_flag_from_env
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -31,34 +32,21 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
-from llama_tune import models, schema
-from llama_tune.errors import UserError
+from llama_tune import layout, models, schema
+from llama_tune.runtime import cpu_processes
 
 GATHERED = StateDictOptions(full_state_dict=True, cpu_offload=True)
 """Full tensors on the CPU of the main process (the others get none): what gets saved."""
 
 
-class ShardingError(UserError):
-    """A recipe that FSDP cannot train yet, named before any model loads."""
-
-
 def check_recipe(recipe: schema.Recipe) -> None:
     """Refuse, before loading anything, what llama-tune's FSDP does not do yet."""
-    refused = {
-        "model.quantization": recipe.model.quantization != "none",
-        "model.gradient_checkpointing": recipe.model.gradient_checkpointing,
-        "distill": recipe.distill is not None,
-        "adversarial": recipe.adversarial is not None,
+    refused = layout.not_spread_yet(recipe) | {
         # Scoring generates on the main process alone; with the weights sharded, it would wait
         # for the other processes' shards forever.
         "validation.metric_rows": recipe.validation.metric_rows is not None,
     }
-    named = [key for key, used in refused.items() if used]
-    if named:
-        raise ShardingError(
-            f"the launch asks for FSDP, which llama-tune does not combine with {', '.join(named)} "
-            "yet: remove it from the recipe, or launch with configs/multi_gpu.yaml (DDP)"
-        )
+    layout.refuse(refused, "FSDP", "launch with configs/multi_gpu.yaml (DDP)")
 
 
 @contextmanager
@@ -87,13 +75,6 @@ def shard(objective: torch.nn.Module, model: torch.nn.Module, device: torch.devi
     fully_shard(objective, mesh=mesh, reshard_after_forward=reshard)
 
 
-def _prefix(objective: torch.nn.Module, model: torch.nn.Module) -> str:
-    for name, module in objective.named_modules():
-        if module is model:
-            return f"{name}." if name else ""
-    raise ValueError("the model is not part of the objective")
-
-
 def gathered_weights(
     objective: torch.nn.Module, model: torch.nn.Module, trained_only: bool
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -111,7 +92,7 @@ def gathered_weights(
     first_names = {name for name, _ in objective.named_parameters()}
     aliases = {name for name, _ in objective.named_parameters(remove_duplicate=False)}
     aliases -= first_names
-    prefix = _prefix(objective, model)
+    prefix = layout.model_prefix(objective, model)
     weights, extras = {}, {}
     for name, value in state.items():
         if name in aliases:
@@ -128,7 +109,7 @@ def load_weights(
 ) -> None:
     """Give the sharded model full `weights` (keys as in the model's state dict; some or all
     of them): each process keeps its own shard."""
-    prefix = _prefix(objective, model)
+    prefix = layout.model_prefix(objective, model)
     full = {f"{prefix}{name}": value for name, value in weights.items()}
     options = StateDictOptions(full_state_dict=True, strict=False)
     set_model_state_dict(objective, full, options=options)
@@ -173,3 +154,51 @@ def load_optimizer(
     set_optimizer_state_dict(
         objective, optimizer, {"state": state, "param_groups": groups}, options=options
     )
+
+
+class FullyShardedLayout(layout.Layout):
+    """FSDP2: each process holds 1/N of every decoder layer and of the rest of the objective."""
+
+    name = "fsdp"
+    gathers = True
+    load_on_cpu = True
+
+    def __init__(self, recipe: schema.Recipe) -> None:
+        check_recipe(recipe)
+
+    def accelerator(self, **settings: Any) -> Accelerator:
+        with accelerator_unaware():
+            return Accelerator(cpu=cpu_processes(), **settings)
+
+    def place(
+        self, accelerator: Accelerator, objective: torch.nn.Module, model: torch.nn.Module
+    ) -> None:
+        shard(objective, model, accelerator.device)
+
+    def prepare(
+        self,
+        accelerator: Accelerator,
+        objective: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+    ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        # Autocast, but no DDP around a sharded model: FSDP reduces the gradients itself.
+        loss_module = accelerator.prepare_model(objective, evaluation_mode=True)
+        return loss_module, accelerator.prepare_optimizer(optimizer)
+
+    def gathered_weights(
+        self, objective: torch.nn.Module, model: torch.nn.Module, trained_only: bool
+    ) -> tuple[dict[str, torch.Tensor] | None, dict[str, torch.Tensor]]:
+        return gathered_weights(objective, model, trained_only)
+
+    def optimizer_state(
+        self, objective: torch.nn.Module, optimizer: torch.optim.Optimizer
+    ) -> dict[str, Any]:
+        return gathered_optimizer(objective, optimizer.optimizer)
+
+    def load_optimizer(
+        self,
+        objective: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        saved: dict[str, Any],
+    ) -> None:
+        load_optimizer(objective, optimizer.optimizer, saved)

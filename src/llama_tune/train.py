@@ -36,18 +36,16 @@ from llama_tune import (
     models,
     run_folder,
     schema,
-    sharding,
     validation,
 )
 from llama_tune.checkpoint import StopSignals, TrainState
 from llama_tune.errors import UserError
 from llama_tune.jsonfiles import read_json, write_json
+from llama_tune.layout import trained_extras
 from llama_tune.objective import Objective, combined, step_counts
 from llama_tune.runtime import (
     check_launch,
-    cpu_processes,
     device_name,
-    fsdp_requested,
     library_versions,
     peak_memory_gib,
     resolve_precision,
@@ -199,17 +197,15 @@ class TrainingRun:
         self.metrics_path = run_dir / run_folder.METRICS
         self.summary_path = run_dir / run_folder.SUMMARY
         check_launch()
-        self.sharded = fsdp_requested()
-        if self.sharded:
-            sharding.check_recipe(recipe)
-        with sharding.accelerator_unaware():
-            self.accelerator = Accelerator(
-                cpu=cpu_processes(),
-                mixed_precision=resolve_precision(self.settings.precision),
-                gradient_accumulation_steps=self.settings.grad_accumulation,
-                log_with=list(recipe.logging.trackers) or None,
-                project_dir=run_dir,
-            )
+        mixed_precision = resolve_precision(self.settings.precision)
+        # Replicated (one process, DDP), FSDP or DeepSpeed ZeRO, as the launch asks.
+        self.layout = assembly.layout_for_launch(recipe, mixed_precision)
+        self.accelerator = self.layout.accelerator(
+            mixed_precision=mixed_precision,
+            gradient_accumulation_steps=self.settings.grad_accumulation,
+            log_with=list(recipe.logging.trackers) or None,
+            project_dir=run_dir,
+        )
 
     # ------------------------------------------------------------------------------- set-up
 
@@ -239,13 +235,15 @@ class TrainingRun:
     def _setup(self, resume: bool) -> None:
         set_seed(self.settings.seed)
         with together(self.accelerator):
-            self.built = assembly.build(self.recipe, self.accelerator, self.run_dir, self.sharded)
+            self.built = assembly.build(
+                self.recipe, self.accelerator, self.run_dir, self.layout.load_on_cpu
+            )
             self.objective = self.built.objective
             self.tokenizer = self.built.bundle.tokenizer
             self.train_split = self.built.datasets.train
             self.validation = self.built.datasets.validation
             self.plan = self._setup_plan()
-        # Saved weights go into the model before it is sharded; the optimizer's state after.
+        # Saved weights go into the model before it is spread out; the optimizer's state after.
         saved = self._read_checkpoint() if resume else None
         self._setup_optimizer()
         self.state = self._start_fresh() if saved is None else self._resume(saved)
@@ -269,23 +267,11 @@ class TrainingRun:
             warmup = round(settings.warmup_ratio * total_steps)
         return StepPlan(micro_batches, step_size, steps_per_epoch, total_steps, warmup)
 
-    def _trained_extras(self) -> dict[str, torch.nn.Parameter]:
-        """Trained parameters outside the model (distillation projections): they go into
-        checkpoints beside the model's."""
-        in_model = {id(param) for param in self.built.bundle.model.parameters()}
-        return {
-            name: param
-            for name, param in self.objective.named_parameters()
-            if param.requires_grad and id(param) not in in_model
-        }
-
     def _setup_optimizer(self) -> None:
         settings, accelerator = self.settings, self.accelerator
-        if self.sharded:
-            sharding.shard(self.objective, self.built.bundle.model, accelerator.device)
-        # Collected after sharding, which replaces the parameters.
+        self.layout.place(accelerator, self.objective, self.built.bundle.model)
+        # Collected after placing, which may replace the parameters (FSDP).
         self.trainable = [param for param in self.objective.parameters() if param.requires_grad]
-        self.extras = self._trained_extras()
         optimizer = torch.optim.AdamW(
             self.trainable, lr=settings.lr, weight_decay=settings.weight_decay
         )
@@ -297,12 +283,9 @@ class TrainingRun:
         )
         # The scheduler is stepped by hand once per optimizer step, so it is not prepared: a
         # prepared scheduler steps once per process.
-        if self.sharded:
-            # Autocast, but no DDP around a sharded model: FSDP reduces the gradients itself.
-            self.loss_module = accelerator.prepare_model(self.objective, evaluation_mode=True)
-            self.optimizer = accelerator.prepare_optimizer(optimizer)
-        else:
-            self.loss_module, self.optimizer = accelerator.prepare(self.objective, optimizer)
+        self.loss_module, self.optimizer = self.layout.prepare(
+            accelerator, self.objective, optimizer
+        )
 
     def _start_fresh(self) -> TrainState:
         if self.accelerator.is_main_process:
@@ -315,7 +298,7 @@ class TrainingRun:
         """Read the newest intact checkpoint (a damaged one is named and the next tried) and
         put its trained weights into the model."""
         full_model = self.recipe.adapter is None
-        extras = self._trained_extras()
+        extras = trained_extras(self.objective, self.built.bundle.model)
         for folder in reversed(checkpoint.complete_checkpoints(self.run_dir)):
             try:
                 saved = checkpoint.read(folder, full_model, extras=bool(extras))
@@ -334,10 +317,7 @@ class TrainingRun:
 
     def _resume(self, saved: checkpoint.SavedCheckpoint) -> TrainState:
         """Go on from a read checkpoint: optimizer, scheduler, this process's RNGs."""
-        if self.sharded:
-            sharding.load_optimizer(self.objective, self.optimizer.optimizer, saved.optimizer)
-        else:
-            self.optimizer.load_state_dict(saved.optimizer)
+        self.layout.load_optimizer(self.objective, self.optimizer, saved.optimizer)
         self.scheduler.load_state_dict(saved.scheduler)
         checkpoint.restore_rng_states(saved.process_rng_states, self.accelerator.process_index)
         self._follow_recipe_schedule()
@@ -398,6 +378,7 @@ class TrainingRun:
             precision=accelerator.mixed_precision,
             device=device_name(accelerator.device),
             processes=accelerator.num_processes,
+            layout=self.layout.name,
             packed=self.recipe.packed,
             parameters={"trainable": trainable_count, "total": total_count},
             data=self.built.datasets.summary(),
@@ -494,8 +475,8 @@ class TrainingRun:
         if math.isfinite(loss_value):
             if self.settings.max_grad_norm is not None:
                 norm = accelerator.clip_grad_norm_(self.trainable, self.settings.max_grad_norm)
-                # DeepSpeed clips inside its engine and returns no norm; under FSDP it is a
-                # sharded tensor.
+                # DeepSpeed's engine clipped inside the last backward and gives its norm;
+                # under FSDP the norm is a sharded tensor.
                 if isinstance(norm, DTensor):
                     norm = norm.full_tensor()
                 self.grad_norm = None if norm is None else float(norm)
@@ -593,9 +574,9 @@ class TrainingRun:
             return
         record = self._evaluate(step)
         self.summary["eval_loss_after"] = record["eval_loss"]
-        # Task metrics are scored on the main process only; a sharded model needs every
-        # process to gather its weights (and is never scored during training).
-        if settings.best_metric and (self.sharded or self.accelerator.is_main_process):
+        # Task metrics are scored on the main process only; a spread-out model needs every
+        # process to gather its weights.
+        if settings.best_metric and (self.layout.gathers or self.accelerator.is_main_process):
             self._keep_if_best(settings.best_metric, record)
         self.window.started = time.perf_counter()
 
@@ -636,11 +617,9 @@ class TrainingRun:
     def _gathered_weights(
         self,
     ) -> tuple[dict[str, torch.Tensor] | None, dict[str, torch.Tensor]]:
-        """The trained weights to save (None: the model saves its own) and the extras. Under
-        FSDP every process must call it, and the main process gets the gathered tensors."""
-        if not self.sharded:
-            return None, {name: param.detach() for name, param in self.extras.items()}
-        return sharding.gathered_weights(
+        """The trained weights to save (None: the model saves its own) and the extras. When
+        the layout gathers, every process must call it, and the main process gets them."""
+        return self.layout.gathered_weights(
             self.objective, self.built.bundle.model, trained_only=self.recipe.adapter is not None
         )
 
@@ -661,11 +640,7 @@ class TrainingRun:
         # Every process's RNG states, gathered onto the main process that writes them.
         process_rng_states = gather_object([checkpoint.rng_states()])
         weights, extras = self._gathered_weights()
-        optimizer_state = (
-            sharding.gathered_optimizer(self.objective, self.optimizer.optimizer)
-            if self.sharded
-            else self.optimizer.state_dict()
-        )
+        optimizer_state = self.layout.optimizer_state(self.objective, self.optimizer)
         saved = self.run_dir / run_folder.CHECKPOINTS
         if accelerator.is_main_process:
             saved = checkpoint.save(

@@ -1,0 +1,122 @@
+"""Where a run's weights and optimizer state live across its processes, as the launch asks.
+
+`Layout` is the plain case: one process, or data-parallel (DDP) processes that each hold the
+whole model. `sharding.FullyShardedLayout` (FSDP2) and `zero.ZeroLayout` (DeepSpeed ZeRO)
+spread them out. The training loop asks its layout to place the model, prepare it, gather what
+a checkpoint saves and restore what a resume reads, so it reads the same under each; every
+layout saves in the unsharded layout, so a checkpoint resumes under any of them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+
+from llama_tune import schema
+from llama_tune.errors import UserError
+from llama_tune.runtime import cpu_processes
+
+
+class LayoutError(UserError):
+    """A recipe the launch's layout cannot train yet, named before any model loads."""
+
+
+def refuse(recipe_uses: dict[str, bool], launch: str, instead: str) -> None:
+    """Stop on the recipe keys in `recipe_uses` that are used, naming them all at once."""
+    named = [key for key, used in recipe_uses.items() if used]
+    if named:
+        raise LayoutError(
+            f"the launch asks for {launch}, which llama-tune does not combine with "
+            f"{', '.join(named)} yet: remove it from the recipe, or {instead}"
+        )
+
+
+class Layout:
+    """Every process holds the whole model and optimizer (one process, or DDP)."""
+
+    name = "replicated"
+    gathers = False
+    """Whether saving needs every process (each holds only part of the state)."""
+    load_on_cpu = False
+    """Whether the model is created on the CPU, for the layout to move its parts."""
+
+    def accelerator(self, **settings: Any) -> Accelerator:
+        """The run's Accelerator, made with `settings` (precision, accumulation, ...)."""
+        return Accelerator(cpu=cpu_processes(), **settings)
+
+    def place(
+        self, accelerator: Accelerator, objective: torch.nn.Module, model: torch.nn.Module
+    ) -> None:
+        """Spread the model before its optimizer is built (parameters may be replaced)."""
+
+    def prepare(
+        self,
+        accelerator: Accelerator,
+        objective: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+    ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        """The module the loop calls and the optimizer it steps."""
+        return accelerator.prepare(objective, optimizer)
+
+    # The arguments unused here are those the spread-out layouts need.
+    def gathered_weights(
+        self,
+        objective: torch.nn.Module,
+        model: torch.nn.Module,
+        trained_only: bool,  # noqa: ARG002
+    ) -> tuple[dict[str, torch.Tensor] | None, dict[str, torch.Tensor]]:
+        """The model's weights to save (None: the model saves its own) and the objective's
+        trained parameters outside the model. Every process calls it when `gathers`."""
+        extras = trained_extras(objective, model)
+        return None, {name: param.detach() for name, param in extras.items()}
+
+    def optimizer_state(
+        self,
+        objective: torch.nn.Module,  # noqa: ARG002
+        optimizer: torch.optim.Optimizer,
+    ) -> dict[str, Any]:
+        """The optimizer's state, keyed by trained-parameter index as an unsharded AdamW keys
+        it. Every process calls it when `gathers`; only the main process's is saved."""
+        return optimizer.state_dict()
+
+    def load_optimizer(
+        self,
+        objective: torch.nn.Module,  # noqa: ARG002
+        optimizer: torch.optim.Optimizer,
+        saved: dict[str, Any],
+    ) -> None:
+        """Apply a saved (index-keyed) optimizer state."""
+        optimizer.load_state_dict(saved)
+
+
+def trained_extras(
+    objective: torch.nn.Module, model: torch.nn.Module
+) -> dict[str, torch.nn.Parameter]:
+    """Trained parameters outside the model (distillation projections), by their name in the
+    objective: checkpoints save them beside the model's."""
+    in_model = {id(param) for param in model.parameters()}
+    return {
+        name: param
+        for name, param in objective.named_parameters()
+        if param.requires_grad and id(param) not in in_model
+    }
+
+
+def model_prefix(objective: torch.nn.Module, model: torch.nn.Module) -> str:
+    """How the objective's parameter names start for the model's parameters."""
+    for name, module in objective.named_modules():
+        if module is model:
+            return f"{name}." if name else ""
+    raise ValueError("the model is not part of the objective")
+
+
+def not_spread_yet(recipe: schema.Recipe) -> dict[str, bool]:
+    """The recipe keys no spread-out layout (FSDP, ZeRO) combines with yet, for `refuse`."""
+    return {
+        "model.quantization": recipe.model.quantization != "none",
+        "model.gradient_checkpointing": recipe.model.gradient_checkpointing,
+        "distill": recipe.distill is not None,
+        "adversarial": recipe.adversarial is not None,
+    }

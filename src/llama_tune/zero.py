@@ -1,0 +1,253 @@
+"""DeepSpeed ZeRO, when the launch asks for it (`configs/deepspeed_zero2.yaml`, `zero3.yaml`).
+
+The launch's DeepSpeed JSON gives the ZeRO stage and its tuning; the recipe gives what the
+engine must agree on with the loop: micro-batch, accumulation, clipping and precision. Those
+keys are filled from the recipe where the JSON says "auto", and a value that contradicts the
+recipe stops the run naming both. The engine clips and steps inside the backward of a step's
+last micro-batch (Accelerate's DeepSpeed path); llama-tune's scheduler sets its learning rate.
+
+Weights and optimizer state are gathered per parameter with DeepSpeed's full-tensor API into the
+unsharded checkpoint layout, so a ZeRO checkpoint resumes under DDP or FSDP and back.
+DeepSpeed itself (an optional dependency, seconds to import) is imported where it is used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+
+from llama_tune import layout, schema
+from llama_tune.runtime import LaunchError
+
+CONFIG_FILE = "ACCELERATE_DEEPSPEED_CONFIG_FILE"
+"""Where `accelerate launch` puts the DeepSpeed JSON its config names."""
+ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
+REFUSED_SECTIONS = {
+    "optimizer": "llama-tune builds AdamW from the recipe's train section",
+    "scheduler": "llama-tune sets the learning rate from train.scheduler",
+}
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """The launch's DeepSpeed JSON, checked for what llama-tune does not hand to DeepSpeed."""
+    try:
+        config = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise LaunchError(f"the launch's DeepSpeed config {path}: {error}") from None
+    if not isinstance(config, dict) or not isinstance(config.get("zero_optimization"), dict):
+        raise LaunchError(f"{path}: no zero_optimization section (see configs/deepspeed/)")
+    for section, reason in REFUSED_SECTIONS.items():
+        if section in config:
+            raise LaunchError(f"{path}: remove the {section} section; {reason}")
+    zero = config["zero_optimization"]
+    for offload in ("offload_optimizer", "offload_param"):
+        device = (zero.get(offload) or {}).get("device", "none")
+        if device != "none":
+            raise LaunchError(
+                f"{path}: zero_optimization.{offload} to {device} is not applied by llama-tune "
+                "yet: remove it"
+            )
+    return config
+
+
+def fill_config(
+    config: dict[str, Any], path: str | Path, recipe: schema.Recipe, mixed_precision: str
+) -> dict[str, Any]:
+    """A copy of `config` with the keys the recipe decides filled in; `auto` takes the
+    recipe's value, anything else must equal it."""
+    train = recipe.train
+    decided = {
+        "train_micro_batch_size_per_gpu": (train.batch_size, "train.batch_size"),
+        "gradient_accumulation_steps": (train.grad_accumulation, "train.grad_accumulation"),
+        # 0 turns DeepSpeed's clipping off.
+        "gradient_clipping": (train.max_grad_norm or 0.0, "train.max_grad_norm"),
+        "bf16.enabled": (mixed_precision == "bf16", "train.precision"),
+        "fp16.enabled": (mixed_precision == "fp16", "train.precision"),
+    }
+    filled = json.loads(json.dumps(config))
+    for key, (wanted, recipe_key) in decided.items():
+        *sections, name = key.split(".")
+        holder = filled
+        for section in sections:
+            holder = holder.setdefault(section, {})
+        given = holder.get(name, "auto")
+        if given != "auto" and given != wanted:
+            raise LaunchError(
+                f"{path}: {key} is {json.dumps(given)}, but the recipe's {recipe_key} makes it "
+                f'{json.dumps(wanted)}: set it to "auto"'
+            )
+        holder[name] = wanted
+    # DeepSpeed derives the global batch from the two above and the process count.
+    if filled.get("train_batch_size", "auto") == "auto":
+        filled.pop("train_batch_size", None)
+    # The optimizer is torch's AdamW, which ZeRO partitions like its own.
+    filled["zero_allow_untested_optimizer"] = True
+    return filled
+
+
+def check_recipe(recipe: schema.Recipe, stage: int) -> None:
+    """Refuse, before loading anything, what llama-tune's ZeRO does not do yet."""
+    refused = layout.not_spread_yet(recipe) | {
+        # The engine steps inside the last backward, before the step's loss is known.
+        "train.max_nonfinite_steps": recipe.train.max_nonfinite_steps > 0,
+        # Scoring generates on the main process alone; ZeRO-3 gathers each layer's weights
+        # from every process.
+        "validation.metric_rows": stage == 3 and recipe.validation.metric_rows is not None,
+    }
+    layout.refuse(refused, f"DeepSpeed ZeRO-{stage}", "launch with configs/multi_gpu.yaml (DDP)")
+
+
+def _trained(objective: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [param for param in objective.parameters() if param.requires_grad]
+
+
+class ZeroLayout(layout.Layout):
+    """ZeRO stage 1 or 2 (optimizer state and gradients partitioned over the processes) or 3
+    (the weights too)."""
+
+    gathers = True
+    load_on_cpu = True
+
+    def __init__(self, recipe: schema.Recipe, mixed_precision: str) -> None:
+        path = os.environ.get(CONFIG_FILE)
+        if not path:
+            raise LaunchError(
+                "the launch asks for DeepSpeed without a DeepSpeed config file: launch with "
+                "configs/deepspeed_zero2.yaml or configs/deepspeed_zero3.yaml"
+            )
+        self.config = fill_config(read_config(path), path, recipe, mixed_precision)
+        self.stage = int(self.config["zero_optimization"].get("stage", 0))
+        self.name = f"deepspeed zero-{self.stage}"
+        check_recipe(recipe, self.stage)
+        self.half = mixed_precision != "no"
+        self.masters: list[torch.Tensor] = []
+
+    def accelerator(self, **settings: Any) -> Accelerator:
+        from transformers.integrations import unset_hf_deepspeed_config
+
+        plugin = DeepSpeedPlugin(hf_ds_config=self.config, zero3_init_flag=False)
+        # Without a GPU, Accelerate would leave each process alone under DeepSpeed.
+        handlers = [] if torch.cuda.is_available() else [InitProcessGroupKwargs(backend="gloo")]
+        accelerator = Accelerator(deepspeed_plugin=plugin, kwargs_handlers=handlers, **settings)
+        # Accelerate tells Transformers about ZeRO-3, whose models would then load already
+        # partitioned (zero.Init), before a checkpoint's weights or an adapter go in: each
+        # process loads the whole model instead, and the engine partitions it.
+        unset_hf_deepspeed_config()
+        return accelerator
+
+    def place(
+        self,
+        accelerator: Accelerator,  # noqa: ARG002 - the layout interface
+        objective: torch.nn.Module,
+        model: torch.nn.Module,  # noqa: ARG002
+    ) -> None:
+        # In bf16 or fp16 the engine casts the whole model, trained weights included, and keeps
+        # fp32 copies made from the cast ones: the trained weights are kept here to give
+        # those copies their full values (a resumed run's, a fresh adapter's initialisation).
+        if self.half:
+            self.masters = [
+                param.detach().to("cpu", torch.float32, copy=True) for param in _trained(objective)
+            ]
+
+    def prepare(
+        self,
+        accelerator: Accelerator,
+        objective: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+    ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        engine, prepared = accelerator.prepare(objective, optimizer)
+        for param, value in zip(_trained(objective), self.masters, strict=False):
+            safe_set_full_fp32_param(param, value.to(accelerator.device))
+        self.masters = []
+        return engine, prepared
+
+    def gathered_weights(
+        self, objective: torch.nn.Module, model: torch.nn.Module, trained_only: bool
+    ) -> tuple[dict[str, torch.Tensor] | None, dict[str, torch.Tensor]]:
+        from deepspeed.runtime.zero import GatheredParameters
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        main = torch.distributed.get_rank() == 0
+        prefix = layout.model_prefix(objective, model)
+        weights, extras = {}, {}
+        # Parameter by parameter, in the same order on every process: each gathers from all.
+        for name, param in objective.named_parameters():
+            if param.requires_grad:
+                value = safe_get_full_fp32_param(param)
+            elif trained_only:
+                continue
+            else:
+                with GatheredParameters([param]):
+                    value = param.detach().clone()
+            if not main:
+                continue
+            if name.startswith(prefix):
+                weights[name.removeprefix(prefix)] = value.cpu()
+            else:
+                extras[name] = value.cpu()
+        return weights, extras
+
+    def optimizer_state(
+        self, objective: torch.nn.Module, optimizer: torch.optim.Optimizer
+    ) -> dict[str, Any]:
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        adam = optimizer.optimizer.optimizer
+        hyper = {key: value for key, value in adam.param_groups[0].items() if key != "params"}
+        trained = _trained(objective)
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        if adam.state:
+            step = next(iter(adam.state.values()))["step"]
+            for index, param in enumerate(trained):
+                moments = {
+                    key: safe_get_full_optimizer_state(param, key).cpu() for key in ADAM_MOMENTS
+                }
+                state[index] = {"step": step.clone(), **moments}
+        return {"state": state, "param_groups": [hyper | {"params": list(range(len(trained)))}]}
+
+    def load_optimizer(
+        self,
+        objective: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        saved: dict[str, Any],
+    ) -> None:
+        from deepspeed.utils import safe_set_full_optimizer_state
+
+        partitioned = optimizer.optimizer
+        _create_adam_state(partitioned, self.stage)
+        device = next(iter(partitioned.optimizer.state.values()))["exp_avg"].device
+        for index, param in enumerate(_trained(objective)):
+            for key in ADAM_MOMENTS:
+                safe_set_full_optimizer_state(param, saved["state"][index][key].to(device), key)
+        step = saved["state"][0]["step"]
+        for values in partitioned.optimizer.state.values():
+            values["step"] = step.clone()
+
+
+def _create_adam_state(partitioned: Any, stage: int) -> None:
+    """Give the partitioned optimizer its AdamW state before any step, to be overwritten with
+    a checkpoint's. Each process's flat fp32 partitions get the state torch's AdamW makes on a
+    first step (made by a scratch AdamW at learning rate 0, which changes no weight)."""
+    if stage < 3:
+        flats = partitioned.single_partition_of_fp32_groups
+    else:
+        flats = partitioned.fp32_partitioned_groups_flat
+    for flat in flats:
+        scratch = torch.optim.AdamW([flat], lr=0.0)
+        flat.grad = torch.zeros_like(flat)
+        scratch.step()
+        flat.grad = None
+        partitioned.optimizer.state[flat] = scratch.state[flat]
+    if stage < 3:
+        # ZeRO 1 and 2 link each parameter to its slice of the state after the first step
+        # (private to DeepSpeed, like the partitions above: the resume tests fail if they
+        # change); ZeRO-3 reads the state when asked.
+        partitioned._lazy_init_hp_params_optimizer_state()

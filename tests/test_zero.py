@@ -1,0 +1,138 @@
+"""DeepSpeed ZeRO through the real launcher: two gloo CPU processes train the tiny Llama under
+ZeRO-2 and ZeRO-3 as two data-parallel (DDP) processes do, save the same weights and optimizer
+state, and resume from either's checkpoints; the launch's DeepSpeed JSON is checked against the
+recipe before anything loads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from launched import (
+    launch_environment,
+    launched,
+    resumes_to,
+    same_optimizers,
+    same_steps,
+    same_tensors,
+)
+from llama_tune import config, run_folder, runtime, zero
+from llama_tune.layout import LayoutError
+
+ZERO2 = launch_environment(REPO / "configs" / "deepspeed_zero2.yaml")
+ZERO3 = launch_environment(REPO / "configs" / "deepspeed_zero3.yaml")
+STEP = Path(run_folder.CHECKPOINTS) / "step-00000002"
+
+
+def test_zero2_trains_as_ddp_and_resumes_a_ddp_checkpoint(tiny_recipe) -> None:
+    settings = {"max_steps": 4, "batch_size": 4, "grad_accumulation": 2}
+    sections = {"checkpoint": {"every": 2}, "validation": {"every": 2, "best_metric": "eval_loss"}}
+    ddp = launched(tiny_recipe("ddp", **sections, **settings))
+    partitioned = launched(tiny_recipe("zero2", **sections, **settings), launch=ZERO2)
+    # The engine's accumulation, clipping and its norm: the same steps as DDP's.
+    same_steps(ddp, partitioned, ("loss", "grad_norm", "eval_loss", "lr"))
+    adapter = Path(run_folder.ADAPTER) / "adapter_model.safetensors"
+    same_tensors(ddp / adapter, partitioned / adapter)
+    best = Path(run_folder.BEST) / adapter.name
+    same_tensors(ddp / best, partitioned / best)
+    # The partitioned optimizer state, gathered into the layout DDP saves.
+    same_tensors(ddp / STEP / adapter, partitioned / STEP / adapter)
+    same_optimizers(ddp / STEP, partitioned / STEP)
+    summary = json.loads((partitioned / run_folder.SUMMARY).read_text())
+    assert (summary["processes"], summary["layout"]) == (2, "deepspeed zero-2")
+    # DDP's step-2 checkpoint, resumed under ZeRO-2, ends where the uninterrupted run did.
+    resumes_to(partitioned, ddp, adapter, ZERO2)
+
+
+def test_zero3_fine_tunes_the_whole_model_as_ddp_and_resumes(tiny_recipe) -> None:
+    settings = {"max_steps": 4, "batch_size": 4, "lr": 1e-3}
+    full = ["adapter=null"]
+    ddp = launched(tiny_recipe("ddp", checkpoint={"every": 2}, **settings), *full)
+    partitioned = launched(
+        tiny_recipe("zero3", checkpoint={"every": 2}, **settings), *full, launch=ZERO3
+    )
+    same_steps(ddp, partitioned, ("loss", "grad_norm"))
+    weights = Path(run_folder.FULL_MODEL) / "model.safetensors"
+    # The weights ZeRO-3 partitioned, gathered back whole.
+    same_tensors(ddp / weights, partitioned / weights)
+    same_tensors(ddp / STEP / "model.safetensors", partitioned / STEP / "model.safetensors")
+    same_optimizers(ddp / STEP, partitioned / STEP)
+    resumes_to(partitioned, partitioned, weights, ZERO3)
+
+
+def test_the_deepspeed_configs_leave_the_recipe_its_keys() -> None:
+    for environment, stage in ((ZERO2, 2), (ZERO3, 3)):
+        assert environment["ACCELERATE_USE_DEEPSPEED"] == "true"
+        path = REPO / environment[zero.CONFIG_FILE]
+        settings = zero.read_config(path)
+        assert settings["zero_optimization"]["stage"] == stage
+        for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+            assert settings[key] == "auto"
+
+
+def _config(tmp_path: Path, **keys: object) -> Path:
+    path = tmp_path / "zero.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2}, **keys}))
+    return path
+
+
+def test_auto_keys_take_the_recipes_values(tiny_recipe, tmp_path: Path) -> None:
+    recipe = config.load(tiny_recipe(batch_size=4, grad_accumulation=3, max_grad_norm=0.5))
+    path = _config(tmp_path, train_micro_batch_size_per_gpu="auto", bf16={"enabled": "auto"})
+    filled = zero.fill_config(zero.read_config(path), path, recipe, "bf16")
+    assert filled["train_micro_batch_size_per_gpu"] == 4
+    assert filled["gradient_accumulation_steps"] == 3
+    assert filled["gradient_clipping"] == 0.5
+    assert filled["bf16"] == {"enabled": True}
+    assert filled["fp16"] == {"enabled": False}
+    # No clipping in the recipe: none in the engine.
+    unclipped = config.load(tiny_recipe(), ["train.max_grad_norm=null"])
+    assert zero.fill_config(zero.read_config(path), path, unclipped, "no")["gradient_clipping"] == 0
+
+
+@pytest.mark.parametrize(
+    ("keys", "named"),
+    [
+        ({"gradient_accumulation_steps": 4}, "gradient_accumulation_steps is 4, but the recipe's "),
+        ({"bf16": {"enabled": True}}, "train.precision"),
+        ({"optimizer": {"type": "AdamW"}}, "remove the optimizer section"),
+        ({"scheduler": {"type": "WarmupLR"}}, "remove the scheduler section"),
+        ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}, "offload"),
+        ({"zero_optimization": None}, "no zero_optimization section"),
+    ],
+)
+def test_a_config_that_contradicts_the_recipe_is_named(
+    tiny_recipe, tmp_path: Path, keys: dict, named: str
+) -> None:
+    recipe = config.load(tiny_recipe())
+    path = _config(tmp_path, **keys)
+    with pytest.raises(runtime.LaunchError, match=named) as refused:
+        zero.fill_config(zero.read_config(path), path, recipe, "no")
+    assert str(path) in str(refused.value)
+
+
+def test_an_unreadable_config_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "zero.json"
+    path.write_text("{ not json")
+    with pytest.raises(runtime.LaunchError, match=r"zero\.json"):
+        zero.read_config(path)
+
+
+@pytest.mark.parametrize(
+    ("stage", "key", "overrides"),
+    [
+        (2, "train.max_nonfinite_steps", ["train.max_nonfinite_steps=2"]),
+        (2, "adversarial", ["adversarial.train.method=fgm"]),
+        (3, "validation.metric_rows", ["validation.every=2", "validation.metric_rows=8"]),
+    ],
+)
+def test_what_zero_does_not_do_yet_is_refused_naming_the_key(
+    tiny_recipe, stage: int, key: str, overrides: list[str]
+) -> None:
+    with pytest.raises(LayoutError, match=key) as refused:
+        zero.check_recipe(config.load(tiny_recipe(), overrides), stage)
+    assert f"ZeRO-{stage}" in str(refused.value)
+    zero.check_recipe(config.load(tiny_recipe()), stage)
