@@ -86,6 +86,10 @@ def test_the_fsdp_config_asks_for_fsdp2_with_nothing_llama_tune_refuses(
         ("model.gradient_checkpointing", ["model.gradient_checkpointing=true"]),
         ("validation.metric_rows", ["validation.every=2", "validation.metric_rows=8"]),
         ("adversarial", ["adversarial.train.method=fgm"]),
+        (
+            "distill.on_policy",
+            ["distill.teacher.name=smollm2-135m-instruct", "distill.on_policy={}"],
+        ),
     ],
 )
 def test_what_fsdp_does_not_do_yet_is_refused_naming_the_key(

@@ -126,6 +126,11 @@ def test_an_unreadable_config_is_named(tmp_path: Path) -> None:
     [
         (2, "train.max_nonfinite_steps", ["train.max_nonfinite_steps=2"]),
         (2, "adversarial", ["adversarial.train.method=fgm"]),
+        (
+            3,
+            "distill.on_policy",
+            ["distill.teacher.name=smollm2-135m-instruct", "distill.on_policy={}"],
+        ),
         (3, "validation.metric_rows", ["validation.every=2", "validation.metric_rows=8"]),
     ],
 )

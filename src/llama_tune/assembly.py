@@ -56,15 +56,15 @@ def build(
     A model to be sharded or partitioned is created on the CPU (`load_on_cpu`): each process
     moves only its part to its accelerator, so no GPU ever holds the whole model.
     """
+    device = torch.device("cpu") if load_on_cpu else None
     if recipe.distill is None:
-        device = torch.device("cpu") if load_on_cpu else None
         bundle = models.load(recipe.model, recipe.adapter, accelerator.mixed_precision, device)
         objective: Objective = TargetTokenLoss(bundle.model)
         datasets = data.build(recipe.data, bundle.tokenizer, recipe.train.seed)
     else:
         from llama_tune.distillation import loading
 
-        bundle, objective, datasets = loading.load(recipe, accelerator, run_dir)
+        bundle, objective, datasets = loading.load(recipe, accelerator, run_dir, device)
     attention.use_training_attention(models.causal_lm(bundle.model), recipe.packed)
     if accelerator.mixed_precision != "no":
         models.skip_adapter_input_casts(bundle.model)

@@ -117,6 +117,8 @@ def not_spread_yet(recipe: schema.Recipe) -> dict[str, bool]:
     return {
         "model.quantization": recipe.model.quantization != "none",
         "model.gradient_checkpointing": recipe.model.gradient_checkpointing,
-        "distill": recipe.distill is not None,
+        # Each process would generate for as long as its own batch needs, while every forward
+        # of a spread-out model needs them all.
+        "distill.on_policy": recipe.distill is not None and recipe.distill.on_policy is not None,
         "adversarial": recipe.adversarial is not None,
     }

@@ -11,8 +11,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from conftest import REPO
+from launched import launch_environment, launched, same_steps, same_tensors
 from llama_tune import config, evaluation, run_folder, train
 from llama_tune.distillation import loading, preflight
+
+FSDP = launch_environment(REPO / "configs" / "fsdp.yaml")
+ZERO3 = launch_environment(REPO / "configs" / "deepspeed_zero3.yaml")
 
 
 def _evals(run_dir: Path) -> list[dict]:
@@ -126,3 +131,21 @@ def test_packed_distillation_steps_equal_padded_ones(
     assert len(losses[0]) == 5
     assert all(distill > 0 for _, distill in losses[0])
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-4, atol=0)
+
+
+def test_a_sharded_or_partitioned_student_distils_as_ddp(tiny_recipe, tiny_model_dir: Path) -> None:
+    # The teacher stays whole on every process, outside what FSDP shards and ZeRO partitions.
+    overrides = [
+        f"distill.teacher.name={tiny_model_dir}",
+        "distill.student.from_teacher.keep_layers=[1]",
+        "distill.hidden_states={}",
+    ]
+    settings = {"max_steps": 3, "batch_size": 4}
+    runs = {
+        name: launched(tiny_recipe(name, **settings), *overrides, launch=launch)
+        for name, launch in (("ddp", None), ("fsdp", FSDP), ("zero3", ZERO3))
+    }
+    adapter = Path(run_folder.ADAPTER) / "adapter_model.safetensors"
+    for name in ("fsdp", "zero3"):
+        same_steps(runs["ddp"], runs[name], ("loss", "distill_loss", "hidden_loss", "grad_norm"))
+        same_tensors(runs["ddp"] / adapter, runs[name] / adapter)

@@ -195,9 +195,15 @@ def _robust(recipe: schema.Recipe) -> bool:
 
 
 def load(
-    recipe: schema.Recipe, accelerator: Accelerator, run_dir: Path
+    recipe: schema.Recipe,
+    accelerator: Accelerator,
+    run_dir: Path,
+    student_device: torch.device | None = None,
 ) -> tuple[models.ModelBundle, DistillationObjective, data.Datasets]:
     """Check, then load teacher, student and data; the objective that trains the student.
+
+    A student loaded from its own weights goes on `student_device` (default: this process's);
+    the teacher always on this process's device, whole: FSDP and ZeRO spread the student only.
 
     With `distill.cache`, the teacher first fills the cache (or its missing shards) and is
     then released: training reads the cache.
@@ -227,7 +233,9 @@ def load(
             tokenizer.save_pretrained(run_dir / STUDENT_INIT)
         student_model = models.ready_for_training(built, recipe.model)
     else:
-        student_model = models.load_base_model(recipe.model, mixed_precision, trained=full)
+        student_model = models.load_base_model(
+            recipe.model, mixed_precision, trained=full, device=student_device
+        )
     if recipe.adapter is not None:
         # A student cut from the teacher sits on the run's own copy of itself.
         base = recipe.model
