@@ -29,8 +29,9 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/llama-tune train recipes/quickstart.yaml --overwrite
 
+# One pytest worker per core (pytest-xdist), each computing on one thread (tests/conftest.py).
 test: install
-	$(BIN)/pytest --durations=10
+	$(BIN)/pytest -n auto --dist worksteal --durations=10
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks

@@ -13,6 +13,10 @@ from pathlib import Path
 # No test reaches the network: a Hub id the tests name must fail at once, not after the retries
 # an unreachable Hub costs (45 s for one missing model). Set before huggingface_hub reads it.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# `make test` runs one pytest worker per core (pytest-xdist): each computes on one thread, and so
+# do the processes it starts, or two workers of two threads would thrash two cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 import pytest
 import torch

@@ -194,6 +194,45 @@ def _robust(recipe: schema.Recipe) -> bool:
     return recipe.adversarial is not None and recipe.adversarial.augment is not None
 
 
+def _student(
+    recipe: schema.Recipe,
+    teacher: PreTrainedModel | None,
+    tokenizer: PreTrainedTokenizerBase,
+    run_dir: Path,
+    accelerator: Accelerator,
+    device: torch.device | None,
+) -> tuple[PeftModel | PreTrainedModel, list[int] | None]:
+    """The student to train (with its adapter), and the teacher layers it was cut from (None:
+    loaded from its own weights, on `device`)."""
+    assert recipe.distill is not None
+    settings, mixed_precision = recipe.distill, accelerator.mixed_precision
+    full = recipe.adapter is None
+    keep = None
+    if settings.student.from_teacher is not None:
+        assert teacher is not None
+        keep = _kept_layers(
+            settings, models.resolve(settings.teacher.name, settings.teacher.revision)
+        )
+        dtype = models.storage_dtype(recipe.model, mixed_precision, trained=full)
+        built = student.from_teacher(teacher, keep).to(dtype).requires_grad_(True)
+        if not full and accelerator.is_main_process:
+            # The adapter's base must be found again at evaluation: keep it with the run.
+            built.save_pretrained(run_dir / STUDENT_INIT)
+            tokenizer.save_pretrained(run_dir / STUDENT_INIT)
+        student_model = models.ready_for_training(built, recipe.model)
+    else:
+        student_model = models.load_base_model(
+            recipe.model, mixed_precision, trained=full, device=device
+        )
+    if recipe.adapter is not None:
+        # A student cut from the teacher sits on the run's own copy of itself.
+        base = recipe.model
+        if keep is not None:
+            base = base.model_copy(update={"name": str(run_dir / STUDENT_INIT), "revision": None})
+        student_model = models.add_adapter(student_model, recipe.adapter, base)
+    return student_model, keep
+
+
 def load(
     recipe: schema.Recipe,
     accelerator: Accelerator,
@@ -218,30 +257,7 @@ def load(
     teacher = None
     if settings.cache is None or settings.student.from_teacher is not None:
         teacher = load_teacher(settings, mixed_precision)
-    full = recipe.adapter is None
-    keep = None
-    if settings.student.from_teacher is not None:
-        assert teacher is not None
-        keep = _kept_layers(
-            settings, models.resolve(settings.teacher.name, settings.teacher.revision)
-        )
-        dtype = models.storage_dtype(recipe.model, mixed_precision, trained=full)
-        built = student.from_teacher(teacher, keep).to(dtype).requires_grad_(True)
-        if not full and accelerator.is_main_process:
-            # The adapter's base must be found again at evaluation: keep it with the run.
-            built.save_pretrained(run_dir / STUDENT_INIT)
-            tokenizer.save_pretrained(run_dir / STUDENT_INIT)
-        student_model = models.ready_for_training(built, recipe.model)
-    else:
-        student_model = models.load_base_model(
-            recipe.model, mixed_precision, trained=full, device=student_device
-        )
-    if recipe.adapter is not None:
-        # A student cut from the teacher sits on the run's own copy of itself.
-        base = recipe.model
-        if keep is not None:
-            base = base.model_copy(update={"name": str(run_dir / STUDENT_INIT), "revision": None})
-        student_model = models.add_adapter(student_model, recipe.adapter, base)
+    student_model, keep = _student(recipe, teacher, tokenizer, run_dir, accelerator, student_device)
 
     datasets = data.build(recipe.data, tokenizer, recipe.train.seed)
     token_subset = label_first_tokens(recipe, tokenizer) if settings.label_tokens_only else None
