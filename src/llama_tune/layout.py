@@ -91,6 +91,11 @@ class Layout:
         optimizer.load_state_dict(saved)
 
 
+def trained_parameters(objective: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The objective's trained parameters, in the order its optimizer holds them."""
+    return [param for param in objective.parameters() if param.requires_grad]
+
+
 def trained_extras(
     objective: torch.nn.Module, model: torch.nn.Module
 ) -> dict[str, torch.nn.Parameter]:

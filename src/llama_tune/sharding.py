@@ -26,14 +26,12 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
-    set_model_state_dict,
     set_optimizer_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 from llama_tune import layout, models, schema
-from llama_tune.runtime import cpu_processes
 
 GATHERED = StateDictOptions(full_state_dict=True, cpu_offload=True)
 """Full tensors on the CPU of the main process (the others get none): what gets saved."""
@@ -104,17 +102,6 @@ def gathered_weights(
     return weights, extras
 
 
-def load_weights(
-    objective: torch.nn.Module, model: torch.nn.Module, weights: dict[str, torch.Tensor]
-) -> None:
-    """Give the sharded model full `weights` (keys as in the model's state dict; some or all
-    of them): each process keeps its own shard."""
-    prefix = layout.model_prefix(objective, model)
-    full = {f"{prefix}{name}": value for name, value in weights.items()}
-    options = StateDictOptions(full_state_dict=True, strict=False)
-    set_model_state_dict(objective, full, options=options)
-
-
 def _trained_names(objective: torch.nn.Module) -> list[str]:
     return [name for name, param in objective.named_parameters() if param.requires_grad]
 
@@ -168,7 +155,7 @@ class FullyShardedLayout(layout.Layout):
 
     def accelerator(self, **settings: Any) -> Accelerator:
         with accelerator_unaware():
-            return Accelerator(cpu=cpu_processes(), **settings)
+            return super().accelerator(**settings)
 
     def place(
         self, accelerator: Accelerator, objective: torch.nn.Module, model: torch.nn.Module

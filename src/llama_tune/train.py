@@ -41,7 +41,7 @@ from llama_tune import (
 from llama_tune.checkpoint import StopSignals, TrainState
 from llama_tune.errors import UserError
 from llama_tune.jsonfiles import read_json, write_json
-from llama_tune.layout import trained_extras
+from llama_tune.layout import trained_extras, trained_parameters
 from llama_tune.objective import Objective, combined, step_counts
 from llama_tune.runtime import (
     check_launch,
@@ -271,7 +271,7 @@ class TrainingRun:
         settings, accelerator = self.settings, self.accelerator
         self.layout.place(accelerator, self.objective, self.built.bundle.model)
         # Collected after placing, which may replace the parameters (FSDP).
-        self.trainable = [param for param in self.objective.parameters() if param.requires_grad]
+        self.trainable = trained_parameters(self.objective)
         optimizer = torch.optim.AdamW(
             self.trainable, lr=settings.lr, weight_decay=settings.weight_decay
         )

@@ -103,10 +103,6 @@ def check_recipe(recipe: schema.Recipe, stage: int) -> None:
     layout.refuse(refused, f"DeepSpeed ZeRO-{stage}", "launch with configs/multi_gpu.yaml (DDP)")
 
 
-def _trained(objective: torch.nn.Module) -> list[torch.nn.Parameter]:
-    return [param for param in objective.parameters() if param.requires_grad]
-
-
 class ZeroLayout(layout.Layout):
     """ZeRO stage 1 or 2 (optimizer state and gradients partitioned over the processes) or 3
     (the weights too)."""
@@ -152,7 +148,8 @@ class ZeroLayout(layout.Layout):
         # those copies their full values (a resumed run's, a fresh adapter's initialisation).
         if self.half:
             self.masters = [
-                param.detach().to("cpu", torch.float32, copy=True) for param in _trained(objective)
+                param.detach().to("cpu", torch.float32, copy=True)
+                for param in layout.trained_parameters(objective)
             ]
 
     def prepare(
@@ -164,7 +161,7 @@ class ZeroLayout(layout.Layout):
         from deepspeed.utils import safe_set_full_fp32_param
 
         engine, prepared = accelerator.prepare(objective, optimizer)
-        for param, value in zip(_trained(objective), self.masters, strict=False):
+        for param, value in zip(layout.trained_parameters(objective), self.masters, strict=False):
             safe_set_full_fp32_param(param, value.to(accelerator.device))
         self.masters = []
         return engine, prepared
@@ -202,7 +199,7 @@ class ZeroLayout(layout.Layout):
 
         adam = optimizer.optimizer.optimizer
         hyper = {key: value for key, value in adam.param_groups[0].items() if key != "params"}
-        trained = _trained(objective)
+        trained = layout.trained_parameters(objective)
         state: dict[int, dict[str, torch.Tensor]] = {}
         if adam.state:
             step = next(iter(adam.state.values()))["step"]
@@ -224,7 +221,7 @@ class ZeroLayout(layout.Layout):
         partitioned = optimizer.optimizer
         _create_adam_state(partitioned, self.stage)
         device = next(iter(partitioned.optimizer.state.values()))["exp_avg"].device
-        for index, param in enumerate(_trained(objective)):
+        for index, param in enumerate(layout.trained_parameters(objective)):
             for key in ADAM_MOMENTS:
                 safe_set_full_optimizer_state(param, saved["state"][index][key].to(device), key)
         step = saved["state"][0]["step"]
