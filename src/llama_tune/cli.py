@@ -77,6 +77,12 @@ def _parser() -> argparse.ArgumentParser:
     augment.add_argument("--show", type=int, default=10, help="how many rows to show")
     augment.add_argument("--data", help="data folder; sets LLAMA_TUNE_DATA for the recipe")
 
+    _add_model_verbs(verbs)
+    return parser
+
+
+def _add_model_verbs(verbs: argparse._SubParsersAction) -> None:
+    """The verbs that use a trained model: chat with it, export it; and recipe validation."""
     chat = verbs.add_parser(
         "chat", help="talk to a run's model (or a recipe's base) with the recipe's chat template"
     )
@@ -87,7 +93,21 @@ def _parser() -> argparse.ArgumentParser:
     validate = verbs.add_parser("validate", help="check recipes without loading any model")
     validate.add_argument("recipes", nargs="+", help="recipe YAML files")
     validate.add_argument("--data", help="data folder; sets LLAMA_TUNE_DATA for the recipes")
-    return parser
+
+    export = verbs.add_parser(
+        "export", help="merge a run's adapter into its base and write a standalone model folder"
+    )
+    export.add_argument("run", help="a finished run folder")
+    export.add_argument("output", help="the new folder to write (must not exist or be empty)")
+    export.add_argument("overrides", nargs="*", help="e.g. evaluation.adapter=best")
+    export.add_argument(
+        "--dtype", help="bfloat16, float16 or float32 (default: the base model's own dtype)"
+    )
+    export.add_argument(
+        "--gguf",
+        metavar="TYPE",
+        help="also write a GGUF file: f32, f16, bf16, q8_0, q5_1, q5_0, q4_1 or q4_0",
+    )
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -245,6 +265,16 @@ def _chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from llama_tune import export
+
+    exported = export.export(args.run, args.output, args.dtype, args.gguf, args.overrides)
+    print(f"model folder: {exported.folder} ({exported.dtype})")
+    if exported.gguf_path is not None:
+        print(f"gguf file:    {exported.gguf_path}")
+    return 0
+
+
 def _validate(args: argparse.Namespace) -> int:
     failed = 0
     for path in args.recipes:
@@ -283,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         "augment": _augment,
         "chat": _chat,
         "validate": _validate,
+        "export": _export,
     }
     try:
         return handlers[args.verb](args)

@@ -88,11 +88,17 @@ def _trained_model(resolved: Target, precision: str) -> PreTrainedModel | PeftMo
     if recipe.adapter is None:
         full = recipe.model.model_copy(update={"name": str(weights_dir)})
         return models.load_base_model(full, precision)
-    base_spec = recipe.model
-    student_init = resolved.run_dir / STUDENT_INIT
+    base = models.load_base_model(adapter_base(resolved), precision)
+    return PeftModel.from_pretrained(base, weights_dir)
+
+
+def adapter_base(resolved: Target) -> schema.ModelConfig:
+    """The model a run's adapter was trained on: the recipe's, or for a distillation student
+    cut from its teacher, the run's student-init/ folder."""
+    recipe = resolved.recipe
     if recipe.distill is not None and recipe.distill.student.from_teacher is not None:
-        base_spec = base_spec.model_copy(update={"name": str(student_init)})
-    return PeftModel.from_pretrained(models.load_base_model(base_spec, precision), weights_dir)
+        return recipe.model.model_copy(update={"name": str(resolved.run_dir / STUDENT_INIT)})
+    return recipe.model
 
 
 def load_systems(resolved: Target, precision: str, base: bool) -> list[System]:

