@@ -94,6 +94,11 @@ def _add_model_verbs(verbs: argparse._SubParsersAction) -> None:
     validate.add_argument("recipes", nargs="+", help="recipe YAML files")
     validate.add_argument("--data", help="data folder; sets LLAMA_TUNE_DATA for the recipes")
 
+    _add_publishing_verbs(verbs)
+
+
+def _add_publishing_verbs(verbs: argparse._SubParsersAction) -> None:
+    """The verbs that take a finished run elsewhere: export it, push it to the Hub."""
     export = verbs.add_parser(
         "export", help="merge a run's adapter into its base and write a standalone model folder"
     )
@@ -108,6 +113,20 @@ def _add_model_verbs(verbs: argparse._SubParsersAction) -> None:
         metavar="TYPE",
         help="also write a GGUF file: f32, f16, bf16, q8_0, q5_1, q5_0, q4_1 or q4_0",
     )
+
+    push = verbs.add_parser("push", help="publish a run to the Hugging Face Hub with a model card")
+    push.add_argument("run", help="a finished run folder (evaluate it first for a results card)")
+    push.add_argument("--repo-id", required=True, help="OWNER/NAME of the Hub repository")
+    push.add_argument("--private", action="store_true", help="create the repository private")
+    push.add_argument("--revision", help="push to this branch (created if missing)")
+    push.add_argument(
+        "--merged", action="store_true", help="push the merged standalone model, not the adapter"
+    )
+    push.add_argument("--commit-message", help="the commit's message")
+    push.add_argument(
+        "--dry-run", action="store_true", help="write the folder and list it; upload nothing"
+    )
+    push.add_argument("--output", help="with --dry-run: the folder to write (default RUN-hub)")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -275,6 +294,28 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _push(args: argparse.Namespace) -> int:
+    from llama_tune import publish
+
+    request = publish.PushRequest(
+        run=Path(args.run),
+        repo_id=args.repo_id,
+        private=args.private,
+        revision=args.revision,
+        merged=args.merged,
+        commit_message=args.commit_message,
+        dry_run=args.dry_run,
+        output=Path(args.output) if args.output else None,
+    )
+    pushed = publish.push(request)
+    if pushed.folder is not None:
+        print(f"dry run: {pushed.folder} holds what would be uploaded to {args.repo_id}:")
+    else:
+        print(f"pushed to {args.repo_id}: {pushed.url}")
+    print(publish.describe(pushed))
+    return 0
+
+
 def _validate(args: argparse.Namespace) -> int:
     failed = 0
     for path in args.recipes:
@@ -314,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         "chat": _chat,
         "validate": _validate,
         "export": _export,
+        "push": _push,
     }
     try:
         return handlers[args.verb](args)

@@ -31,6 +31,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from llama_tune import adapters
 from llama_tune.errors import UserError
 from llama_tune.runtime import model_device
 from llama_tune.schema import AdapterConfig, ModelConfig
@@ -60,6 +61,8 @@ class BuiltinModel:
     description: str
     origin: str
     """The Hub id of the model the GGUF was made from: how another machine names the base."""
+    license: str
+    """The license of the weights, as the GGUF and its origin's card give it."""
     pre_tokenizer: str
     """llama.cpp's name for the tokenizer's pre-split, as the GGUF records it
     (`tokenizer.ggml.pre`); exports write it into their own GGUF files."""
@@ -71,6 +74,7 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct (Llama, 30 layers, 576 wide), Apache-2.0",
         origin="HuggingFaceTB/SmolLM2-135M-Instruct",
+        license="apache-2.0",
         pre_tokenizer="smollm",
     ),
 }
@@ -342,7 +346,8 @@ def lora_config(adapter: AdapterConfig) -> LoraConfig:
 def add_adapter(
     model: PreTrainedModel, adapter: AdapterConfig, base: ModelConfig | None = None
 ) -> PeftModel:
-    """Wrap the base model with a fresh LoRA adapter; only adapter weights train.
+    """Wrap the base model with a new LoRA adapter, fresh or with the weights of
+    `adapter.init_from`; only adapter weights train.
 
     With `base`, the adapter names its base as another machine can find it (`portable_base`)
     instead of this machine's folder, in adapter_config.json and peft's model card.
@@ -356,6 +361,8 @@ def add_adapter(
         settings.base_model_name_or_path, settings.revision = portable_base(base)
         # peft's model card reads the base model's own record of where it was loaded from.
         model.config.name_or_path = model.name_or_path = settings.base_model_name_or_path
+    if adapter.init_from is not None:
+        adapters.start_from(wrapped, adapter)
     return wrapped
 
 

@@ -60,6 +60,9 @@ class AdapterConfig(Section):
     """Weight-decomposed LoRA (DoRA)."""
     use_rslora: bool = Field(False, json_schema_extra=RESUME)
     """Rank-stabilised scaling alpha / sqrt(r)."""
+    init_from: str | None = None
+    """Start from a trained adapter's weights: a run folder, an adapter folder, or a Hub id
+    (owner/name or owner/name@revision); its rank, scaling and modules must match."""
 
     @field_validator("target_modules")
     @classmethod
@@ -370,7 +373,8 @@ class TeacherConfig(ModelConfig):
     """The teacher: any model spec, optionally wearing a trained LoRA adapter."""
 
     adapter: str | None = None
-    """A run folder or adapter folder whose LoRA adapter the teacher wears (merged into it)."""
+    """The LoRA adapter the teacher wears (merged into it): a run folder, an adapter folder or a
+    Hub id (owner/name or owner/name@revision)."""
 
 
 class FromTeacherConfig(Section):

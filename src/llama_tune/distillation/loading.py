@@ -14,30 +14,18 @@ from accelerate import Accelerator
 from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from llama_tune import config, data, inference, models, schema
+from llama_tune import adapters, config, data, inference, models, schema
 from llama_tune.distillation import cache, hidden, preflight, student
 from llama_tune.distillation.hidden import HiddenStateMatch
 from llama_tune.distillation.objective import DistillationObjective, Sampling
 from llama_tune.distillation.teacher import FrozenTeacher
 from llama_tune.errors import UserError
-from llama_tune.run_folder import ADAPTER, BEST, STUDENT_INIT, TEACHER_CACHE
+from llama_tune.run_folder import STUDENT_INIT, TEACHER_CACHE
 from llama_tune.runtime import resolve_precision
 
 
 class DistillationError(UserError):
     """A distillation recipe that cannot run as written."""
-
-
-def teacher_adapter_dir(path: str) -> Path:
-    """An adapter folder, or the adapter/ (or best/) inside a run folder."""
-    folder = Path(path)
-    for candidate in (folder, folder / ADAPTER, folder / BEST):
-        if (candidate / "adapter_config.json").is_file():
-            return candidate
-    raise DistillationError(
-        f"distill.teacher.adapter: {path} is neither an adapter folder nor a run folder "
-        "with adapter/"
-    )
 
 
 def teacher_spec(settings: schema.DistillConfig) -> schema.ModelConfig:
@@ -50,7 +38,7 @@ def load_teacher(settings: schema.DistillConfig, mixed_precision: str) -> PreTra
     spec = settings.teacher
     model = models.load_base_model(teacher_spec(settings), mixed_precision)
     if spec.adapter is not None:
-        adapter_dir = teacher_adapter_dir(spec.adapter)
+        adapter_dir = adapters.locate(spec.adapter, "distill.teacher.adapter")
         models.check_weights(adapter_dir)
         model = PeftModel.from_pretrained(model, adapter_dir)
         # Merging removes the adapter's extra matmuls from every teacher forward; a quantised
