@@ -33,7 +33,7 @@ def sst2(tokenizer, data_root: Path) -> tuple[data.TaskFormatter, list[data.Exam
         source=str(data_root / "classification" / "sst2"),
         task="classification",
         splits={"train": "validation", "validation": None},
-        max_train_rows=16,
+        max_train_rows=8,
     )
     built = data.build(settings, tokenizer)
     return data.TaskFormatter(settings, built.labels), built.train.examples
