@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -151,12 +152,17 @@ def test_a_dry_run_writes_the_folder_and_lists_it(
     evaluated_run: Path, cli_here, tmp_path: Path
 ) -> None:
     folder = tmp_path / "to-publish"
+    # best/'s evaluation (as `evaluate RUN evaluation.adapter=best` writes it) is not about
+    # the final adapter published here.
+    evaluations = evaluated_run / "evaluation"
+    shutil.copytree(evaluations / "validation", evaluations / "validation-best")
     request = publish.PushRequest(evaluated_run, "someone/x", dry_run=True, output=folder)
     listed = publish.describe(publish.push(request))
     size = (folder / "adapter_model.safetensors").stat().st_size
     assert f"{size:,d}  adapter_model.safetensors" in listed
     assert (folder / "README.md").is_file()
     assert json.loads((folder / "evaluation/validation/results.json").read_text())["n"] > 0
+    assert [path.name for path in (folder / "evaluation").iterdir()] == ["validation"]
     again = ["--dry-run", "--output", str(folder)]
     err = cli_here("push", str(evaluated_run), "--repo-id", "someone/x", *again, expect=2)
     assert "already exists and is not empty" in err

@@ -21,6 +21,7 @@ from peft import PeftModel
 from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from llama_tune import __version__, chat_templates, evaluation, gguf_file, models, schema
+from llama_tune.distillation import loading
 from llama_tune.errors import UserError
 from llama_tune.jsonfiles import write_json
 
@@ -60,7 +61,7 @@ def export(
     if not Path(target).is_dir():
         raise ExportError(f"{target}: export takes a run folder (a trained run), not a recipe")
     resolved = evaluation.resolve_target(target, overrides or [])
-    dtype = dtype or _own_dtype(evaluation.adapter_base(resolved))
+    dtype = dtype or _own_dtype(_dtype_source(resolved.recipe))
     tokenizer = _tokenizer(resolved.recipe)
     if gguf_type is not None:
         exported = _adapter_base_or_model(resolved)
@@ -100,6 +101,14 @@ def _adapter_base_or_model(resolved: evaluation.Target) -> schema.ModelConfig:
     if resolved.recipe.adapter is not None:
         return evaluation.adapter_base(resolved)
     return resolved.recipe.model.model_copy(update={"name": str(resolved.weights_dir)})
+
+
+def _dtype_source(recipe: schema.Recipe) -> schema.ModelConfig:
+    """The published model whose dtype an export keeps by default: the base, or for a student
+    cut from its teacher, the teacher."""
+    if recipe.distill is not None and recipe.distill.student.from_teacher is not None:
+        return loading.teacher_spec(recipe.distill)
+    return recipe.model
 
 
 def _own_dtype(base: schema.ModelConfig) -> str:

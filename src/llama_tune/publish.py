@@ -24,7 +24,14 @@ from huggingface_hub.errors import HfHubHTTPError
 from llama_tune import evaluation, export, model_card, models, schema
 from llama_tune.errors import UserError
 from llama_tune.jsonfiles import read_json
-from llama_tune.run_folder import EVALUATION, RECIPE_COPY, RESULTS, SUMMARY
+from llama_tune.run_folder import (
+    BEST,
+    EVALUATION,
+    RECIPE_COPY,
+    RESULTS,
+    SUMMARY,
+    evaluates_best,
+)
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 EVALUATION_FILES = (RESULTS, "report.md", "report.html", "*.png")
@@ -119,8 +126,10 @@ def _assemble(
                 shutil.copy2(item, folder / item.name)
     shutil.copy2(request.run / RECIPE_COPY, folder / RECIPE_COPY)
     results = []
+    # Only the evaluations of the weights published: best/'s are in SPLIT-best folders.
+    best = resolved.weights_dir.name == BEST
     for split_dir in sorted((request.run / EVALUATION).glob("*/")):
-        if not (split_dir / RESULTS).is_file():
+        if not (split_dir / RESULTS).is_file() or evaluates_best(split_dir) != best:
             continue
         results.append(read_json(split_dir / RESULTS))
         target = folder / EVALUATION / split_dir.name

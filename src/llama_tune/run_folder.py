@@ -48,6 +48,11 @@ def evaluation_folder(run_dir: Path, split: str, best: bool) -> Path:
     return run_dir / EVALUATION / (f"{split}-best" if best else split)
 
 
+def evaluates_best(evaluation_dir: Path) -> bool:
+    """Whether an evaluation folder holds the results of best/ rather than the final weights."""
+    return evaluation_dir.name.endswith(f"-{BEST}")
+
+
 def is_run_folder(folder: Path) -> bool:
     """Whether a folder was written by llama-tune: a run's recipe copy, summary or checkpoints,
     or a teacher cache built before training (`llama-tune distill cache`)."""
