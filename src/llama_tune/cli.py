@@ -98,7 +98,8 @@ def _add_model_verbs(verbs: argparse._SubParsersAction) -> None:
 
 
 def _add_publishing_verbs(verbs: argparse._SubParsersAction) -> None:
-    """The verbs that take a finished run elsewhere: export it, push it to the Hub."""
+    """The verbs that take a finished run elsewhere: export it, push it to the Hub, score it
+    with lm-evaluation-harness."""
     export = verbs.add_parser(
         "export", help="merge a run's adapter into its base and write a standalone model folder"
     )
@@ -127,6 +128,14 @@ def _add_publishing_verbs(verbs: argparse._SubParsersAction) -> None:
         "--dry-run", action="store_true", help="write the folder and list it; upload nothing"
     )
     push.add_argument("--output", help="with --dry-run: the folder to write (default RUN-hub)")
+
+    harness = verbs.add_parser(
+        "lm-eval", help="run lm-evaluation-harness tasks on a run's model (optional extra)"
+    )
+    harness.add_argument("run", help="a finished run folder")
+    harness.add_argument("--tasks", required=True, help="harness task names, comma-separated")
+    harness.add_argument("--include-path", help="a folder of your own task YAML files")
+    harness.add_argument("--limit", type=int, help="score only the first N documents per task")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -316,6 +325,16 @@ def _push(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lm_eval(args: argparse.Namespace) -> int:
+    from llama_tune import harness
+
+    tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
+    _results, folder = harness.run(args.run, tasks, args.include_path, args.limit)
+    print(harness.table(folder))
+    print(f"results:     {folder / run_folder.RESULTS}")
+    return 0
+
+
 def _validate(args: argparse.Namespace) -> int:
     failed = 0
     for path in args.recipes:
@@ -356,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         "validate": _validate,
         "export": _export,
         "push": _push,
+        "lm-eval": _lm_eval,
     }
     try:
         return handlers[args.verb](args)

@@ -40,6 +40,8 @@ class Publication:
     """Whether the repository holds merged weights rather than the adapter."""
     license: str | None
     """The base model's license, which the published weights inherit (None: unknown)."""
+    harness_table: str | None = None
+    """lm-evaluation-harness's table of the run's model, when `llama-tune lm-eval` ran."""
 
 
 def _tags(recipe: schema.Recipe, merged: bool) -> list[str]:
@@ -195,6 +197,8 @@ def build(publication: Publication) -> ModelCard:
         body += ["Not evaluated: run `llama-tune evaluate RUN --base` before pushing.", ""]
     for results in publication.results:
         body += _results_section(results)
+    if publication.harness_table is not None:
+        body += ["### lm-evaluation-harness", "", publication.harness_table, ""]
     body += _usage_section(publication)
     metadata = card_data(publication).to_yaml()
     content = f"---\n{metadata}\n---\n\n" + "\n".join(body) + "\n" + LIMITATIONS

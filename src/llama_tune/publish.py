@@ -21,12 +21,13 @@ import httpx2
 from huggingface_hub import HfApi, get_token
 from huggingface_hub.errors import HfHubHTTPError
 
-from llama_tune import evaluation, export, model_card, models, schema
+from llama_tune import evaluation, export, harness, model_card, models, schema
 from llama_tune.errors import UserError
 from llama_tune.jsonfiles import read_json
 from llama_tune.run_folder import (
     BEST,
     EVALUATION,
+    LM_EVAL,
     RECIPE_COPY,
     RESULTS,
     SUMMARY,
@@ -131,7 +132,8 @@ def _assemble(
     for split_dir in sorted((request.run / EVALUATION).glob("*/")):
         if not (split_dir / RESULTS).is_file() or evaluates_best(split_dir) != best:
             continue
-        results.append(read_json(split_dir / RESULTS))
+        if split_dir.name != LM_EVAL:
+            results.append(read_json(split_dir / RESULTS))
         target = folder / EVALUATION / split_dir.name
         target.mkdir(parents=True)
         for pattern in EVALUATION_FILES:
@@ -144,6 +146,7 @@ def _assemble(
         results=results,
         merged=request.merged or resolved.recipe.adapter is None,
         license=_base_license(resolved.recipe.model, token),
+        harness_table=harness.table(request.run / EVALUATION / LM_EVAL),
     )
     model_card.build(publication).save(folder / "README.md")
 

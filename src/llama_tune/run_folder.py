@@ -10,6 +10,7 @@
       student-init/        a student built from the teacher, before training
       teacher-cache/       the teacher's top-k distributions (offline distillation)
       evaluation/SPLIT/    results.json, predictions, report.md and report.html
+      evaluation/lm-eval/  lm-evaluation-harness results.json and report.md (its table)
 
 Every other module takes these names from here: none is typed twice.
 """
@@ -36,6 +37,8 @@ EVALUATION = "evaluation"
 RESULTS = "results.json"
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
+LM_EVAL = "lm-eval"
+"""evaluation/lm-eval/: lm-evaluation-harness results of the run's model (`llama-tune lm-eval`)."""
 
 
 def weights_folder(run_dir: Path, full_fine_tuning: bool) -> Path:

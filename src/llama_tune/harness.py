@@ -1,0 +1,76 @@
+"""`llama-tune lm-eval`: standard benchmarks on a run's model with lm-evaluation-harness.
+
+The run's trained model (its base wearing the adapter, or the fully tuned model) is handed to
+the harness as it is, so the harness scores exactly what `evaluate` scores. Results go to the
+run's evaluation folder (`evaluation/lm-eval/`: the harness's results.json and its table as
+report.md), where `push` finds them for the model card. The harness is an optional extra:
+`pip install 'llama-tune[lm-eval]'`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from llama_tune import evaluation, models
+from llama_tune.errors import UserError
+from llama_tune.jsonfiles import write_json
+from llama_tune.run_folder import EVALUATION, LM_EVAL, REPORT_MD, RESULTS
+from llama_tune.runtime import model_device, resolve_precision
+
+
+class HarnessError(UserError):
+    """A harness run that cannot start: the extra missing, an unknown task, no run."""
+
+
+def run(
+    target: str | Path,
+    tasks: list[str],
+    include_path: str | None = None,
+    limit: int | None = None,
+    overrides: list[str] | None = None,
+) -> tuple[dict[str, Any], Path]:
+    """Score the run folder `target`'s model on the harness `tasks` (its own, or task YAMLs
+    in `include_path`), the first `limit` documents of each; returns (results, folder)."""
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+        from lm_eval.utils import make_table
+    except ImportError:
+        raise HarnessError(
+            "llama-tune lm-eval needs lm-evaluation-harness: pip install 'llama-tune[lm-eval]'"
+        ) from None
+    if not Path(target).is_dir():
+        raise HarnessError(f"{target}: lm-eval takes a run folder (a trained run)")
+    resolved = evaluation.resolve_target(target, overrides or [])
+    manager = TaskManager(include_path=include_path)
+    unknown = [task for task in tasks if task not in manager.all_tasks]
+    if unknown:
+        where = f" (nor in {include_path})" if include_path else ""
+        raise HarnessError(f"--tasks: lm-eval knows no task {', '.join(unknown)}{where}")
+    recipe = resolved.recipe
+    precision = resolve_precision(recipe.train.precision)
+    model = evaluation.load_systems(resolved, precision, base=False)[0].model.eval()
+    tokenizer = models.load_tokenizer(recipe.model.name, recipe.model.revision)
+    harness_model = HFLM(
+        pretrained=model,
+        tokenizer=tokenizer,
+        batch_size=recipe.evaluation.batch_size,
+        device=str(model_device()),
+    )
+    results = lm_eval.simple_evaluate(
+        model=harness_model, tasks=tasks, task_manager=manager, limit=limit, log_samples=False
+    )
+    folder = resolved.run_dir / EVALUATION / LM_EVAL
+    folder.mkdir(parents=True, exist_ok=True)
+    kept = {key: results[key] for key in ("results", "versions", "n-shot", "n-samples")}
+    write_json(folder / RESULTS, kept)
+    (folder / REPORT_MD).write_text(f"# lm-evaluation-harness\n\n{make_table(results)}\n")
+    return kept, folder
+
+
+def table(folder: Path) -> str | None:
+    """The harness's table of a run, as report.md holds it (None: never run)."""
+    path = folder / REPORT_MD
+    return path.read_text().split("\n", 2)[-1].strip() if path.is_file() else None

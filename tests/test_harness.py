@@ -1,0 +1,56 @@
+"""`llama-tune lm-eval`: lm-evaluation-harness scores the run's model as `evaluate` does."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from llama_tune import config, evaluation, harness, train
+
+TEMPLATE = "Review: {text}\nSentiment (positive or negative):"
+ROWS = 48
+
+
+def _task_yaml(folder: Path, validation: Path) -> None:
+    """A harness task over the shared SST-2 validation rows, with the recipe's prompt."""
+    task = {
+        "task": "sst2_llama_tune",
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"validation": str(validation)}},
+        "validation_split": "validation",
+        "output_type": "multiple_choice",
+        "doc_to_text": TEMPLATE.replace("{text}", "{{text}}"),
+        "doc_to_choice": ["negative", "positive"],
+        "doc_to_target": "{{['negative', 'positive'].index(label)}}",
+        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+    }
+    folder.mkdir()
+    (folder / "sst2_llama_tune.yaml").write_text(json.dumps(task))
+
+
+def test_the_harness_accuracy_lies_in_evaluates_interval(
+    data_root: Path, tmp_path: Path, cli_here
+) -> None:
+    sst2 = data_root / "classification/sst2"
+    recipe = {
+        "data": {"source": str(sst2), "task": "classification", "template": TEMPLATE,
+                 "max_train_rows": 64, "max_eval_rows": 8},
+        "train": {"max_steps": 1, "batch_size": 4, "lr": 1e-4},
+        "evaluation": {"max_rows": ROWS, "split": "validation"},
+        "output": {"dir": str(tmp_path / "run")},
+    }  # fmt: skip
+    recipe_path = tmp_path / "sst2.yaml"
+    recipe_path.write_text(json.dumps(recipe))
+    run_dir = train.run(config.load(recipe_path, []), recipe_path).run_dir
+    accuracy = evaluation.run(run_dir)["systems"]["tuned"]["metrics"]["accuracy"]
+    tasks = tmp_path / "tasks"
+    _task_yaml(tasks, sst2 / "validation.jsonl")
+    results, folder = harness.run(run_dir, ["sst2_llama_tune"], str(tasks), limit=ROWS)
+    harness_accuracy = results["results"]["sst2_llama_tune"]["acc,none"]
+    print(f"harness {harness_accuracy:.4f}, llama-tune {accuracy}")
+    assert accuracy["low"] <= harness_accuracy <= accuracy["high"]
+    # Both score the two labels' log-likelihoods after the same prompt: at most a row apart.
+    assert abs(harness_accuracy - accuracy["value"]) <= 1 / ROWS + 1e-9
+    assert "sst2_llama_tune" in harness.table(folder)
+    err = cli_here("lm-eval", str(run_dir), "--tasks", "no_such_task", expect=2)
+    assert "--tasks: lm-eval knows no task no_such_task" in err
