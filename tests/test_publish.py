@@ -15,6 +15,7 @@ from huggingface_hub import ModelCard, constants
 from hub_stand_in import HubStandIn
 from llama_tune import config, evaluation, model_card, publish, train
 from llama_tune.jsonfiles import read_json
+from llama_tune.report import format_interval
 
 TOKEN = "hf_stand_in_secret_token_1234"
 
@@ -91,7 +92,11 @@ def test_a_push_sends_the_run_with_its_card_and_the_token_only_as_authorization(
     assert _contents(evaluated_run) == before, "the run folder changed"
 
 
-def test_the_card_names_the_builtin_models_origin_and_license(evaluated_run: Path) -> None:
+def test_the_card_names_the_builtin_models_origin_license_and_robustness(
+    evaluated_run: Path,
+) -> None:
+    noise = ["evaluation.robustness.methods=[char]", "evaluation.robustness.strengths=[0.3]"]
+    scored = evaluation.run(evaluated_run, noise, split="validation", base=True)
     recipe = config.load_run(evaluated_run, ["model.name=smollm2-135m-instruct"])
     publication = model_card.Publication(
         repo_id="someone/smol-sentiment",
@@ -107,6 +112,11 @@ def test_the_card_names_the_builtin_models_origin_and_license(evaluated_run: Pat
     entry = card.data.eval_results[0]
     assert (entry.task_type, entry.dataset_split) == ("text-classification", "validation")
     assert 'PeftModel.from_pretrained(base, "someone/smol-sentiment")' in card.text
+    for system in ("tuned", "base"):
+        (record,) = scored["systems"][system]["robustness"]
+        drop = format_interval(record["drop"]["accuracy"])
+        assert f"| {system} | char | 0.3 | {record['changed']} |" in card.text
+        assert f"| {drop} |" in card.text
 
 
 @pytest.mark.parametrize(

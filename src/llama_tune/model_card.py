@@ -16,7 +16,7 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from llama_tune import models, schema
-from llama_tune.report import format_interval
+from llama_tune.report import format_interval, headline_metric
 
 TASK_TYPES = {
     "classification": ("text-classification", "Text Classification"),
@@ -121,15 +121,31 @@ def _results_section(results: dict[str, Any]) -> list[str]:
     for pair, difference in results.get("differences", {}).items():
         shown = ", ".join(f"{name} {format_interval(v)}" for name, v in difference.items())
         lines.append(f"\nPaired difference {pair}: {shown}.")
-    for system, result in results["systems"].items():
-        for record in result.get("robustness") or []:
-            lines.append(f"\nRobustness of {system}: {_robustness_line(record)}")
+    return [*lines, "", *_robustness_table(results)]
+
+
+def _robustness_table(results: dict[str, Any]) -> list[str]:
+    """Each system's score under each perturbation and its drop from the clean score."""
+    scored = {
+        name: result for name, result in results["systems"].items() if result.get("robustness")
+    }
+    if not scored:
+        return []
+    metric = headline_metric(next(iter(scored.values()))["metrics"])
+    lines = [
+        f"Robustness ({metric} with perturbed inputs; drop = clean - perturbed, paired):",
+        "",
+        f"| system | method | strength | inputs changed | {metric} | drop |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, result in scored.items():
+        for record in result["robustness"]:
+            lines.append(
+                f"| {name} | {record['method']} | {record['strength']:g} | {record['changed']} "
+                f"| {format_interval(record['metrics'][metric])} "
+                f"| {format_interval(record['drop'][metric])} |"
+            )
     return [*lines, ""]
-
-
-def _robustness_line(record: dict[str, Any]) -> str:
-    shown = {key: value for key, value in record.items() if not isinstance(value, (dict, list))}
-    return ", ".join(f"{key} {value}" for key, value in shown.items())
 
 
 def _training_section(publication: Publication) -> list[str]:
