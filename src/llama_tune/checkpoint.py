@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 from transformers import PreTrainedModel
 
-from llama_tune.errors import UserError
+from llama_tune.errors import UserError, first_line
 from llama_tune.jsonfiles import write_json
 from llama_tune.run_folder import ADAPTER, CHECKPOINTS
 from llama_tune.schema import Recipe, resume_keys
@@ -263,8 +263,7 @@ def read(folder: Path, full_model: bool, extras: bool) -> SavedCheckpoint:
         path = folder / RNG_FILE
         process_rng_states = read_rng_file(path)
     except Exception as error:  # json, safetensors and pickle each raise their own types
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"{path}: unreadable ({reason})") from None
+        raise CheckpointError(f"{path}: unreadable ({first_line(error)})") from None
     return SavedCheckpoint(folder, state, optimizer, scheduler, process_rng_states)
 
 

@@ -24,6 +24,7 @@ from llama_tune import __version__, chat_templates, evaluation, gguf_file, model
 from llama_tune.distillation import loading
 from llama_tune.errors import UserError
 from llama_tune.jsonfiles import write_json
+from llama_tune.run_folder import holds_something
 
 RECORD = "llama_tune_export.json"
 """What the folder was made from: run, weights, base, dtype, GGUF file."""
@@ -82,7 +83,7 @@ def export(
                     "none, so llama.cpp will split text its default way and warn",
                     file=sys.stderr,
                 )
-            gguf_file.write(model, staging, gguf_path, gguf_type, pre_tokenizer)
+            gguf_file.write(model, tokenizer, staging, gguf_path, gguf_type, pre_tokenizer)
         model.to(models.DTYPES[dtype]).save_pretrained(staging)
         write_json(staging / RECORD, _record(resolved, dtype, gguf_path, gguf_type))
         staging.rename(output)
@@ -92,7 +93,7 @@ def export(
 
 
 def _check_output(output: Path) -> None:
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+    if holds_something(output):
         raise ExportError(f"{output} already exists and is not empty; export into a new folder")
 
 

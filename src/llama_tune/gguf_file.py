@@ -70,23 +70,21 @@ def _byte_level_bpe(tokenizer: PreTrainedTokenizerBase) -> bool:
 
 def write(
     model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
     tokenizer_folder: Path,
     path: Path,
     gguf_type: str,
     pre_tokenizer: str | None,
 ) -> None:
-    """Write `model` (float32 weights) and the tokenizer saved in `tokenizer_folder` to `path`.
+    """Write `model` (float32 weights) and `tokenizer`, saved in `tokenizer_folder`, to `path`.
 
     `pre_tokenizer` is llama.cpp's name for how text is split before BPE (`tokenizer.ggml.pre`);
     without it llama.cpp falls back to its default split and says so when loading.
     """
-    from transformers import AutoTokenizer
-
     tensor_type, file_type = TYPES[gguf_type]
     config = model.config
     writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     _add_hyperparameters(writer, config, path.stem, file_type)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
     _add_tokenizer(writer, tokenizer, tokenizer_folder, config.vocab_size, pre_tokenizer)
     tensors = list(_named_tensors(model))
     for name, weight in tensors:

@@ -57,18 +57,17 @@ def _tags(recipe: schema.Recipe, merged: bool) -> list[str]:
     return tags
 
 
-def _dataset(recipe: schema.Recipe) -> tuple[str, str]:
-    """(id, type) of the training data: a Hub dataset's id, or a local folder's name."""
+def _dataset(recipe: schema.Recipe) -> str:
+    """The training data's name: a Hub dataset's id, or a local folder's name."""
     source = recipe.data.source
     if isinstance(source, schema.HubSource):
-        return source.hub, source.hub
-    name = str(source).rstrip("/").rsplit("/", 1)[-1]
-    return name, name
+        return source.hub
+    return str(source).rstrip("/").rsplit("/", 1)[-1]
 
 
 def eval_results(publication: Publication) -> list[EvalResult]:
     """One EvalResult per metric of the trained system on each evaluated split."""
-    dataset_name, dataset_type = _dataset(publication.recipe)
+    dataset = _dataset(publication.recipe)
     entries = []
     for results in publication.results:
         task_type, task_name = TASK_TYPES[results["task"]]
@@ -80,8 +79,8 @@ def eval_results(publication: Publication) -> list[EvalResult]:
                 EvalResult(
                     task_type=task_type,
                     task_name=task_name,
-                    dataset_type=dataset_type,
-                    dataset_name=dataset_name,
+                    dataset_type=dataset,
+                    dataset_name=dataset,
                     dataset_split=results["data"]["split"],
                     metric_type=metric,
                     metric_name=metric,
@@ -95,7 +94,6 @@ def card_data(publication: Publication) -> ModelCardData:
     """The card's metadata, as the Hub validates it."""
     recipe = publication.recipe
     base_name, _revision = models.portable_base(recipe.model)
-    dataset_name, _ = _dataset(recipe)
     results = eval_results(publication)
     return ModelCardData(
         model_name=publication.repo_id.split("/")[-1],
@@ -104,7 +102,7 @@ def card_data(publication: Publication) -> ModelCardData:
         library_name="transformers" if publication.merged or recipe.adapter is None else "peft",
         pipeline_tag="text-generation",
         license=publication.license,
-        datasets=[dataset_name] if isinstance(recipe.data.source, schema.HubSource) else None,
+        datasets=[_dataset(recipe)] if isinstance(recipe.data.source, schema.HubSource) else None,
         tags=_tags(recipe, publication.merged),
         eval_results=results or None,
     )
@@ -160,7 +158,7 @@ def _training_section(publication: Publication) -> list[str]:
         "## Training",
         "",
         f"- Base model: `{base_name}`" + (f" at revision `{revision}`" if revision else ""),
-        f"- Method: {method}; task `{recipe.data.task}` on `{_dataset(recipe)[0]}`",
+        f"- Method: {method}; task `{recipe.data.task}` on `{_dataset(recipe)}`",
         f"- Steps: {summary.get('steps')}, batch {recipe.train.batch_size} x "
         f"{recipe.train.grad_accumulation} accumulation, learning rate {recipe.train.lr}, "
         f"precision {PRECISION_NAMES.get(summary.get('precision'), summary.get('precision'))}",

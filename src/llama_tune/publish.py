@@ -22,7 +22,7 @@ from huggingface_hub import HfApi, get_token
 from huggingface_hub.errors import HfHubHTTPError
 
 from llama_tune import evaluation, export, harness, model_card, models, schema
-from llama_tune.errors import UserError
+from llama_tune.errors import UserError, first_line
 from llama_tune.jsonfiles import read_json
 from llama_tune.run_folder import (
     BEST,
@@ -32,6 +32,7 @@ from llama_tune.run_folder import (
     RESULTS,
     SUMMARY,
     evaluates_best,
+    holds_something,
 )
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
@@ -81,7 +82,7 @@ def push(request: PushRequest) -> Pushed:
     _warn_if_unloadable(resolved.recipe.model)
     if request.dry_run:
         folder = request.output or request.run.parent / f"{request.run.name}-hub"
-        if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        if holds_something(folder):
             raise PushError(f"{folder} already exists and is not empty; pass --output")
         folder.mkdir(parents=True, exist_ok=True)
         _assemble(resolved, request, folder, token)
@@ -197,8 +198,7 @@ def _upload(request: PushRequest, folder: Path, token: str) -> str:
 
 def _failure(request: PushRequest, what: str, error: Exception, token: str) -> str:
     """One line saying why the Hub refused, with the token (should a server echo it) masked."""
-    detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    detail = detail.replace(token, "***")
+    detail = first_line(error).replace(token, "***")
     hint = {
         "HTTP 401": " (the token is invalid or expired)",
         "HTTP 403": " (the token may not write to this repository or namespace)",

@@ -63,6 +63,12 @@ def is_run_folder(folder: Path) -> bool:
     return any((folder / name).exists() for name in marks)
 
 
+def holds_something(folder: Path) -> bool:
+    """Whether `folder` exists as a file or a non-empty folder: where new output (an export, a
+    dry run's repository folder) would replace or mix with what is there."""
+    return folder.exists() and (not folder.is_dir() or any(folder.iterdir()))
+
+
 def check_ours(run_dir: Path) -> None:
     """Refuse to train into an existing folder that holds something other than a run."""
     if run_dir.exists() and not run_dir.is_dir():
