@@ -141,41 +141,78 @@ def crash_during_save(monkeypatch: pytest.MonkeyPatch):
     return crash
 
 
-@pytest.fixture
-def tiny_recipe(tiny_model_dir: Path, tmp_path: Path):
-    """Factory: write a fast sentiment recipe (tests/data) on the tiny model; returns its path.
+def write_tiny_recipe(
+    folder: Path,
+    model: Path,
+    run: str = "run",
+    logging: dict | None = None,
+    validation: dict | None = None,
+    checkpoint: dict | None = None,
+    **train: object,
+) -> Path:
+    """Write a fast sentiment recipe (tests/data) on `model` into `folder`; returns its path.
 
-    `run` names the run folder inside tmp_path; `train` keys override the loop defaults, and
+    `run` names the run folder inside `folder`; `train` keys override the loop defaults, and
     `logging`, `validation` and `checkpoint` are those sections.
     """
+    recipe = {
+        "model": {"name": str(model)},
+        "adapter": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "data": {
+            "source": str(TEST_DATA / "sentiment"),
+            "task": "classification",
+            "max_length": 96,
+        },
+        "train": {"max_steps": 8, "batch_size": 8, "lr": 1e-3, **train},
+        "logging": {"every": 1, **(logging or {})},
+        "validation": validation or {},
+        "checkpoint": checkpoint or {},
+        "output": {"dir": str(folder / run)},
+    }
+    path = folder / f"{run}.yaml"
+    # JSON is valid YAML.
+    path.write_text(json.dumps(recipe, indent=2))
+    return path
 
-    def make(
-        run: str = "run",
-        logging: dict | None = None,
-        validation: dict | None = None,
-        checkpoint: dict | None = None,
-        **train: object,
-    ) -> Path:
-        recipe = {
-            "model": {"name": str(tiny_model_dir)},
-            "adapter": {"r": 4, "alpha": 8, "dropout": 0.0},
-            "data": {
-                "source": str(TEST_DATA / "sentiment"),
-                "task": "classification",
-                "max_length": 96,
-            },
-            "train": {"max_steps": 8, "batch_size": 8, "lr": 1e-3, **train},
-            "logging": {"every": 1, **(logging or {})},
-            "validation": validation or {},
-            "checkpoint": checkpoint or {},
-            "output": {"dir": str(tmp_path / run)},
-        }
-        path = tmp_path / f"{run}.yaml"
-        # JSON is valid YAML.
-        path.write_text(json.dumps(recipe, indent=2))
-        return path
 
-    return make
+@pytest.fixture
+def tiny_recipe(tiny_model_dir: Path, tmp_path: Path):
+    """Factory: `write_tiny_recipe` on the tiny model, in the test's tmp_path."""
+    return lambda run="run", **sections: write_tiny_recipe(
+        tmp_path, tiny_model_dir, run, **sections
+    )
+
+
+@pytest.fixture(scope="session")
+def session_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder every pytest-xdist worker of this session shares (the session's own base
+    folder without xdist)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@pytest.fixture(scope="session")
+def ddp_reference(session_folder: Path, tiny_model_dir: Path):
+    """Factory: the run `launched.COMPARED[name]` trained on two DDP processes, once per session
+    whichever test or worker asks first: what FSDP and ZeRO runs are compared with. (Every
+    worker's tiny model holds the same seeded weights.)"""
+    from filelock import FileLock
+
+    from launched import COMPARED, COMPARED_OVERRIDES, launched
+    from llama_tune import run_folder
+
+    def reference(name: str) -> Path:
+        folder = session_folder / "ddp-references"
+        folder.mkdir(exist_ok=True)
+        run_dir = folder / name
+        with FileLock(folder / f"{name}.lock"):
+            summary = run_dir / run_folder.SUMMARY
+            if not (summary.is_file() and json.loads(summary.read_text())["status"] == "finished"):
+                recipe = write_tiny_recipe(folder, tiny_model_dir, name, **COMPARED[name])
+                launched(recipe, *COMPARED_OVERRIDES[name], "--overwrite")
+        return run_dir
+
+    return reference
 
 
 @pytest.fixture

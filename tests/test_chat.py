@@ -49,13 +49,12 @@ def test_an_interactive_session_remembers_earlier_turns_until_reset(tmp_path: Pa
     assert "(conversation reset)" in done.stdout
 
 
-def test_a_run_folder_answers_with_its_adapter(cli, tiny_recipe, data_root: Path) -> None:
+def test_a_run_folder_answers_with_its_adapter(cli, cli_here, tiny_recipe, data_root: Path) -> None:
     source = data_root / "instruction" / "sharegpt_dummy"
     path = tiny_recipe("chat-run", max_steps=1, lr=1e-5)
     settings = [f"data.source={source}", "data.task=instruction", "data.max_train_rows=8"]
-    cli("train", str(path), "model.name=smollm2-135m-instruct", *settings)
+    cli_here("train", str(path), "model.name=smollm2-135m-instruct", *settings)
     done = cli("chat", str(path.parent / "chat-run"), "--prompt", "What is the capital of France?")
     assert "Paris" in done.stdout
-    missing = cli("chat", str(path.parent / "nothing-here"), "--prompt", "Hi", expect=2)
-    assert missing.stderr.startswith("error: ")
-    assert "Traceback" not in missing.stderr
+    missing = cli_here("chat", str(path.parent / "nothing-here"), "--prompt", "Hi", expect=2)
+    assert missing.startswith("error: ")

@@ -10,6 +10,8 @@ import pytest
 
 from conftest import REPO
 from launched import (
+    COMPARED,
+    COMPARED_OVERRIDES,
     launch_environment,
     launched,
     resumes_to,
@@ -23,14 +25,19 @@ from llama_tune.layout import LayoutError
 FSDP = launch_environment(REPO / "configs" / "fsdp.yaml")
 
 
-def test_fsdp_trains_as_ddp_and_saves_the_same_adapters(tiny_recipe) -> None:
-    settings = {"max_steps": 4, "batch_size": 4, "grad_accumulation": 2}
-    sections = {"checkpoint": {"every": 2}, "validation": {"every": 1, "best_metric": "eval_loss"}}
-    # 20 validation rows make 5 eval batches: one process runs an extra forward, without
-    # which the other would wait for it in every eval.
-    rows = "data.max_eval_rows=20"
-    ddp = launched(tiny_recipe("ddp", **sections, **settings), rows)
-    fsdp = launched(tiny_recipe("fsdp", **sections, **settings), rows, launch=FSDP)
+def test_fsdp_trains_as_ddp_and_saves_the_same_adapters(
+    ddp_reference, tiny_recipe, tmp_path: Path
+) -> None:
+    ddp = ddp_reference("lora")
+    # Gradient checkpointing recomputes each sharded layer in the backward, gathering its
+    # weights again; the steps stay DDP's (which runs without).
+    checkpointing = "model.gradient_checkpointing=true"
+    fsdp = launched(
+        tiny_recipe("fsdp", **COMPARED["lora"]),
+        *COMPARED_OVERRIDES["lora"],
+        checkpointing,
+        launch=FSDP,
+    )
     same_steps(ddp, fsdp, ("loss", "grad_norm", "eval_loss"))
     adapter = Path(run_folder.ADAPTER) / "adapter_model.safetensors"
     same_tensors(ddp / adapter, fsdp / adapter)
@@ -46,17 +53,19 @@ def test_fsdp_trains_as_ddp_and_saves_the_same_adapters(tiny_recipe) -> None:
     same_optimizers(ddp / step, fsdp / step)
     summary = json.loads((fsdp / run_folder.SUMMARY).read_text())
     assert summary["processes"] == 2
-    # Stopped after the step-2 checkpoint, each run resumes under FSDP: its own checkpoint
-    # and DDP's (the same files) both end where the uninterrupted run did.
-    for stopped in (fsdp, ddp):
-        resumes_to(fsdp, stopped, adapter, FSDP)
+    # DDP's step-2 checkpoint (the same files as FSDP's, checked above), resumed under FSDP,
+    # ends where the uninterrupted run did.
+    resumes_to(fsdp, ddp, adapter, FSDP, tmp_path)
 
 
-def test_fsdp_fine_tunes_the_whole_model_as_ddp(tiny_recipe) -> None:
-    settings = {"max_steps": 4, "batch_size": 4, "lr": 1e-3}
-    full = ["adapter=null"]
-    ddp = launched(tiny_recipe("ddp", checkpoint={"every": 2}, **settings), *full)
-    fsdp = launched(tiny_recipe("fsdp", checkpoint={"every": 2}, **settings), *full, launch=FSDP)
+def test_fsdp_fine_tunes_the_whole_model_as_ddp(ddp_reference, tiny_recipe, tmp_path: Path) -> None:
+    ddp = ddp_reference("full")
+    fsdp = launched(
+        tiny_recipe("fsdp", **COMPARED["full"]),
+        *COMPARED_OVERRIDES["full"],
+        "model.gradient_checkpointing=true",
+        launch=FSDP,
+    )
     same_steps(ddp, fsdp, ("loss", "grad_norm", "eval_loss"))
     weights = Path(run_folder.FULL_MODEL) / "model.safetensors"
     same_tensors(ddp / weights, fsdp / weights)
@@ -66,7 +75,7 @@ def test_fsdp_fine_tunes_the_whole_model_as_ddp(tiny_recipe) -> None:
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(fsdp / run_folder.FULL_MODEL).num_parameters() > 0
-    resumes_to(fsdp, fsdp, weights, FSDP)
+    resumes_to(fsdp, fsdp, weights, FSDP, tmp_path)
 
 
 def test_the_fsdp_config_asks_for_fsdp2_with_nothing_llama_tune_refuses(
@@ -83,7 +92,6 @@ def test_the_fsdp_config_asks_for_fsdp2_with_nothing_llama_tune_refuses(
     ("key", "overrides"),
     [
         ("model.quantization", ["model.quantization=4bit"]),
-        ("model.gradient_checkpointing", ["model.gradient_checkpointing=true"]),
         ("validation.metric_rows", ["validation.every=2", "validation.metric_rows=8"]),
         ("adversarial", ["adversarial.train.method=fgm"]),
         (

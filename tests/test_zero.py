@@ -12,6 +12,8 @@ import pytest
 
 from conftest import REPO
 from launched import (
+    COMPARED,
+    COMPARED_OVERRIDES,
     launch_environment,
     launched,
     resumes_to,
@@ -27,11 +29,13 @@ ZERO3 = launch_environment(REPO / "configs" / "deepspeed_zero3.yaml")
 STEP = Path(run_folder.CHECKPOINTS) / "step-00000002"
 
 
-def test_zero2_trains_as_ddp_and_resumes_a_ddp_checkpoint(tiny_recipe) -> None:
-    settings = {"max_steps": 4, "batch_size": 4, "grad_accumulation": 2}
-    sections = {"checkpoint": {"every": 2}, "validation": {"every": 2, "best_metric": "eval_loss"}}
-    ddp = launched(tiny_recipe("ddp", **sections, **settings))
-    partitioned = launched(tiny_recipe("zero2", **sections, **settings), launch=ZERO2)
+def test_zero2_trains_as_ddp_and_resumes_a_ddp_checkpoint(
+    ddp_reference, tiny_recipe, tmp_path: Path
+) -> None:
+    ddp = ddp_reference("lora")
+    partitioned = launched(
+        tiny_recipe("zero2", **COMPARED["lora"]), *COMPARED_OVERRIDES["lora"], launch=ZERO2
+    )
     # The engine's accumulation, clipping and its norm: the same steps as DDP's.
     same_steps(ddp, partitioned, ("loss", "grad_norm", "eval_loss", "lr"))
     adapter = Path(run_folder.ADAPTER) / "adapter_model.safetensors"
@@ -44,23 +48,28 @@ def test_zero2_trains_as_ddp_and_resumes_a_ddp_checkpoint(tiny_recipe) -> None:
     summary = json.loads((partitioned / run_folder.SUMMARY).read_text())
     assert (summary["processes"], summary["layout"]) == (2, "deepspeed zero-2")
     # DDP's step-2 checkpoint, resumed under ZeRO-2, ends where the uninterrupted run did.
-    resumes_to(partitioned, ddp, adapter, ZERO2)
+    resumes_to(partitioned, ddp, adapter, ZERO2, tmp_path)
 
 
-def test_zero3_fine_tunes_the_whole_model_as_ddp_and_resumes(tiny_recipe) -> None:
-    settings = {"max_steps": 4, "batch_size": 4, "lr": 1e-3}
-    full = ["adapter=null"]
-    ddp = launched(tiny_recipe("ddp", checkpoint={"every": 2}, **settings), *full)
+def test_zero3_fine_tunes_the_whole_model_as_ddp_and_resumes(
+    ddp_reference, tiny_recipe, tmp_path: Path
+) -> None:
+    ddp = ddp_reference("full")
+    # Gradient checkpointing recomputes each partitioned layer in the backward, gathering its
+    # weights again; the steps stay DDP's (which runs without).
     partitioned = launched(
-        tiny_recipe("zero3", checkpoint={"every": 2}, **settings), *full, launch=ZERO3
+        tiny_recipe("zero3", **COMPARED["full"]),
+        *COMPARED_OVERRIDES["full"],
+        "model.gradient_checkpointing=true",
+        launch=ZERO3,
     )
-    same_steps(ddp, partitioned, ("loss", "grad_norm"))
+    same_steps(ddp, partitioned, ("loss", "grad_norm", "eval_loss"))
     weights = Path(run_folder.FULL_MODEL) / "model.safetensors"
     # The weights ZeRO-3 partitioned, gathered back whole.
     same_tensors(ddp / weights, partitioned / weights)
     same_tensors(ddp / STEP / "model.safetensors", partitioned / STEP / "model.safetensors")
     same_optimizers(ddp / STEP, partitioned / STEP)
-    resumes_to(partitioned, partitioned, weights, ZERO3)
+    resumes_to(partitioned, partitioned, weights, ZERO3, tmp_path)
 
 
 def test_the_deepspeed_configs_leave_the_recipe_its_keys() -> None:

@@ -121,7 +121,6 @@ def not_spread_yet(recipe: schema.Recipe) -> dict[str, bool]:
     """The recipe keys no spread-out layout (FSDP, ZeRO) combines with yet, for `refuse`."""
     return {
         "model.quantization": recipe.model.quantization != "none",
-        "model.gradient_checkpointing": recipe.model.gradient_checkpointing,
         # Each process would generate for as long as its own batch needs, while every forward
         # of a spread-out model needs them all.
         "distill.on_policy": recipe.distill is not None and recipe.distill.on_policy is not None,
