@@ -13,7 +13,9 @@ import pytest
 from conftest import REPO
 from launched import (
     COMPARED,
+    COMPARED_METRICS,
     COMPARED_OVERRIDES,
+    FULL_WEIGHTS_ATOL,
     launch_environment,
     launched,
     resumes_to,
@@ -37,7 +39,8 @@ def test_zero2_trains_as_ddp_and_resumes_a_ddp_checkpoint(
         tiny_recipe("zero2", **COMPARED["lora"]), *COMPARED_OVERRIDES["lora"], launch=ZERO2
     )
     # The engine's accumulation, clipping and its norm: the same steps as DDP's.
-    same_steps(ddp, partitioned, ("loss", "grad_norm", "eval_loss", "lr"))
+    keys = ("loss", "grad_norm", "eval_loss", "lr", COMPARED_METRICS["lora"])
+    same_steps(ddp, partitioned, keys)
     adapter = Path(run_folder.ADAPTER) / "adapter_model.safetensors"
     same_tensors(ddp / adapter, partitioned / adapter)
     best = Path(run_folder.BEST) / adapter.name
@@ -63,11 +66,12 @@ def test_zero3_fine_tunes_the_whole_model_as_ddp_and_resumes(
         "model.gradient_checkpointing=true",
         launch=ZERO3,
     )
-    same_steps(ddp, partitioned, ("loss", "grad_norm", "eval_loss"))
+    same_steps(ddp, partitioned, ("loss", "grad_norm", "eval_loss", COMPARED_METRICS["full"]))
     weights = Path(run_folder.FULL_MODEL) / "model.safetensors"
     # The weights ZeRO-3 partitioned, gathered back whole.
-    same_tensors(ddp / weights, partitioned / weights)
-    same_tensors(ddp / STEP / "model.safetensors", partitioned / STEP / "model.safetensors")
+    same_tensors(ddp / weights, partitioned / weights, FULL_WEIGHTS_ATOL)
+    step_weights = STEP / "model.safetensors"
+    same_tensors(ddp / step_weights, partitioned / step_weights, FULL_WEIGHTS_ATOL)
     same_optimizers(ddp / STEP, partitioned / STEP)
     resumes_to(partitioned, partitioned, weights, ZERO3, tmp_path)
 
@@ -140,7 +144,6 @@ def test_an_unreadable_config_is_named(tmp_path: Path) -> None:
             "distill.on_policy",
             ["distill.teacher.name=smollm2-135m-instruct", "distill.on_policy={}"],
         ),
-        (3, "validation.metric_rows", ["validation.every=2", "validation.metric_rows=8"]),
     ],
 )
 def test_what_zero_does_not_do_yet_is_refused_naming_the_key(

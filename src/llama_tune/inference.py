@@ -120,10 +120,12 @@ def generate(
     prompts: list[list[int]],
     settings: EvaluationConfig,
     stop_strings: list[str],
+    synced: bool = False,
 ) -> list[str]:
     """Greedy or beam-search completions of left-padded prompts, cut where an answer ends: the
     end-of-sequence token or the first of `stop_strings` (a plain template's line end, a chat
-    template's end of turn)."""
+    template's end of turn). `synced`: the model's weights are spread over the processes, so
+    each goes on taking forward steps until every process's batch is done."""
     device = next(model.parameters()).device
     input_ids, attention_mask = left_pad(prompts, tokenizer.pad_token_id, device)
     output = model.generate(
@@ -136,6 +138,7 @@ def generate(
         pad_token_id=tokenizer.pad_token_id,
         stop_strings=stop_strings or None,
         tokenizer=tokenizer,
+        synced_gpus=synced,
     )
     texts = tokenizer.batch_decode(output[:, input_ids.shape[1] :], skip_special_tokens=True)
     return [cut_at_stops(text, stop_strings) for text in texts]

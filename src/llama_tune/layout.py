@@ -9,6 +9,7 @@ layout saves in the unsharded layout, so a checkpoint resumes under any of them.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -41,6 +42,8 @@ class Layout:
     """Whether saving needs every process (each holds only part of the state)."""
     load_on_cpu = False
     """Whether the model is created on the CPU, for the layout to move its parts."""
+    spreads_weights = False
+    """Whether each process holds only part of the weights: every forward needs every process."""
 
     def accelerator(self, **settings: Any) -> Accelerator:
         """The run's Accelerator, made with `settings` (precision, accumulation, ...)."""
@@ -59,6 +62,14 @@ class Layout:
     ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         """The module the loop calls and the optimizer it steps."""
         return accelerator.prepare(objective, optimizer)
+
+    def whole_for_scoring(
+        self,
+        objective: torch.nn.Module,  # noqa: ARG002 - the layout interface
+    ) -> contextlib.AbstractContextManager:
+        """A block in which the objective's model can be called on its own (scoring,
+        generation), outside the objective's forward."""
+        return contextlib.nullcontext()
 
     # The arguments unused here are those the spread-out layouts need.
     def gathered_weights(

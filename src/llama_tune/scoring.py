@@ -7,6 +7,8 @@ interval, and two systems scored on the same rows get a paired difference.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -128,13 +130,17 @@ def predict(
     precision: str,
     progress: str | None = None,
     shared: bool = False,
+    synced: bool = False,
 ) -> float:
     """Fill in every example's prediction; returns the seconds spent.
 
     `progress` names a progress bar over the rows (none when None: training's probe). With
     `shared`, the processes of a launched run split the rows, every N-th to each, so that each
     row is predicted once, then exchange their predictions: every process ends with all of them.
-    Every process must then call it, with the same rows.
+    Every process must then call it, with the same rows. `synced` (with `shared`): the model's
+    weights are spread over the processes (FSDP, ZeRO-3), so every forward needs all of them:
+    each process runs as many batches as the busiest, and generation goes on until every
+    process's batch is done.
     """
     state = process_state() if shared else None
     split = state is not None and state.num_processes > 1
@@ -143,17 +149,24 @@ def predict(
     if split:
         rows = range(state.process_index, len(examples), state.num_processes)
     own = [examples[row] for row in rows]
+    size = recipe.evaluation.batch_size
+    batches = list(length_sorted_batches(own, size))
+    if split and synced and examples:
+        # Process 0 holds the most rows; the others repeat a copy of a row to keep up, its
+        # prediction going nowhere.
+        busiest = math.ceil(math.ceil(len(examples) / state.num_processes) / size)
+        batches += [[dataclasses.replace(examples[0])]] * (busiest - len(batches))
     model.eval()
     started = time.perf_counter()
     bar = tqdm(
-        total=len(own),
+        total=sum(len(batch) for batch in batches),
         desc=progress,
         unit="row",
         disable=progress is None or (state is not None and not state.is_main_process),
         dynamic_ncols=True,
     )
     with autocast_for(model, precision), bar:
-        _predict_rows(model, tokenizer, recipe, own, eval_set, bar)
+        _predict_rows(model, tokenizer, recipe, batches, eval_set, bar, split and synced)
     if split:
         _exchange_predictions(examples, rows)
     return time.perf_counter() - started
@@ -163,17 +176,19 @@ def _predict_rows(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     recipe: Recipe,
-    examples: list[EvalExample],
+    batches: list[list[EvalExample]],
     eval_set: EvalSet,
     bar: tqdm,
+    synced: bool,
 ) -> None:
-    """Predict `examples`, some or all of `eval_set`'s."""
+    """Predict the examples of `batches`, some or all of `eval_set`'s; `synced`: generation
+    runs until every process's batch is done."""
     settings = recipe.evaluation
     labels = eval_set.labels
     if labels is not None:
         label_ids = label_token_ids(tokenizer, labels, recipe.data.chat.template is not None)
         lengths = torch.tensor([len(ids) for ids in label_ids], dtype=torch.float)
-        for batch in length_sorted_batches(examples, settings.batch_size):
+        for batch in batches:
             scores = label_logprobs(
                 model, [e.prompt_ids for e in batch], label_ids, tokenizer.pad_token_id
             ).cpu()
@@ -183,14 +198,9 @@ def _predict_rows(
                 example.label_logprobs = dict(zip(labels, row_scores.tolist(), strict=True))
             bar.update(len(batch))
         return
-    for batch in length_sorted_batches(examples, settings.batch_size):
-        texts = generate(
-            model,
-            tokenizer,
-            [e.prompt_ids for e in batch],
-            settings,
-            eval_set.stop_strings,
-        )
+    for batch in batches:
+        prompts = [e.prompt_ids for e in batch]
+        texts = generate(model, tokenizer, prompts, settings, eval_set.stop_strings, synced)
         for example, text in zip(batch, texts, strict=True):
             example.prediction = text
         bar.update(len(batch))

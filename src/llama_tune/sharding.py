@@ -39,12 +39,7 @@ GATHERED = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 def check_recipe(recipe: schema.Recipe) -> None:
     """Refuse, before loading anything, what llama-tune's FSDP does not do yet."""
-    refused = layout.not_spread_yet(recipe) | {
-        # Scoring generates on the main process alone; with the weights sharded, it would wait
-        # for the other processes' shards forever.
-        "validation.metric_rows": recipe.validation.metric_rows is not None,
-    }
-    layout.refuse(refused, "FSDP", "launch with configs/multi_gpu.yaml (DDP)")
+    layout.refuse(layout.not_spread_yet(recipe), "FSDP", "launch with configs/multi_gpu.yaml (DDP)")
 
 
 @contextmanager
@@ -149,6 +144,7 @@ class FullyShardedLayout(layout.Layout):
     name = "fsdp"
     gathers = True
     load_on_cpu = True
+    spreads_weights = True
 
     def __init__(self, recipe: schema.Recipe) -> None:
         check_recipe(recipe)
@@ -171,6 +167,16 @@ class FullyShardedLayout(layout.Layout):
         # Autocast, but no DDP around a sharded model: FSDP reduces the gradients itself.
         loss_module = accelerator.prepare_model(objective, evaluation_mode=True)
         return loss_module, accelerator.prepare_optimizer(optimizer)
+
+    @contextmanager
+    def whole_for_scoring(self, objective: torch.nn.Module) -> Iterator[None]:
+        # Each decoder layer gathers its weights when called; the root's (embeddings, final
+        # norm, head) are gathered by the objective's own forward only, so here by hand.
+        objective.unshard()
+        try:
+            yield
+        finally:
+            objective.reshard()
 
     def gathered_weights(
         self, objective: torch.nn.Module, model: torch.nn.Module, trained_only: bool

@@ -388,7 +388,7 @@ class TrainingRun:
         )
         self.summary = summary
         self.probe = None
-        if self.recipe.validation.metric_rows is not None and accelerator.is_main_process:
+        if self.recipe.validation.metric_rows is not None:
             self.probe = validation.MetricProbe.load(
                 self.recipe, self.tokenizer, accelerator.mixed_precision
             )
@@ -574,14 +574,13 @@ class TrainingRun:
             return
         record = self._evaluate(step)
         self.summary["eval_loss_after"] = record["eval_loss"]
-        # Task metrics are scored on the main process only; a spread-out model needs every
-        # process to gather its weights.
+        # Every process has the metrics; a spread-out model needs them all to gather its weights.
         if settings.best_metric and (self.layout.gathers or self.accelerator.is_main_process):
             self._keep_if_best(settings.best_metric, record)
         self.window.started = time.perf_counter()
 
     def _evaluate(self, step: int) -> dict[str, Any]:
-        """Eval loss (all processes) and task metrics (main process) at `step`, logged."""
+        """Eval loss and task metrics at `step` (every process takes part), logged."""
         assert self.validation is not None
         losses = eval_losses(
             self.loss_module,
@@ -594,7 +593,9 @@ class TrainingRun:
         )
         record = {"step": step, **losses}
         if self.probe is not None:
-            record |= self.probe.score(self.accelerator.unwrap_model(self.loss_module).model)
+            model = self.accelerator.unwrap_model(self.loss_module).model
+            with self.layout.whole_for_scoring(self.objective):
+                record |= self.probe.score(model, synced=self.layout.spreads_weights)
             self.loss_module.train()
         if self.accelerator.is_main_process:
             _write_metrics(self.metrics_path, record)

@@ -58,11 +58,17 @@ class MetricProbe:
             )
         return cls(recipe, tokenizer, eval_set, precision)
 
-    def score(self, model: PeftModel) -> dict[str, float]:
-        """`eval_<metric>` point values of the model on the subset; leaves it in eval mode."""
+    def score(self, model: PeftModel, synced: bool) -> dict[str, float]:
+        """`eval_<metric>` point values of the model on the subset; leaves it in eval mode.
+
+        Every process of a launched run must call it: each predicts its share of the rows and
+        all get every value (`synced`: see `scoring.predict`).
+        """
         examples = [dataclasses.replace(example) for example in self.eval_set.examples]
         scored = dataclasses.replace(self.eval_set, examples=examples)
-        scoring.predict(model, self.tokenizer, self.recipe, scored, self.precision)
+        scoring.predict(
+            model, self.tokenizer, self.recipe, scored, self.precision, shared=True, synced=synced
+        )
         values = scoring.point_values(scoring.measure(scored, self.recipe.data.task), len(examples))
         return {f"eval_{name}": value for name, value in values.items()}
 

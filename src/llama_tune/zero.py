@@ -96,9 +96,6 @@ def check_recipe(recipe: schema.Recipe, stage: int) -> None:
     refused = layout.not_spread_yet(recipe) | {
         # The engine steps inside the last backward, before the step's loss is known.
         "train.max_nonfinite_steps": recipe.train.max_nonfinite_steps > 0,
-        # Scoring generates on the main process alone; ZeRO-3 gathers each layer's weights
-        # from every process.
-        "validation.metric_rows": stage == 3 and recipe.validation.metric_rows is not None,
     }
     layout.refuse(refused, f"DeepSpeed ZeRO-{stage}", "launch with configs/multi_gpu.yaml (DDP)")
 
@@ -119,6 +116,8 @@ class ZeroLayout(layout.Layout):
             )
         self.config = fill_config(read_config(path), path, recipe, mixed_precision)
         self.stage = int(self.config["zero_optimization"].get("stage", 0))
+        # ZeRO-3's hooks gather each module's weights from every process when it is called.
+        self.spreads_weights = self.stage == 3
         self.name = f"deepspeed zero-{self.stage}"
         check_recipe(recipe, self.stage)
         self.half = mixed_precision != "no"
