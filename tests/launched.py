@@ -39,7 +39,13 @@ SCORING = ["evaluation.batch_size=2", "evaluation.max_new_tokens=5"]
 COMPARED_OVERRIDES = {
     # 20 validation rows make 5 eval batches: one process runs an extra forward, without which
     # a sharded model's other process would wait for it in every eval.
-    "lora": ["data.max_eval_rows=20", *SCORING],
+    # Text-space adversarial examples (data alone, and the input embeddings' neighbours) with
+    # a consistency term on each pair: the same steps under every layout.
+    "lora": [
+        "data.max_eval_rows=20",
+        *SCORING,
+        "adversarial.augment={methods: [char, word, neighbour], mode: add, consistency: 1.0}",
+    ],
     # Full fine-tuning learns to summarise (the eight emails of tests/data both split): task
     # metrics by generation.
     "full": [

@@ -40,7 +40,8 @@ def test_fsdp_trains_as_ddp_and_saves_the_same_adapters(
         checkpointing,
         launch=FSDP,
     )
-    same_steps(ddp, fsdp, ("loss", "grad_norm", "eval_loss", COMPARED_METRICS["lora"]))
+    keys = ("loss", "consistency_loss", "grad_norm", "eval_loss", COMPARED_METRICS["lora"])
+    same_steps(ddp, fsdp, keys)
     adapter = Path(run_folder.ADAPTER) / "adapter_model.safetensors"
     same_tensors(ddp / adapter, fsdp / adapter)
     # best/ holds the adapter of the lowest eval loss, gathered from every process.
@@ -94,7 +95,8 @@ def test_the_fsdp_config_asks_for_fsdp2_with_nothing_llama_tune_refuses(
     ("key", "overrides"),
     [
         ("model.quantization", ["model.quantization=4bit"]),
-        ("adversarial", ["adversarial.train.method=fgm"]),
+        ("adversarial.train", ["adversarial.train.method=fgm"]),
+        ("adversarial.augment.methods", ["adversarial.augment={methods: [char, gradient]}"]),
         (
             "distill.on_policy",
             ["distill.teacher.name=smollm2-135m-instruct", "distill.on_policy={}"],

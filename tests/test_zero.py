@@ -23,7 +23,7 @@ from launched import (
     same_steps,
     same_tensors,
 )
-from llama_tune import config, run_folder, runtime, zero
+from llama_tune import config, run_folder, runtime, train, zero
 from llama_tune.layout import LayoutError
 
 ZERO2 = launch_environment(REPO / "configs" / "deepspeed_zero2.yaml")
@@ -39,7 +39,7 @@ def test_zero2_trains_as_ddp_and_resumes_a_ddp_checkpoint(
         tiny_recipe("zero2", **COMPARED["lora"]), *COMPARED_OVERRIDES["lora"], launch=ZERO2
     )
     # The engine's accumulation, clipping and its norm: the same steps as DDP's.
-    keys = ("loss", "grad_norm", "eval_loss", "lr", COMPARED_METRICS["lora"])
+    keys = ("loss", "consistency_loss", "grad_norm", "eval_loss", "lr", COMPARED_METRICS["lora"])
     same_steps(ddp, partitioned, keys)
     adapter = Path(run_folder.ADAPTER) / "adapter_model.safetensors"
     same_tensors(ddp / adapter, partitioned / adapter)
@@ -52,6 +52,24 @@ def test_zero2_trains_as_ddp_and_resumes_a_ddp_checkpoint(
     assert (summary["processes"], summary["layout"]) == (2, "deepspeed zero-2")
     # DDP's step-2 checkpoint, resumed under ZeRO-2, ends where the uninterrupted run did.
     resumes_to(partitioned, ddp, adapter, ZERO2, tmp_path)
+
+
+def test_zero3_trains_adversarially_as_one_process(tiny_recipe) -> None:
+    # PGD's ascent takes autograd.grad inside the forward: ZeRO-3's hooks gather each layer's
+    # weights again for it. The reference takes both processes' rows at each step.
+    overrides = ["adversarial.train={method: pgd, steps: 2}"]
+    settings = {"max_steps": 3, "batch_size": 4}
+    one = tiny_recipe("one", **settings | {"batch_size": 8})
+    reference = train.run(config.load(one, overrides), one).run_dir
+    partitioned = launched(tiny_recipe("zero3", **settings), *overrides, launch=ZERO3)
+    keys = ("loss", "ce_loss", "adversarial_ce_loss", "grad_norm", "eval_loss")
+    same_steps(reference, partitioned, keys)
+    adapter = Path(run_folder.ADAPTER) / "adapter_model.safetensors"
+    same_tensors(reference / adapter, partitioned / adapter)
+    # The gradient attack of augmentation is not combined with ZeRO-3 (each process attacks
+    # its own examples), but is with ZeRO-2, whose every process holds the whole weights.
+    gradient = ["adversarial.augment={methods: [gradient]}"]
+    zero.check_recipe(config.load(tiny_recipe(), gradient), 2)
 
 
 def test_zero3_fine_tunes_the_whole_model_as_ddp_and_resumes(
@@ -138,7 +156,7 @@ def test_an_unreadable_config_is_named(tmp_path: Path) -> None:
     ("stage", "key", "overrides"),
     [
         (2, "train.max_nonfinite_steps", ["train.max_nonfinite_steps=2"]),
-        (2, "adversarial", ["adversarial.train.method=fgm"]),
+        (3, "adversarial.augment.methods", ["adversarial.augment={methods: [gradient]}"]),
         (
             3,
             "distill.on_policy",

@@ -135,5 +135,12 @@ def not_spread_yet(recipe: schema.Recipe) -> dict[str, bool]:
         # Each process would generate for as long as its own batch needs, while every forward
         # of a spread-out model needs them all.
         "distill.on_policy": recipe.distill is not None and recipe.distill.on_policy is not None,
-        "adversarial": recipe.adversarial is not None,
     }
+
+
+def attacks_the_model(recipe: schema.Recipe) -> bool:
+    """Whether training examples are attacked through the model's gradients (augment method
+    gradient): each process attacks its own examples, a forward and backward each, outside the
+    objective's forward."""
+    augment = recipe.adversarial.augment if recipe.adversarial is not None else None
+    return augment is not None and "gradient" in augment.methods
