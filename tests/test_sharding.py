@@ -97,10 +97,6 @@ def test_the_fsdp_config_asks_for_fsdp2_with_nothing_llama_tune_refuses(
         ("model.quantization", ["model.quantization=4bit"]),
         ("adversarial.train", ["adversarial.train.method=fgm"]),
         ("adversarial.augment.methods", ["adversarial.augment={methods: [char, gradient]}"]),
-        (
-            "distill.on_policy",
-            ["distill.teacher.name=smollm2-135m-instruct", "distill.on_policy={}"],
-        ),
     ],
 )
 def test_what_fsdp_does_not_do_yet_is_refused_naming_the_key(

@@ -157,11 +157,6 @@ def test_an_unreadable_config_is_named(tmp_path: Path) -> None:
     [
         (2, "train.max_nonfinite_steps", ["train.max_nonfinite_steps=2"]),
         (3, "adversarial.augment.methods", ["adversarial.augment={methods: [gradient]}"]),
-        (
-            3,
-            "distill.on_policy",
-            ["distill.teacher.name=smollm2-135m-instruct", "distill.on_policy={}"],
-        ),
     ],
 )
 def test_what_zero_does_not_do_yet_is_refused_naming_the_key(

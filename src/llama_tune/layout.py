@@ -63,7 +63,7 @@ class Layout:
         """The module the loop calls and the optimizer it steps."""
         return accelerator.prepare(objective, optimizer)
 
-    def whole_for_scoring(
+    def whole_model(
         self,
         objective: torch.nn.Module,  # noqa: ARG002 - the layout interface
     ) -> contextlib.AbstractContextManager:
@@ -132,9 +132,6 @@ def not_spread_yet(recipe: schema.Recipe) -> dict[str, bool]:
     """The recipe keys no spread-out layout (FSDP, ZeRO) combines with yet, for `refuse`."""
     return {
         "model.quantization": recipe.model.quantization != "none",
-        # Each process would generate for as long as its own batch needs, while every forward
-        # of a spread-out model needs them all.
-        "distill.on_policy": recipe.distill is not None and recipe.distill.on_policy is not None,
     }
 
 

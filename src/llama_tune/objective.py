@@ -9,7 +9,10 @@ implement the contract or wrap an objective that does; they never import the loo
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 import peft
@@ -17,6 +20,17 @@ import torch
 import transformers
 
 from llama_tune import data, models
+
+
+@dataclass(frozen=True)
+class Generating:
+    """How a training step's model may generate (on-policy distillation): inside `whole()` its
+    model can be called on its own, outside the objective's forward (FSDP gathers the root's
+    weights); `synced`: its weights are spread over the processes, so every process goes on
+    taking forward steps until all are done."""
+
+    whole: Callable[[], contextlib.AbstractContextManager]
+    synced: bool
 
 
 class Objective(Protocol):
@@ -42,7 +56,7 @@ class Objective(Protocol):
         ...
 
     def rewrite_step(
-        self, step: int, batches: list[list[data.Example]]
+        self, step: int, batches: list[list[data.Example]], generating: Generating
     ) -> list[list[data.Example]] | None:
         """Other examples to train this step on (on-policy distillation); None keeps the data's."""
         ...
@@ -76,7 +90,7 @@ class TargetTokenLoss(torch.nn.Module):
         return {}
 
     def rewrite_step(
-        self, _step: int, _batches: list[list[data.Example]]
+        self, _step: int, _batches: list[list[data.Example]], _generating: Generating
     ) -> list[list[data.Example]] | None:
         return None
 
@@ -121,9 +135,9 @@ class WrappedObjective(torch.nn.Module):
         return self.objective.extra_inputs(indices)
 
     def rewrite_step(
-        self, step: int, batches: list[list[data.Example]]
+        self, step: int, batches: list[list[data.Example]], generating: Generating
     ) -> list[list[data.Example]] | None:
-        return self.objective.rewrite_step(step, batches)
+        return self.objective.rewrite_step(step, batches, generating)
 
 
 def target_cross_entropy(

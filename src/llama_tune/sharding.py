@@ -176,7 +176,7 @@ class FullyShardedLayout(layout.Layout):
         return loss_module, accelerator.prepare_optimizer(optimizer)
 
     @contextmanager
-    def whole_for_scoring(self, objective: torch.nn.Module) -> Iterator[None]:
+    def whole_model(self, objective: torch.nn.Module) -> Iterator[None]:
         # Each decoder layer gathers its weights when called; the root's (embeddings, final
         # norm, head) are gathered by the objective's own forward only, so here by hand.
         objective.unshard()

@@ -42,7 +42,7 @@ from llama_tune.checkpoint import StopSignals, TrainState
 from llama_tune.errors import UserError
 from llama_tune.jsonfiles import read_json, write_json
 from llama_tune.layout import trained_extras, trained_parameters
-from llama_tune.objective import Objective, combined, step_counts
+from llama_tune.objective import Generating, Objective, combined, step_counts
 from llama_tune.runtime import (
     check_launch,
     device_name,
@@ -451,7 +451,10 @@ class TrainingRun:
         counts = step_counts(objective, [examples[i] for i in step_examples])
         step_inputs = sum(self.lengths[i] for i in step_examples)
         own_examples = [[examples[i] for i in indices] for indices in own]
-        rewritten = objective.rewrite_step(state.step, own_examples)
+        generating = Generating(
+            lambda: self.layout.whole_model(objective), self.layout.spreads_weights
+        )
+        rewritten = objective.rewrite_step(state.step, own_examples, generating)
         if rewritten is not None:
             own_examples = rewritten
         if self.built.augmenter is not None:
@@ -594,7 +597,7 @@ class TrainingRun:
         record = {"step": step, **losses}
         if self.probe is not None:
             model = self.accelerator.unwrap_model(self.loss_module).model
-            with self.layout.whole_for_scoring(self.objective):
+            with self.layout.whole_model(self.objective):
                 record |= self.probe.score(model, synced=self.layout.spreads_weights)
             self.loss_module.train()
         if self.accelerator.is_main_process:

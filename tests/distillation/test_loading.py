@@ -136,11 +136,15 @@ def test_packed_distillation_steps_equal_padded_ones(
 def test_a_sharded_or_partitioned_student_distils_as_one_process(
     tiny_recipe, tiny_model_dir: Path
 ) -> None:
-    # The teacher stays whole on every process, outside what FSDP shards and ZeRO partitions.
+    # The teacher stays whole on every process, outside what FSDP shards and ZeRO partitions;
+    # the student generates its on-policy completions sharded.
     overrides = [
         f"distill.teacher.name={tiny_model_dir}",
         "distill.student.from_teacher.keep_layers=[1]",
         "distill.hidden_states={}",
+        # Greedy completions, so that one process decodes what two do; each process generates
+        # inside the step with the whole student (FSDP gathers its root), in step.
+        "distill.on_policy={probability: 0.5, temperature: 0, max_new_tokens: 4}",
     ]
     settings = {"max_steps": 3, "batch_size": 4}
     # The reference: one process taking both processes' rows at each step (as DDP does).

@@ -31,8 +31,11 @@ def student_examples(
     examples: list[data.Example],
     settings: OnPolicyConfig,
     precision: str,
+    synced: bool = False,
 ) -> list[data.Example]:
-    """The examples with their answers replaced by the student's sampled completions."""
+    """The examples with their answers replaced by the student's sampled completions;
+    `synced`: the student's weights are spread over the processes, so each goes on taking
+    forward steps until every process's completions are done."""
     prompts = [example.input_ids[: example.prompt_length] for example in examples]
     device = next(model.parameters()).device
     input_ids, attention_mask = inference.left_pad(prompts, tokenizer.pad_token_id, device)
@@ -51,6 +54,7 @@ def student_examples(
             top_p=1.0 if sampling else None,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
+            synced_gpus=synced,
         )
     model.train(was_training)
     rewritten = []
