@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import bitsandbytes
@@ -61,6 +62,30 @@ def test_unknown_target_module_is_a_model_error(tiny_model_dir: Path) -> None:
 def _lora_gradients(model: torch.nn.Module, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
     model(input_ids=input_ids, labels=input_ids).loss.backward()
     return {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+
+def test_a_model_made_on_the_meta_device_reads_no_weights(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # What an FSDP process other than the main one does: it receives its weights instead.
+    folder = tmp_path / "damaged"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "model.safetensors").write_bytes(b"not safetensors")
+    recipe = ModelConfig(name=str(folder))
+    with pytest.raises(models.ModelError):
+        models.load(recipe, AdapterConfig())
+    bundle = models.load(recipe, AdapterConfig(), device=torch.device("meta"))
+    assert all(param.is_meta for param in bundle.model.parameters())
+    original = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    shapes = {name: param.shape for name, param in original.named_parameters()}
+    made = models.causal_lm(bundle.model)
+    base_shapes = {
+        name.replace(".base_layer", ""): param.shape
+        for name, param in made.named_parameters()
+        if "lora_" not in name
+    }
+    assert base_shapes == shapes
+    assert made.generation_config.eos_token_id == original.generation_config.eos_token_id
 
 
 def test_qlora_gradients_match_a_dequantised_reference_after_eval(tiny_model_dir: Path) -> None:

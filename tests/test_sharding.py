@@ -21,7 +21,7 @@ from launched import (
     same_steps,
     same_tensors,
 )
-from llama_tune import config, run_folder, runtime, sharding
+from llama_tune import config, run_folder, runtime, sharding, train
 from llama_tune.layout import LayoutError
 
 FSDP = launch_environment(REPO / "configs" / "fsdp.yaml")
@@ -59,6 +59,20 @@ def test_fsdp_trains_as_ddp_and_saves_the_same_adapters(
     # DDP's step-2 checkpoint (the same files as FSDP's, checked above), resumed under FSDP,
     # ends where the uninterrupted run did.
     resumes_to(fsdp, ddp, adapter, FSDP, tmp_path)
+
+
+def test_fsdp_processes_take_their_weights_from_the_main_process(tiny_recipe) -> None:
+    # Only the main process reads the model and makes the adapter; the other makes both on
+    # the meta device and receives its shards: any other value would change the steps. The
+    # reference is one process taking both processes' rows.
+    settings = {"max_steps": 3, "batch_size": 4}
+    one = tiny_recipe("one", **settings | {"batch_size": 8})
+    reference = train.run(config.load(one), one).run_dir
+    sharded = launched(tiny_recipe("fsdp", **settings), launch=FSDP)
+    same_steps(reference, sharded, ("loss", "grad_norm", "eval_loss"))
+    adapter = Path(run_folder.ADAPTER) / "adapter_model.safetensors"
+    same_tensors(reference / adapter, sharded / adapter)
+    assert sharding.FullyShardedLayout(config.load(one)).from_main
 
 
 def test_fsdp_fine_tunes_the_whole_model_as_ddp(ddp_reference, tiny_recipe, tmp_path: Path) -> None:

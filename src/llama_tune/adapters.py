@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from llama_tune.errors import UserError
 from llama_tune.run_folder import ADAPTER, BEST, FULL_MODEL
+from llama_tune.runtime import holds_weights
 from llama_tune.schema import AdapterConfig
 
 CONFIG = "adapter_config.json"
@@ -129,5 +130,6 @@ def start_from(model: PeftModel, adapter: AdapterConfig) -> Path:
                 f"adapter.init_from: {name} is {tuple(saved[name].shape)} in {source} but "
                 f"{tuple(tensor.shape)} here (a base model of another shape)"
             )
-    set_peft_model_state_dict(model, saved)
+    if holds_weights(model):  # else the main process sends them (FSDP)
+        set_peft_model_state_dict(model, saved)
     return source

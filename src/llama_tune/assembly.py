@@ -49,14 +49,17 @@ def layout_for_launch(recipe: schema.Recipe, mixed_precision: str) -> Layout:
 
 
 def build(
-    recipe: schema.Recipe, accelerator: Accelerator, run_dir: Path, load_on_cpu: bool = False
+    recipe: schema.Recipe,
+    accelerator: Accelerator,
+    run_dir: Path,
+    device: torch.device | None = None,
 ) -> TrainingSetup:
     """Load the model (and teacher) and data, and compose the recipe's objective.
 
-    A model to be sharded or partitioned is created on the CPU (`load_on_cpu`): each process
-    moves only its part to its accelerator, so no GPU ever holds the whole model.
+    The trained model is created on `device` (None: this process's), which its layout chooses
+    (`Layout.load_device`): a model to be sharded or partitioned is created on the CPU, or
+    without weights on the meta device, so that no GPU ever holds the whole model.
     """
-    device = torch.device("cpu") if load_on_cpu else None
     if recipe.distill is None:
         bundle = models.load(recipe.model, recipe.adapter, accelerator.mixed_precision, device)
         objective: Objective = TargetTokenLoss(bundle.model)

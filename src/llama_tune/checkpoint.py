@@ -28,6 +28,7 @@ from transformers import PreTrainedModel
 from llama_tune.errors import UserError, first_line
 from llama_tune.jsonfiles import write_json
 from llama_tune.run_folder import ADAPTER, CHECKPOINTS
+from llama_tune.runtime import holds_weights
 from llama_tune.schema import Recipe, resume_keys
 
 STATE_FILE = "state.json"
@@ -273,7 +274,10 @@ def restore_weights(
     extras: dict[str, torch.nn.Parameter] | None = None,
 ) -> None:
     """Put a read checkpoint's trained weights into the model (before it is prepared or
-    sharded), and `extras`, trained parameters outside it."""
+    sharded), and `extras`, trained parameters outside it. A model without weights (the meta
+    device) is left alone: it receives them from the main process."""
+    if not holds_weights(model):
+        return
     folder = saved.folder
     if isinstance(model, PeftModel):
         set_peft_model_state_dict(model, load_file(folder / ADAPTER / ADAPTER_WEIGHTS))

@@ -40,14 +40,21 @@ class Layout:
     name = "replicated"
     gathers = False
     """Whether saving needs every process (each holds only part of the state)."""
-    load_on_cpu = False
-    """Whether the model is created on the CPU, for the layout to move its parts."""
     spreads_weights = False
     """Whether each process holds only part of the weights: every forward needs every process."""
 
     def accelerator(self, **settings: Any) -> Accelerator:
         """The run's Accelerator, made with `settings` (precision, accumulation, ...)."""
         return Accelerator(cpu=cpu_processes(), **settings)
+
+    def load_device(
+        self,
+        accelerator: Accelerator,  # noqa: ARG002 - the layout interface
+    ) -> torch.device | None:
+        """Where this process creates the model: None, on its own device. The spread-out
+        layouts create it on the CPU (or, where the main process sends the weights, on the meta
+        device) and move each process's part to its device."""
+        return None
 
     def place(
         self, accelerator: Accelerator, objective: torch.nn.Module, model: torch.nn.Module

@@ -14,7 +14,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,11 +22,13 @@ import torch
 from huggingface_hub import hf_hub_download
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     BitsAndBytesConfig,
+    GenerationConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -244,7 +246,7 @@ def load_base_model(
 ) -> PreTrainedModel:
     """The base causal LM in its storage dtype, quantised when the recipe asks, created on
     `device`, by default this process's (`runtime.model_device`): a GPU run reads the weights
-    straight onto its GPU.
+    straight onto its GPU. On the meta device the weights are not read (`_skeleton`).
 
     `trained` says its own weights will be trained (full fine-tuning), which keeps them fp32.
     """
@@ -252,6 +254,8 @@ def load_base_model(
     dtype = storage_dtype(config, mixed_precision, trained)
     quantization = _quantization(config, dtype)
     device = device or model_device()
+    if device.type == "meta":
+        return ready_for_training(_skeleton(location, config, dtype), config)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             location,
@@ -261,11 +265,31 @@ def load_base_model(
             # On the CPU the default placement is the same; bitsandbytes needs it on a GPU.
             device_map=None if device.type == "cpu" else {"": device},
         )
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, SafetensorError) as error:
         raise ModelError(_load_failure(config.name, error)) from None
     if quantization is not None:
         return _ready_for_kbit_training(model, config)
     return ready_for_training(model, config)
+
+
+def _skeleton(location: str, config: ModelConfig, dtype: torch.dtype) -> PreTrainedModel:
+    """The model's modules with weights that hold no memory (the meta device), made from its
+    configuration alone: a process that receives its weights from the main one (FSDP) never
+    reads or holds the whole model."""
+    if config.quantization != "none":
+        raise ValueError("a quantised base cannot be made without its weights")
+    try:
+        settings = AutoConfig.from_pretrained(location, revision=config.revision)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(settings, dtype=dtype)
+    except (OSError, ValueError) as error:
+        raise ModelError(_load_failure(config.name, error)) from None
+    # Generation (task metrics during training) reads the same settings on every process.
+    with suppress(OSError):
+        model.generation_config = GenerationConfig.from_pretrained(
+            location, revision=config.revision
+        )
+    return model
 
 
 def _ready_for_kbit_training(model: PreTrainedModel, config: ModelConfig) -> PreTrainedModel:

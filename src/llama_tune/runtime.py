@@ -138,6 +138,12 @@ def model_device() -> torch.device:
     return process_state().device
 
 
+def holds_weights(model: torch.nn.Module) -> bool:
+    """Whether `model`'s parameters hold values: not one made on the meta device, waiting for
+    the main process to send its weights (`sharding`)."""
+    return not any(param.is_meta for param in model.parameters())
+
+
 def device_name(device: torch.device) -> str:
     """The device a run computes on, as its summary records it (`cuda:0 (NVIDIA H200)`)."""
     if device.type == "cuda":

@@ -26,6 +26,7 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
+    set_model_state_dict,
     set_optimizer_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
@@ -61,18 +62,38 @@ def accelerator_unaware() -> Iterator[None]:
             os.environ["ACCELERATE_USE_FSDP"] = saved
 
 
-def shard(objective: torch.nn.Module, model: torch.nn.Module, device: torch.device) -> None:
+def shard(
+    objective: torch.nn.Module, model: torch.nn.Module, device: torch.device, from_main: bool
+) -> None:
     """Shard `model`'s decoder layers and then `objective` (the root) over every process.
 
     Parameters are replaced by sharded ones: collect trainable parameters and build the
-    optimizer afterwards. Every process must start from the same weights (the run's seed makes
-    the adapter's initialisation identical); nothing is broadcast.
+    optimizer afterwards. With `from_main` only the main process holds weights (the others
+    made the objective on the meta device): each process receives its shards from it, and the
+    buffers whole. Otherwise every process starts from the same weights of its own.
     """
+    full_state = objective.state_dict() if from_main and dist.get_rank() == 0 else {}
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     reshard = parse_flag_from_env("FSDP_RESHARD_AFTER_FORWARD", default=True)
     for layer in models.causal_lm(model).model.layers:
         fully_shard(layer, mesh=mesh, reshard_after_forward=reshard)
     fully_shard(objective, mesh=mesh, reshard_after_forward=reshard)
+    if from_main:
+        _receive_from_main(objective, full_state, device)
+
+
+def _receive_from_main(
+    objective: torch.nn.Module, full_state: dict[str, torch.Tensor], device: torch.device
+) -> None:
+    """Give every process's shards their values from the main process's `full_state` (empty
+    on the others), and every buffer (some, such as the rotary frequencies, are in no state
+    dict) the main process's value."""
+    if dist.get_rank() != 0:
+        objective.to_empty(device=device)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(objective, full_state, options=options)
+    for buffer in objective.buffers():
+        dist.broadcast(buffer, src=0)
 
 
 def gathered_weights(
@@ -150,11 +171,26 @@ class FullyShardedLayout(layout.Layout):
 
     name = "fsdp"
     gathers = True
-    load_on_cpu = True
     spreads_weights = True
 
     def __init__(self, recipe: schema.Recipe) -> None:
         check_recipe(recipe)
+        augment = recipe.adversarial.augment if recipe.adversarial is not None else None
+        # The launch config's fsdp_cpu_ram_efficient_loading, unless the model's weights are
+        # read before sharding: a distillation student is cut from its teacher, which every
+        # process loads whole, and neighbour substitutes come from each process's embeddings.
+        self.from_main = (
+            parse_flag_from_env("FSDP_CPU_RAM_EFFICIENT_LOADING", default=True)
+            and recipe.distill is None
+            and not (augment is not None and "neighbour" in augment.methods)
+        )
+
+    def load_device(self, accelerator: Accelerator) -> torch.device | None:
+        # Only the main process reads the weights, on its CPU; the others receive their shards
+        # (a 70B model read by each of 8 processes would need 8 copies of it in CPU memory).
+        if self.from_main and not accelerator.is_main_process:
+            return torch.device("meta")
+        return torch.device("cpu")
 
     def accelerator(self, **settings: Any) -> Accelerator:
         with accelerator_unaware():
@@ -163,7 +199,7 @@ class FullyShardedLayout(layout.Layout):
     def place(
         self, accelerator: Accelerator, objective: torch.nn.Module, model: torch.nn.Module
     ) -> None:
-        shard(objective, model, accelerator.device)
+        shard(objective, model, accelerator.device, self.from_main)
 
     def prepare(
         self,

@@ -236,7 +236,10 @@ class TrainingRun:
         set_seed(self.settings.seed)
         with together(self.accelerator):
             self.built = assembly.build(
-                self.recipe, self.accelerator, self.run_dir, self.layout.load_on_cpu
+                self.recipe,
+                self.accelerator,
+                self.run_dir,
+                self.layout.load_device(self.accelerator),
             )
             self.objective = self.built.objective
             self.tokenizer = self.built.bundle.tokenizer

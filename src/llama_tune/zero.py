@@ -108,7 +108,6 @@ class ZeroLayout(layout.Layout):
     (the weights too)."""
 
     gathers = True
-    load_on_cpu = True
 
     def __init__(self, recipe: schema.Recipe, mixed_precision: str) -> None:
         path = os.environ.get(CONFIG_FILE)
@@ -138,6 +137,13 @@ class ZeroLayout(layout.Layout):
         # process loads the whole model instead, and the engine partitions it.
         unset_hf_deepspeed_config()
         return accelerator
+
+    def load_device(
+        self,
+        accelerator: Accelerator,  # noqa: ARG002 - the layout interface
+    ) -> torch.device | None:
+        # Every process builds the whole model on its CPU; the engine keeps its partition.
+        return torch.device("cpu")
 
     def place(
         self,
