@@ -142,9 +142,14 @@ def not_spread_yet(recipe: schema.Recipe) -> dict[str, bool]:
     }
 
 
+def augment_methods(recipe: schema.Recipe) -> list[str]:
+    """The methods `adversarial.augment` makes training examples with (none without it)."""
+    augment = recipe.adversarial.augment if recipe.adversarial is not None else None
+    return augment.methods if augment is not None else []
+
+
 def attacks_the_model(recipe: schema.Recipe) -> bool:
     """Whether training examples are attacked through the model's gradients (augment method
     gradient): each process attacks its own examples, a forward and backward each, outside the
     objective's forward."""
-    augment = recipe.adversarial.augment if recipe.adversarial is not None else None
-    return augment is not None and "gradient" in augment.methods
+    return "gradient" in augment_methods(recipe)

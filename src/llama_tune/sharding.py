@@ -175,14 +175,13 @@ class FullyShardedLayout(layout.Layout):
 
     def __init__(self, recipe: schema.Recipe) -> None:
         check_recipe(recipe)
-        augment = recipe.adversarial.augment if recipe.adversarial is not None else None
         # The launch config's fsdp_cpu_ram_efficient_loading, unless the model's weights are
         # read before sharding: a distillation student is cut from its teacher, which every
         # process loads whole, and neighbour substitutes come from each process's embeddings.
         self.from_main = (
             parse_flag_from_env("FSDP_CPU_RAM_EFFICIENT_LOADING", default=True)
             and recipe.distill is None
-            and not (augment is not None and "neighbour" in augment.methods)
+            and "neighbour" not in layout.augment_methods(recipe)
         )
 
     def load_device(self, accelerator: Accelerator) -> torch.device | None:
