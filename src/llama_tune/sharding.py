@@ -40,11 +40,7 @@ GATHERED = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 def check_recipe(recipe: schema.Recipe) -> None:
     """Refuse, before loading anything, what llama-tune's FSDP does not do yet."""
-    adversarial = recipe.adversarial
     refused = layout.not_spread_yet(recipe) | {
-        # The ascent's autograd.grad inside the forward runs FSDP's backward hooks, which
-        # reshard the root before the adversarial forward that needs it.
-        "adversarial.train": adversarial is not None and adversarial.train is not None,
         "adversarial.augment.methods (gradient)": layout.attacks_the_model(recipe),
     }
     layout.refuse(refused, "FSDP", "launch with configs/multi_gpu.yaml (DDP)")

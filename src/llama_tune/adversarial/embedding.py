@@ -29,6 +29,7 @@ from contextlib import nullcontext
 from typing import Any
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 
 from llama_tune import data, models, packing
 from llama_tune.objective import Objective, WrappedObjective, target_logits
@@ -173,7 +174,7 @@ class AdversarialObjective(WrappedObjective):
                 offset = offset.detach().requires_grad_(True)
                 ascent.append(self._run(batch, noise + offset))
                 if step + 1 < settings.steps:
-                    (gradient,) = torch.autograd.grad(total(ascent[-1]), offset, retain_graph=True)
+                    gradient = self._gradient(total(ascent[-1]), offset, retain_graph=True)
                     offset = projected(
                         offset + step_size * normalised(gradient, norm), epsilon, norm
                     )
@@ -190,7 +191,7 @@ class AdversarialObjective(WrappedObjective):
         clean = self._run(batch, noise + offset)
         sums = clean
         for step in range(steps):
-            (gradient,) = torch.autograd.grad(total(sums), offset, retain_graph=step == 0)
+            gradient = self._gradient(total(sums), offset, retain_graph=step == 0)
             offset = projected(
                 offset.detach() + step_size * normalised(gradient, norm), epsilon, norm
             )
@@ -200,6 +201,18 @@ class AdversarialObjective(WrappedObjective):
                 sums = self._run(batch, noise + offset)
         adversarial = self._run(batch, noise + offset.detach())
         return clean | {f"adversarial_{name}": value for name, value in adversarial.items()}
+
+    def _gradient(
+        self, loss: torch.Tensor, offset: torch.Tensor, retain_graph: bool = False
+    ) -> torch.Tensor:
+        """The gradient of `loss` with respect to `offset` alone, inside the forward."""
+        (gradient,) = torch.autograd.grad(loss, offset, retain_graph=retain_graph)
+        if isinstance(self, FSDPModule):
+            # Sharded by FSDP2, this objective is the root, and every backward, this one
+            # included, ends by resharding the root's weights (embeddings, final norm, head),
+            # which the rest of this forward still reads: gather them again.
+            self.unshard()
+        return gradient
 
     def _run(
         self, batch: dict[str, torch.Tensor], offset: torch.Tensor, keep_states: bool = False
@@ -255,7 +268,7 @@ class AdversarialObjective(WrappedObjective):
             offset.requires_grad_(True)
             logits = self._student_logits(batch, noise + offset)
             divergence = symmetric_kl(clean_logits.detach(), logits)
-            (gradient,) = torch.autograd.grad(divergence, offset)
+            gradient = self._gradient(divergence, offset)
             offset = projected(
                 offset.detach() + step_size * normalised(gradient, norm), epsilon, norm
             )
