@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Protocol
 import peft
 import torch
 import transformers
+from torch.utils.checkpoint import checkpoint
 
 from llama_tune import data, models
 
@@ -140,16 +141,81 @@ class WrappedObjective(torch.nn.Module):
         return self.objective.rewrite_step(step, batches, generating)
 
 
+HEAD_CHUNK = 256
+"""Target positions the output head and the cross-entropy take at a time: a 49,152-wide
+vocabulary makes [positions, vocab] float32 logits a step's largest tensors (an instruction
+row's answers), so only one chunk's exist at once."""
+
+
+def chunked_sum(
+    chunk_loss: Callable[[torch.Tensor, int, int], torch.Tensor],
+    states: torch.Tensor,
+    chunk_size: int,
+) -> torch.Tensor:
+    """The sum of `chunk_loss(states[start:stop], start, stop)` over chunks of `states`' rows.
+
+    Only the states are kept for backward: each chunk's loss (its logits) is recomputed there
+    (activation checkpointing). The last chunk is exempt: backward starts with it, so its
+    logits are freed before any other chunk's are recomputed, and the peak stays one chunk's.
+    """
+    total = states.new_zeros((), dtype=torch.float32)
+    for start in range(0, states.shape[0], chunk_size):
+        stop = min(start + chunk_size, states.shape[0])
+        chunk = states[start:stop]
+        if chunk.requires_grad and stop < states.shape[0]:
+            value = checkpoint(chunk_loss, chunk, start, stop, use_reentrant=False)
+        else:
+            value = chunk_loss(chunk, start, stop)
+        total = total + value
+    return total
+
+
 def target_cross_entropy(
     head: torch.nn.Module, predicting_states: torch.Tensor, labels: torch.Tensor
 ) -> torch.Tensor:
-    """Summed cross-entropy of the target tokens, the head applied only where they are predicted.
+    """Summed cross-entropy of the target tokens, the head applied only where they are
+    predicted, `HEAD_CHUNK` positions at a time.
 
     `predicting_states` are the final hidden states of positions 0..n-2: position t predicts
-    token t + 1.
+    token t + 1. A frozen head (LoRA) gets each chunk's gradient in the forward, so nothing is
+    computed twice; a trained one recomputes each chunk's logits in backward.
     """
-    logits, targets, _ = target_logits(head, predicting_states, labels)
-    return torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+    targets = labels[:, 1:]
+    selected = targets != data.IGNORE_INDEX
+    states, targets = predicting_states[selected], targets[selected]
+
+    def chunk_loss(chunk: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        logits = head(chunk).float()
+        return torch.nn.functional.cross_entropy(logits, targets[start:stop], reduction="sum")
+
+    trained_head = any(parameter.requires_grad for parameter in head.parameters())
+    if trained_head or not (states.requires_grad and torch.is_grad_enabled()):
+        return chunked_sum(chunk_loss, states, HEAD_CHUNK)
+    total = states.new_zeros((), dtype=torch.float32)
+    gradients = []
+    for start in range(0, states.shape[0], HEAD_CHUNK):
+        stop = min(start + HEAD_CHUNK, states.shape[0])
+        chunk = states[start:stop].detach().requires_grad_(True)
+        loss = chunk_loss(chunk, start, stop)
+        gradients.append(torch.autograd.grad(loss, chunk)[0])
+        total = total + loss.detach()
+    return _KnownGradient.apply(total, states, torch.cat(gradients))
+
+
+class _KnownGradient(torch.autograd.Function):
+    """`value`, whose gradient with respect to `inputs` was computed already (`gradient`)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, value: torch.Tensor, _inputs: torch.Tensor, gradient: torch.Tensor
+    ) -> torch.Tensor:
+        ctx.save_for_backward(gradient)
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[None, torch.Tensor, None]:
+        (gradient,) = ctx.saved_tensors
+        return None, gradient * grad_output, None
 
 
 def target_logits(

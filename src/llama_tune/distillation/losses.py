@@ -24,7 +24,8 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F  # noqa: N812 - the conventional name
-from torch.utils.checkpoint import checkpoint
+
+from llama_tune.objective import chunked_sum
 
 LossName = Literal["forward_kl", "reverse_kl", "jsd", "tvd"]
 # Log of the smallest remainder mass kept: below it the bucket is empty and its gradient zero.
@@ -179,16 +180,4 @@ def chunked_distillation(
         student_side, teacher_side = teacher.pair(start, stop, student_log_probs, temperature)
         return log_divergence(student_side, teacher_side, loss, beta).sum() * temperature**2
 
-    total = student_hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, student_hidden.shape[0], chunk_size):
-        stop = min(start + chunk_size, student_hidden.shape[0])
-        student_chunk = student_hidden[start:stop]
-        # Keep only the chunk's hidden states; its logits are recomputed in backward. The last
-        # chunk is exempt: backward starts with it, so its logits are freed before any other
-        # chunk's are recomputed, and the peak stays one chunk's worth.
-        if student_chunk.requires_grad and stop < student_hidden.shape[0]:
-            value = checkpoint(chunk_loss, student_chunk, start, stop, use_reentrant=False)
-        else:
-            value = chunk_loss(student_chunk, start, stop)
-        total = total + value
-    return total
+    return chunked_sum(chunk_loss, student_hidden, chunk_size)

@@ -1,0 +1,85 @@
+"""The target-token loss applies the head a chunk of positions at a time and gives the loss and
+gradients of whole logits (`objective.target_cross_entropy`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from llama_tune import attention, data, objective
+from llama_tune.schema import DataConfig, SplitsConfig
+
+
+@pytest.fixture(scope="module")
+def alpaca_row(data_root: Path, tokenizer) -> dict[str, torch.Tensor]:
+    """Six alpaca examples packed into one row: a few hundred answer tokens."""
+    config = DataConfig(
+        source=str(data_root / "instruction" / "alpaca_en_demo"),
+        task="instruction",
+        max_train_rows=6,
+        splits=SplitsConfig(validation=None, test=None),
+    )
+    return data.collate_packed(data.build(config, tokenizer).train.examples)
+
+
+def _whole_logits_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    logits = model(**batch, use_cache=False).logits[:, :-1].float()
+    targets = batch["labels"][:, 1:]
+    return torch.nn.functional.cross_entropy(
+        logits.transpose(1, 2), targets, ignore_index=data.IGNORE_INDEX, reduction="sum"
+    )
+
+
+def _loss_and_gradients(
+    model: torch.nn.Module, loss_of: objective.Objective | None, batch: dict[str, torch.Tensor]
+) -> tuple[float, torch.Tensor, dict[str, torch.Tensor]]:
+    """The summed loss, its gradient with respect to the input embeddings taken inside the
+    step (as adversarial training does, keeping the graph), and the trained parameters'
+    gradients of a backward of twice the loss."""
+    model.zero_grad()
+    embedding = model.get_input_embeddings()
+    offset = torch.zeros((*batch["input_ids"].shape, embedding.embedding_dim), requires_grad=True)
+    handle = embedding.register_forward_hook(lambda _m, _i, output: output + offset)
+    try:
+        loss = _whole_logits_loss(model, batch) if loss_of is None else loss_of(**batch)["ce"]
+    finally:
+        handle.remove()
+    (input_gradient,) = torch.autograd.grad(loss, offset, retain_graph=True)
+    (loss * 2).backward()
+    trained = {
+        name: parameter.grad.clone()
+        for name, parameter in model.named_parameters()
+        if parameter.requires_grad
+    }
+    return loss.item(), input_gradient, trained
+
+
+@pytest.mark.parametrize("adapted", [True, False], ids=["lora, frozen head", "full, trained head"])
+def test_chunks_of_the_head_give_the_loss_and_gradients_of_whole_logits(
+    tiny_model_dir: Path, alpaca_row, monkeypatch: pytest.MonkeyPatch, adapted: bool
+) -> None:
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    attention.use_training_attention(model, packed=True)
+    if adapted:
+        config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        model = peft.get_peft_model(model, config)
+    head = model.get_output_embeddings()
+    assert any(parameter.requires_grad for parameter in head.parameters()) is not adapted
+    targets = int((alpaca_row["labels"] != data.IGNORE_INDEX).sum())
+    monkeypatch.setattr(objective, "HEAD_CHUNK", 64)
+    assert targets > 3 * objective.HEAD_CHUNK
+    whole = _loss_and_gradients(model, None, alpaca_row)
+    chunked = _loss_and_gradients(model, objective.TargetTokenLoss(model), alpaca_row)
+    assert chunked[0] == pytest.approx(whole[0], rel=1e-6)
+    assert whole[2]
+    assert whole[2].keys() == chunked[2].keys()
+    for name, gradient in [("input embeddings", whole[1]), *whole[2].items()]:
+        found = chunked[1] if name == "input embeddings" else chunked[2][name]
+        # Another order of fp32 additions: differences of a few 1e-8 of the largest entry.
+        largest = float(gradient.abs().max())
+        torch.testing.assert_close(found, gradient, rtol=1e-4, atol=1e-6 * largest, msg=name)
