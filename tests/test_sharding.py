@@ -73,6 +73,10 @@ def test_fsdp_processes_take_their_weights_from_the_main_process(tiny_recipe) ->
     adapter = Path(run_folder.ADAPTER) / "adapter_model.safetensors"
     same_tensors(reference / adapter, sharded / adapter)
     assert sharding.FullyShardedLayout(config.load(one)).from_main
+    # Neighbour augmentation too: its substitute table comes from the main process (the DDP
+    # comparison above, whose augmentation draws neighbours, runs this way).
+    neighbours = ["adversarial.augment={methods: [neighbour]}"]
+    assert sharding.FullyShardedLayout(config.load(one, neighbours)).from_main
 
 
 @pytest.mark.parametrize("method", ["pgd", "smart"])

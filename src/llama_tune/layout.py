@@ -70,6 +70,16 @@ class Layout:
         """The module the loop calls and the optimizer it steps."""
         return accelerator.prepare(objective, optimizer)
 
+    def main_copy(
+        self,
+        tensor: torch.Tensor,
+        accelerator: Accelerator,  # noqa: ARG002 - the layout interface
+    ) -> torch.Tensor:
+        """`tensor`, made on each process from the model's weights before placing, as the
+        main process made it. Every process calls it (after `place`); here every process read
+        the weights, so its own is the main process's."""
+        return tensor
+
     def whole_model(
         self,
         objective: torch.nn.Module,  # noqa: ARG002 - the layout interface

@@ -171,13 +171,11 @@ class FullyShardedLayout(layout.Layout):
 
     def __init__(self, recipe: schema.Recipe) -> None:
         check_recipe(recipe)
-        # The launch config's fsdp_cpu_ram_efficient_loading, unless the model's weights are
-        # read before sharding: a distillation student is cut from its teacher, which every
-        # process loads whole, and neighbour substitutes come from each process's embeddings.
+        # The launch config's fsdp_cpu_ram_efficient_loading, unless the student of a
+        # distillation, which is cut from its teacher, and every process loads that whole.
         self.from_main = (
             parse_flag_from_env("FSDP_CPU_RAM_EFFICIENT_LOADING", default=True)
             and recipe.distill is None
-            and "neighbour" not in layout.augment_methods(recipe)
         )
 
     def load_device(self, accelerator: Accelerator) -> torch.device | None:
@@ -205,6 +203,18 @@ class FullyShardedLayout(layout.Layout):
         # Autocast, but no DDP around a sharded model: FSDP reduces the gradients itself.
         loss_module = accelerator.prepare_model(objective, evaluation_mode=True)
         return loss_module, accelerator.prepare_optimizer(optimizer)
+
+    def main_copy(self, tensor: torch.Tensor, accelerator: Accelerator) -> torch.Tensor:
+        if not self.from_main:
+            return tensor
+        # The others made theirs from meta weights: a shape without values. Sent through the
+        # accelerator's device, which NCCL needs.
+        if tensor.is_meta:
+            received = torch.empty(tensor.shape, dtype=tensor.dtype, device=accelerator.device)
+        else:
+            received = tensor.to(accelerator.device)
+        dist.broadcast(received, src=0)
+        return received.to("cpu" if tensor.is_meta else tensor.device)
 
     @contextmanager
     def whole_model(self, objective: torch.nn.Module) -> Iterator[None]:

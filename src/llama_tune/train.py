@@ -273,6 +273,10 @@ class TrainingRun:
     def _setup_optimizer(self) -> None:
         settings, accelerator = self.settings, self.accelerator
         self.layout.place(accelerator, self.objective, self.built.bundle.model)
+        if self.built.augmenter is not None:
+            self.built.augmenter.share_tables(
+                lambda tensor: self.layout.main_copy(tensor, accelerator)
+            )
         # Collected after placing, which may replace the parameters (FSDP).
         self.trainable = trained_parameters(self.objective)
         optimizer = torch.optim.AdamW(

@@ -10,8 +10,10 @@ changes: the target text and tokens stay those of the clean row.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+import torch
 from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -78,6 +80,12 @@ class Augmenter:
             assert model is not None
             embeddings = models.causal_lm(model).get_input_embeddings().weight
             self.substitutes = token_substitutes.Substitutes(embeddings, tokenizer)
+
+    def share_tables(self, main_copy: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Take the main process's substitute table (`Layout.main_copy`): a process that made
+        the model without weights built its own from nothing. Every process calls it."""
+        if self.substitutes is not None:
+            self.substitutes.unit = main_copy(self.substitutes.unit)
 
     def method_for(self, step: int, index: int) -> str | None:
         """The method that perturbs example `index` at `step`, or None to keep it clean."""
