@@ -140,18 +140,27 @@ def measure_trl(
 
     tokenizer = models.load_tokenizer(recipe.model.name)
     examples = data.build(recipe.data, tokenizer).train.examples
+    settings = recipe.train
+    # llama-tune's first epoch plan (its loop's generator and length grouping), read by TRL in
+    # sequence: both systems take the same examples at every step, so their peaks compare.
+    plan = data.plan_epoch(
+        [len(example.input_ids) for example in examples],
+        settings.batch_size,
+        torch.Generator().manual_seed(settings.seed),
+    )
+    examples = [examples[index] for step in plan[: settings.max_steps] for index in step]
     # TRL appends the EOS token to the completion itself, as llama-tune does. An instruction
     # example's prompt is already rendered in the chat template, up to the answer.
     separator = "" if recipe.data.task == "instruction" else " "
     rows = [{"prompt": e.prompt, "completion": f"{separator}{e.target}"} for e in examples]
     timer = StepTimer()
-    settings = recipe.train
     padding_free = recipe.packed
     with tempfile.TemporaryDirectory() as output_dir:
         arguments = SFTConfig(
             output_dir=output_dir,
             max_steps=settings.max_steps,
             per_device_train_batch_size=settings.batch_size,
+            train_sampling_strategy="sequential",
             learning_rate=settings.lr,
             lr_scheduler_type="constant",
             bf16=settings.precision == "bf16",

@@ -49,6 +49,11 @@ def test_train_throughput_writes_side_by_side_results(
             assert run["mean_loss"] > 0
     assert len(report["speed_ratios"]) == len(report["memory_ratios"]) == rounds
     assert report["speed_ratio"] > 0
+    # TRL reads llama-tune's steps in order: the same examples, so the same tokens.
+    trained = {
+        system: [run["tokens"] for run in report["runs"][system]] for system in report["runs"]
+    }
+    assert trained["trl"] == trained["llama-tune"]
     assert report["median"]["trl"]["tokens_per_s"] > 0
 
 
