@@ -180,9 +180,7 @@ def target_cross_entropy(
     token t + 1. A frozen head (LoRA) gets each chunk's gradient in the forward, so nothing is
     computed twice; a trained one recomputes each chunk's logits in backward.
     """
-    targets = labels[:, 1:]
-    selected = targets != data.IGNORE_INDEX
-    states, targets = predicting_states[selected], targets[selected]
+    states, targets, _ = target_positions(predicting_states, labels)
 
     def chunk_loss(chunk: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         logits = head(chunk).float()
@@ -191,14 +189,16 @@ def target_cross_entropy(
     trained_head = any(parameter.requires_grad for parameter in head.parameters())
     if trained_head or not (states.requires_grad and torch.is_grad_enabled()):
         return chunked_sum(chunk_loss, states, HEAD_CHUNK)
-    total = states.new_zeros((), dtype=torch.float32)
     gradients = []
-    for start in range(0, states.shape[0], HEAD_CHUNK):
-        stop = min(start + HEAD_CHUNK, states.shape[0])
-        chunk = states[start:stop].detach().requires_grad_(True)
+
+    def loss_and_gradient(chunk: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        chunk = chunk.requires_grad_(True)
         loss = chunk_loss(chunk, start, stop)
         gradients.append(torch.autograd.grad(loss, chunk)[0])
-        total = total + loss.detach()
+        return loss.detach()
+
+    # Detached states: each chunk is a leaf of its own, its graph freed with its gradient.
+    total = chunked_sum(loss_and_gradient, states.detach(), HEAD_CHUNK)
     return _KnownGradient.apply(total, states, torch.cat(gradients))
 
 
@@ -223,9 +223,18 @@ def target_logits(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(float logits of the positions that predict a target token, those tokens, the
     [batch, n-1] mask of where the positions are), the head applied only there."""
+    states, targets, selected = target_positions(predicting_states, labels)
+    return head(states).float(), targets, selected
+
+
+def target_positions(
+    predicting_states: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(the states of the positions that predict a target token, those tokens, the
+    [batch, n-1] mask of where the positions are)."""
     targets = labels[:, 1:]
     selected = targets != data.IGNORE_INDEX
-    return head(predicting_states[selected]).float(), targets[selected], selected
+    return predicting_states[selected], targets[selected], selected
 
 
 def step_counts(
