@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import TEST_DATA, torchrun
-from llama_tune import run_folder
+from llama_tune import config, run_folder, train
 
 TIED = {"lm_head.weight": "model.embed_tokens.weight"}
 COMPARED = {
@@ -154,3 +154,21 @@ def resumes_to(
     assert "resuming from" in done.stdout
     same_steps(expected, resumed, ("loss", "grad_norm"))
     same_tensors(expected / weights, resumed / weights)
+
+
+def trains_as_one_process(
+    tiny_recipe, overrides: list[str], launch: dict[str, str], layout: str, folder: Path
+) -> None:
+    """Train 4 steps on two processes under `launch`, whose summary names `layout`; check
+    that they take the steps and save the adapter of one process taking both processes' rows,
+    and that their step-2 checkpoint resumes to the same end."""
+    settings = {"max_steps": 4, "batch_size": 4, "checkpoint": {"every": 2}}
+    one = tiny_recipe("one", **settings | {"batch_size": 8})
+    reference = train.run(config.load(one, overrides), one).run_dir
+    spread = launched(tiny_recipe("spread", **settings), *overrides, launch=launch)
+    summary = json.loads((spread / run_folder.SUMMARY).read_text())
+    assert (summary["processes"], summary["layout"]) == (2, layout)
+    same_steps(reference, spread, ("loss", "grad_norm", "eval_loss"))
+    adapter = Path(run_folder.ADAPTER) / "adapter_model.safetensors"
+    same_tensors(reference / adapter, spread / adapter)
+    resumes_to(spread, spread, adapter, launch, folder)

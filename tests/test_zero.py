@@ -22,6 +22,7 @@ from launched import (
     same_optimizers,
     same_steps,
     same_tensors,
+    trains_as_one_process,
 )
 from llama_tune import config, run_folder, runtime, train, zero
 from llama_tune.layout import LayoutError
@@ -70,6 +71,19 @@ def test_zero3_trains_adversarially_as_one_process(tiny_recipe) -> None:
     # its own examples), but is with ZeRO-2, whose every process holds the whole weights.
     gradient = ["adversarial.augment={methods: [gradient]}"]
     zero.check_recipe(config.load(tiny_recipe(), gradient), 2)
+
+
+@pytest.mark.parametrize(
+    ("launch", "quantization"), [(ZERO3, "4bit"), (ZERO2, "8bit")], ids=["zero3-4bit", "zero2-8bit"]
+)
+def test_zero_trains_a_quantised_base_as_one_process(
+    tiny_recipe, tmp_path: Path, launch: dict[str, str], quantization: str
+) -> None:
+    # ZeRO-3 partitions the 4-bit bytes and gathers them back into the same bitsandbytes
+    # parameter, quantisation constants and all.
+    stage = 3 if launch is ZERO3 else 2
+    overrides = [f"model.quantization={quantization}"]
+    trains_as_one_process(tiny_recipe, overrides, launch, f"deepspeed zero-{stage}", tmp_path)
 
 
 def test_zero3_fine_tunes_the_whole_model_as_ddp_and_resumes(

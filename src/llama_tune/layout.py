@@ -145,13 +145,6 @@ def model_prefix(objective: torch.nn.Module, model: torch.nn.Module) -> str:
     raise ValueError("the model is not part of the objective")
 
 
-def not_spread_yet(recipe: schema.Recipe) -> dict[str, bool]:
-    """The recipe keys no spread-out layout (FSDP, ZeRO) combines with yet, for `refuse`."""
-    return {
-        "model.quantization": recipe.model.quantization != "none",
-    }
-
-
 def augment_methods(recipe: schema.Recipe) -> list[str]:
     """The methods `adversarial.augment` makes training examples with (none without it)."""
     augment = recipe.adversarial.augment if recipe.adversarial is not None else None

@@ -40,7 +40,10 @@ GATHERED = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 def check_recipe(recipe: schema.Recipe) -> None:
     """Refuse, before loading anything, what llama-tune's FSDP does not do yet."""
-    refused = layout.not_spread_yet(recipe) | {
+    refused = {
+        # bitsandbytes gives its 4-bit weights their quantisation constants back when FSDP
+        # replaces them by gathered plain tensors, but not its 8-bit ones.
+        "model.quantization (8bit)": recipe.model.quantization == "8bit",
         "adversarial.augment.methods (gradient)": layout.attacks_the_model(recipe),
     }
     layout.refuse(refused, "FSDP", "launch with configs/multi_gpu.yaml (DDP)")
@@ -172,10 +175,13 @@ class FullyShardedLayout(layout.Layout):
     def __init__(self, recipe: schema.Recipe) -> None:
         check_recipe(recipe)
         # The launch config's fsdp_cpu_ram_efficient_loading, unless the student of a
-        # distillation, which is cut from its teacher, and every process loads that whole.
+        # distillation, which is cut from its teacher, and every process loads that whole, or
+        # a quantised base, whose quantisation constants are no weights to send.
+        self.quantised = recipe.model.quantization != "none"
         self.from_main = (
             parse_flag_from_env("FSDP_CPU_RAM_EFFICIENT_LOADING", default=True)
             and recipe.distill is None
+            and not self.quantised
         )
 
     def load_device(self, accelerator: Accelerator) -> torch.device | None:
@@ -183,7 +189,9 @@ class FullyShardedLayout(layout.Layout):
         # (a 70B model read by each of 8 processes would need 8 copies of it in CPU memory).
         if self.from_main and not accelerator.is_main_process:
             return torch.device("meta")
-        return torch.device("cpu")
+        # A quantised base is read onto the process's own device, as one GPU reads it: its
+        # quantisation constants stay there, unsharded, beside the sharded 4-bit weights.
+        return accelerator.device if self.quantised else torch.device("cpu")
 
     def accelerator(self, **settings: Any) -> Accelerator:
         with accelerator_unaware():

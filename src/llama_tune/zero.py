@@ -93,7 +93,7 @@ def fill_config(
 
 def check_recipe(recipe: schema.Recipe, stage: int) -> None:
     """Refuse, before loading anything, what llama-tune's ZeRO does not do yet."""
-    refused = layout.not_spread_yet(recipe) | {
+    refused = {
         # The engine steps inside the last backward, before the step's loss is known.
         "train.max_nonfinite_steps": recipe.train.max_nonfinite_steps > 0,
         # Processes attack different numbers of examples, while ZeRO-3's every forward needs
@@ -122,6 +122,7 @@ class ZeroLayout(layout.Layout):
         self.spreads_weights = self.stage == 3
         self.name = f"deepspeed zero-{self.stage}"
         check_recipe(recipe, self.stage)
+        self.quantised = recipe.model.quantization != "none"
         self.half = mixed_precision != "no"
         self.masters: list[torch.Tensor] = []
 
@@ -138,12 +139,11 @@ class ZeroLayout(layout.Layout):
         unset_hf_deepspeed_config()
         return accelerator
 
-    def load_device(
-        self,
-        accelerator: Accelerator,  # noqa: ARG002 - the layout interface
-    ) -> torch.device | None:
-        # Every process builds the whole model on its CPU; the engine keeps its partition.
-        return torch.device("cpu")
+    def load_device(self, accelerator: Accelerator) -> torch.device | None:
+        # Every process builds the whole model on its CPU; the engine keeps its partition. A
+        # quantised base is quantised where it runs, as on one GPU: bitsandbytes moves its
+        # quantisation constants with the weights, and ZeRO-3 partitions the 4-bit bytes.
+        return accelerator.device if self.quantised else torch.device("cpu")
 
     def place(
         self,
