@@ -172,3 +172,23 @@ def trains_as_one_process(
     adapter = Path(run_folder.ADAPTER) / "adapter_model.safetensors"
     same_tensors(reference / adapter, spread / adapter)
     resumes_to(spread, spread, adapter, launch, folder)
+
+
+GRADIENT_ATTACK = (
+    "adversarial.augment={methods: [gradient], probability: 0.4, budget: 0.25, mode: add}"
+)
+"""Some of each process's rows attacked through the model, in as many rounds as their budgets
+ask. On the tiny recipe's rows the processes attack unequally: at one step one process has no
+row to attack while the other takes 3 rounds, at another they need 3 and 4 rounds."""
+
+
+def attacks_as_ddp(tiny_recipe, launch: dict[str, str]) -> None:
+    """Train 3 steps attacking examples through the model under `launch` and under DDP, where
+    each process attacks its own rows with its whole model; check that they take the same
+    steps and save the same adapter."""
+    settings = {"max_steps": 3, "batch_size": 4}
+    ddp = launched(tiny_recipe("ddp", **settings), GRADIENT_ATTACK)
+    spread = launched(tiny_recipe("spread", **settings), GRADIENT_ATTACK, launch=launch)
+    same_steps(ddp, spread, ("loss", "grad_norm", "eval_loss"))
+    adapter = Path(run_folder.ADAPTER) / "adapter_model.safetensors"
+    same_tensors(ddp / adapter, spread / adapter)

@@ -15,7 +15,6 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from llama_tune import schema
 from llama_tune.errors import UserError
 from llama_tune.runtime import cpu_processes
 
@@ -88,6 +87,13 @@ class Layout:
         generation), outside the objective's forward."""
         return contextlib.nullcontext()
 
+    def regather(
+        self,
+        objective: torch.nn.Module,
+    ) -> None:
+        """Inside `whole_model`, after a backward outside the objective's: gather again what
+        the backward's end released."""
+
     # The arguments unused here are those the spread-out layouts need.
     def gathered_weights(
         self,
@@ -143,16 +149,3 @@ def model_prefix(objective: torch.nn.Module, model: torch.nn.Module) -> str:
         if module is model:
             return f"{name}." if name else ""
     raise ValueError("the model is not part of the objective")
-
-
-def augment_methods(recipe: schema.Recipe) -> list[str]:
-    """The methods `adversarial.augment` makes training examples with (none without it)."""
-    augment = recipe.adversarial.augment if recipe.adversarial is not None else None
-    return augment.methods if augment is not None else []
-
-
-def attacks_the_model(recipe: schema.Recipe) -> bool:
-    """Whether training examples are attacked through the model's gradients (augment method
-    gradient): each process attacks its own examples, a forward and backward each, outside the
-    objective's forward."""
-    return "gradient" in augment_methods(recipe)

@@ -24,14 +24,24 @@ from llama_tune import data, models
 
 
 @dataclass(frozen=True)
-class Generating:
-    """How a training step's model may generate (on-policy distillation): inside `whole()` its
-    model can be called on its own, outside the objective's forward (FSDP gathers the root's
-    weights); `synced`: its weights are spread over the processes, so every process goes on
-    taking forward steps until all are done."""
+class ModelCalls:
+    """How a training step may call its model outside the objective's forward (on-policy
+    generation, the gradient attack of augmentation): inside `whole()` it can be called on its
+    own (FSDP gathers the root's weights). `synced`: its weights are spread over the
+    processes, so every process makes the same calls, as many as the busiest needs; `most(n)`
+    is the largest `n` of any process. `regather()` after a backward gathers again what its
+    end released (FSDP reshards the root)."""
 
     whole: Callable[[], contextlib.AbstractContextManager]
     synced: bool
+    most: Callable[[int], int]
+    regather: Callable[[], None]
+
+
+ALONE = ModelCalls(
+    contextlib.nullcontext, synced=False, most=lambda count: count, regather=lambda: None
+)
+"""A process holding its whole model, that answers for itself alone."""
 
 
 class Objective(Protocol):
@@ -57,7 +67,7 @@ class Objective(Protocol):
         ...
 
     def rewrite_step(
-        self, step: int, batches: list[list[data.Example]], generating: Generating
+        self, step: int, batches: list[list[data.Example]], calls: ModelCalls
     ) -> list[list[data.Example]] | None:
         """Other examples to train this step on (on-policy distillation); None keeps the data's."""
         ...
@@ -91,7 +101,7 @@ class TargetTokenLoss(torch.nn.Module):
         return {}
 
     def rewrite_step(
-        self, _step: int, _batches: list[list[data.Example]], _generating: Generating
+        self, _step: int, _batches: list[list[data.Example]], _calls: ModelCalls
     ) -> list[list[data.Example]] | None:
         return None
 
@@ -136,9 +146,9 @@ class WrappedObjective(torch.nn.Module):
         return self.objective.extra_inputs(indices)
 
     def rewrite_step(
-        self, step: int, batches: list[list[data.Example]], generating: Generating
+        self, step: int, batches: list[list[data.Example]], calls: ModelCalls
     ) -> list[list[data.Example]] | None:
-        return self.objective.rewrite_step(step, batches, generating)
+        return self.objective.rewrite_step(step, batches, calls)
 
 
 HEAD_CHUNK = 256

@@ -44,7 +44,6 @@ def check_recipe(recipe: schema.Recipe) -> None:
         # bitsandbytes gives its 4-bit weights their quantisation constants back when FSDP
         # replaces them by gathered plain tensors, but not its 8-bit ones.
         "model.quantization (8bit)": recipe.model.quantization == "8bit",
-        "adversarial.augment.methods (gradient)": layout.attacks_the_model(recipe),
     }
     layout.refuse(refused, "FSDP", "launch with configs/multi_gpu.yaml (DDP)")
 
@@ -233,6 +232,10 @@ class FullyShardedLayout(layout.Layout):
             yield
         finally:
             objective.reshard()
+
+    def regather(self, objective: torch.nn.Module) -> None:
+        # Every FSDP backward ends by resharding the root (embeddings, final norm, head).
+        objective.unshard()
 
     def gathered_weights(
         self, objective: torch.nn.Module, model: torch.nn.Module, trained_only: bool

@@ -42,7 +42,7 @@ from llama_tune.checkpoint import StopSignals, TrainState
 from llama_tune.errors import UserError
 from llama_tune.jsonfiles import read_json, write_json
 from llama_tune.layout import trained_extras, trained_parameters
-from llama_tune.objective import Generating, Objective, combined, step_counts
+from llama_tune.objective import ModelCalls, Objective, combined, step_counts
 from llama_tune.runtime import (
     check_launch,
     device_name,
@@ -447,6 +447,18 @@ class TrainingRun:
         self.progress.close()
         return self._finish()
 
+    def _model_calls(self) -> ModelCalls:
+        """How the step may call the model outside the objective's forward (on-policy
+        generation, the gradient attack): in step with the other processes where the weights
+        are spread over them."""
+        accelerator, objective, layout = self.accelerator, self.objective, self.layout
+        return ModelCalls(
+            whole=lambda: layout.whole_model(objective),
+            synced=layout.spreads_weights,
+            most=lambda count: _most(accelerator, count) if layout.spreads_weights else count,
+            regather=lambda: layout.regather(objective),
+        )
+
     def _optimizer_step(self, step_examples: list[int]) -> None:
         """One optimizer step over the step's examples, split into micro-batches."""
         accelerator, objective, state = self.accelerator, self.objective, self.state
@@ -458,14 +470,13 @@ class TrainingRun:
         counts = step_counts(objective, [examples[i] for i in step_examples])
         step_inputs = sum(self.lengths[i] for i in step_examples)
         own_examples = [[examples[i] for i in indices] for indices in own]
-        generating = Generating(
-            lambda: self.layout.whole_model(objective), self.layout.spreads_weights
-        )
-        rewritten = objective.rewrite_step(state.step, own_examples, generating)
+        calls = self._model_calls()
+        rewritten = objective.rewrite_step(state.step, own_examples, calls)
         if rewritten is not None:
             own_examples = rewritten
         if self.built.augmenter is not None:
-            own, own_examples = self.built.augmenter.training_batches(state.step, own, own_examples)
+            augmenter = self.built.augmenter
+            own, own_examples = augmenter.training_batches(state.step, own, own_examples, calls)
         if rewritten is not None or self.built.augmenter is not None:
             # Other examples than planned: new counts, summed over every process's
             # micro-batches. An on-policy step (the student's own completions) scores no
@@ -783,6 +794,12 @@ def eval_losses(
         for index, name in enumerate(names)
         if totals[2 * index + 1] > 0
     }
+
+
+def _most(accelerator: Accelerator, count: int) -> int:
+    """The largest `count` of any process."""
+    counts = accelerator.gather(torch.tensor([count], device=accelerator.device))
+    return int(counts.max().item())
 
 
 def _any_process(accelerator: Accelerator, flag: bool) -> bool:

@@ -96,9 +96,6 @@ def check_recipe(recipe: schema.Recipe, stage: int) -> None:
     refused = {
         # The engine steps inside the last backward, before the step's loss is known.
         "train.max_nonfinite_steps": recipe.train.max_nonfinite_steps > 0,
-        # Processes attack different numbers of examples, while ZeRO-3's every forward needs
-        # them all.
-        "adversarial.augment.methods (gradient)": stage == 3 and layout.attacks_the_model(recipe),
     }
     layout.refuse(refused, f"DeepSpeed ZeRO-{stage}", "launch with configs/multi_gpu.yaml (DDP)")
 

@@ -3,6 +3,7 @@ word starts under a SentencePiece decoder."""
 
 from __future__ import annotations
 
+import contextlib
 import random
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from llama_tune import data, schema
 from llama_tune.adversarial import token_substitutes
 from llama_tune.adversarial.text_noise import edit_count, lexicon, spelling_variants, words_of
-from llama_tune.objective import target_cross_entropy
+from llama_tune.objective import ModelCalls, target_cross_entropy
 
 
 @pytest.fixture(scope="module")
@@ -177,14 +178,12 @@ def test_gradient_attack_beats_random_substitutions(
         return neighbours.nearest_many([input_ids[p] for p in where], 10)
 
     attacked = token_substitutes.gradient_substitutions(
-        real_model,
+        token_substitutes.AttackedModel(real_model, tokenizer.pad_token_id, "no"),
         examples,
         positions,
         options_for,
         budget,
         [random.Random(i) for i in range(len(examples))],
-        tokenizer.pad_token_id,
-        "no",
     )
     randomised = [
         _random_substitutions(e, p, options_for, budget, random.Random(i))
@@ -217,6 +216,49 @@ def test_gradient_attack_beats_random_substitutions(
     assert (gradient - clean).mean() > 1.5 * (random_ - clean).mean() > 0
     assert (gradient > random_).float().mean() > 0.5
     assert not any(param.grad is not None for param in real_model.parameters())
+
+
+def test_a_process_in_step_with_busier_ones_attacks_as_alone(
+    sst2, neighbours, real_model, tokenizer
+) -> None:
+    # Under FSDP or ZeRO-3 every process makes the busiest one's calls: more rounds, more
+    # batches of trial losses. The extra calls run on fillers and change nothing.
+    formatter, examples = sst2
+    examples = examples[:4]
+    positions = [token_substitutes.input_positions(e, formatter, tokenizer) for e in examples]
+    budget = 0.15
+
+    def options_for(input_ids: list[int], where: list[int]) -> list[list[int]]:
+        return [neighbours.spellings(input_ids[p]) for p in where]
+
+    def attack(most, attacked_examples, where) -> tuple[list[dict[int, int]], int, int]:
+        forwards, regathers = [], []
+        calls = ModelCalls(contextlib.nullcontext, True, most, lambda: regathers.append(1))
+        model = token_substitutes.AttackedModel(real_model, tokenizer.pad_token_id, "no", calls)
+        rngs = [random.Random(i) for i in range(len(attacked_examples))]
+        hook = real_model.get_decoder().register_forward_hook(lambda *_: forwards.append(1))
+        try:
+            chosen = token_substitutes.gradient_substitutions(
+                model, attacked_examples, where, options_for, budget, rngs
+            )
+        finally:
+            hook.remove()
+        return chosen, len(forwards), len(regathers)
+
+    alone, alone_forwards, rounds = attack(lambda count: count, examples, positions)
+    assert any(alone)
+    most_edits = max(
+        edit_count(budget, len(where), random.Random(i)) for i, where in enumerate(positions)
+    )
+    busier, forwards, regathers = attack(lambda count: count + 2, examples, positions)
+    assert busier == alone
+    # Two more rounds than the most edits asked, each a gradient and two filler loss batches,
+    # and two more loss batches in each of the rounds that attacked.
+    assert regathers == most_edits + 2
+    assert forwards == alone_forwards + 3 * (most_edits + 2 - rounds) + 2 * rounds
+    # A process with nothing to attack makes the others' calls: here 2 rounds of a gradient
+    # and 2 loss batches each.
+    assert attack(lambda count: max(count, 2), [], []) == ([], 6, 2)
 
 
 def _sentencepiece_tokenizer() -> PreTrainedTokenizerFast:

@@ -19,6 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from llama_tune import data, models, schema
 from llama_tune.adversarial import text_noise, token_substitutes
+from llama_tune.objective import ALONE, ModelCalls
 from llama_tune.schema import AugmentConfig
 from llama_tune.tasks import TASKS
 
@@ -103,10 +104,13 @@ class Augmenter:
         indices: list[int],
         examples: list[data.Example],
         methods: list[str | None] | None = None,
+        calls: ModelCalls = ALONE,
     ) -> list[Perturbed]:
         """Each example with its perturbation at `step` (gradient ones attacked as a batch).
 
         `methods` forces each example's method (the preview); None draws them as training does.
+        `calls`: how the model is called; when the processes attack together, every process
+        takes part in each step's attack, whether or not it drew the gradient method.
         """
         if methods is None:
             methods = [self.method_for(step, index) for index in indices]
@@ -134,9 +138,14 @@ class Augmenter:
                 results.append(Perturbed(example, example))
                 if method == "gradient":
                     attacked.append(position)
-        if attacked:
-            self._attack(step, [indices[i] for i in attacked], results, attacked)
+        if attacked or (calls.synced and self._may_attack(step)):
+            self._attack(step, [indices[i] for i in attacked], results, attacked, calls)
         return results
+
+    def _may_attack(self, step: int) -> bool:
+        """Whether `method_for` may draw the gradient method at `step`, on any process."""
+        settings = self.settings
+        return "gradient" in settings.methods and step % settings.gradient_every == 0
 
     def _gradient_options(self, input_ids: list[int], positions: list[int]) -> list[list[int]]:
         """The tokens the gradient attack may put in place of the token at each of `positions`."""
@@ -151,23 +160,30 @@ class Augmenter:
         return self.substitutes.nearest_many(token_ids, self.settings.neighbours)
 
     def _attack(
-        self, step: int, indices: list[int], results: list[Perturbed], attacked: list[int]
+        self,
+        step: int,
+        indices: list[int],
+        results: list[Perturbed],
+        attacked: list[int],
+        calls: ModelCalls,
     ) -> None:
         assert self.model is not None
         clean = [results[i].clean for i in attacked]
         where = [
             token_substitutes.input_positions(e, self.formatter, self.tokenizer) for e in clean
         ]
-        substitutions = token_substitutes.gradient_substitutions(
-            self.model,
-            clean,
-            where,
-            self._gradient_options,
-            self.settings.budget,
-            [example_rng(self.seed, step, index) for index in indices],
-            self.tokenizer.pad_token_id,
-            self.precision,
+        model = token_substitutes.AttackedModel(
+            self.model, self.tokenizer.pad_token_id, self.precision, calls
         )
+        with calls.whole():
+            substitutions = token_substitutes.gradient_substitutions(
+                model,
+                clean,
+                where,
+                self._gradient_options,
+                self.settings.budget,
+                [example_rng(self.seed, step, index) for index in indices],
+            )
         for i, example, chosen, positions in zip(
             attacked, clean, substitutions, where, strict=True
         ):
@@ -221,23 +237,31 @@ class Augmenter:
         return Perturbed(example, perturbed)
 
     def training_batches(
-        self, step: int, indices: list[list[int]], batches: list[list[data.Example]]
+        self,
+        step: int,
+        indices: list[list[int]],
+        batches: list[list[data.Example]],
+        calls: ModelCalls = ALONE,
     ) -> tuple[list[list[int]], list[list[data.Example]]]:
-        """The step's micro-batches as trained on, with the example index of each row.
+        """The step's micro-batches as trained on, with the example index of each row; the
+        gradient method attacks the whole step's examples at once.
 
         replace: perturbed examples take their clean ones' places; add: they join their
         micro-batch after the clean examples.
         """
+        flat_indices = [index for batch_indices in indices for index in batch_indices]
+        flat = [example for batch in batches for example in batch]
+        perturbed = iter(self.perturb(step, flat_indices, flat, calls=calls))
         new_indices, new_batches = [], []
         for batch_indices, batch in zip(indices, batches, strict=True):
-            perturbed = self.perturb(step, batch_indices, batch)
+            items = [next(perturbed) for _ in batch]
             if self.settings.mode == "replace":
                 new_indices.append(list(batch_indices))
-                new_batches.append([item.example for item in perturbed])
+                new_batches.append([item.example for item in items])
                 continue
             added = [
                 (index, item.example)
-                for index, item in zip(batch_indices, perturbed, strict=True)
+                for index, item in zip(batch_indices, items, strict=True)
                 if item.method is not None
             ]
             new_indices.append(list(batch_indices) + [index for index, _ in added])

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 from peft import PeftModel
@@ -19,7 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from llama_tune import data, inference, models
 from llama_tune.adversarial.text_noise import edit_count, spelling_variants, words_of
-from llama_tune.objective import target_cross_entropy, target_logits
+from llama_tune.objective import ALONE, ModelCalls, target_cross_entropy, target_logits
 
 SENTINEL = "\x00"
 
@@ -191,15 +191,30 @@ def neighbour_substitutions(
 EXACT_CHECKS = 4
 
 
+@dataclass(frozen=True)
+class AttackedModel:
+    """The model a gradient attack queries, and how: its padding token, its precision, and
+    the calls every process makes together when its weights are spread (FSDP, ZeRO-3)."""
+
+    model: PreTrainedModel | PeftModel
+    pad_token_id: int
+    precision: str
+    calls: ModelCalls = ALONE
+
+    def filler(self) -> data.Example:
+        """A two-token example for a process with nothing to attack in a call the others
+        make; what the model says of it is dropped."""
+        pad = self.pad_token_id
+        return data.Example(prompt="", target="", input_ids=[pad, pad], prompt_length=1, row=-1)
+
+
 def gradient_substitutions(
-    model: PreTrainedModel | PeftModel,
+    attacked: AttackedModel,
     examples: list[data.Example],
     positions: list[list[int]],
     options_for: Callable[[list[int], list[int]], list[list[int]]],
     budget: float,
     rngs: list[random.Random],
-    pad_token_id: int,
-    precision: str,
 ) -> list[dict[int, int]]:
     """For each example, the substitutions that most raise the model's loss.
 
@@ -209,53 +224,39 @@ def gradient_substitutions(
     HotFlip with exact re-ranking: a forward and backward of the batch gives every input
     token's loss gradient at the current perturbation; the EXACT_CHECKS swaps with the largest
     first-order gain are scored by a forward pass and the one with the highest loss is kept.
-    Rounds go on until each example has its `budget` of substitutions or no options left. The
-    model's parameters get no gradient and its training mode is restored.
+    Rounds go on until each example has its `budget` of substitutions or no options left (on
+    every process, when the processes attack together). The model's parameters get no
+    gradient and its training mode is restored.
     """
+    calls = attacked.calls
     wanted = [
         edit_count(budget, len(usable), rng) for usable, rng in zip(positions, rngs, strict=True)
     ]
     chosen: list[dict[int, int]] = [{} for _ in examples]
-    table = models.causal_lm(model).get_input_embeddings().weight.detach()
-    for _ in range(max(wanted, default=0)):
+    for _ in range(calls.most(max(wanted, default=0))):
         active = [i for i in range(len(examples)) if len(chosen[i]) < wanted[i]]
-        if not active:
+        if calls.most(len(active)) == 0:
             break
         current = [with_tokens(examples[i], chosen[i]) for i in active]
-        gradient = input_gradients(model, current, pad_token_id, precision)
-        trials: list[tuple[int, int, int]] = []
+        gradient = input_gradients(attacked, current)
+        swaps: list[tuple[int, list[int], list[list[int]]]] = []
         for row, i in enumerate(active):
             untouched = [p for p in positions[i] if p not in chosen[i]]
-            token_ids = [examples[i].input_ids[p] for p in untouched]
-            option_lists = options_for(current[row].input_ids, untouched)
-            width = max(map(len, option_lists), default=0)
-            if width == 0:
+            options = _padded_options(current[row].input_ids, untouched, options_for)
+            if options:
+                swaps.append((row, untouched, options))
+            else:
                 wanted[i] = len(chosen[i])
-                continue
-            # Positions with fewer options are padded with the token itself, never chosen.
-            padded = [
-                found + [token] * (width - len(found))
-                for found, token in zip(option_lists, token_ids, strict=True)
-            ]
-            options = torch.tensor(padded, device=table.device)
-            originals = torch.tensor(token_ids, device=table.device)
-            # First-order loss change of each swap: (e_candidate - e_token) . gradient.
-            gains = torch.einsum(
-                "pcd,pd->pc",
-                table[options].float() - table[originals][:, None].float(),
-                gradient[row, untouched],
-            )
-            gains[options == originals[:, None]] = -torch.inf
-            checks = min(EXACT_CHECKS, sum(map(len, option_lists)))
-            for flat_index in gains.flatten().topk(checks).indices.tolist():
-                position, option = divmod(flat_index, width)
-                trials.append((i, untouched[position], int(options[position, option])))
-        if not trials:
+        trials = [
+            (active[row], position, token)
+            for row, position, token in _first_order_best(attacked, swaps, gradient)
+        ]
+        if calls.most(len(trials)) == 0:
             break
         trial_examples = [
             with_tokens(examples[i], chosen[i] | {position: token}) for i, position, token in trials
         ]
-        losses = example_losses(model, trial_examples, pad_token_id, precision)
+        losses = example_losses(attacked, trial_examples)
         worst_for_model: dict[int, tuple[float, int, int]] = {}
         for (i, position, token), loss in zip(trials, losses.tolist(), strict=True):
             if i not in worst_for_model or loss > worst_for_model[i][0]:
@@ -265,52 +266,98 @@ def gradient_substitutions(
     return chosen
 
 
+def _padded_options(
+    input_ids: list[int],
+    positions: list[int],
+    options_for: Callable[[list[int], list[int]], list[list[int]]],
+) -> list[list[int]]:
+    """For each of `positions`, its options followed by its own token, all padded with that
+    token to one width (a padded option is never chosen); none when no position has any."""
+    option_lists = options_for(input_ids, positions)
+    width = max(map(len, option_lists), default=0)
+    if width == 0:
+        return []
+    return [
+        found + [input_ids[p]] * (width + 1 - len(found))
+        for found, p in zip(option_lists, positions, strict=True)
+    ]
+
+
+def _first_order_best(
+    attacked: AttackedModel,
+    swaps: list[tuple[int, list[int], list[list[int]]]],
+    gradient: torch.Tensor,
+) -> list[tuple[int, int, int]]:
+    """(row, position, token) of each row's EXACT_CHECKS swaps with the largest first-order
+    loss change, (e_candidate - e_token) . gradient, for `swaps` of (row, positions, each
+    position's options ending with its own token). Every embedding comes from one call of
+    the embedding layer, which every process makes (ZeRO-3 gathers its weights for it)."""
+    device = gradient.device
+    grids = [torch.tensor(options, device=device) for _, _, options in swaps]
+    flat = torch.cat([grid.flatten() for grid in grids] or [torch.zeros(0, dtype=torch.long)])
+    embedding = models.causal_lm(attacked.model).get_input_embeddings()
+    with torch.no_grad():
+        vectors = embedding(flat.to(device)).float().split([grid.numel() for grid in grids])
+    best = []
+    for (row, positions, _), grid, rows in zip(swaps, grids, vectors, strict=True):
+        grid_vectors = rows.view(*grid.shape, -1)
+        swapped = grid_vectors[:, :-1] - grid_vectors[:, -1:]
+        gains = torch.einsum("pcd,pd->pc", swapped, gradient[row, positions])
+        gains[grid[:, :-1] == grid[:, -1:]] = -torch.inf
+        checks = min(EXACT_CHECKS, int(torch.isfinite(gains).sum()))
+        for flat_index in gains.flatten().topk(checks).indices.tolist():
+            position, option = divmod(flat_index, grid.shape[1] - 1)
+            best.append((row, positions[position], int(grid[position, option])))
+    return best
+
+
 def example_losses(
-    model: PreTrainedModel | PeftModel,
-    examples: list[data.Example],
-    pad_token_id: int,
-    precision: str,
-    batch_size: int = 64,
+    attacked: AttackedModel, examples: list[data.Example], batch_size: int = 64
 ) -> torch.Tensor:
-    """[examples] summed target cross-entropy of each example, without gradients, in eval mode."""
+    """[examples] summed target cross-entropy of each example, without gradients, in eval mode.
+
+    When the processes attack together, each runs as many batches as the busiest (fillers
+    where it has no examples left)."""
+    model = attacked.model
     base = models.causal_lm(model)
     head = base.get_output_embeddings()
     device = head.weight.device
+    batches = [
+        examples[start : start + batch_size] for start in range(0, len(examples), batch_size)
+    ]
+    extra = attacked.calls.most(len(batches)) - len(batches)
     losses = []
     was_training = model.training
     model.eval()
-    with torch.no_grad(), inference.autocast_for(model, precision):
-        for start in range(0, len(examples), batch_size):
-            batch = data.collate(examples[start : start + batch_size], pad_token_id, 16)
+    with torch.no_grad(), inference.autocast_for(model, attacked.precision):
+        for rows in batches + [[attacked.filler()]] * extra:
+            batch = data.collate(rows, attacked.pad_token_id, 16)
             batch = {name: value.to(device) for name, value in batch.items()}
             hidden = base.get_decoder()(
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
             ).last_hidden_state
             logits, targets, selected = target_logits(head, hidden[:, :-1], batch["labels"])
             token_losses = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
-            rows = selected.nonzero()[:, 0]
-            summed = torch.zeros(len(selected), device=device).index_add_(0, rows, token_losses)
-            losses.append(summed)
+            positions = selected.nonzero()[:, 0]
+            summed = torch.zeros(len(selected), device=device)
+            losses.append(summed.index_add_(0, positions, token_losses))
     model.train(was_training)
-    return torch.cat(losses).cpu()
+    return torch.cat(losses[: len(batches)]).cpu() if batches else torch.zeros(0)
 
 
-def input_gradients(
-    model: PreTrainedModel | PeftModel,
-    examples: list[data.Example],
-    pad_token_id: int,
-    precision: str,
-) -> torch.Tensor:
+def input_gradients(attacked: AttackedModel, examples: list[data.Example]) -> torch.Tensor:
     """[batch, length, width] gradient of the summed target cross-entropy w.r.t. each input
-    embedding, in float32, with the model in eval mode and its parameters untouched."""
+    embedding, in float32, with the model in eval mode and its parameters untouched. A process
+    with no examples takes the gradient of a filler when the processes attack together."""
+    model = attacked.model
     base = models.causal_lm(model)
     embedding = base.get_input_embeddings()
     # Lengths padded to multiples of 16, as in training: each new shape rebuilds bf16 kernels.
-    batch = data.collate(examples, pad_token_id, 16)
+    batch = data.collate(examples or [attacked.filler()], attacked.pad_token_id, 16)
     batch = {name: value.to(embedding.weight.device) for name, value in batch.items()}
     was_training = model.training
     model.eval()
-    with torch.enable_grad(), inference.autocast_for(model, precision):
+    with torch.enable_grad(), inference.autocast_for(model, attacked.precision):
         embedded = embedding(batch["input_ids"]).detach().requires_grad_(True)
         hidden = base.get_decoder()(
             inputs_embeds=embedded, attention_mask=batch["attention_mask"]
@@ -318,4 +365,5 @@ def input_gradients(
         loss = target_cross_entropy(base.get_output_embeddings(), hidden[:, :-1], batch["labels"])
         (gradient,) = torch.autograd.grad(loss, embedded)
     model.train(was_training)
+    attacked.calls.regather()
     return gradient.float()

@@ -20,7 +20,7 @@ from llama_tune.distillation.cache import CachedTeacher
 from llama_tune.distillation.hidden import HiddenStateMatch
 from llama_tune.distillation.losses import OnlineTeacher, TopKTeacher, chunked_distillation
 from llama_tune.distillation.teacher import FrozenTeacher, distilled_count, distilled_positions
-from llama_tune.objective import Generating, target_cross_entropy
+from llama_tune.objective import ModelCalls, target_cross_entropy
 from llama_tune.schema import DistillConfig
 
 
@@ -80,7 +80,7 @@ class DistillationObjective(torch.nn.Module):
         return counts
 
     def rewrite_step(
-        self, step: int, batches: list[list[data.Example]], generating: Generating
+        self, step: int, batches: list[list[data.Example]], calls: ModelCalls
     ) -> list[list[data.Example]] | None:
         """On an on-policy step, the batches with the student's own completions as answers."""
         settings = self.settings.on_policy
@@ -89,10 +89,10 @@ class DistillationObjective(torch.nn.Module):
         if not on_policy.is_on_policy_step(settings, self.sampling.seed, step):
             return None
         tokenizer, precision = self.sampling.tokenizer, self.sampling.precision
-        with generating.whole():
+        with calls.whole():
             return [
                 on_policy.student_examples(
-                    self.model, tokenizer, batch, settings, precision, generating.synced
+                    self.model, tokenizer, batch, settings, precision, calls.synced
                 )
                 for batch in batches
             ]
