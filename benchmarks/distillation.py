@@ -7,7 +7,7 @@ tokens only and no task loss, in three trainers:
 - llama-tune with the teacher online,
 - llama-tune reading a teacher cache (top-k 64; the cache build is timed separately),
 - TRL's GKDTrainer with lmbda=0 (no student generation) and beta=0 (forward KL), fed the same
-  batches by the same collator.
+  batches by the same collator: llama-tune's steps (its length-grouped plan), read in order.
 Throughput counts prompt and answer tokens (not padding) per second of optimizer steps, after
 warm-up steps that are not counted. The three alternate, each measurement in a fresh process
 (side_by_side.py), for `--rounds` rounds: medians, per-round ratios against GKDTrainer, each
@@ -125,7 +125,8 @@ def measure_trl(args: argparse.Namespace, recipe: schema.Recipe, scratch: Path) 
 
     assert recipe.distill is not None
     tokenizer = models.load_tokenizer(recipe.model.name)
-    examples = data.build(recipe.data, tokenizer).train.examples
+    built = data.build(recipe.data, tokenizer).train.examples
+    examples = train_throughput.planned_examples(recipe, built)
     precision = "bf16" if args.precision == "bf16" else "no"
     teacher = loading.load_teacher(recipe.distill, precision)
     # The same starting student as llama-tune's, saved so TRL loads it like any model.
@@ -146,6 +147,7 @@ def measure_trl(args: argparse.Namespace, recipe: schema.Recipe, scratch: Path) 
         output_dir=str(scratch / "trl"),
         max_steps=settings.max_steps,
         per_device_train_batch_size=settings.batch_size,
+        train_sampling_strategy="sequential",
         learning_rate=settings.lr,
         lr_scheduler_type="constant",
         bf16=args.precision == "bf16",

@@ -129,6 +129,20 @@ def measure_llama_tune(recipe: schema.Recipe, warmup: int) -> dict[str, Any]:
     }
 
 
+def planned_examples(recipe: schema.Recipe, examples: list[data.Example]) -> list[data.Example]:
+    """The examples of llama-tune's steps in order: its first epoch plan (its loop's generator
+    and length grouping), cut to the recipe's steps. A peer reading them in sequence
+    (`train_sampling_strategy="sequential"`) takes the same examples at every step, so the
+    two count the same tokens and their peaks compare."""
+    settings = recipe.train
+    plan = data.plan_epoch(
+        [len(example.input_ids) for example in examples],
+        settings.batch_size,
+        torch.Generator().manual_seed(settings.seed),
+    )
+    return [examples[index] for step in plan[: settings.max_steps] for index in step]
+
+
 def measure_trl(
     recipe: schema.Recipe, warmup: int, neftune_alpha: float | None = None
 ) -> dict[str, Any]:
@@ -139,16 +153,8 @@ def measure_trl(
     from trl import SFTConfig, SFTTrainer
 
     tokenizer = models.load_tokenizer(recipe.model.name)
-    examples = data.build(recipe.data, tokenizer).train.examples
+    examples = planned_examples(recipe, data.build(recipe.data, tokenizer).train.examples)
     settings = recipe.train
-    # llama-tune's first epoch plan (its loop's generator and length grouping), read by TRL in
-    # sequence: both systems take the same examples at every step, so their peaks compare.
-    plan = data.plan_epoch(
-        [len(example.input_ids) for example in examples],
-        settings.batch_size,
-        torch.Generator().manual_seed(settings.seed),
-    )
-    examples = [examples[index] for step in plan[: settings.max_steps] for index in step]
     # TRL appends the EOS token to the completion itself, as llama-tune does. An instruction
     # example's prompt is already rendered in the chat template, up to the answer.
     separator = "" if recipe.data.task == "instruction" else " "

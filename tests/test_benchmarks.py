@@ -73,6 +73,9 @@ def test_distillation_writes_side_by_side_results(
         assert run["tokens_per_s"] > 0
         assert 0 < run["peak_rss_gib"] < 24
         assert len(run["losses"]) == 2
+    # GKDTrainer reads llama-tune's steps in order: the same examples, so the same tokens.
+    tokens = {run["tokens"] for (run,) in throughput["runs"].values()}
+    assert len(tokens) == 1
     assert throughput["online_vs_trl"] > 0
     assert throughput["cached_vs_trl"] > 0
     assert len(throughput["cached_vs_trl_rounds"]) == 1
