@@ -133,13 +133,16 @@ def planned_examples(recipe: schema.Recipe, examples: list[data.Example]) -> lis
     """The examples of llama-tune's steps in order: its first epoch plan (its loop's generator
     and length grouping), cut to the recipe's steps. A peer reading them in sequence
     (`train_sampling_strategy="sequential"`) takes the same examples at every step, so the
-    two count the same tokens and their peaks compare."""
+    two count the same tokens and their peaks compare. The benchmarks' recipes run one process,
+    no accumulation and no more steps than one epoch holds, where this is the loop's plan."""
     settings = recipe.train
     plan = data.plan_epoch(
         [len(example.input_ids) for example in examples],
         settings.batch_size,
         torch.Generator().manual_seed(settings.seed),
     )
+    assert settings.grad_accumulation == 1
+    assert len(plan) >= settings.max_steps
     return [examples[index] for step in plan[: settings.max_steps] for index in step]
 
 

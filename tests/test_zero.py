@@ -89,6 +89,28 @@ def test_zero3_attacks_training_examples_through_the_model_as_ddp(tiny_recipe) -
     attacks_as_ddp(tiny_recipe, ZERO3)
 
 
+def test_zero3_trains_long_answers_as_one_process(tiny_recipe, data_root: Path) -> None:
+    # Alpaca answers of up to 548 tokens: the head runs over 256 answer positions at a time,
+    # so the processes can call it a different number of times in a step, each call gathering its
+    # partitioned weights.
+    long_answers = [
+        f"data.source={data_root / 'instruction' / 'alpaca_en_demo'}",
+        "data.task=instruction",
+        "data.max_length=1024",
+        "data.max_train_rows=64",
+        "data.splits.validation=null",
+        "train.packing=false",
+    ]
+    one = tiny_recipe("one", max_steps=4, batch_size=4)
+    reference = train.run(config.load(one, long_answers), one).run_dir
+    partitioned = launched(
+        tiny_recipe("zero3", max_steps=4, batch_size=2), *long_answers, launch=ZERO3
+    )
+    same_steps(reference, partitioned, ("loss", "grad_norm"))
+    adapter = Path(run_folder.ADAPTER) / "adapter_model.safetensors"
+    same_tensors(reference / adapter, partitioned / adapter)
+
+
 def test_zero3_fine_tunes_the_whole_model_as_ddp_and_resumes(
     ddp_reference, tiny_recipe, tmp_path: Path
 ) -> None:

@@ -243,25 +243,23 @@ class Augmenter:
         batches: list[list[data.Example]],
         calls: ModelCalls = ALONE,
     ) -> tuple[list[list[int]], list[list[data.Example]]]:
-        """The step's micro-batches as trained on, with the example index of each row; the
-        gradient method attacks the whole step's examples at once.
+        """The step's micro-batches as trained on, with the example index of each row.
 
         replace: perturbed examples take their clean ones' places; add: they join their
-        micro-batch after the clean examples.
+        micro-batch after the clean examples. Every process has as many micro-batches (the
+        accumulation), so where the processes attack together they do so micro-batch by
+        micro-batch.
         """
-        flat_indices = [index for batch_indices in indices for index in batch_indices]
-        flat = [example for batch in batches for example in batch]
-        perturbed = iter(self.perturb(step, flat_indices, flat, calls=calls))
         new_indices, new_batches = [], []
         for batch_indices, batch in zip(indices, batches, strict=True):
-            items = [next(perturbed) for _ in batch]
+            perturbed = self.perturb(step, batch_indices, batch, calls=calls)
             if self.settings.mode == "replace":
                 new_indices.append(list(batch_indices))
-                new_batches.append([item.example for item in items])
+                new_batches.append([item.example for item in perturbed])
                 continue
             added = [
                 (index, item.example)
-                for index, item in zip(batch_indices, items, strict=True)
+                for index, item in zip(batch_indices, perturbed, strict=True)
                 if item.method is not None
             ]
             new_indices.append(list(batch_indices) + [index for index, _ in added])

@@ -273,7 +273,10 @@ def _padded_options(
 ) -> list[list[int]]:
     """For each of `positions`, its options followed by its own token, all padded with that
     token to one width (a padded option is never chosen); none when no position has any."""
-    option_lists = options_for(input_ids, positions)
+    option_lists = [
+        [token for token in found if token != input_ids[p]]
+        for found, p in zip(options_for(input_ids, positions), positions, strict=True)
+    ]
     width = max(map(len, option_lists), default=0)
     if width == 0:
         return []
