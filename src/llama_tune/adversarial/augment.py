@@ -110,7 +110,7 @@ class Augmenter:
 
         `methods` forces each example's method (the preview); None draws them as training does.
         `calls`: how the model is called; when the processes attack together, every process
-        takes part in each step's attack, whether or not it drew the gradient method.
+        takes part in each attack the others make, whether or not it drew the gradient method.
         """
         if methods is None:
             methods = [self.method_for(step, index) for index in indices]

@@ -297,10 +297,11 @@ def _first_order_best(
     the embedding layer, which every process makes (ZeRO-3 gathers its weights for it)."""
     device = gradient.device
     grids = [torch.tensor(options, device=device) for _, _, options in swaps]
-    flat = torch.cat([grid.flatten() for grid in grids] or [torch.zeros(0, dtype=torch.long)])
+    nothing = torch.zeros(0, dtype=torch.long, device=device)
+    flat = torch.cat([grid.flatten() for grid in grids] or [nothing])
     embedding = models.causal_lm(attacked.model).get_input_embeddings()
     with torch.no_grad():
-        vectors = embedding(flat.to(device)).float().split([grid.numel() for grid in grids])
+        vectors = embedding(flat).float().split([grid.numel() for grid in grids])
     best = []
     for (row, positions, _), grid, rows in zip(swaps, grids, vectors, strict=True):
         grid_vectors = rows.view(*grid.shape, -1)
