@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
 from accelerate import Accelerator
 
 from llama_tune import attention, data, models, runtime, schema
@@ -52,22 +51,27 @@ def build(
     recipe: schema.Recipe,
     accelerator: Accelerator,
     run_dir: Path,
-    device: torch.device | None = None,
+    layout: Layout,
 ) -> TrainingSetup:
     """Load the model (and teacher) and data, and compose the recipe's objective.
 
-    The trained model is created on `device` (None: this process's), which its layout chooses
-    (`Layout.load_device`): a model to be sharded or partitioned is created on the CPU, or
-    without weights on the meta device, so that no GPU ever holds the whole model.
+    The trained model is created where its layout says (`Layout.load_device`,
+    `Layout.creating_model`): a model to be sharded or partitioned is created on the CPU,
+    without weights on the meta device, or already partitioned (ZeRO-3), so that no GPU ever
+    holds the whole model.
     """
+    device = layout.load_device(accelerator)
     if recipe.distill is None:
-        bundle = models.load(recipe.model, recipe.adapter, accelerator.mixed_precision, device)
+        precision = accelerator.mixed_precision
+        bundle = models.load(recipe.model, recipe.adapter, precision, device, layout.creating_model)
         objective: Objective = TargetTokenLoss(bundle.model)
         datasets = data.build(recipe.data, bundle.tokenizer, recipe.train.seed)
     else:
         from llama_tune.distillation import loading
 
-        bundle, objective, datasets = loading.load(recipe, accelerator, run_dir, device)
+        bundle, objective, datasets = loading.load(
+            recipe, accelerator, run_dir, device, layout.creating_model
+        )
     attention.use_training_attention(models.causal_lm(bundle.model), recipe.packed)
     if accelerator.mixed_precision != "no":
         models.skip_adapter_input_casts(bundle.model)
@@ -86,12 +90,15 @@ def build(
         data.refuse_perturbing(stats.format, stats.origin, "adversarial.augment")
         from llama_tune.adversarial.augment import Augmenter
 
-        augmenter = Augmenter(
-            augment,
-            data.TaskFormatter(recipe.data, datasets.labels),
-            bundle.tokenizer,
-            bundle.model,
-            recipe.train.seed,
-            accelerator.mixed_precision,
-        )
+        # Its table of neighbouring tokens is made from the input embeddings, whole.
+        embeddings = models.causal_lm(bundle.model).get_input_embeddings().weight
+        with layout.reading([embeddings]):
+            augmenter = Augmenter(
+                augment,
+                data.TaskFormatter(recipe.data, datasets.labels),
+                bundle.tokenizer,
+                bundle.model,
+                recipe.train.seed,
+                accelerator.mixed_precision,
+            )
     return TrainingSetup(bundle, objective, datasets, augmenter)

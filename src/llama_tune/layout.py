@@ -55,6 +55,19 @@ class Layout:
         device) and move each process's part to its device."""
         return None
 
+    def creating_model(self) -> contextlib.AbstractContextManager:
+        """A block in which this process reads the model it trains from its files. ZeRO-3
+        creates it there already partitioned, each process keeping its part."""
+        return contextlib.nullcontext()
+
+    def reading(
+        self,
+        params: list[torch.nn.Parameter],  # noqa: ARG002 - the layout interface
+    ) -> contextlib.AbstractContextManager:
+        """A block in which `params`, as created and before placing, hold their whole values
+        (a ZeRO-3 partition is gathered for it). Every process enters it."""
+        return contextlib.nullcontext()
+
     def place(
         self, accelerator: Accelerator, objective: torch.nn.Module, model: torch.nn.Module
     ) -> None:

@@ -13,8 +13,8 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -243,10 +243,12 @@ def load_base_model(
     mixed_precision: str = "no",
     trained: bool = False,
     device: torch.device | None = None,
+    creating: Callable[[], AbstractContextManager] = nullcontext,
 ) -> PreTrainedModel:
     """The base causal LM in its storage dtype, quantised when the recipe asks, created on
     `device`, by default this process's (`runtime.model_device`): a GPU run reads the weights
-    straight onto its GPU. On the meta device the weights are not read (`_skeleton`).
+    straight onto its GPU. On the meta device the weights are not read (`_skeleton`). The
+    weights are read inside `creating()` (`Layout.creating_model`).
 
     `trained` says its own weights will be trained (full fine-tuning), which keeps them fp32.
     """
@@ -257,14 +259,15 @@ def load_base_model(
     if device.type == "meta":
         return ready_for_training(_skeleton(location, config, dtype), config)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            location,
-            revision=config.revision,
-            dtype=dtype,
-            quantization_config=quantization,
-            # On the CPU the default placement is the same; bitsandbytes needs it on a GPU.
-            device_map=None if device.type == "cpu" else {"": device},
-        )
+        with creating():
+            model = AutoModelForCausalLM.from_pretrained(
+                location,
+                revision=config.revision,
+                dtype=dtype,
+                quantization_config=quantization,
+                # On the CPU the default placement is the same; bitsandbytes needs it on a GPU.
+                device_map=None if device.type == "cpu" else {"": device},
+            )
     except (OSError, ValueError, SafetensorError) as error:
         raise ModelError(_load_failure(config.name, error)) from None
     if quantization is not None:
@@ -417,15 +420,16 @@ def load(
     adapter: AdapterConfig | None,
     mixed_precision: str = "no",
     device: torch.device | None = None,
+    creating: Callable[[], AbstractContextManager] = nullcontext,
 ) -> ModelBundle:
     """Tokenizer, base model and a new LoRA adapter (or, without one, every weight trainable),
-    on `device` (default: this process's).
+    on `device` (default: this process's), read inside `creating()`.
 
     `mixed_precision` is Accelerate's name for the compute precision (no, bf16, fp16).
     """
     tokenizer = load_tokenizer(model_config.name, model_config.revision)
     full = adapter is None
-    model = load_base_model(model_config, mixed_precision, trained=full, device=device)
+    model = load_base_model(model_config, mixed_precision, full, device, creating)
     if not full:
         model = add_adapter(model, adapter, model_config)
     return ModelBundle(model=model, tokenizer=tokenizer)
@@ -469,7 +473,11 @@ class DecoderStates:
 
 
 def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    """(trainable, total) parameter counts, of the whole model where ZeRO-3 partitioned it."""
+
+    def whole(param: torch.nn.Parameter) -> int:
+        return getattr(param, "ds_numel", param.numel())
+
+    trainable = sum(whole(param) for param in model.parameters() if param.requires_grad)
+    total = sum(whole(param) for param in model.parameters())
     return trainable, total

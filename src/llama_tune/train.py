@@ -239,7 +239,7 @@ class TrainingRun:
                 self.recipe,
                 self.accelerator,
                 self.run_dir,
-                self.layout.load_device(self.accelerator),
+                self.layout,
             )
             self.objective = self.built.objective
             self.tokenizer = self.built.bundle.tokenizer

@@ -13,8 +13,10 @@ DeepSpeed itself (an optional dependency, seconds to import) is imported where i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ from llama_tune.runtime import LaunchError
 CONFIG_FILE = "ACCELERATE_DEEPSPEED_CONFIG_FILE"
 """Where `accelerate launch` puts the DeepSpeed JSON its config names."""
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
+HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 REFUSED_SECTIONS = {
     "optimizer": "llama-tune builds AdamW from the recipe's train section",
     "scheduler": "llama-tune sets the learning rate from train.scheduler",
@@ -120,7 +123,17 @@ class ZeroLayout(layout.Layout):
         self.name = f"deepspeed zero-{self.stage}"
         check_recipe(recipe, self.stage)
         self.quantised = recipe.model.quantization != "none"
-        self.half = mixed_precision != "no"
+        # ZeRO-3 creates a LoRA run's frozen base already partitioned (zero.Init): each
+        # process reads the files and keeps its part, so no process ever holds the whole
+        # model. A quantised base is quantised on each process's device instead. A fully
+        # fine-tuned model is still read whole by each process: a resume's weights would go
+        # into partitions, created in the half dtype under bf16 (not done yet).
+        self.creates_partitioned = (
+            self.stage == 3 and not self.quantised and recipe.adapter is not None
+        )
+        if self.creates_partitioned:
+            self.name += ", base created partitioned"
+        self.half = HALF_DTYPES.get(mixed_precision)
         self.masters: list[torch.Tensor] = []
 
     def accelerator(self, **settings: Any) -> Accelerator:
@@ -130,16 +143,40 @@ class ZeroLayout(layout.Layout):
         # Without a GPU, Accelerate would leave each process alone under DeepSpeed.
         handlers = [] if torch.cuda.is_available() else [InitProcessGroupKwargs(backend="gloo")]
         accelerator = Accelerator(deepspeed_plugin=plugin, kwargs_handlers=handlers, **settings)
-        # Accelerate tells Transformers about ZeRO-3, whose models would then load already
-        # partitioned (zero.Init), before a checkpoint's weights or an adapter go in: each
-        # process loads the whole model instead, and the engine partitions it.
+        # Accelerate tells Transformers about ZeRO-3, which would then create every model
+        # partitioned (zero.Init), a distillation teacher too: only `creating_model` does.
         unset_hf_deepspeed_config()
         return accelerator
 
+    @contextlib.contextmanager
+    def creating_model(self) -> Iterator[None]:
+        if not self.creates_partitioned:
+            yield
+            return
+        from transformers.integrations import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+        # Transformers creates models under zero.Init while this config is alive, and loads
+        # the files into the partitions (each process reads them; the main one's values go in).
+        registered = HfDeepSpeedConfig(self.config)
+        try:
+            yield
+        finally:
+            unset_hf_deepspeed_config()
+            del registered
+
+    def reading(self, params: list[torch.nn.Parameter]) -> contextlib.AbstractContextManager:
+        if not self.creates_partitioned:
+            return contextlib.nullcontext()
+        from deepspeed.runtime.zero import GatheredParameters
+
+        return GatheredParameters(params)
+
     def load_device(self, accelerator: Accelerator) -> torch.device | None:
-        # Every process builds the whole model on its CPU; the engine keeps its partition. A
-        # quantised base is quantised where it runs, as on one GPU: bitsandbytes moves its
-        # quantisation constants with the weights, and ZeRO-3 partitions the 4-bit bytes.
+        # The CPU: zero.Init places each process's partition on its device itself (and
+        # Transformers refuses a device map with it); a model read whole is partitioned by the
+        # engine. A quantised base is quantised where it runs, as on one GPU: bitsandbytes
+        # moves its quantisation constants with the weights, and ZeRO-3 partitions the 4-bit
+        # bytes.
         return accelerator.device if self.quantised else torch.device("cpu")
 
     def place(
@@ -151,11 +188,18 @@ class ZeroLayout(layout.Layout):
         # In bf16 or fp16 the engine casts the whole model, trained weights included, and keeps
         # fp32 copies made from the cast ones: the trained weights are kept here to give
         # those copies their full values (a resumed run's, a fresh adapter's initialisation).
-        if self.half:
-            self.masters = [
-                param.detach().to("cpu", torch.float32, copy=True)
-                for param in layout.trained_parameters(objective)
-            ]
+        if self.half is None:
+            return
+        self.masters = [
+            param.detach().to("cpu", torch.float32, copy=True)
+            for param in layout.trained_parameters(objective)
+        ]
+        if self.creates_partitioned:
+            # The engine casts nothing of a model created partitioned (in the half dtype
+            # already): what was created whole after it (the adapter) is cast here instead.
+            for param in objective.parameters():
+                if not hasattr(param, "ds_id") and param.is_floating_point():
+                    param.data = param.data.to(self.half)
 
     def prepare(
         self,

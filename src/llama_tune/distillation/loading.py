@@ -7,6 +7,7 @@ incompatible pair or an impossible size fails in seconds, before gigabytes are r
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
@@ -189,9 +190,10 @@ def _student(
     run_dir: Path,
     accelerator: Accelerator,
     device: torch.device | None,
+    creating: Callable[[], AbstractContextManager],
 ) -> tuple[PeftModel | PreTrainedModel, list[int] | None]:
     """The student to train (with its adapter), and the teacher layers it was cut from (None:
-    loaded from its own weights, on `device`)."""
+    loaded from its own weights, on `device`, inside `creating()`)."""
     assert recipe.distill is not None
     settings, mixed_precision = recipe.distill, accelerator.mixed_precision
     full = recipe.adapter is None
@@ -210,7 +212,7 @@ def _student(
         student_model = models.ready_for_training(built, recipe.model)
     else:
         student_model = models.load_base_model(
-            recipe.model, mixed_precision, trained=full, device=device
+            recipe.model, mixed_precision, full, device, creating
         )
     if recipe.adapter is not None:
         # A student cut from the teacher sits on the run's own copy of itself.
@@ -226,11 +228,13 @@ def load(
     accelerator: Accelerator,
     run_dir: Path,
     student_device: torch.device | None = None,
+    creating_student: Callable[[], AbstractContextManager] = nullcontext,
 ) -> tuple[models.ModelBundle, DistillationObjective, data.Datasets]:
     """Check, then load teacher, student and data; the objective that trains the student.
 
-    A student loaded from its own weights goes on `student_device` (default: this process's);
-    the teacher always on this process's device, whole: FSDP and ZeRO spread the student only.
+    A student loaded from its own weights goes on `student_device` (default: this process's),
+    read inside `creating_student()` (`Layout.creating_model`); the teacher always on this
+    process's device, whole: FSDP and ZeRO spread the student only.
 
     With `distill.cache`, the teacher first fills the cache (or its missing shards) and is
     then released: training reads the cache.
@@ -245,7 +249,9 @@ def load(
     teacher = None
     if settings.cache is None or settings.student.from_teacher is not None:
         teacher = load_teacher(settings, mixed_precision)
-    student_model, keep = _student(recipe, teacher, tokenizer, run_dir, accelerator, student_device)
+    student_model, keep = _student(
+        recipe, teacher, tokenizer, run_dir, accelerator, student_device, creating_student
+    )
 
     datasets = data.build(recipe.data, tokenizer, recipe.train.seed)
     token_subset = label_first_tokens(recipe, tokenizer) if settings.label_tokens_only else None
