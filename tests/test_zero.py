@@ -32,6 +32,7 @@ from llama_tune.layout import LayoutError
 ZERO2 = launch_environment(REPO / "configs" / "deepspeed_zero2.yaml")
 ZERO3 = launch_environment(REPO / "configs" / "deepspeed_zero3.yaml")
 STEP = Path(run_folder.CHECKPOINTS) / "step-00000002"
+ADAPTER = Path(run_folder.ADAPTER) / "adapter_model.safetensors"
 
 
 def test_zero2_trains_as_ddp_and_resumes_a_ddp_checkpoint(
@@ -84,31 +85,35 @@ def test_zero_trains_a_quantised_base_as_one_process(
     trains_as_one_process(tiny_recipe, overrides, launch, f"deepspeed zero-{stage}", tmp_path)
 
 
-def test_zero3_creates_a_lora_base_partitioned_and_trains_bf16_as_zero2(
-    tiny_recipe, tmp_path: Path
+@pytest.mark.parametrize(
+    ("overrides", "saved"),
+    [([], ADAPTER), (["adapter=null"], Path(run_folder.FULL_MODEL) / "model.safetensors")],
+    ids=["lora", "full"],
+)
+def test_zero3_creates_the_model_partitioned_and_trains_bf16_as_zero2(
+    tiny_recipe, tmp_path: Path, overrides: list[str], saved: Path
 ) -> None:
-    # ZeRO-3 reads a LoRA run's base into each process's partitions (zero.Init); ZeRO-2 reads
-    # it whole and its engine casts everything to bf16. Under ZeRO-3 the engine casts nothing,
-    # so the layout casts the adapter, whose fp32 masters keep their initial values.
+    # ZeRO-3 reads the model into each process's partitions (zero.Init), in bf16; ZeRO-2
+    # reads it whole and its engine casts everything to bf16. Under ZeRO-3 the engine casts
+    # nothing, so the layout casts the adapter, whose fp32 copies keep their initial values.
     settings = {"max_steps": 4, "batch_size": 4, "checkpoint": {"every": 2}, "precision": "bf16"}
-    whole = launched(tiny_recipe("zero2", **settings), launch=ZERO2)
-    partitioned = launched(tiny_recipe("zero3", **settings), launch=ZERO3)
-    summary = json.loads((partitioned / run_folder.SUMMARY).read_text())
-    assert summary["layout"] == "deepspeed zero-3, base created partitioned"
-    assert (
-        summary["parameters"] == json.loads((whole / run_folder.SUMMARY).read_text())["parameters"]
-    )
+    whole = launched(tiny_recipe("zero2", **settings), *overrides, launch=ZERO2)
+    partitioned = launched(tiny_recipe("zero3", **settings), *overrides, launch=ZERO3)
+    summaries = [json.loads((run / run_folder.SUMMARY).read_text()) for run in (whole, partitioned)]
+    assert summaries[1]["layout"] == "deepspeed zero-3, created partitioned"
+    # Counted whole, not by each process's partition.
+    assert summaries[1]["parameters"] == summaries[0]["parameters"]
     # The first step is ZeRO-2's to fp32 precision (an adapter left in fp32 gives another
     # gradient norm); later ones differ at bf16's resolution, as ZeRO-3 read whole differs
-    # from ZeRO-2 (the stages reduce bf16 gradients in other orders).
+    # from ZeRO-2 (the stages reduce bf16 gradients in other orders; a fully fine-tuned
+    # model's fp32 copies start from its bf16 values).
     for expected, actual in zip(metrics(whole), metrics(partitioned), strict=True):
         tolerance = 1e-6 if expected["step"] <= 1 else 2e-3
         assert sorted(actual) == sorted(expected)
         for key in {"loss", "grad_norm", "eval_loss"} & set(expected):
             assert actual[key] == pytest.approx(expected[key], rel=tolerance), key
-    # The fp32 masters come back exactly on a resume.
-    adapter = Path(run_folder.ADAPTER) / "adapter_model.safetensors"
-    resumes_to(partitioned, partitioned, adapter, ZERO3, tmp_path)
+    # A resume puts the checkpoint's fp32 values into the partitions and the fp32 copies.
+    resumes_to(partitioned, partitioned, saved, ZERO3, tmp_path)
 
 
 def test_zero3_attacks_training_examples_through_the_model_as_ddp(tiny_recipe) -> None:

@@ -270,18 +270,19 @@ def read(folder: Path, full_model: bool, extras: bool) -> SavedCheckpoint:
 
 def restore_weights(
     saved: SavedCheckpoint,
-    model: PeftModel | PreTrainedModel,
+    model: PeftModel | PreTrainedModel | None,
     extras: dict[str, torch.nn.Parameter] | None = None,
 ) -> None:
     """Put a read checkpoint's trained weights into the model (before it is prepared or
-    sharded), and `extras`, trained parameters outside it. A model without weights (the meta
-    device) is left alone: it receives them from the main process."""
-    if not holds_weights(model):
-        return
+    sharded; None: the layout puts them in), and `extras`, trained parameters outside it. A
+    model without weights (the meta device) is left alone: it receives them from the main
+    process."""
     folder = saved.folder
+    if model is not None and not holds_weights(model):
+        return
     if isinstance(model, PeftModel):
         set_peft_model_state_dict(model, load_file(folder / ADAPTER / ADAPTER_WEIGHTS))
-    else:
+    elif model is not None:
         load_model(model, str(folder / FULL_WEIGHTS))
     if extras:
         with torch.no_grad():

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
+from llama_tune import checkpoint
 from llama_tune.errors import UserError
 from llama_tune.runtime import cpu_processes
 
@@ -67,6 +68,16 @@ class Layout:
         """A block in which `params`, as created and before placing, hold their whole values
         (a ZeRO-3 partition is gathered for it). Every process enters it."""
         return contextlib.nullcontext()
+
+    def restore_weights(
+        self,
+        saved: checkpoint.SavedCheckpoint,
+        model: torch.nn.Module,
+        extras: dict[str, torch.nn.Parameter],
+    ) -> None:
+        """Put a read checkpoint's trained weights into the model and `extras` (trained
+        parameters outside it), before placing."""
+        checkpoint.restore_weights(saved, model, extras)
 
     def place(
         self, accelerator: Accelerator, objective: torch.nn.Module, model: torch.nn.Module

@@ -318,7 +318,7 @@ class TrainingRun:
                     f"{self.plan.total_steps} (train.max_steps, train.epochs): nothing is left "
                     "to train; raise train.max_steps to train on"
                 )
-            checkpoint.restore_weights(saved, self.built.bundle.model, extras)
+            self.layout.restore_weights(saved, self.built.bundle.model, extras)
             return saved
         raise TrainError(f"{self.run_dir}: no intact checkpoint to resume from")
 

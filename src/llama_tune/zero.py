@@ -23,8 +23,9 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+from safetensors import safe_open
 
-from llama_tune import layout, schema
+from llama_tune import checkpoint, layout, schema
 from llama_tune.runtime import LaunchError
 
 CONFIG_FILE = "ACCELERATE_DEEPSPEED_CONFIG_FILE"
@@ -123,18 +124,17 @@ class ZeroLayout(layout.Layout):
         self.name = f"deepspeed zero-{self.stage}"
         check_recipe(recipe, self.stage)
         self.quantised = recipe.model.quantization != "none"
-        # ZeRO-3 creates a LoRA run's frozen base already partitioned (zero.Init): each
-        # process reads the files and keeps its part, so no process ever holds the whole
-        # model. A quantised base is quantised on each process's device instead. A fully
-        # fine-tuned model is still read whole by each process: a resume's weights would go
-        # into partitions, created in the half dtype under bf16 (not done yet).
-        self.creates_partitioned = (
-            self.stage == 3 and not self.quantised and recipe.adapter is not None
-        )
+        # ZeRO-3 creates the model already partitioned (zero.Init): the main process reads
+        # the files and each process keeps its part, so no process ever holds the whole
+        # model. A quantised base is quantised on each process's device instead.
+        self.creates_partitioned = self.stage == 3 and not self.quantised
         if self.creates_partitioned:
-            self.name += ", base created partitioned"
+            self.name += ", created partitioned"
         self.half = HALF_DTYPES.get(mixed_precision)
-        self.masters: list[torch.Tensor] = []
+        self.masters: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+        # A resumed checkpoint's weights for parameters created partitioned, set after
+        # the engine is made (its fp32 copies included), tensor by tensor.
+        self.resumed_weights: tuple[Path, list[tuple[torch.nn.Parameter, str]]] | None = None
 
     def accelerator(self, **settings: Any) -> Accelerator:
         from transformers.integrations import unset_hf_deepspeed_config
@@ -188,11 +188,14 @@ class ZeroLayout(layout.Layout):
         # In bf16 or fp16 the engine casts the whole model, trained weights included, and keeps
         # fp32 copies made from the cast ones: the trained weights are kept here to give
         # those copies their full values (a resumed run's, a fresh adapter's initialisation).
+        # Weights created partitioned are created in the half dtype: a fresh run's fp32 copies
+        # start from those values, a resumed run's from the checkpoint (`resumed_weights`).
         if self.half is None:
             return
         self.masters = [
-            param.detach().to("cpu", torch.float32, copy=True)
+            (param, param.detach().to("cpu", torch.float32, copy=True))
             for param in layout.trained_parameters(objective)
+            if not hasattr(param, "ds_id")
         ]
         if self.creates_partitioned:
             # The engine casts nothing of a model created partitioned (in the half dtype
@@ -210,10 +213,40 @@ class ZeroLayout(layout.Layout):
         from deepspeed.utils import safe_set_full_fp32_param
 
         engine, prepared = accelerator.prepare(objective, optimizer)
-        for param, value in zip(layout.trained_parameters(objective), self.masters, strict=False):
+        for param, value in self.masters:
             safe_set_full_fp32_param(param, value.to(accelerator.device))
         self.masters = []
+        if self.resumed_weights is not None:
+            path, saved_names = self.resumed_weights
+            with safe_open(path, framework="pt", device=str(accelerator.device)) as saved:
+                for param, name in saved_names:
+                    safe_set_full_fp32_param(param, saved.get_tensor(name).float())
+            self.resumed_weights = None
         return engine, prepared
+
+    def restore_weights(
+        self,
+        saved: checkpoint.SavedCheckpoint,
+        model: torch.nn.Module,
+        extras: dict[str, torch.nn.Parameter],
+    ) -> None:
+        if not any(param.requires_grad and hasattr(param, "ds_id") for param in model.parameters()):
+            checkpoint.restore_weights(saved, model, extras)
+            return
+        from deepspeed.runtime.zero import GatheredParameters
+
+        # A fully fine-tuned model created partitioned: parameter by parameter, the main
+        # process's read value goes into every process's partition (no process holds the whole
+        # model), and again into the engine's fp32 copies once it is made.
+        checkpoint.restore_weights(saved, None, extras)
+        path = saved.folder / checkpoint.FULL_WEIGHTS
+        self.resumed_weights = path, _saved_names(path, model)
+        main = torch.distributed.get_rank() == 0
+        with safe_open(path, framework="pt") as stored:
+            for param, name in self.resumed_weights[1]:
+                with GatheredParameters([param], modifier_rank=0), torch.no_grad():
+                    if main:
+                        param.copy_(stored.get_tensor(name))
 
     def gathered_weights(
         self, objective: torch.nn.Module, model: torch.nn.Module, trained_only: bool
@@ -276,6 +309,26 @@ class ZeroLayout(layout.Layout):
         step = saved["state"][0]["step"]
         for values in partitioned.optimizer.state.values():
             values["step"] = step.clone()
+
+
+def _saved_names(path: Path, module: torch.nn.Module) -> list[tuple[torch.nn.Parameter, str]]:
+    """Each trained parameter of `module` created partitioned, with its name in the checkpoint
+    file `path` (a tied head and embedding are saved under one of their two names)."""
+    names: dict[int, list[str]] = {}
+    params: dict[int, torch.nn.Parameter] = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        if param.requires_grad and hasattr(param, "ds_id"):
+            names.setdefault(id(param), []).append(name)
+            params[id(param)] = param
+    with safe_open(path, framework="pt") as saved:
+        stored = set(saved.keys())
+    found = []
+    for key, param in params.items():
+        saved_as = [name for name in names[key] if name in stored]
+        if not saved_as:
+            raise checkpoint.CheckpointError(f"{path}: no weights for {names[key][0]}")
+        found.append((param, saved_as[0]))
+    return found
 
 
 def _create_adam_state(partitioned: Any, stage: int) -> None:
