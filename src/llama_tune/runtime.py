@@ -127,8 +127,12 @@ def process_state() -> PartialState:
 
 
 def end_processes() -> None:
-    """End the process group of a launched run, once nothing more is shared over it."""
-    process_state().destroy_process_group()
+    """End the process group of a launched run, once nothing more is shared over it: every
+    process first waits for the others (the main one may still be writing the run's files),
+    so that none tears the group down while another is still inside the run."""
+    state = process_state()
+    state.wait_for_everyone()
+    state.destroy_process_group()
 
 
 def model_device() -> torch.device:
