@@ -25,13 +25,12 @@ from accelerate import Accelerator
 from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 from safetensors import safe_open
 
-from llama_tune import checkpoint, layout, schema
+from llama_tune import checkpoint, layout, models, schema
 from llama_tune.runtime import LaunchError
 
 CONFIG_FILE = "ACCELERATE_DEEPSPEED_CONFIG_FILE"
 """Where `accelerate launch` puts the DeepSpeed JSON its config names."""
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
-HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 REFUSED_SECTIONS = {
     "optimizer": "llama-tune builds AdamW from the recipe's train section",
     "scheduler": "llama-tune sets the learning rate from train.scheduler",
@@ -130,7 +129,10 @@ class ZeroLayout(layout.Layout):
         self.creates_partitioned = self.stage == 3 and not self.quantised
         if self.creates_partitioned:
             self.name += ", created partitioned"
-        self.half = HALF_DTYPES.get(mixed_precision)
+        # The half dtype DeepSpeed holds the model in (bf16, fp16); None in fp32.
+        self.half = None
+        if mixed_precision != "no":
+            self.half = models.DTYPES[models.AUTO_DTYPES[mixed_precision]]
         self.masters: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
         # A resumed checkpoint's weights for parameters created partitioned, set after
         # the engine is made (its fp32 copies included), tensor by tensor.
@@ -195,13 +197,13 @@ class ZeroLayout(layout.Layout):
         self.masters = [
             (param, param.detach().to("cpu", torch.float32, copy=True))
             for param in layout.trained_parameters(objective)
-            if not hasattr(param, "ds_id")
+            if not _created_partitioned(param)
         ]
         if self.creates_partitioned:
             # The engine casts nothing of a model created partitioned (in the half dtype
             # already): what was created whole after it (the adapter) is cast here instead.
             for param in objective.parameters():
-                if not hasattr(param, "ds_id") and param.is_floating_point():
+                if not _created_partitioned(param) and param.is_floating_point():
                     param.data = param.data.to(self.half)
 
     def prepare(
@@ -230,7 +232,8 @@ class ZeroLayout(layout.Layout):
         model: torch.nn.Module,
         extras: dict[str, torch.nn.Parameter],
     ) -> None:
-        if not any(param.requires_grad and hasattr(param, "ds_id") for param in model.parameters()):
+        trained = [param for param in model.parameters() if param.requires_grad]
+        if not any(_created_partitioned(param) for param in trained):
             checkpoint.restore_weights(saved, model, extras)
             return
         from deepspeed.runtime.zero import GatheredParameters
@@ -240,9 +243,9 @@ class ZeroLayout(layout.Layout):
         # model), and again into the engine's fp32 copies once it is made.
         checkpoint.restore_weights(saved, None, extras)
         path = saved.folder / checkpoint.FULL_WEIGHTS
-        self.resumed_weights = path, _saved_names(path, model)
         main = torch.distributed.get_rank() == 0
         with safe_open(path, framework="pt") as stored:
+            self.resumed_weights = path, _saved_names(path, set(stored.keys()), model)
             for param, name in self.resumed_weights[1]:
                 with GatheredParameters([param], modifier_rank=0), torch.no_grad():
                     if main:
@@ -311,17 +314,23 @@ class ZeroLayout(layout.Layout):
             values["step"] = step.clone()
 
 
-def _saved_names(path: Path, module: torch.nn.Module) -> list[tuple[torch.nn.Parameter, str]]:
-    """Each trained parameter of `module` created partitioned, with its name in the checkpoint
-    file `path` (a tied head and embedding are saved under one of their two names)."""
+def _created_partitioned(param: torch.nn.Parameter) -> bool:
+    """Whether ZeRO-3 made `param` a partition (zero.Init, or the engine once prepared)."""
+    return hasattr(param, "ds_id")
+
+
+def _saved_names(
+    path: Path, stored: set[str], module: torch.nn.Module
+) -> list[tuple[torch.nn.Parameter, str]]:
+    """Each trained parameter of `module` created partitioned, with its name among `stored`,
+    the names in the checkpoint file `path` (a tied head and embedding are saved under one of
+    their two names)."""
     names: dict[int, list[str]] = {}
     params: dict[int, torch.nn.Parameter] = {}
     for name, param in module.named_parameters(remove_duplicate=False):
-        if param.requires_grad and hasattr(param, "ds_id"):
+        if param.requires_grad and _created_partitioned(param):
             names.setdefault(id(param), []).append(name)
             params[id(param)] = param
-    with safe_open(path, framework="pt") as saved:
-        stored = set(saved.keys())
     found = []
     for key, param in params.items():
         saved_as = [name for name in names[key] if name in stored]
