@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -56,6 +57,17 @@ def test_non_finite_loss_stops_naming_the_step(tiny_recipe) -> None:
 def test_non_finite_steps_can_be_skipped(tiny_recipe) -> None:
     result = _train(tiny_recipe(lr=1e30, max_steps=6, max_grad_norm=None, max_nonfinite_steps=6))
     assert 1 <= result.summary["nonfinite_steps"] <= 6
+
+
+def test_a_nonfinite_loss_makes_every_gradient_nan() -> None:
+    # An infinite loss can have finite gradients (here zero); DeepSpeed's engine would apply
+    # them, as it skips only a step whose gradients overflow.
+    weight = torch.ones(3, requires_grad=True)
+    train._nan_gradients_if_nonfinite((weight * 0).sum() + math.inf).backward()
+    assert weight.grad.isnan().all()
+    weight.grad = None
+    train._nan_gradients_if_nonfinite((weight * 2).sum()).backward()
+    assert weight.grad.tolist() == [2.0, 2.0, 2.0]
 
 
 def test_finished_run_is_not_overwritten(tiny_recipe) -> None:

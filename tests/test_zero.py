@@ -224,9 +224,45 @@ def test_an_unreadable_config_is_named(tmp_path: Path) -> None:
         zero.read_config(path)
 
 
-def test_nonfinite_skipping_is_refused_under_zero_naming_the_key(tiny_recipe) -> None:
-    skipping = ["train.max_nonfinite_steps=2"]
+@pytest.mark.parametrize("launch", [ZERO2, ZERO3], ids=["zero2", "zero3"])
+def test_zero_skips_nonfinite_steps_as_one_process(tiny_recipe, launch: dict[str, str]) -> None:
+    # At lr 1e30 the first step makes the adapter's weights about 1e30 and every later loss
+    # NaN: each process's engine must skip those steps, not apply their NaN gradients.
+    settings = {"max_steps": 3, "batch_size": 4, "lr": 1e30, "max_grad_norm": None}
+    skipping = ["train.max_nonfinite_steps=3"]
+    one = tiny_recipe("one", **settings | {"batch_size": 8})
+    reference = train.run(config.load(one, skipping), one).run_dir
+    partitioned = launched(tiny_recipe("zero", **settings), *skipping, launch=launch)
+    summaries = [
+        json.loads((run / run_folder.SUMMARY).read_text()) for run in (reference, partitioned)
+    ]
+    assert [summary["nonfinite_steps"] for summary in summaries] == [2, 2]
+    same_tensors(reference / ADAPTER, partitioned / ADAPTER)
+
+
+def test_nonfinite_skipping_is_refused_without_zero_naming_the_key(tiny_recipe) -> None:
+    skipping = config.load(tiny_recipe(), ["train.max_nonfinite_steps=2"])
     with pytest.raises(LayoutError, match=r"train\.max_nonfinite_steps") as refused:
-        zero.check_recipe(config.load(tiny_recipe(), skipping), 2)
-    assert "ZeRO-2" in str(refused.value)
-    zero.check_recipe(config.load(tiny_recipe()), 2)
+        zero.check_recipe(skipping, 0)
+    assert "stage 0" in str(refused.value)
+    zero.check_recipe(config.load(tiny_recipe()), 0)
+    zero.check_recipe(skipping, 3)
+
+
+@pytest.mark.parametrize(
+    ("keys", "named"),
+    [
+        ({"zero_optimization": {"stage": 2, "compute_grad_norm": False}}, "compute_grad_norm"),
+        ({"bf16": {"check_grad_overflow": False}}, "check_grad_overflow"),
+    ],
+)
+def test_nonfinite_skipping_needs_the_engines_overflow_check(
+    tiny_recipe, tmp_path: Path, keys: dict, named: str
+) -> None:
+    recipe = config.load(tiny_recipe(), ["train.max_nonfinite_steps=2"])
+    path = _config(tmp_path, **keys)
+    with pytest.raises(runtime.LaunchError, match=rf"{named} is false.*max_nonfinite_steps"):
+        zero.fill_config(zero.read_config(path), path, recipe, "bf16")
+    filled = zero.fill_config(zero.read_config(_config(tmp_path)), path, recipe, "bf16")
+    assert filled["zero_optimization"]["compute_grad_norm"] is True
+    assert filled["bf16"]["check_grad_overflow"] is True

@@ -541,7 +541,7 @@ class TrainingRun:
                 # processes; scaling by both makes the step's gradient that of the weighted
                 # per-term means over the whole step.
                 loss = combined(self.objective, sums, counts) * self.plan.micro_batches
-                accelerator.backward(loss)
+                accelerator.backward(_nan_gradients_if_nonfinite(loss))
             step_sums += torch.stack([sums[name].detach().float() for name in terms])
         # .tolist() syncs with the device once per step.
         return accelerator.reduce(step_sums, reduction="sum").tolist()
@@ -794,6 +794,13 @@ def eval_losses(
         for index, name in enumerate(names)
         if totals[2 * index + 1] > 0
     }
+
+
+def _nan_gradients_if_nonfinite(loss: torch.Tensor) -> torch.Tensor:
+    """`loss`, or a loss whose gradients are all NaN when it is not finite (an infinite loss
+    can have finite gradients). A non-finite step is skipped: DeepSpeed's engine steps inside
+    the last backward and skips only a step whose gradients overflow. No host sync."""
+    return loss * torch.where(torch.isfinite(loss.detach()), 1.0, math.nan)
 
 
 def _most(accelerator: Accelerator, count: int) -> int:

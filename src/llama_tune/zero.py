@@ -73,6 +73,13 @@ def fill_config(
         "bf16.enabled": (mixed_precision == "bf16", "train.precision"),
         "fp16.enabled": (mixed_precision == "fp16", "train.precision"),
     }
+    if train.max_nonfinite_steps > 0:
+        # How ZeRO-1 and 2 find a non-finite step to skip: the gradient norm (fp32) or an
+        # overflow check (bf16). ZeRO-3 checks the norm in every precision.
+        skipping = (True, "train.max_nonfinite_steps")
+        decided["zero_optimization.compute_grad_norm"] = skipping
+        if mixed_precision == "bf16":
+            decided["bf16.check_grad_overflow"] = skipping
     filled = json.loads(json.dumps(config))
     for key, (wanted, recipe_key) in decided.items():
         *sections, name = key.split(".")
@@ -96,11 +103,11 @@ def fill_config(
 
 def check_recipe(recipe: schema.Recipe, stage: int) -> None:
     """Refuse, before loading anything, what llama-tune's ZeRO does not do yet."""
-    refused = {
-        # The engine steps inside the last backward, before the step's loss is known.
-        "train.max_nonfinite_steps": recipe.train.max_nonfinite_steps > 0,
-    }
-    layout.refuse(refused, f"DeepSpeed ZeRO-{stage}", "launch with configs/multi_gpu.yaml (DDP)")
+    # The engine steps inside the last backward, before the loop knows the step's loss. Its
+    # ZeRO optimizers (stages 1-3) skip a step whose gradients overflow, and a non-finite
+    # loss makes them NaN; without ZeRO the optimizer would apply them.
+    refused = {"train.max_nonfinite_steps": recipe.train.max_nonfinite_steps > 0 and stage == 0}
+    layout.refuse(refused, "DeepSpeed without ZeRO (stage 0)", "set zero_optimization.stage")
 
 
 class ZeroLayout(layout.Layout):
