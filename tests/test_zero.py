@@ -31,6 +31,7 @@ from llama_tune.layout import LayoutError
 
 ZERO2 = launch_environment(REPO / "configs" / "deepspeed_zero2.yaml")
 ZERO3 = launch_environment(REPO / "configs" / "deepspeed_zero3.yaml")
+ZERO3_OFFLOAD = launch_environment(REPO / "configs" / "deepspeed_zero3_offload.yaml")
 STEP = Path(run_folder.CHECKPOINTS) / "step-00000002"
 ADAPTER = Path(run_folder.ADAPTER) / "adapter_model.safetensors"
 
@@ -56,6 +57,20 @@ def test_zero2_trains_as_ddp_and_resumes_a_ddp_checkpoint(
     assert (summary["processes"], summary["layout"]) == (2, "deepspeed zero-2")
     # DDP's step-2 checkpoint, resumed under ZeRO-2, ends where the uninterrupted run did.
     resumes_to(partitioned, ddp, adapter, ZERO2, tmp_path)
+
+
+def test_zero2_with_its_optimizer_in_cpu_memory_trains_as_one_process(
+    tiny_recipe, tmp_path: Path
+) -> None:
+    # AdamW steps on the partitions offloaded to CPU memory, and checkpoints gather and
+    # restore its state as without offload (ZeRO-3's offload: the bf16 test below).
+    settings = json.loads((REPO / "configs" / "deepspeed" / "zero2.json").read_text())
+    settings["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    path = tmp_path / "zero2_offload.json"
+    path.write_text(json.dumps(settings))
+    launch = ZERO2 | {zero.CONFIG_FILE: str(path)}
+    layout = "deepspeed zero-2, optimizer state in cpu memory"
+    trains_as_one_process(tiny_recipe, [], launch, layout, tmp_path)
 
 
 def test_zero3_trains_adversarially_as_one_process(tiny_recipe) -> None:
@@ -85,22 +100,36 @@ def test_zero_trains_a_quantised_base_as_one_process(
     trains_as_one_process(tiny_recipe, overrides, launch, f"deepspeed zero-{stage}", tmp_path)
 
 
+FULL_MODEL = Path(run_folder.FULL_MODEL) / "model.safetensors"
+OFFLOADED = ", optimizer state and weights in cpu memory"
+
+
 @pytest.mark.parametrize(
-    ("overrides", "saved"),
-    [([], ADAPTER), (["adapter=null"], Path(run_folder.FULL_MODEL) / "model.safetensors")],
-    ids=["lora", "full"],
+    ("overrides", "saved", "launch", "offloaded"),
+    [
+        ([], ADAPTER, ZERO3, ""),
+        (["adapter=null"], FULL_MODEL, ZERO3, ""),
+        (["adapter=null"], FULL_MODEL, ZERO3_OFFLOAD, OFFLOADED),
+    ],
+    ids=["lora", "full", "full-offloaded"],
 )
 def test_zero3_creates_the_model_partitioned_and_trains_bf16_as_zero2(
-    tiny_recipe, tmp_path: Path, overrides: list[str], saved: Path
+    tiny_recipe,
+    tmp_path: Path,
+    overrides: list[str],
+    saved: Path,
+    launch: dict[str, str],
+    offloaded: str,
 ) -> None:
     # ZeRO-3 reads the model into each process's partitions (zero.Init), in bf16; ZeRO-2
     # reads it whole and its engine casts everything to bf16. Under ZeRO-3 the engine casts
     # nothing, so the layout casts the adapter, whose fp32 copies keep their initial values.
+    # With the weights and AdamW's state offloaded to CPU memory, the same.
     settings = {"max_steps": 4, "batch_size": 4, "checkpoint": {"every": 2}, "precision": "bf16"}
     whole = launched(tiny_recipe("zero2", **settings), *overrides, launch=ZERO2)
-    partitioned = launched(tiny_recipe("zero3", **settings), *overrides, launch=ZERO3)
+    partitioned = launched(tiny_recipe("zero3", **settings), *overrides, launch=launch)
     summaries = [json.loads((run / run_folder.SUMMARY).read_text()) for run in (whole, partitioned)]
-    assert summaries[1]["layout"] == "deepspeed zero-3, created partitioned"
+    assert summaries[1]["layout"] == "deepspeed zero-3, created partitioned" + offloaded
     # Counted whole, not by each process's partition.
     assert summaries[1]["parameters"] == summaries[0]["parameters"]
     # The first step is ZeRO-2's to fp32 precision (an adapter left in fp32 gives another
@@ -113,7 +142,7 @@ def test_zero3_creates_the_model_partitioned_and_trains_bf16_as_zero2(
         for key in {"loss", "grad_norm", "eval_loss"} & set(expected):
             assert actual[key] == pytest.approx(expected[key], rel=tolerance), key
     # A resume puts the checkpoint's fp32 values into the partitions and the fp32 copies.
-    resumes_to(partitioned, partitioned, saved, ZERO3, tmp_path)
+    resumes_to(partitioned, partitioned, saved, launch, tmp_path)
 
 
 def test_zero3_attacks_training_examples_through_the_model_as_ddp(tiny_recipe) -> None:
@@ -167,7 +196,7 @@ def test_zero3_fine_tunes_the_whole_model_as_ddp_and_resumes(
 
 
 def test_the_deepspeed_configs_leave_the_recipe_its_keys() -> None:
-    for environment, stage in ((ZERO2, 2), (ZERO3, 3)):
+    for environment, stage in ((ZERO2, 2), (ZERO3, 3), (ZERO3_OFFLOAD, 3)):
         assert environment["ACCELERATE_USE_DEEPSPEED"] == "true"
         path = REPO / environment[zero.CONFIG_FILE]
         settings = zero.read_config(path)
@@ -203,7 +232,8 @@ def test_auto_keys_take_the_recipes_values(tiny_recipe, tmp_path: Path) -> None:
         ({"bf16": {"enabled": True}}, "train.precision"),
         ({"optimizer": {"type": "AdamW"}}, "remove the optimizer section"),
         ({"scheduler": {"type": "WarmupLR"}}, "remove the scheduler section"),
-        ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}, "offload"),
+        ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "nvme"}}}, "nvme"),
+        ({"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}}, "stage 3"),
         ({"zero_optimization": None}, "no zero_optimization section"),
     ],
 )

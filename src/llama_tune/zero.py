@@ -31,6 +31,8 @@ from llama_tune.runtime import LaunchError
 CONFIG_FILE = "ACCELERATE_DEEPSPEED_CONFIG_FILE"
 """Where `accelerate launch` puts the DeepSpeed JSON its config names."""
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
+OFFLOADED = {"offload_optimizer": "optimizer state", "offload_param": "weights"}
+"""What each of the JSON's offload settings puts in CPU memory."""
 REFUSED_SECTIONS = {
     "optimizer": "llama-tune builds AdamW from the recipe's train section",
     "scheduler": "llama-tune sets the learning rate from train.scheduler",
@@ -49,14 +51,21 @@ def read_config(path: str | Path) -> dict[str, Any]:
         if section in config:
             raise LaunchError(f"{path}: remove the {section} section; {reason}")
     zero = config["zero_optimization"]
-    for offload in ("offload_optimizer", "offload_param"):
-        device = (zero.get(offload) or {}).get("device", "none")
-        if device != "none":
+    for offload in OFFLOADED:
+        device = offload_device(config, offload)
+        if device not in ("none", "cpu"):
             raise LaunchError(
                 f"{path}: zero_optimization.{offload} to {device} is not applied by llama-tune "
-                "yet: remove it"
+                'yet: offload to "cpu" or remove it'
             )
+    if offload_device(config, "offload_param") == "cpu" and zero.get("stage") != 3:
+        raise LaunchError(f"{path}: zero_optimization.offload_param needs stage 3")
     return config
+
+
+def offload_device(config: dict[str, Any], offload: str) -> str:
+    """Where the JSON's `zero_optimization.<offload>` puts its tensors ("none", "cpu", ...)."""
+    return str((config["zero_optimization"].get(offload) or {}).get("device", "none"))
 
 
 def fill_config(
@@ -96,8 +105,12 @@ def fill_config(
     # DeepSpeed derives the global batch from the two above and the process count.
     if filled.get("train_batch_size", "auto") == "auto":
         filled.pop("train_batch_size", None)
-    # The optimizer is torch's AdamW, which ZeRO partitions like its own.
+    # The optimizer is torch's AdamW, which ZeRO partitions like its own; with the optimizer
+    # offloaded it steps on the CPU (DeepSpeed's own CPU Adam would need a compiled extension
+    # and keeps another state layout).
     filled["zero_allow_untested_optimizer"] = True
+    if offload_device(filled, "offload_optimizer") == "cpu":
+        filled["zero_force_ds_cpu_optimizer"] = False
     return filled
 
 
@@ -136,6 +149,11 @@ class ZeroLayout(layout.Layout):
         self.creates_partitioned = self.stage == 3 and not self.quantised
         if self.creates_partitioned:
             self.name += ", created partitioned"
+        offloaded = [
+            what for key, what in OFFLOADED.items() if offload_device(self.config, key) == "cpu"
+        ]
+        if offloaded:
+            self.name += f", {' and '.join(offloaded)} in cpu memory"
         # The half dtype DeepSpeed holds the model in (bf16, fp16); None in fp32.
         self.half = None
         if mixed_precision != "no":
@@ -357,9 +375,11 @@ def _create_adam_state(partitioned: Any, stage: int) -> None:
         flats = partitioned.fp32_partitioned_groups_flat
     for flat in flats:
         scratch = torch.optim.AdamW([flat], lr=0.0)
-        flat.grad = torch.zeros_like(flat)
+        # With the optimizer offloaded, the partition's gradient is the buffer the engine
+        # copies each step's gradients into: it is put back.
+        gradient, flat.grad = flat.grad, torch.zeros_like(flat)
         scratch.step()
-        flat.grad = None
+        flat.grad = gradient
         partitioned.optimizer.state[flat] = scratch.state[flat]
     if stage < 3:
         # ZeRO 1 and 2 link each parameter to its slice of the state after the first step
