@@ -74,6 +74,27 @@ def test_collate_packed_lays_examples_end_to_end(real_rows, tokenizer) -> None:
         assert packed["labels"][0, start] == data.IGNORE_INDEX
 
 
+def test_a_packed_forward_finds_its_examples_once(
+    tiny_model_dir, real_rows, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Finding a row's examples syncs with the device: once per forward, not once per layer.
+    model = _model(tiny_model_dir)
+    assert model.config.num_hidden_layers > 1
+    found = []
+    monkeypatch.setattr(attention, "example_bounds", _counted(found))
+    for batch in (data.collate_packed(real_rows[:3]), data.collate_packed(real_rows[3:5])):
+        model(**batch, use_cache=False)
+    assert len(found) == 2
+
+
+def _counted(found: list) -> object:
+    def example_bounds(row: torch.Tensor) -> list[tuple[int, int]]:
+        found.append(row)
+        return packing.example_bounds(row)
+
+    return example_bounds
+
+
 def test_a_packed_row_keeps_attention_inside_each_example(tiny_model_dir, real_rows) -> None:
     model = _model(tiny_model_dir).eval()
     first, second, third = real_rows[0], real_rows[4], real_rows[1]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import weakref
 from typing import Any
 
 import torch
@@ -59,6 +60,27 @@ def _sdpa(
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)[0]
 
 
+class _ExampleBounds:
+    """Each packed row's example bounds, for the forward under way. Every layer gets the same
+    position ids, and finding the bounds syncs with the device: they are found once per
+    forward (and reused by a checkpointed layer's recomputation), not once per layer."""
+
+    def __init__(self) -> None:
+        self.source: weakref.ref[torch.Tensor] | None = None
+        self.version = -1
+        self.rows: list[list[tuple[int, int]]] = []
+
+    def __call__(self, position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
+        known = self.source is not None and self.source() is position_ids
+        if not known or self.version != position_ids._version:
+            self.rows = [example_bounds(row) for row in position_ids]
+            self.source, self.version = weakref.ref(position_ids), position_ids._version
+        return self.rows
+
+
+_example_bounds = _ExampleBounds()
+
+
 def training_sdpa(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -81,9 +103,9 @@ def training_sdpa(
     if not packed:
         return _sdpa(module, query, key, value, attention_mask, **kwargs), None
     assert position_ids is not None
+    bounds = _example_bounds(position_ids)
     rows = []
     for row in range(query.shape[0]):
-        row_positions = position_ids[row if position_ids.shape[0] > 1 else 0]
         pieces = [
             _sdpa(
                 module,
@@ -93,7 +115,7 @@ def training_sdpa(
                 None,
                 **kwargs,
             )
-            for start, end in example_bounds(row_positions)
+            for start, end in bounds[row if len(bounds) > 1 else 0]
         ]
         rows.append(torch.cat(pieces, dim=1))
     return torch.cat(rows, dim=0), None
