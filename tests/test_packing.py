@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -93,6 +94,60 @@ def _counted(found: list) -> object:
         return packing.example_bounds(row)
 
     return example_bounds
+
+
+def test_packed_rows_attend_alike_through_variable_length_attention(
+    tiny_model_dir, real_rows, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On a GPU, torch's varlen flash attention takes every example of a packed batch in one
+    # call. It runs only there: here a stand-in with its contract (examples laid end to end,
+    # offsets, causal window, grouped key heads) checks the layout around it, two packed rows
+    # against one SDPA call per example.
+    model = _model(tiny_model_dir)
+    assert model.config.num_key_value_heads < model.config.num_attention_heads
+    rows = [data.collate_packed(real_rows[:3]), data.collate_packed(real_rows[3:6])]
+    length = min(row["input_ids"].shape[1] for row in rows)
+    batch = {name: torch.cat([row[name][:, :length] for row in rows]) for name in rows[0]}
+
+    def forward_and_gradients() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad()
+        logits = model(**batch, use_cache=False).logits
+        logits.square().mean().backward()
+        return logits.detach(), [param.grad.clone() for param in model.parameters()]
+
+    expected_logits, expected_gradients = forward_and_gradients()
+    calls = []
+    monkeypatch.setattr(attention, "varlen_attn", _varlen_stand_in(calls))
+    monkeypatch.setattr(attention, "_varlen_ready", lambda *_: True)
+    logits, gradients = forward_and_gradients()
+    assert len(calls) == model.config.num_hidden_layers
+    torch.testing.assert_close(logits, expected_logits)
+    for gradient, expected in zip(gradients, expected_gradients, strict=True):
+        torch.testing.assert_close(gradient, expected)
+
+
+def _varlen_stand_in(calls: list) -> object:
+    def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, **options):
+        """torch's varlen_attn on [tokens, heads, dim], by one SDPA call per sequence."""
+        calls.append(cu_seq_q.tolist())
+        assert cu_seq_q is cu_seq_k
+        assert max_q == max_k
+        assert options["window_size"] == (-1, 0)
+        assert cu_seq_q.dtype == torch.int32
+        edges = cu_seq_q.tolist()
+        assert max_q == max(end - start for start, end in pairwise(edges))
+        pieces = [
+            torch.nn.functional.scaled_dot_product_attention(
+                *(states[start:end].transpose(0, 1) for states in (query, key, value)),
+                is_causal=True,
+                scale=options["scale"],
+                enable_gqa=options["enable_gqa"],
+            ).transpose(0, 1)
+            for start, end in pairwise(edges)
+        ]
+        return torch.cat(pieces)
+
+    return varlen_attn
 
 
 def test_a_packed_row_keeps_attention_inside_each_example(tiny_model_dir, real_rows) -> None:

@@ -7,6 +7,9 @@
 #                  TRL padding-free) (100 measured steps after 10 of warm-up, each trainer,
 #                  one round): tokens/s, peak memory and MFU, llama-tune against TRL
 #                  (benchmarks/train_throughput.py)
+#      packed-attention (before the throughput runs): on the 1B shape, packed alpaca rows
+#                  through torch's varlen flash attention train as through one SDPA call per
+#                  example (bf16 noise), and the step time of each
 #   4. profile:    torch.profiler over 5 of llama-tune's 1B steps: where a step's time goes
 #   5. llama-8b:   QLoRA on a random Llama-3.1-8B shape for a few steps: peak memory; then the
 #                  same in bf16 LoRA for comparison
@@ -48,7 +51,7 @@ export PYTHON RUNS OUT TOKENIZER QUICK_SHAPE LARGE_SHAPE HUGE_SHAPE STEPS QUICK
 # device tool's own time limit (timeout_s) stops the script. PHASES picks some phases by name
 # (to rerun them), STEPS the measured steps of the throughput runs.
 DEADLINE=${DEADLINE:-520}
-PHASES=${PHASES:-environment parity quickstart large-shape throughput-sst2 throughput-aeslc profile huge-shape qlora-8b lora-8b}
+PHASES=${PHASES:-environment parity quickstart large-shape packed-attention throughput-sst2 throughput-aeslc throughput-alpaca profile huge-shape qlora-8b lora-8b}
 phase() {  # phase NAME SECONDS COMMAND...: run with a time limit, report its exit status and time
     local name=$1 limit=$2 started=$SECONDS
     shift 2
@@ -108,6 +111,7 @@ phase parity 90 bash -c "'$PYTHON' benchmarks/gpu/parity.py run .gpu/tiny '$RUNS
     '$PYTHON' benchmarks/gpu/parity.py compare .gpu/parity-cpu '$RUNS/parity-gpu'"
 phase quickstart 150 quickstart
 phase large-shape 60 "$PYTHON" benchmarks/gpu/shapes.py "$LARGE_SHAPE" "$RUNS/large-model" --tokenizer "$TOKENIZER"
+phase packed-attention 60 "$PYTHON" benchmarks/gpu/packed_attention.py --model "$RUNS/large-model"
 phase throughput-sst2 150 throughput sst2 "$SST2_BATCH" 128
 phase throughput-aeslc 150 throughput aeslc "$AESLC_BATCH" 512
 phase throughput-alpaca 150 throughput alpaca "$AESLC_BATCH" 1024
