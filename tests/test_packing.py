@@ -86,6 +86,10 @@ def test_a_packed_forward_finds_its_examples_once(
     for batch in (data.collate_packed(real_rows[:3]), data.collate_packed(real_rows[3:5])):
         model(**batch, use_cache=False)
     assert len(found) == 2
+    # Position ids made under inference mode keep no version to check: found every time.
+    with torch.inference_mode():
+        model(**data.collate_packed(real_rows[:2]), use_cache=False)
+    assert len(found) == 2 + model.config.num_hidden_layers
 
 
 def _counted(found: list) -> object:
@@ -118,9 +122,11 @@ def test_packed_rows_attend_alike_through_variable_length_attention(
     expected_logits, expected_gradients = forward_and_gradients()
     calls = []
     monkeypatch.setattr(attention, "varlen_attn", _varlen_stand_in(calls))
-    monkeypatch.setattr(attention, "_varlen_ready", lambda *_: True)
+    monkeypatch.setattr(attention, "_varlen_dtype", lambda *_: torch.float32)
     logits, gradients = forward_and_gradients()
     assert len(calls) == model.config.num_hidden_layers
+    # The offsets go to the device once per forward, not once per layer.
+    assert all(offsets is calls[0] for offsets in calls)
     torch.testing.assert_close(logits, expected_logits)
     for gradient, expected in zip(gradients, expected_gradients, strict=True):
         torch.testing.assert_close(gradient, expected)
@@ -129,7 +135,7 @@ def test_packed_rows_attend_alike_through_variable_length_attention(
 def _varlen_stand_in(calls: list) -> object:
     def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, **options):
         """torch's varlen_attn on [tokens, heads, dim], by one SDPA call per sequence."""
-        calls.append(cu_seq_q.tolist())
+        calls.append(cu_seq_q)
         assert cu_seq_q is cu_seq_k
         assert max_q == max_k
         assert options["window_size"] == (-1, 0)

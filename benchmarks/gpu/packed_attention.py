@@ -79,10 +79,10 @@ def main() -> int:
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16).to(DEVICE)
     model.config.use_cache = False
     attention.use_training_attention(model, packed=True)
-    ready, calls = attention._varlen_ready, []
-    attention._varlen_ready = lambda *_: False
+    varlen_dtype, calls = attention._varlen_dtype, []
+    attention._varlen_dtype = lambda *_: None
     loop_loss, loop_norms, loop_seconds = timed(model, batch)
-    attention._varlen_ready = ready
+    attention._varlen_dtype = varlen_dtype
     if attention.varlen_attn is not None:
         varlen = attention.varlen_attn
         attention.varlen_attn = lambda *arguments, **options: (

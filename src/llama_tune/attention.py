@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import weakref
 from itertools import pairwise
 from typing import Any
@@ -37,6 +38,12 @@ try:
     from torch.nn.attention.varlen import varlen_attn
 except ImportError:  # torch before variable-length attention: the per-example loop
     varlen_attn = None
+VARLEN_USABLE = varlen_attn is not None and {"scale", "window_size", "enable_gqa"} <= set(
+    inspect.signature(varlen_attn).parameters
+)
+"""Whether this torch's varlen_attn takes what a Llama's attention needs (torch 2.13 does;
+earlier ones lack a scale or grouped key heads)."""
+HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 TRAINING_SDPA = "llama_tune_sdpa"
 PACKED_SDPA = "llama_tune_packed_sdpa"
@@ -70,39 +77,80 @@ def _sdpa(
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)[0]
 
 
-class _ExampleBounds:
-    """Each packed row's example bounds, for the forward under way. Every layer gets the same
-    position ids, and finding the bounds syncs with the device: they are found once per
-    forward (and reused by a checkpointed layer's recomputation), not once per layer."""
+class _PackedExamples:
+    """Each packed row's example bounds, and their offsets for varlen attention, for the
+    forward under way. Every layer gets the same position ids, and finding the bounds syncs
+    with the device, as does copying the offsets to it: both happen once per forward (and a
+    checkpointed layer's recomputation reuses them), not once per layer."""
 
     def __init__(self) -> None:
         self.source: weakref.ref[torch.Tensor] | None = None
         self.version = -1
         self.rows: list[list[tuple[int, int]]] = []
+        self.offsets: dict[tuple[int, int, torch.device], tuple[torch.Tensor, int]] = {}
 
-    def __call__(self, position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
+    def bounds(self, position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
+        """[start, end) of each example, row by row (one row for rows that share positions)."""
+        if position_ids.is_inference():  # no version counter to tell a rewrite by
+            return [example_bounds(row) for row in position_ids]
         known = self.source is not None and self.source() is position_ids
         if not known or self.version != position_ids._version:
             self.rows = [example_bounds(row) for row in position_ids]
             self.source, self.version = weakref.ref(position_ids), position_ids._version
+            self.offsets = {}
         return self.rows
 
+    def varlen_offsets(
+        self, bounds: list[list[tuple[int, int]]], batch: int, length: int, device: torch.device
+    ) -> tuple[torch.Tensor, int]:
+        """Where each example starts in the batch's rows laid end to end (and where the last
+        ends), on `device`; and the longest example's length."""
+        key = (batch, length, device)
+        if bounds is not self.rows or key not in self.offsets:
+            edges = [0]
+            for row in range(batch):
+                edges += [row * length + end for _, end in bounds[row if len(bounds) > 1 else 0]]
+            longest = max(end - start for start, end in pairwise(edges))
+            offsets = torch.tensor(edges, dtype=torch.int32, device=device), longest
+            if bounds is not self.rows:
+                return offsets
+            self.offsets[key] = offsets
+        return self.offsets[key]
 
-_example_bounds = _ExampleBounds()
+
+_packed_examples = _PackedExamples()
 
 
-def _varlen_ready(query: torch.Tensor, kwargs: dict[str, Any]) -> bool:
-    """Whether torch's variable-length flash attention can take a packed batch: on a GPU with
-    flash attention (compute capability 8.0 or later), in half precision, without dropout,
-    sliding windows or other changes to plain causal attention."""
-    return (
-        varlen_attn is not None
-        and query.is_cuda
-        and query.dtype in (torch.bfloat16, torch.float16)
-        and not kwargs.get("dropout")
+def _varlen_dtype(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kwargs: dict[str, Any],
+) -> torch.dtype | None:
+    """The half dtype torch's variable-length flash attention would run a packed batch in, or
+    None where it cannot: it needs an NVIDIA GPU of compute capability 8.0 or later, bf16 or
+    fp16 (the inputs', or autocast's, as SDPA would be cast), head sizes of up to 256 in
+    multiples of 8, and plain causal attention (no dropout, sliding window, soft cap or sinks)."""
+    if not (VARLEN_USABLE and query.is_cuda and torch.version.hip is None):
+        return None
+    dtype = query.dtype
+    if dtype not in HALF_DTYPES and torch.is_autocast_enabled("cuda"):
+        dtype = torch.get_autocast_dtype("cuda")
+    head_size = query.shape[-1]
+    plain_causal = (
+        not kwargs.get("dropout")
+        and kwargs.get("is_causal") is not False
+        and getattr(module, "is_causal", True)
         and all(kwargs.get(name) is None for name in VARLEN_UNSUPPORTED)
-        and _flash_capable(query.device)
     )
+    fits = (
+        dtype in HALF_DTYPES
+        and key.shape[-1] == value.shape[-1] == head_size <= 256
+        and head_size % 8 == 0
+        and query.shape[1] % key.shape[1] == 0
+    )
+    return dtype if plain_causal and fits and _flash_capable(query.device) else None
 
 
 @functools.cache
@@ -116,18 +164,16 @@ def _varlen(
     value: torch.Tensor,
     bounds: list[list[tuple[int, int]]],
     scaling: float | None,
+    dtype: torch.dtype,
 ) -> torch.Tensor:
     """Causal attention within each example of the packed rows, all in one call of torch's
     variable-length flash attention: no loop over the examples. [batch, length, heads, dim]."""
     batch, heads, length, dim = query.shape
-    edges = [0]
-    for row in range(batch):
-        edges += [row * length + end for _, end in bounds[row if len(bounds) > 1 else 0]]
-    offsets = torch.tensor(edges, dtype=torch.int32, device=query.device)
-    longest = max(end - start for start, end in pairwise(edges))
+    offsets, longest = _packed_examples.varlen_offsets(bounds, batch, length, query.device)
 
     def flat(states: torch.Tensor) -> torch.Tensor:
-        return states.transpose(1, 2).reshape(batch * length, states.shape[1], dim)
+        states = states.to(dtype).transpose(1, 2)
+        return states.reshape(batch * length, states.shape[2], dim)
 
     attended = varlen_attn(
         flat(query),
@@ -166,9 +212,10 @@ def training_sdpa(
     if not packed:
         return _sdpa(module, query, key, value, attention_mask, **kwargs), None
     assert position_ids is not None
-    bounds = _example_bounds(position_ids)
-    if _varlen_ready(query, kwargs):
-        return _varlen(query, key, value, bounds, kwargs.get("scaling")), None
+    bounds = _packed_examples.bounds(position_ids)
+    varlen_dtype = _varlen_dtype(module, query, key, value, kwargs)
+    if varlen_dtype is not None:
+        return _varlen(query, key, value, bounds, kwargs.get("scaling"), varlen_dtype), None
     rows = []
     for row in range(query.shape[0]):
         pieces = [
