@@ -62,6 +62,7 @@ def test_a_hub_id_is_read_through_the_hub_cache(
         (["adapter.r=8"], "adapter.r is 8 but .* was trained with r 4; set adapter.r=4"),
         (["adapter.alpha=4"], "adapter.alpha is 4.0 but .* lora_alpha 8"),
         (["adapter.use_dora=true"], "adapter.use_dora is True but .* use_dora False"),
+        (["adapter.layers=[1]"], r"adapter.layers is \[1\] but .* layers_to_transform None"),
         (
             ["adapter.target_modules=[q_proj]"],
             "has base_model.model.model.layers.0.mlp.down_proj.lora_A.weight and the other "

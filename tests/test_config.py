@@ -37,6 +37,12 @@ def _problems(tmp_path: Path, text: str, overrides: list[str] | None = None) -> 
     return caught.value.problems
 
 
+@pytest.mark.parametrize("layers", ["[]", "[-1]", "[3, 3]"])
+def test_adapted_layers_are_named_once_from_zero(tmp_path: Path, layers: str) -> None:
+    problems = _problems(tmp_path, f"model: {{name: x}}\nadapter: {{layers: {layers}}}\n")
+    assert any(problem.startswith("adapter.layers") for problem in problems), problems
+
+
 def test_every_problem_is_named_at_once(tmp_path: Path) -> None:
     problems = _problems(
         tmp_path,

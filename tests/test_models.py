@@ -88,6 +88,27 @@ def test_a_model_made_on_the_meta_device_reads_no_weights(
     assert made.generation_config.eos_token_id == original.generation_config.eos_token_id
 
 
+def test_an_adapter_on_the_top_layers_leaves_the_backward_out_of_the_others(
+    tiny_model_dir: Path,
+) -> None:
+    model = models.add_adapter(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), AdapterConfig(layers=[1])
+    )
+    trained = {name for name, param in model.named_parameters() if param.requires_grad}
+    assert trained
+    assert all(".layers.1." in name for name in trained)
+    reached = []
+    layers = models.causal_lm(model).model.layers
+    layers[0].register_full_backward_hook(lambda *_: reached.append(0))
+    layers[1].register_full_backward_hook(lambda *_: reached.append(1))
+    model(input_ids=torch.randint(0, 1000, (2, 12))).logits.sum().backward()
+    assert reached == [1]
+    with pytest.raises(models.ModelError, match=r"adapter\.layers: 2 is not a layer .* 0 to 1"):
+        models.add_adapter(
+            AutoModelForCausalLM.from_pretrained(tiny_model_dir), AdapterConfig(layers=[0, 2])
+        )
+
+
 def test_qlora_gradients_match_a_dequantised_reference_after_eval(tiny_model_dir: Path) -> None:
     adapter = AdapterConfig(r=4, dropout=0.0)
     quantised = models.add_adapter(

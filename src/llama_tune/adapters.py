@@ -94,9 +94,10 @@ def _check_settings(settings: dict, adapter: AdapterConfig, source: Path) -> Non
         ("adapter.alpha", adapter.alpha, "lora_alpha"),
         ("adapter.use_rslora", adapter.use_rslora, "use_rslora"),
         ("adapter.use_dora", adapter.use_dora, "use_dora"),
+        ("adapter.layers", adapter.layers, "layers_to_transform"),
     )
     for recipe_key, ours, saved_key in pairs:
-        theirs = settings.get(saved_key, False)
+        theirs = settings.get(saved_key, None if saved_key == "layers_to_transform" else False)
         if ours != theirs:
             raise AdapterError(
                 f"adapter.init_from: {recipe_key} is {ours} but {source} was trained with "

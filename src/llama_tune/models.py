@@ -350,13 +350,21 @@ def _keep_4bit_weights_trainable(model: PreTrainedModel) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def lora_config(adapter: AdapterConfig) -> LoraConfig:
-    """The peft LoraConfig the recipe's adapter section describes."""
+def lora_config(adapter: AdapterConfig, model: PreTrainedModel) -> LoraConfig:
+    """The peft LoraConfig the recipe's adapter section describes, for `model`."""
+    targets = adapter.target_modules
+    if targets == "all-linear" and adapter.layers is not None:
+        # peft takes chosen layers only with named modules: every linear layer's name inside
+        # the decoder layers (the output head is outside them).
+        modules = causal_lm(model).model.layers.named_modules()
+        linear = (name for name, module in modules if isinstance(module, torch.nn.Linear))
+        targets = sorted({name.rsplit(".", 1)[-1] for name in linear})
     return LoraConfig(
         r=adapter.r,
         lora_alpha=adapter.alpha,
         lora_dropout=adapter.dropout,
-        target_modules=adapter.target_modules,
+        target_modules=targets,
+        layers_to_transform=adapter.layers,
         use_dora=adapter.use_dora,
         use_rslora=adapter.use_rslora,
         task_type="CAUSAL_LM",
@@ -372,8 +380,14 @@ def add_adapter(
     With `base`, the adapter names its base as another machine can find it (`portable_base`)
     instead of this machine's folder, in adapter_config.json and peft's model card.
     """
+    depth = model.config.num_hidden_layers
+    if adapter.layers is not None and max(adapter.layers) >= depth:
+        raise ModelError(
+            f"adapter.layers: {max(adapter.layers)} is not a layer of the model, whose "
+            f"{depth} decoder layers are 0 to {depth - 1}"
+        )
     try:
-        wrapped = get_peft_model(model, lora_config(adapter))
+        wrapped = get_peft_model(model, lora_config(adapter, model))
     except ValueError as error:
         raise ModelError(f"adapter.target_modules: {error}") from None
     if base is not None:
