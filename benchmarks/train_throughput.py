@@ -199,7 +199,7 @@ def measure_trl(
             args=arguments,
             train_dataset=Dataset.from_list(rows),
             processing_class=tokenizer,
-            peft_config=models.lora_config(recipe.adapter),
+            peft_config=models.lora_config(recipe.adapter, model),
             callbacks=[timer],
         )
         collator = trainer.data_collator
