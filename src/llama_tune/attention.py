@@ -57,7 +57,7 @@ def _kernel(query: torch.Tensor) -> contextlib.AbstractContextManager:
     """The math kernel where it trains faster (see the module docstring); the default else."""
     training_short_half_rows = (
         query.device.type == "cpu"
-        and query.dtype in (torch.bfloat16, torch.float16)
+        and query.dtype in HALF_DTYPES
         and query.requires_grad
         and query.shape[2] <= SHORT_ROWS
     )
