@@ -74,6 +74,9 @@ def _arguments() -> argparse.Namespace:
         "--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="base storage"
     )
     parser.add_argument("--packing", choices=["auto", "on", "off"], default="auto")
+    parser.add_argument(
+        "--compile", action="store_true", help="llama-tune's model.compile (in the warm-up)"
+    )
     parser.add_argument("--ours-only", action="store_true", help="ablations: skip the TRL runs")
     parser.add_argument("--output", default=str(REPO / "benchmarks" / "results"))
     parser.add_argument("--worker", choices=["llama-tune", "trl"], help=argparse.SUPPRESS)
@@ -88,7 +91,7 @@ def _recipe(args: argparse.Namespace, run_dir: Path) -> schema.Recipe:
     packing = {"auto": None, "on": True, "off": False}[args.packing]
     return config.parse(
         {
-            "model": {"name": args.model, "dtype": args.dtype},
+            "model": {"name": args.model, "dtype": args.dtype, "compile": args.compile},
             "adapter": {"r": 8, "alpha": 16, "dropout": args.dropout},
             "data": {
                 **task,
@@ -271,6 +274,7 @@ def main() -> None:
         "model": recipe.model.name,
         "task": args.task,
         "packed": recipe.packed,
+        "compiled": recipe.model.compile,
         "device": torch.cuda.get_device_name() if on_gpu else "cpu",
         "precision": args.precision,
         "batch_size": args.batch_size,
@@ -285,7 +289,8 @@ def main() -> None:
         report |= summary(runs, "llama-tune", "trl")
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
-    path = output / f"train_throughput_{args.task}_{args.precision}.json"
+    compiled = "_compiled" if args.compile else ""
+    path = output / f"train_throughput_{args.task}_{args.precision}{compiled}.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(describe(report, path))
 

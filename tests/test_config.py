@@ -43,6 +43,16 @@ def test_adapted_layers_are_named_once_from_zero(tmp_path: Path, layers: str) ->
     assert any(problem.startswith("adapter.layers") for problem in problems), problems
 
 
+def test_compiling_a_quantised_base_or_the_teacher_is_refused(tmp_path: Path) -> None:
+    recipe = """
+model: {name: x, compile: true, quantization: 4bit}
+data: {source: /data, task: classification}
+distill: {teacher: {name: y, compile: true}}
+"""
+    keys = {problem.split(":")[0] for problem in _problems(tmp_path, recipe)}
+    assert keys == {"model.compile", "distill.teacher.compile"}
+
+
 def test_every_problem_is_named_at_once(tmp_path: Path) -> None:
     problems = _problems(
         tmp_path,

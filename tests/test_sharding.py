@@ -155,3 +155,9 @@ def test_an_8bit_base_is_refused_under_fsdp_naming_the_key(tiny_recipe) -> None:
         sharding.check_recipe(config.load(tiny_recipe(), eight_bit))
     assert "configs/multi_gpu.yaml" in str(refused.value)
     sharding.check_recipe(config.load(tiny_recipe()))
+
+
+def test_compiled_layers_are_refused_under_fsdp_naming_the_key(tiny_recipe) -> None:
+    with pytest.raises(LayoutError, match=re.escape("model.compile")) as refused:
+        sharding.check_recipe(config.load(tiny_recipe(), ["model.compile=true"]))
+    assert "configs/multi_gpu.yaml" in str(refused.value)

@@ -283,6 +283,16 @@ def test_nonfinite_skipping_is_refused_without_zero_naming_the_key(tiny_recipe) 
     zero.check_recipe(skipping, 3)
 
 
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_compiled_layers_are_refused_under_deepspeed_naming_the_key(
+    tiny_recipe, stage: int
+) -> None:
+    compiled = config.load(tiny_recipe(), ["model.compile=true"])
+    with pytest.raises(LayoutError, match=r"model\.compile") as refused:
+        zero.check_recipe(compiled, stage)
+    assert "configs/multi_gpu.yaml" in str(refused.value)
+
+
 @pytest.mark.parametrize(
     ("keys", "named"),
     [

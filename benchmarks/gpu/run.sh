@@ -10,6 +10,8 @@
 #      packed-attention (before the throughput runs): on the 1B shape, packed alpaca rows
 #                  through torch's varlen flash attention train as through one SDPA call per
 #                  example (bf16 noise), and the step time of each
+#      compiled:   llama-tune alone on SST-2 with model.compile (each decoder layer compiled,
+#                  during the warm-up steps): the 1B step is launch-bound, which fusing helps
 #   4. profile:    torch.profiler over 5 of llama-tune's 1B steps: where a step's time goes
 #   5. llama-8b:   QLoRA on a random Llama-3.1-8B shape for a few steps: peak memory; then the
 #                  same in bf16 LoRA for comparison
@@ -51,7 +53,7 @@ export PYTHON RUNS OUT TOKENIZER QUICK_SHAPE LARGE_SHAPE HUGE_SHAPE STEPS QUICK
 # device tool's own time limit (timeout_s) stops the script. PHASES picks some phases by name
 # (to rerun them), STEPS the measured steps of the throughput runs.
 DEADLINE=${DEADLINE:-520}
-PHASES=${PHASES:-environment parity quickstart large-shape packed-attention throughput-sst2 throughput-aeslc throughput-alpaca profile huge-shape qlora-8b lora-8b}
+PHASES=${PHASES:-environment parity quickstart large-shape packed-attention throughput-sst2 throughput-sst2-compiled throughput-aeslc throughput-alpaca profile huge-shape qlora-8b lora-8b}
 phase() {  # phase NAME SECONDS COMMAND...: run with a time limit, report its exit status and time
     local name=$1 limit=$2 started=$SECONDS
     shift 2
@@ -89,10 +91,10 @@ quickstart() {
         "$PYTHON" -m llama_tune evaluate "$RUNS/quickstart" --split test --limit 400 --base
 }
 
-throughput() {  # throughput TASK BATCH MAX_LENGTH
+throughput() {  # throughput TASK BATCH MAX_LENGTH [OPTIONS...]
     "$PYTHON" benchmarks/train_throughput.py --model "$RUNS/large-model" --task "$1" \
         --batch-size "$2" --max-length "$3" --steps "$STEPS" --warmup 10 --rows 4000 \
-        --rounds 1 --precision bf16 --output "$OUT"
+        --rounds 1 --precision bf16 --output "$OUT" "${@:4}"
 }
 
 memory() {  # memory NAME OVERRIDES...: a few QLoRA/LoRA steps on the 8B shape, peak memory
@@ -113,6 +115,7 @@ phase quickstart 150 quickstart
 phase large-shape 60 "$PYTHON" benchmarks/gpu/shapes.py "$LARGE_SHAPE" "$RUNS/large-model" --tokenizer "$TOKENIZER"
 phase packed-attention 60 "$PYTHON" benchmarks/gpu/packed_attention.py --model "$RUNS/large-model"
 phase throughput-sst2 150 throughput sst2 "$SST2_BATCH" 128
+phase throughput-sst2-compiled 150 throughput sst2 "$SST2_BATCH" 128 --ours-only --compile
 phase throughput-aeslc 150 throughput aeslc "$AESLC_BATCH" 512
 phase throughput-alpaca 150 throughput alpaca "$AESLC_BATCH" 1024
 phase profile 90 "$PYTHON" benchmarks/gpu/profile_steps.py --model "$RUNS/large-model" \

@@ -270,7 +270,12 @@ def packed_mask(
 
 AttentionInterface.register(TRAINING_SDPA, training_sdpa)
 AttentionMaskInterface.register(TRAINING_SDPA, sdpa_mask)
-AttentionInterface.register(PACKED_SDPA, functools.partial(training_sdpa, split_packed=True))
+# Compiled layers (`model.compile`) leave packed attention eager: it reads each example's
+# bounds off the position ids as Python integers, which a compiled graph would specialise on
+# and recompile for at every step.
+AttentionInterface.register(
+    PACKED_SDPA, torch.compiler.disable(functools.partial(training_sdpa, split_packed=True))
+)
 AttentionMaskInterface.register(PACKED_SDPA, packed_mask)
 
 

@@ -9,6 +9,7 @@ Summarisation and translation decode greedily or with beam search from left-padd
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -113,6 +114,13 @@ def label_logprobs(
     return scores + picked
 
 
+def eager_generate(model: PreTrainedModel, **settings: Any) -> torch.Tensor:
+    """`model.generate`, with decoder layers compiled for training (`model.compile`) run
+    eagerly: every new token's longer cache would recompile them until torch gave up."""
+    with torch.compiler.set_stance("force_eager"):
+        return model.generate(**settings)
+
+
 @torch.no_grad()
 def generate(
     model: PreTrainedModel,
@@ -128,7 +136,8 @@ def generate(
     each goes on taking forward steps until every process's batch is done."""
     device = next(model.parameters()).device
     input_ids, attention_mask = left_pad(prompts, tokenizer.pad_token_id, device)
-    output = model.generate(
+    output = eager_generate(
+        model,
         input_ids=input_ids,
         attention_mask=attention_mask,
         max_new_tokens=settings.max_new_tokens,

@@ -44,6 +44,8 @@ def check_recipe(recipe: schema.Recipe) -> None:
         # bitsandbytes gives its 4-bit weights their quantisation constants back when FSDP
         # replaces them by gathered plain tensors, but not its 8-bit ones.
         "model.quantization (8bit)": recipe.model.quantization == "8bit",
+        # Not measured: compiled layers under FSDP's hooks, which gather their weights.
+        "model.compile": recipe.model.compile,
     }
     layout.refuse(refused, "FSDP", "launch with configs/multi_gpu.yaml (DDP)")
 

@@ -121,6 +121,9 @@ def check_recipe(recipe: schema.Recipe, stage: int) -> None:
     # loss makes them NaN; without ZeRO the optimizer would apply them.
     refused = {"train.max_nonfinite_steps": recipe.train.max_nonfinite_steps > 0 and stage == 0}
     layout.refuse(refused, "DeepSpeed without ZeRO (stage 0)", "set zero_optimization.stage")
+    # Not measured: compiled layers inside DeepSpeed's engine, whose hooks partition them.
+    compiled = {"model.compile": recipe.model.compile}
+    layout.refuse(compiled, "DeepSpeed", "launch with configs/multi_gpu.yaml (DDP)")
 
 
 class ZeroLayout(layout.Layout):

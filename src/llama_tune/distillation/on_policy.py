@@ -43,7 +43,8 @@ def student_examples(
     was_training = model.training
     model.eval()
     with inference.autocast_for(model, precision):
-        output = model.generate(
+        output = inference.eager_generate(
+            model,
             input_ids=input_ids,
             attention_mask=attention_mask,
             max_new_tokens=settings.max_new_tokens,
