@@ -43,14 +43,20 @@ def test_adapted_layers_are_named_once_from_zero(tmp_path: Path, layers: str) ->
     assert any(problem.startswith("adapter.layers") for problem in problems), problems
 
 
-def test_compiling_a_quantised_base_or_the_teacher_is_refused(tmp_path: Path) -> None:
+def test_what_compiled_layers_are_not_measured_with_is_refused(tmp_path: Path) -> None:
     recipe = """
 model: {name: x, compile: true, quantization: 4bit}
 data: {source: /data, task: classification}
 distill: {teacher: {name: y, compile: true}}
+adversarial: {train: {method: pgd}}
 """
-    keys = {problem.split(":")[0] for problem in _problems(tmp_path, recipe)}
-    assert keys == {"model.compile", "distill.teacher.compile"}
+    problems = _problems(tmp_path, recipe)
+    assert {problem.split(":")[0] for problem in problems} == {
+        "model.compile",
+        "distill.teacher.compile",
+    }
+    assert any("quantised base" in problem for problem in problems)
+    assert any("adversarial.train.method (pgd)" in problem for problem in problems)
 
 
 def test_every_problem_is_named_at_once(tmp_path: Path) -> None:

@@ -611,6 +611,15 @@ class Recipe(Section):
                 "model.compile: not measured with a quantised base (bitsandbytes' kernels); "
                 "set model.compile: false or model.quantization: none"
             )
+        attack = self.adversarial.train if self.adversarial is not None else None
+        if self.model.compile and attack is not None and attack.method is not None:
+            # The attack goes back through the clean forward twice: compiled, that backward
+            # gave PGD gradients a hundred times too large (torch 2.13). NEFTune alone is fine.
+            problems.append(
+                f"model.compile: not with adversarial.train.method ({attack.method}), whose "
+                "attack takes a second backward through the compiled layers; set "
+                "model.compile: false"
+            )
         problems += self._selection_problems()
         problems += self._distillation_problems()
         problems += self._perturbation_problems()
