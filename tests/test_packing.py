@@ -196,15 +196,36 @@ def test_padded_rows_read_as_with_sdpa(tiny_model_dir, real_rows, tokenizer) -> 
     assert generated[0].tolist() == generated[1].tolist()
 
 
-def test_packed_losses_and_gradients_equal_padded_ones(tiny_model_dir, real_rows, tokenizer):
+def test_a_packed_row_ends_in_a_filler_to_its_bucket(real_rows, tokenizer) -> None:
+    # The filler bounds the row lengths a run meets (bf16 kernels are built per shape).
+    plain = data.collate_packed(real_rows)
+    filled = data.collate_packed(real_rows, tokenizer.pad_token_id, 16)
+    length = plain["input_ids"].shape[1]
+    filler = filled["input_ids"].shape[1] - length
+    assert filled["input_ids"].shape[1] % 16 == 0
+    assert 0 < filler < 16
+    for name, values in plain.items():
+        assert filled[name][:, :length].tolist() == values.tolist()
+    assert filled["input_ids"][0, length:].tolist() == [tokenizer.pad_token_id] * filler
+    assert filled["labels"][0, length:].tolist() == [data.IGNORE_INDEX] * filler
+    # A segment of its own: the examples' bounds are unchanged, the filler's follow them.
+    bounds = packing.example_bounds(filled["position_ids"][0])
+    assert bounds == [*packing.example_bounds(plain["position_ids"][0]), (length, length + filler)]
+
+
+@pytest.mark.parametrize("bucket", [1, 16])
+def test_packed_losses_and_gradients_equal_padded_ones(
+    tiny_model_dir, real_rows, tokenizer, bucket: int
+) -> None:
     model = _model(tiny_model_dir).train()
     padded = data.collate(real_rows, tokenizer.pad_token_id, 16)
-    packed = data.collate_packed(real_rows)
+    packed = data.collate_packed(real_rows, tokenizer.pad_token_id, bucket)
     with torch.no_grad():
         expected = _per_example_losses(model, padded)
         actual = _per_example_losses(model, packed)
-    assert len(actual) == len(real_rows)
-    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+    # With a filler, its segment follows the examples and scores nothing.
+    assert actual[len(real_rows) :] == ([0.0] if bucket > 1 else [])
+    torch.testing.assert_close(actual[: len(real_rows)], expected, rtol=1e-4, atol=1e-4)
 
     objective = TargetTokenLoss(model)
     gradients = []

@@ -846,17 +846,28 @@ def collate(examples: list[Example], pad_token_id: int, bucket: int) -> dict[str
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def collate_packed(examples: list[Example]) -> dict[str, torch.Tensor]:
-    """The examples end to end in one row, without padding or attention mask: position ids
-    restart at 0 at each example, which keeps attention inside it (`packing`). As in a padded
-    row, an example's first token is no target: nothing predicts across a boundary."""
+def collate_packed(
+    examples: list[Example], pad_token_id: int = 0, bucket: int = 1
+) -> dict[str, torch.Tensor]:
+    """The examples end to end in one row, without attention mask: position ids restart at 0 at
+    each example, which keeps attention inside it (`packing`). As in a padded row, an example's
+    first token is no target: nothing predicts across a boundary.
+
+    The row ends in a filler of pad tokens up to a multiple of `bucket`, a segment of its own that
+    nothing attends to or scores. It bounds the distinct row lengths: oneDNN builds its bf16
+    CPU kernels for each new shape (measured: 281 GFLOP/s over new shapes, 362 over seen ones).
+    """
     labels = [_labels(example) for example in examples]
     for example_labels in labels:
         example_labels[0] = IGNORE_INDEX
+    tokens = [t for example in examples for t in example.input_ids]
+    filler = -len(tokens) % bucket
     return {
-        "input_ids": torch.tensor([[t for example in examples for t in example.input_ids]]),
-        "labels": torch.cat(labels)[None],
-        "position_ids": torch.cat([torch.arange(len(e.input_ids)) for e in examples])[None],
+        "input_ids": torch.tensor([tokens + [pad_token_id] * filler]),
+        "labels": torch.cat([*labels, torch.full((filler,), IGNORE_INDEX)])[None],
+        "position_ids": torch.cat(
+            [*(torch.arange(len(e.input_ids)) for e in examples), torch.arange(filler)]
+        )[None],
     }
 
 

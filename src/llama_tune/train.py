@@ -530,7 +530,9 @@ class TrainingRun:
         step_sums = torch.zeros(len(terms), device=accelerator.device)
         for indices, examples in zip(own, own_examples, strict=True):
             if self.recipe.packed:
-                batch = data.collate_packed(examples)
+                batch = data.collate_packed(
+                    examples, self.tokenizer.pad_token_id, settings.length_bucket
+                )
             else:
                 batch = data.collate(examples, self.tokenizer.pad_token_id, settings.length_bucket)
             batch |= self.objective.extra_inputs(indices)
