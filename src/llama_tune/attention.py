@@ -216,18 +216,23 @@ def training_sdpa(
     varlen_dtype = _varlen_dtype(module, query, key, value, kwargs)
     if varlen_dtype is not None:
         return _varlen(query, key, value, bounds, kwargs.get("scaling"), varlen_dtype), None
+    # split, not slicing: the backward of each example's slice fills a zero gradient the size
+    # of the whole row (for queries, keys and values), where that of a split concatenates the
+    # pieces' gradients once. On a CPU, 16 SST-2 rows packed in bf16: 11.0 against 8.3 ms a
+    # layer for the attention's forward and backward, 1.11x the tokens/s of the training step.
     rows = []
-    for row in range(query.shape[0]):
+    for row, (row_query, row_key, row_value) in enumerate(
+        zip(query.split(1), key.split(1), value.split(1), strict=True)
+    ):
+        sizes = [end - start for start, end in bounds[row if len(bounds) > 1 else 0]]
         pieces = [
-            _sdpa(
-                module,
-                query[row : row + 1, :, start:end],
-                key[row : row + 1, :, start:end],
-                value[row : row + 1, :, start:end],
-                None,
-                **kwargs,
+            _sdpa(module, *example, None, **kwargs)
+            for example in zip(
+                row_query.split(sizes, dim=2),
+                row_key.split(sizes, dim=2),
+                row_value.split(sizes, dim=2),
+                strict=True,
             )
-            for start, end in bounds[row if len(bounds) > 1 else 0]
         ]
         rows.append(torch.cat(pieces, dim=1))
     return torch.cat(rows, dim=0), None
