@@ -134,7 +134,7 @@ def measure_llama_tune(recipe: schema.Recipe, warmup: int) -> dict[str, Any]:
 
 def planned_examples(recipe: schema.Recipe, examples: list[data.Example]) -> list[data.Example]:
     """The examples of llama-tune's steps in order: its first epoch plan (its loop's generator
-    and length grouping), cut to the recipe's steps. A peer reading them in sequence
+    and, where it pads, length grouping), cut to the recipe's steps. A peer reading them in sequence
     (`train_sampling_strategy="sequential"`) takes the same examples at every step, so the
     two count the same tokens and their peaks compare. The benchmarks' recipes run one process,
     no accumulation and no more steps than one epoch holds, where this is the loop's plan."""
@@ -143,6 +143,7 @@ def planned_examples(recipe: schema.Recipe, examples: list[data.Example]) -> lis
         [len(example.input_ids) for example in examples],
         settings.batch_size,
         torch.Generator().manual_seed(settings.seed),
+        not recipe.packed,
     )
     assert settings.grad_accumulation == 1
     assert len(plan) >= settings.max_steps

@@ -99,7 +99,7 @@ def test_recipe_hash_tracks_resume_keys(tmp_path: Path) -> None:
     path.write_text("data: {source: /d, task: classification}\n")
     base = config.load(path)
     assert checkpoint.recipe_hash(base) == checkpoint.recipe_hash(config.load(path, ["train.lr=1"]))
-    for changed in ("adapter.r=4", "adversarial.augment.budget=0.3"):
+    for changed in ("adapter.r=4", "adversarial.augment.budget=0.3", "train.packing=true"):
         assert checkpoint.recipe_hash(base) != checkpoint.recipe_hash(config.load(path, [changed]))
 
 

@@ -207,6 +207,43 @@ def test_epoch_plan_is_seeded_grouped_and_complete() -> None:
     assert spread < 30
 
 
+def test_an_ungrouped_plan_draws_each_step_at_random() -> None:
+    # Packed rows have no padding to save: their steps are random draws, seeded and complete.
+    lengths = [
+        int(n) for n in torch.randint(5, 200, (1000,), generator=torch.Generator().manual_seed(1))
+    ]
+    plan = data.plan_epoch(lengths, 16, torch.Generator().manual_seed(7), by_length=False)
+    assert plan == data.plan_epoch(lengths, 16, torch.Generator().manual_seed(7), by_length=False)
+    assert len(plan) == 1000 // 16
+    used = [index for step in plan for index in step]
+    assert len(set(used)) == len(used)
+    # 16 lengths drawn from 5-199 span about 170 on average; grouped steps span under 30.
+    spread = sum(max(lengths[i] for i in s) - min(lengths[i] for i in s) for s in plan) / len(plan)
+    assert spread > 140
+
+
+def test_micro_batches_are_alike_in_length_padded_and_in_total_packed() -> None:
+    lengths = [
+        int(n) for n in torch.randint(5, 500, (32,), generator=torch.Generator().manual_seed(3))
+    ]
+    step = list(range(32))
+    padded = data.micro_batches(step, lengths, 4)
+    packed = data.micro_batches(step, lengths, 4, packed=True)
+    for batches in (padded, packed):
+        assert [len(batch) for batch in batches] == [8, 8, 8, 8]
+        assert sorted(index for batch in batches for index in batch) == step
+    # Padded: each micro-batch a run of the sorted lengths, so little padding in each.
+    ordered = sorted(lengths)
+    assert [sorted(lengths[i] for i in batch) for batch in padded] == [
+        ordered[start : start + 8] for start in range(0, 32, 8)
+    ]
+    # Packed: the processes' rows hold about as many tokens each (the padded split's totals
+    # differ several-fold).
+    totals = [sum(lengths[i] for i in batch) for batch in packed]
+    assert max(totals) - min(totals) <= max(lengths)
+    assert max(totals) < 1.15 * min(totals)
+
+
 def test_collate_masks_prompt_and_padding() -> None:
     examples = [
         data.Example(prompt="p", target="t", input_ids=[5, 6, 7, 8], prompt_length=2, row=1),

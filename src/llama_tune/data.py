@@ -1,4 +1,4 @@
-"""Rows -> prompt and target text -> token ids with a loss mask -> length-grouped batches.
+"""Rows -> prompt and target text -> token ids with a loss mask -> planned steps -> batches.
 
 Rows come from a local folder of split files, a single file, or a Hub dataset. A row with a
 missing, empty, mistyped or undecodable field is counted under its reason and skipped, or stops
@@ -795,18 +795,19 @@ def mixed_examples(
 
 
 def plan_epoch(
-    lengths: list[int], step_size: int, generator: torch.Generator, group: int = 64
+    lengths: list[int], step_size: int, generator: torch.Generator, by_length: bool = True
 ) -> list[list[int]]:
-    """Example indices of each optimizer step of one epoch, grouped by length.
+    """Example indices of each optimizer step of one epoch, shuffled, grouped by length if asked.
 
-    The shuffled order is cut into chunks of `group` steps; each chunk is sorted by length and
-    cut into steps, and the steps are shuffled, so a step holds rows of similar length (little
-    padding) while the epoch stays random. The incomplete last step is dropped so that every
-    step has the same number of examples.
+    Grouped, the shuffled order is cut into chunks of 64 steps; each chunk is sorted by length
+    and cut into steps, and the steps are shuffled, so a step holds rows of similar length
+    (little padding) while the epoch stays random. Ungrouped, each step is a random draw (packed
+    rows have no padding to save). The incomplete last step is dropped so that every step has
+    the same number of examples.
     """
     order = torch.randperm(len(lengths), generator=generator).tolist()
     steps = []
-    chunk_size = step_size * group
+    chunk_size = step_size * (64 if by_length else 1)
     for start in range(0, len(order) - step_size + 1, chunk_size):
         chunk = sorted(order[start : start + chunk_size], key=lambda index: lengths[index])
         steps += [chunk[i : i + step_size] for i in range(0, len(chunk) - step_size + 1, step_size)]
@@ -814,11 +815,21 @@ def plan_epoch(
     return [steps[i] for i in shuffled]
 
 
-def micro_batches(step: list[int], lengths: list[int], count: int) -> list[list[int]]:
-    """Split one step's examples into `count` equal micro-batches of similar length."""
+def micro_batches(
+    step: list[int], lengths: list[int], count: int, packed: bool = False
+) -> list[list[int]]:
+    """Split one step's examples into `count` equal micro-batches: of similar length where they
+    are padded (less padding), of similar total length where they are packed (processes then
+    wait less for each other), dealt out longest first, back and forth."""
     ordered = sorted(step, key=lambda index: lengths[index])
     size = len(ordered) // count
-    return [ordered[i * size : (i + 1) * size] for i in range(count)]
+    if not packed:
+        return [ordered[i * size : (i + 1) * size] for i in range(count)]
+    batches: list[list[int]] = [[] for _ in range(count)]
+    for position, index in enumerate(reversed(ordered)):
+        lap, offset = divmod(position, count)
+        batches[offset if lap % 2 == 0 else count - 1 - offset].append(index)
+    return batches
 
 
 def _labels(example: Example) -> torch.Tensor:

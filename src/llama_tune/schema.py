@@ -278,9 +278,10 @@ class TrainConfig(Section):
     """Steps with a NaN/inf loss to skip before stopping with an error."""
     length_bucket: int = Field(16, ge=1)
     """Pad batches to a multiple of this many tokens (fewer distinct kernel shapes)."""
-    packing: bool | None = None
+    packing: bool | None = Field(None, json_schema_extra=RESUME)
     """Lay each micro-batch's examples end to end in one row, without padding (attention stays
-    inside each example); null: on for instruction data, off for the other tasks."""
+    inside each example), and draw each step's examples at random instead of by similar
+    length; null: on for instruction data, off for the other tasks."""
 
 
 class LoggingConfig(Section):

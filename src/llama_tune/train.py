@@ -433,7 +433,9 @@ class TrainingRun:
         with StopSignals() as signals:
             while state.step < plan.total_steps:
                 order = torch.Generator().manual_seed(self.settings.seed + state.epoch)
-                epoch_plan = data.plan_epoch(self.lengths, plan.step_size, order)
+                epoch_plan = data.plan_epoch(
+                    self.lengths, plan.step_size, order, not self.recipe.packed
+                )
                 for step_examples in epoch_plan[state.step_in_epoch :]:
                     if state.step >= plan.total_steps:
                         break
@@ -464,7 +466,9 @@ class TrainingRun:
         accelerator, objective, state = self.accelerator, self.objective, self.state
         started = time.perf_counter()
         terms = list(objective.weights)
-        batches = data.micro_batches(step_examples, self.lengths, self.plan.micro_batches)
+        batches = data.micro_batches(
+            step_examples, self.lengths, self.plan.micro_batches, self.recipe.packed
+        )
         own = batches[accelerator.process_index :: accelerator.num_processes]
         examples = self.train_split.examples
         counts = step_counts(objective, [examples[i] for i in step_examples])
