@@ -822,8 +822,8 @@ def micro_batches(
     are padded (less padding), of similar total length where they are packed (processes then
     wait less for each other), dealt out longest first, back and forth."""
     ordered = sorted(step, key=lambda index: lengths[index])
-    size = len(ordered) // count
     if not packed:
+        size = len(ordered) // count
         return [ordered[i * size : (i + 1) * size] for i in range(count)]
     batches: list[list[int]] = [[] for _ in range(count)]
     for position, index in enumerate(reversed(ordered)):
