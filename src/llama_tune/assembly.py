@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from accelerate import Accelerator
 
-from llama_tune import attention, compiling, data, models, runtime, schema
+from llama_tune import attention, compiling, data, lora_fusion, models, runtime, schema
 from llama_tune.layout import Layout
 from llama_tune.objective import Objective, TargetTokenLoss
 
@@ -73,6 +73,8 @@ def build(
             recipe, accelerator, run_dir, device, layout.creating_model
         )
     attention.use_training_attention(models.causal_lm(bundle.model), recipe.packed)
+    if not layout.weights_whole_per_module:
+        lora_fusion.fuse_lora_layers(bundle.model)
     if recipe.model.compile:
         compiling.compile_layers(models.causal_lm(bundle.model))
     if accelerator.mixed_precision != "no":

@@ -42,6 +42,9 @@ class Layout:
     """Whether saving needs every process (each holds only part of the state)."""
     spreads_weights = False
     """Whether each process holds only part of the weights: every forward needs every process."""
+    weights_whole_per_module = False
+    """Whether a weight is whole only while its own module runs (ZeRO-3's hooks gather it then),
+    so code must call each module rather than read its weights."""
 
     def accelerator(self, **settings: Any) -> Accelerator:
         """The run's Accelerator, made with `settings` (precision, accumulation, ...)."""

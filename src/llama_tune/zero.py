@@ -143,6 +143,7 @@ class ZeroLayout(layout.Layout):
         self.stage = int(self.config["zero_optimization"].get("stage", 0))
         # ZeRO-3's hooks gather each module's weights from every process when it is called.
         self.spreads_weights = self.stage == 3
+        self.weights_whole_per_module = self.stage == 3
         self.name = f"deepspeed zero-{self.stage}"
         check_recipe(recipe, self.stage)
         self.quantised = recipe.model.quantization != "none"

@@ -1,0 +1,127 @@
+"""A LoRA-adapted linear layer as one autograd function.
+
+peft computes `base(x) + lora_B(lora_A(dropout(x))) * scaling` as six autograd nodes per
+adapted layer: the two small products, then a multiplication by the scale and an addition, each
+a pass over the layer's whole output, in the forward and again in the backward. Here the scale
+and the sum ride inside the products (`addmm`'s `alpha`), and the backward computes the input's
+gradient as one product plus one accumulated small one: the same products, none of the
+elementwise passes, one node. The adapter's weights stay peft's parameters, so saving, loading,
+merging and the optimizer see nothing new.
+
+Only plain LoRA on an unquantised `nn.Linear` is fused, one active adapter, without dropout
+(llama-tune's default) or in eval mode; everything else (DoRA, quantised bases, dropout, disabled or merged
+adapters, several adapters) runs peft's own forward, decided at every call.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from peft.tuners.lora import Linear as LoraLinear
+
+
+class _LoraProduct(torch.autograd.Function):
+    """y = x W^T + b + scale (x A^T) B^T, every tensor already in the compute dtype."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        inputs: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        lora_a: torch.Tensor,
+        lora_b: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor:
+        rows = inputs.reshape(-1, inputs.shape[-1])
+        hidden = rows @ lora_a.t()
+        outputs = rows @ weight.t() if bias is None else torch.addmm(bias, rows, weight.t())
+        outputs.addmm_(hidden, lora_b.t(), alpha=scale)
+        ctx.save_for_backward(rows, weight, lora_a, lora_b, hidden)
+        ctx.scale = scale
+        ctx.input_shape = inputs.shape
+        return outputs.view(*inputs.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx: Any, output_gradient: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        rows, weight, lora_a, lora_b, hidden = ctx.saved_tensors
+        gradient = output_gradient.reshape(-1, weight.shape[0])
+        # The gradient at the adapter's r-wide middle, already scaled: every gradient below it
+        # carries the scale once.
+        hidden_gradient = (gradient @ lora_b).mul_(ctx.scale)
+        needs = ctx.needs_input_grad
+        input_gradient = weight_gradient = bias_gradient = a_gradient = b_gradient = None
+        if needs[0]:
+            input_gradient = (gradient @ weight).addmm_(hidden_gradient, lora_a)
+            input_gradient = input_gradient.view(ctx.input_shape)
+        if needs[1]:
+            weight_gradient = gradient.t() @ rows
+        if needs[2]:
+            bias_gradient = gradient.sum(0)
+        if needs[3]:
+            a_gradient = hidden_gradient.t() @ rows
+        if needs[4]:
+            # (h^T g)^T: the same product, faster than g^T h on oneDNN for these shapes.
+            b_gradient = (hidden.t() @ gradient).mul_(ctx.scale).t()
+        return input_gradient, weight_gradient, bias_gradient, a_gradient, b_gradient, None
+
+
+def _compute_dtype(inputs: torch.Tensor) -> torch.dtype:
+    """The dtype the layer's products run in: autocast's where it is on, else the input's."""
+    device = inputs.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return inputs.dtype
+
+
+def _fusable(layer: LoraLinear, args: tuple, kwargs: dict) -> bool:
+    """Whether this call is plain LoRA that the fused product computes exactly."""
+    if args or kwargs or layer.disable_adapters or layer.merged:
+        return False
+    if len(layer.active_adapters) != 1 or type(layer.get_base_layer()) is not torch.nn.Linear:
+        return False
+    name = layer.active_adapters[0]
+    if name not in layer.lora_A or name in layer.lora_variant or layer.fan_in_fan_out:
+        return False
+    dropout = layer.lora_dropout[name]
+    return isinstance(dropout, torch.nn.Identity) or not dropout.training
+
+
+def _fused_forward(
+    layer: LoraLinear,
+    peft_forward: Callable[..., torch.Tensor],
+    inputs: torch.Tensor,
+    *args: Any,
+    **kwargs: Any,
+) -> torch.Tensor:
+    if not _fusable(layer, args, kwargs):
+        return peft_forward(inputs, *args, **kwargs)
+    name = layer.active_adapters[0]
+    base = layer.get_base_layer()
+    dtype = _compute_dtype(inputs)
+    # The casts are autograd's own: the adapter's fp32 weights get their gradients back in fp32.
+    return _LoraProduct.apply(
+        inputs.to(dtype),
+        base.weight.to(dtype),
+        None if base.bias is None else base.bias.to(dtype),
+        layer.lora_A[name].weight.to(dtype),
+        layer.lora_B[name].weight.to(dtype),
+        layer.scaling[name],
+    )
+
+
+def fuse_lora_layers(model: torch.nn.Module) -> int:
+    """Give every peft LoRA linear layer in `model` the fused forward; returns how many.
+
+    Not for a model whose weights are whole only inside their own module's forward (ZeRO-3):
+    the fused forward reads the base and adapter weights without calling their modules."""
+    fused = 0
+    for module in model.modules():
+        # An instance's own `forward` shadows its class's: a second call leaves it as it is.
+        if isinstance(module, LoraLinear) and "forward" not in module.__dict__:
+            module.forward = functools.partial(_fused_forward, module, module.forward)
+            fused += 1
+    return fused
