@@ -9,8 +9,9 @@ elementwise passes, one node. The adapter's weights stay peft's parameters, so s
 merging and the optimizer see nothing new.
 
 Only plain LoRA on an unquantised `nn.Linear` is fused, one active adapter, without dropout
-(llama-tune's default) or in eval mode; everything else (DoRA, quantised bases, dropout, disabled or merged
-adapters, several adapters) runs peft's own forward, decided at every call.
+(llama-tune's default) or in eval mode; everything else (DoRA, quantised bases, dropout in
+training, disabled or merged adapters, several adapters) runs peft's own forward, decided at
+every call.
 """
 
 from __future__ import annotations
