@@ -44,6 +44,7 @@ bench: install
 	$(BIN)/python benchmarks/train_throughput.py --precision fp32
 	$(BIN)/python benchmarks/train_throughput.py --task alpaca --precision bf16 --steps 10 --warmup 2
 	$(BIN)/python benchmarks/train_throughput.py --task alpaca --precision fp32 --steps 10 --warmup 2
+	$(BIN)/python benchmarks/lora_fusion.py
 	$(BIN)/python benchmarks/scoring_speed.py
 	$(BIN)/python benchmarks/distillation.py
 	$(BIN)/python benchmarks/adversarial.py

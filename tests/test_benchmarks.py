@@ -79,3 +79,18 @@ def test_distillation_writes_side_by_side_results(
     assert throughput["online_vs_trl"] > 0
     assert throughput["cached_vs_trl"] > 0
     assert len(throughput["cached_vs_trl_rounds"]) == 1
+
+
+def test_lora_fusion_writes_paired_results(tiny_model_dir: Path, tmp_path: Path) -> None:
+    _run(
+        "lora_fusion.py",
+        *("--model", str(tiny_model_dir), "--rows", "2", "--length", "8"),
+        *("--blocks", "2", "--steps", "1", "--precision", "fp32", "--output", str(tmp_path)),
+    )
+    report = json.loads((tmp_path / "lora_fusion_fp32_2x8.json").read_text())
+    for system in ("peft", "fused"):
+        assert len(report["seconds_a_step"][system]) == 2
+        assert report["median_seconds_a_step"][system] > 0
+    assert report["speedup"] > 0
+    # In fp32 the fused layers compute peft's gradients, to rounding.
+    assert report["largest_gradient_difference"] < 1e-4
