@@ -20,11 +20,11 @@ import time
 from pathlib import Path
 
 import torch
-from model_flops import slow_bf16_here
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from llama_tune import lora_fusion, models
+from model_flops import slow_bf16_here
 
 REPO = Path(__file__).resolve().parent.parent
 SYSTEMS = ("peft", "fused")
