@@ -78,17 +78,19 @@ def _compute_dtype(inputs: torch.Tensor) -> torch.dtype:
     return inputs.dtype
 
 
-def _fusable(layer: LoraLinear, args: tuple, kwargs: dict) -> bool:
-    """Whether this call is plain LoRA that the fused product computes exactly."""
+def _plain_adapter(layer: LoraLinear, args: tuple, kwargs: dict) -> str | None:
+    """The adapter this call computes as plain LoRA, which the fused product computes exactly;
+    None where peft's forward must run."""
     if args or kwargs or layer.disable_adapters or layer.merged:
-        return False
-    if len(layer.active_adapters) != 1 or type(layer.get_base_layer()) is not torch.nn.Linear:
-        return False
-    name = layer.active_adapters[0]
+        return None
+    active = layer.active_adapters
+    if len(active) != 1 or type(layer.get_base_layer()) is not torch.nn.Linear:
+        return None
+    name = active[0]
     if name not in layer.lora_A or name in layer.lora_variant or layer.fan_in_fan_out:
-        return False
+        return None
     dropout = layer.lora_dropout[name]
-    return isinstance(dropout, torch.nn.Identity) or not dropout.training
+    return name if isinstance(dropout, torch.nn.Identity) or not dropout.training else None
 
 
 def _fused_forward(
@@ -98,9 +100,9 @@ def _fused_forward(
     *args: Any,
     **kwargs: Any,
 ) -> torch.Tensor:
-    if not _fusable(layer, args, kwargs):
+    name = _plain_adapter(layer, args, kwargs)
+    if name is None:
         return peft_forward(inputs, *args, **kwargs)
-    name = layer.active_adapters[0]
     base = layer.get_base_layer()
     dtype = _compute_dtype(inputs)
     # The casts are autograd's own: the adapter's fp32 weights get their gradients back in fp32.
