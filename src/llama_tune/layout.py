@@ -157,6 +157,21 @@ def trained_parameters(objective: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [param for param in objective.parameters() if param.requires_grad]
 
 
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")
+"""Where torch's AdamW has one fused kernel per parameter: on the CPU it steps the built-in
+model's 81 M weights in 75 ms against 268 ms for the default loop (docs/BENCHMARKS.md)."""
+
+
+def adamw(
+    parameters: list[torch.nn.Parameter], lr: float, weight_decay: float = 0.0
+) -> torch.optim.AdamW:
+    """torch's AdamW, fused where every parameter lies on a device with the fused kernel. The
+    fused step computes the same update (to rounding) with one kernel per parameter instead
+    of a dozen, which matters most for full fine-tuning, where the step reads every weight."""
+    fused = all(param.device.type in FUSED_ADAMW_DEVICES for param in parameters)
+    return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, fused=fused or None)
+
+
 def trained_extras(
     objective: torch.nn.Module, model: torch.nn.Module
 ) -> dict[str, torch.nn.Parameter]:

@@ -41,7 +41,7 @@ from llama_tune import (
 from llama_tune.checkpoint import StopSignals, TrainState
 from llama_tune.errors import UserError
 from llama_tune.jsonfiles import read_json, write_json
-from llama_tune.layout import trained_extras, trained_parameters
+from llama_tune.layout import adamw, trained_extras, trained_parameters
 from llama_tune.objective import ModelCalls, Objective, combined, step_counts
 from llama_tune.runtime import (
     check_launch,
@@ -279,9 +279,7 @@ class TrainingRun:
             )
         # Collected after placing, which may replace the parameters (FSDP).
         self.trainable = trained_parameters(self.objective)
-        optimizer = torch.optim.AdamW(
-            self.trainable, lr=settings.lr, weight_decay=settings.weight_decay
-        )
+        optimizer = adamw(self.trainable, settings.lr, settings.weight_decay)
         self.scheduler = get_scheduler(
             settings.scheduler,
             optimizer,

@@ -378,7 +378,7 @@ def _create_adam_state(partitioned: Any, stage: int) -> None:
     else:
         flats = partitioned.fp32_partitioned_groups_flat
     for flat in flats:
-        scratch = torch.optim.AdamW([flat], lr=0.0)
+        scratch = layout.adamw([flat], lr=0.0)
         # With the optimizer offloaded, the partition's gradient is the buffer the engine
         # copies each step's gradients into: it is put back.
         gradient, flat.grad = flat.grad, torch.zeros_like(flat)
