@@ -237,27 +237,38 @@ def test_packed_losses_and_gradients_equal_padded_ones(
         torch.testing.assert_close(packed_grad, padded_grad, rtol=1e-4, atol=1e-5)
 
 
-def test_short_half_precision_rows_train_on_the_math_kernel(
+def test_short_half_precision_rows_train_their_attention_in_fp32(
     tiny_model_dir, real_rows, tokenizer, monkeypatch
 ) -> None:
-    """On a CPU, bf16 rows up to SHORT_ROWS tokens train on the math kernel (faster there);
-    longer rows, fp32 and forwards without gradients keep the default kernel."""
-    chosen: list[list] = []
-    real_kernel = attention.sdpa_kernel
-    monkeypatch.setattr(
-        attention, "sdpa_kernel", lambda backends: chosen.append(backends) or real_kernel(backends)
-    )
+    """On a CPU, half-precision rows up to SHORT_ROWS tokens train their attention in fp32 with
+    autocast off (faster there), also where autocast would cast an fp32 model's; longer rows
+    and forwards without gradients keep the half-precision attention."""
+    seen: list[tuple[torch.dtype, bool]] = []
+    real_sdpa = attention.sdpa_attention_forward
+
+    def spy(module, query, *args, **kwargs):
+        seen.append((query.dtype, torch.is_autocast_enabled("cpu")))
+        return real_sdpa(module, query, *args, **kwargs)
+
+    monkeypatch.setattr(attention, "sdpa_attention_forward", spy)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
     attention.use_training_attention(model, packed=False)
     model.get_input_embeddings().requires_grad_(True)
     short = data.collate(real_rows[:2], tokenizer.pad_token_id, 16)
     assert short["input_ids"].shape[1] <= attention.SHORT_ROWS
-    model(input_ids=short["input_ids"], attention_mask=short["attention_mask"])
-    assert chosen == [[attention.SDPBackend.MATH]] * 2
-    chosen.clear()
+    inputs = {"input_ids": short["input_ids"], "attention_mask": short["attention_mask"]}
+    logits = model(**inputs).logits
+    assert seen == [(torch.float32, False)] * 2
+    assert logits.dtype == torch.bfloat16
+    seen.clear()
     with torch.no_grad():
-        model(input_ids=short["input_ids"], attention_mask=short["attention_mask"])
+        model(**inputs)
     long = torch.tensor([real_rows[0].input_ids * 4])[:, : attention.SHORT_ROWS + 16]
     model(input_ids=long)
-    model.float()(input_ids=short["input_ids"], attention_mask=short["attention_mask"])
-    assert chosen == []
+    assert seen == [(torch.bfloat16, False)] * 4
+    seen.clear()
+    model.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(**inputs)
+        model(input_ids=long)
+    assert seen == [(torch.float32, False)] * 2 + [(torch.float32, True)] * 2

@@ -9,9 +9,13 @@ faster CPU kernel for short rows.
   On a GPU with flash attention, in half precision, one call of torch's variable-length flash
   attention (`varlen_attn`) takes every example of the batch; elsewhere, one SDPA call each.
 - On a CPU, PyTorch's flash kernel is slow to train in bf16 on short rows (its backward
-  dominates); the math kernel is 1.6-2.4x faster there up to about 200 tokens (measured on this
-  project's 2-core AVX512-BF16 machine: 16 rows of 48 tokens, 13.0 ms against 5.7 ms forward and
-  backward per layer), and slower beyond. In fp32 the flash kernel stays faster.
+  dominates): short rows of a half-precision run attend in fp32 there, with autocast off for
+  the call, 1.3-3x faster up to 160 tokens than bf16 (forward and backward per layer on this
+  project's 2-core AVX512-BF16 machine: 16 rows of 48 tokens 4.0 against 14.0 ms, 8 of 128
+  9.6 against 17.6, one of 40 0.34 against 1.07) and faster than the math kernel in bf16 that
+  it replaces (5.6 ms for the 16 rows of 48); beyond about 190 tokens bf16 is faster. fp32 is
+  also the more precise, and an fp32 model under autocast (full fine-tuning, a distilled
+  student) gets it too, where autocast would have cast SDPA's inputs to bf16.
 
 For every other input (padding masks, generation with a cache, GPUs) it is transformers' SDPA
 unchanged, so a model keeps it for evaluation and generation too.
@@ -19,7 +23,6 @@ unchanged, so a model keeps it for evaluation and generation too.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import weakref
@@ -27,7 +30,6 @@ from itertools import pairwise
 from typing import Any
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -49,19 +51,16 @@ TRAINING_SDPA = "llama_tune_sdpa"
 PACKED_SDPA = "llama_tune_packed_sdpa"
 VARLEN_UNSUPPORTED = ("sliding_window", "softcap", "s_aux")
 """Attention arguments of some architectures that plain causal varlen attention would ignore."""
-SHORT_ROWS = 192
-"""Rows up to this many tokens train with the math kernel on a CPU in half precision."""
+SHORT_ROWS = 160
+"""Rows up to this many tokens of a half-precision run train their attention in fp32 on a CPU."""
 
 
-def _kernel(query: torch.Tensor) -> contextlib.AbstractContextManager:
-    """The math kernel where it trains faster (see the module docstring); the default else."""
-    training_short_half_rows = (
-        query.device.type == "cpu"
-        and query.dtype in HALF_DTYPES
-        and query.requires_grad
-        and query.shape[2] <= SHORT_ROWS
-    )
-    return sdpa_kernel([SDPBackend.MATH]) if training_short_half_rows else contextlib.nullcontext()
+def _attention_dtype(query: torch.Tensor) -> torch.dtype:
+    """The dtype SDPA computes in: the query's, or autocast's where autocast casts it."""
+    device = query.device.type
+    if query.dtype not in HALF_DTYPES and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return query.dtype
 
 
 def _sdpa(
@@ -72,9 +71,24 @@ def _sdpa(
     attention_mask: torch.Tensor | None,
     **kwargs: Any,
 ) -> torch.Tensor:
-    """transformers' SDPA on the chosen kernel: [batch, length, heads, head_dim]."""
-    with _kernel(query):
+    """transformers' SDPA, in fp32 where that trains faster (see the module docstring), with
+    the output in the dtype SDPA would have given: [batch, length, heads, head_dim]."""
+    dtype = _attention_dtype(query)
+    training_short_half_rows = (
+        query.device.type == "cpu"
+        and dtype in HALF_DTYPES
+        and query.requires_grad
+        and query.shape[2] <= SHORT_ROWS
+    )
+    if not training_short_half_rows:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)[0]
+    if attention_mask is not None and attention_mask.is_floating_point():
+        attention_mask = attention_mask.float()
+    with torch.autocast(query.device.type, enabled=False):
+        attended = sdpa_attention_forward(
+            module, query.float(), key.float(), value.float(), attention_mask, **kwargs
+        )[0]
+    return attended.to(dtype)
 
 
 class _PackedExamples:
@@ -134,9 +148,7 @@ def _varlen_dtype(
     multiples of 8, and plain causal attention (no dropout, sliding window, soft cap or sinks)."""
     if not (VARLEN_USABLE and query.is_cuda and torch.version.hip is None):
         return None
-    dtype = query.dtype
-    if dtype not in HALF_DTYPES and torch.is_autocast_enabled("cuda"):
-        dtype = torch.get_autocast_dtype("cuda")
+    dtype = _attention_dtype(query)
     head_size = query.shape[-1]
     plain_causal = (
         not kwargs.get("dropout")
