@@ -83,3 +83,25 @@ def test_chunks_of_the_head_give_the_loss_and_gradients_of_whole_logits(
         # Another order of fp32 additions: differences of a few 1e-8 of the largest entry.
         largest = float(gradient.abs().max())
         torch.testing.assert_close(found, gradient, rtol=1e-4, atol=1e-6 * largest, msg=name)
+
+
+def test_a_few_positions_of_an_fp32_head_under_autocast_run_in_fp32() -> None:
+    """On a CPU, autocast would cast the head's whole weight for a handful of answer positions:
+    up to FP32_HEAD_POSITIONS they take the fp32 product, gradient included; more positions
+    and half-precision heads keep autocast's."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(32, 300, bias=False)
+    few = torch.randn(2, objective.FP32_HEAD_POSITIONS // 2, 32, requires_grad=True)
+    many = torch.randn(objective.FP32_HEAD_POSITIONS + 1, 32)
+    expected = head(few)
+    (expected_gradient,) = torch.autograd.grad(expected.square().sum(), head.weight)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = objective.head_logits(head, few)
+        assert objective.head_logits(head, many).dtype == torch.bfloat16
+        half_head = torch.nn.Linear(32, 300, bias=False, dtype=torch.bfloat16)
+        assert objective.head_logits(half_head, few).dtype == torch.bfloat16
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, expected)
+    (gradient,) = torch.autograd.grad(logits.square().sum(), head.weight)
+    assert gradient.dtype == torch.float32
+    torch.testing.assert_close(gradient, expected_gradient)

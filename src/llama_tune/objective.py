@@ -180,6 +180,33 @@ def chunked_sum(
     return total
 
 
+FP32_HEAD_POSITIONS = 64
+"""Up to this many positions, an fp32 head under a CPU's autocast runs in fp32."""
+
+
+def head_logits(head: torch.nn.Module, states: torch.Tensor) -> torch.Tensor:
+    """`head(states)`; at a few positions on a CPU, an fp32 head under autocast runs in fp32.
+    Autocast would cast its whole weight to bf16 each forward (a trained head's gradient back
+    too: the built-in model's tied 49,152 x 576 head, two passes over 28 M weights), which
+    costs more than the fp32 products up to about 100 positions on this project's CPU (16
+    positions, forward and backward: 57 against 85 ms). Classification answers and distilled
+    label positions are this few; a chat row's answer is not."""
+    weight = getattr(head, "weight", None)
+    device = states.device.type
+    positions = states.numel() // states.shape[-1]
+    in_fp32 = (
+        device == "cpu"
+        and isinstance(weight, torch.Tensor)
+        and weight.dtype == torch.float32
+        and torch.is_autocast_enabled(device)
+        and positions <= FP32_HEAD_POSITIONS
+    )
+    if not in_fp32:
+        return head(states)
+    with torch.autocast(device, enabled=False):
+        return head(states.float())
+
+
 def target_cross_entropy(
     head: torch.nn.Module, predicting_states: torch.Tensor, labels: torch.Tensor
 ) -> torch.Tensor:
@@ -193,7 +220,7 @@ def target_cross_entropy(
     states, targets, _ = target_positions(predicting_states, labels)
 
     def chunk_loss(chunk: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        logits = head(chunk).float()
+        logits = head_logits(head, chunk).float()
         return torch.nn.functional.cross_entropy(logits, targets[start:stop], reduction="sum")
 
     trained_head = any(parameter.requires_grad for parameter in head.parameters())
@@ -234,7 +261,7 @@ def target_logits(
     """(float logits of the positions that predict a target token, those tokens, the
     [batch, n-1] mask of where the positions are), the head applied only there."""
     states, targets, selected = target_positions(predicting_states, labels)
-    return head(states).float(), targets, selected
+    return head_logits(head, states).float(), targets, selected
 
 
 def target_positions(

@@ -25,7 +25,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F  # noqa: N812 - the conventional name
 
-from llama_tune.objective import chunked_sum
+from llama_tune.objective import chunked_sum, head_logits
 
 LossName = Literal["forward_kl", "reverse_kl", "jsd", "tvd"]
 # Log of the smallest remainder mass kept: below it the bucket is empty and its gradient zero.
@@ -89,7 +89,7 @@ def compared_logits(
 ) -> torch.Tensor:
     """Logits over the tokens distillation compares: the tokenizer's (a padded embedding table's
     extra rows belong to no token), or only `token_subset` (for classification, the labels)."""
-    logits = head(hidden)[..., :vocab_size]
+    logits = head_logits(head, hidden)[..., :vocab_size]
     return logits if token_subset is None else logits[..., token_subset]
 
 
