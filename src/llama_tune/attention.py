@@ -35,6 +35,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from llama_tune.packing import example_bounds
+from llama_tune.runtime import compute_dtype
 
 try:
     from torch.nn.attention.varlen import varlen_attn
@@ -55,14 +56,6 @@ SHORT_ROWS = 160
 """Rows up to this many tokens of a half-precision run train their attention in fp32 on a CPU."""
 
 
-def _attention_dtype(query: torch.Tensor) -> torch.dtype:
-    """The dtype SDPA computes in: the query's, or autocast's where autocast casts it."""
-    device = query.device.type
-    if query.dtype not in HALF_DTYPES and torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return query.dtype
-
-
 def _sdpa(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -73,7 +66,7 @@ def _sdpa(
 ) -> torch.Tensor:
     """transformers' SDPA, in fp32 where that trains faster (see the module docstring), with
     the output in the dtype SDPA would have given: [batch, length, heads, head_dim]."""
-    dtype = _attention_dtype(query)
+    dtype = compute_dtype(query)
     training_short_half_rows = (
         query.device.type == "cpu"
         and dtype in HALF_DTYPES
@@ -148,7 +141,7 @@ def _varlen_dtype(
     multiples of 8, and plain causal attention (no dropout, sliding window, soft cap or sinks)."""
     if not (VARLEN_USABLE and query.is_cuda and torch.version.hip is None):
         return None
-    dtype = _attention_dtype(query)
+    dtype = compute_dtype(query)
     head_size = query.shape[-1]
     plain_causal = (
         not kwargs.get("dropout")

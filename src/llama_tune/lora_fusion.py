@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from peft.tuners.lora import Linear as LoraLinear
 
+from llama_tune.runtime import compute_dtype
+
 
 class _LoraProduct(torch.autograd.Function):
     """y = x W^T + b + scale (x A^T) B^T, every tensor already in the compute dtype."""
@@ -70,14 +72,6 @@ class _LoraProduct(torch.autograd.Function):
         return input_gradient, weight_gradient, bias_gradient, a_gradient, b_gradient, None
 
 
-def _compute_dtype(inputs: torch.Tensor) -> torch.dtype:
-    """The dtype the layer's products run in: autocast's where it is on, else the input's."""
-    device = inputs.device.type
-    if torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return inputs.dtype
-
-
 def _plain_adapter(layer: LoraLinear, args: tuple, kwargs: dict) -> str | None:
     """The adapter this call computes as plain LoRA, which the fused product computes exactly;
     None where peft's forward must run."""
@@ -104,7 +98,7 @@ def _fused_forward(
     if name is None:
         return peft_forward(inputs, *args, **kwargs)
     base = layer.get_base_layer()
-    dtype = _compute_dtype(inputs)
+    dtype = compute_dtype(inputs)
     # The casts are autograd's own: the adapter's fp32 weights get their gradients back in fp32.
     return _LoraProduct.apply(
         inputs.to(dtype),

@@ -163,6 +163,15 @@ def peak_memory_gib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30
 
 
+def compute_dtype(inputs: torch.Tensor) -> torch.dtype:
+    """The dtype an autocast-listed op (a linear layer, SDPA) computes `inputs` in: autocast's
+    where it is on for their device, else their own."""
+    device = inputs.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return inputs.dtype
+
+
 def cpu_has_fast_bf16() -> bool:
     """Whether this CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX); without either,
     PyTorch's bf16 products run far slower than fp32 ones."""
