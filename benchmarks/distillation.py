@@ -37,10 +37,10 @@ import torch
 from transformers import AutoConfig
 
 import train_throughput
-from llama_tune import config, data, models, schema
+from llama_tune import allocator, config, data, models, schema
 from llama_tune.distillation import loading, losses, student
 from model_flops import slow_bf16_here
-from side_by_side import alternate, peak_resident_gib, summary
+from side_by_side import add_tcmalloc_argument, alternate, peak_resident_gib, summary
 from trainer_timing import StepTimer, measured_losses
 
 REPO = Path(__file__).resolve().parent.parent
@@ -58,6 +58,7 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
     parser.add_argument("--positions", type=int, default=2048, help="memory: distilled positions")
     parser.add_argument("--only", choices=["throughput", "memory"], help="run one part")
+    add_tcmalloc_argument(parser)
     parser.add_argument("--memory-mode", choices=["naive", "chunked"], help=argparse.SUPPRESS)
     parser.add_argument("--output", default=str(REPO / "benchmarks" / "results"))
     parser.add_argument("--worker", choices=SYSTEMS, help=argparse.SUPPRESS)
@@ -186,6 +187,7 @@ def worker(args: argparse.Namespace) -> None:
             cached = args.worker == "llama-tune cached"
             result = measure_llama_tune(_recipe(args, scratch / "run", cached), args.warmup)
     result["peak_rss_gib"] = peak_resident_gib()
+    result["malloc"] = allocator.loaded_allocator()
     Path(args.result).write_text(json.dumps(result))
 
 
@@ -253,7 +255,7 @@ def main() -> None:
             f"{naive / 2**20:.0f} MiB, chunked {chunked / 2**20:.0f} MiB ({naive / chunked:.1f}x)"
         )
     if args.only in (None, "throughput") and not slow_bf16_here(args.precision):
-        runs = alternate(Path(__file__), sys.argv[1:], SYSTEMS, args.rounds)
+        runs = alternate(Path(__file__), sys.argv[1:], SYSTEMS, args.rounds, args.tcmalloc)
         online = summary(runs, "llama-tune online", "trl gkd")
         cached = summary(runs, "llama-tune cached", "trl gkd")
         report["throughput"] = {

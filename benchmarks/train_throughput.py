@@ -33,14 +33,14 @@ from typing import Any
 import torch
 from transformers import AutoConfig
 
-from llama_tune import config, data, models, run_folder, schema, train
+from llama_tune import allocator, config, data, models, run_folder, schema, train
 from model_flops import (
     H200_BF16_DENSE_TFLOPS,
     cpu_matmul_gflops,
     lora_training_flops,
     slow_bf16_here,
 )
-from side_by_side import alternate, peak_resident_gib, summary
+from side_by_side import add_tcmalloc_argument, alternate, peak_resident_gib, summary
 from trainer_timing import StepTimer, measured_losses
 
 REPO = Path(__file__).resolve().parent.parent
@@ -78,6 +78,7 @@ def _arguments() -> argparse.Namespace:
         "--compile", action="store_true", help="llama-tune's model.compile (in the warm-up)"
     )
     parser.add_argument("--ours-only", action="store_true", help="ablations: skip the TRL runs")
+    add_tcmalloc_argument(parser)
     parser.add_argument("--output", default=str(REPO / "benchmarks" / "results"))
     parser.add_argument("--worker", choices=["llama-tune", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -230,6 +231,7 @@ def worker(args: argparse.Namespace) -> None:
         measure = measure_llama_tune if args.worker == "llama-tune" else measure_trl
         result = measure(recipe, args.warmup)
     result["peak_rss_gib"] = peak_resident_gib()
+    result["malloc"] = allocator.loaded_allocator()
     if torch.cuda.is_available():
         result["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
     Path(args.result).write_text(json.dumps(result))
@@ -263,7 +265,7 @@ def main() -> None:
     matmul = None if on_gpu else cpu_matmul_gflops(args.precision)
     peak_tflops = H200_BF16_DENSE_TFLOPS if on_gpu else matmul / 1000
     systems = ["llama-tune"] if args.ours_only else ["llama-tune", "trl"]
-    runs = alternate(Path(__file__), sys.argv[1:], systems, args.rounds)
+    runs = alternate(Path(__file__), sys.argv[1:], systems, args.rounds, args.tcmalloc)
     with tempfile.TemporaryDirectory() as scratch:
         recipe = _recipe(args, Path(scratch) / "run")
     model_flops = flop_counter(recipe)
@@ -298,14 +300,16 @@ def main() -> None:
 
 def describe(report: dict[str, Any], path: Path) -> str:
     """The report's medians in a few lines."""
-    lines = [f"\n{report['task']}, {report['precision']}, batch {report['batch_size']}:"]
+    ceiling = f"MFU of {1000 * report['mfu_peak_tflops']:.0f} GFLOP/s"
+    lines = [f"\n{report['task']}, {report['precision']}, batch {report['batch_size']}, {ceiling}:"]
     for system, system_runs in report["runs"].items():
         median = statistics.median
         lines.append(
             f"  {system}: {median(r['tokens_per_s'] for r in system_runs):.0f} tokens/s, "
             f"peak {median(r['peak_rss_gib'] for r in system_runs):.2f} GiB resident, "
             f"MFU {100 * median(r['mfu'] for r in system_runs):.1f}%, "
-            f"mean loss {median(r['mean_loss'] for r in system_runs):.3f}"
+            f"mean loss {median(r['mean_loss'] for r in system_runs):.3f}, "
+            f"malloc {'/'.join(sorted({r['malloc'] for r in system_runs}))}"
         )
     if "speed_ratio" in report:
         lines.append(

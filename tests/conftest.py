@@ -22,7 +22,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from llama_tune import checkpoint, models
+from llama_tune import allocator, checkpoint, models
 
 REPO = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "llama_tune"]
@@ -78,6 +78,13 @@ def torchrun(
     return subprocess.run(
         command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=timeout
     )
+
+
+def expected_malloc() -> str:
+    """What `summary.json` names as the malloc of a run through the command: tcmalloc where this
+    machine has it (the command restarts itself under it, allocator.py), else glibc's."""
+    tcmalloc = allocator.chosen_library({}, allocator.search_folders())
+    return tcmalloc.name.removeprefix("lib").split(".so")[0] if tcmalloc else "glibc"
 
 
 def write_tiny_llama(

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, expected_malloc
 
 
 def _run(script: str, *arguments: str) -> None:
@@ -31,6 +31,7 @@ def test_train_throughput_writes_side_by_side_results(
         *("--steps", "2", "--warmup", "1", "--rounds", str(rounds)),
         *("--rows", "48", "--batch-size", "4"),
         *("--max-length", "256", "--precision", "fp32", "--output", str(tmp_path)),
+        *("--tcmalloc", "llama-tune"),
     )
     report = json.loads((tmp_path / f"train_throughput_{task}_fp32.json").read_text())
     # Instruction rows pack (TRL: padding-free); classification rows do not.
@@ -47,6 +48,8 @@ def test_train_throughput_writes_side_by_side_results(
             assert 0 < run["peak_rss_gib"] < 24
             assert len(run["losses"]) == 2
             assert run["mean_loss"] > 0
+            # Only llama-tune gets tcmalloc (where there is one), as its command does.
+            assert run["malloc"] == (expected_malloc() if system == "llama-tune" else "glibc")
     assert len(report["speed_ratios"]) == len(report["memory_ratios"]) == rounds
     assert report["speed_ratio"] > 0
     # TRL reads llama-tune's steps in order: the same examples, so the same tokens.
@@ -73,6 +76,7 @@ def test_distillation_writes_side_by_side_results(
         assert run["tokens_per_s"] > 0
         assert 0 < run["peak_rss_gib"] < 24
         assert len(run["losses"]) == 2
+        assert run["malloc"] == expected_malloc()
     # GKDTrainer reads llama-tune's steps in order: the same examples, so the same tokens.
     tokens = {run["tokens"] for (run,) in throughput["runs"].values()}
     assert len(tokens) == 1

@@ -13,7 +13,8 @@ import pytest
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from conftest import CLI, REPO
+from conftest import CLI, REPO, expected_malloc
+from llama_tune import allocator
 
 
 def _metric_lines(run_dir: Path) -> int:
@@ -30,7 +31,9 @@ def test_train_prints_the_run_and_the_adapter_loads(cli, tiny_recipe, tiny_model
     assert f"adapter:     {run_dir / 'adapter'}" in done.stdout
     assert "eval loss:" in done.stdout
     assert "train loss:" in done.stdout
-    assert json.loads((run_dir / "summary.json").read_text())["status"] == "finished"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "finished"
+    assert summary["versions"]["malloc"] == expected_malloc()
     assert "24 examples scored" in done.stdout
     assert "tuned - base accuracy:" in done.stdout
     assert (run_dir / "evaluation" / "validation" / "report.html").is_file()
@@ -106,6 +109,13 @@ def test_user_mistakes_exit_2_without_traceback(cli, cli_here, tiny_recipe, tmp_
     ]
     for args, message in cases:
         assert message in cli_here(*args, expect=2), args
+
+
+def test_the_allocator_setting_is_checked_before_anything_runs(cli) -> None:
+    wrong = cli("--version", expect=2, env={allocator.SETTING: "/no/such/libtcmalloc.so"})
+    assert "LLAMA_TUNE_ALLOCATOR=/no/such/libtcmalloc.so: no such file" in wrong.stderr
+    assert "Traceback" not in wrong.stderr
+    assert "llama-tune" in cli("--version", env={allocator.SETTING: "system"}).stdout
 
 
 def test_accelerate_launch_runs_the_same_recipe(cli, tiny_recipe) -> None:

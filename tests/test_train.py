@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import INSTRUCTION_FOLDERS, TEST_DATA, torchrun
+from conftest import INSTRUCTION_FOLDERS, TEST_DATA, expected_malloc, torchrun
 from llama_tune import config, evaluation, models, run_folder, train
 
 
@@ -173,7 +173,9 @@ def test_two_processes_through_torchrun_train_as_one(tiny_recipe) -> None:
     done = torchrun(["train", str(double)])
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     run_dir = double.parent / "double"
-    assert json.loads((run_dir / run_folder.SUMMARY).read_text())["processes"] == 2
+    summary = json.loads((run_dir / run_folder.SUMMARY).read_text())
+    assert summary["processes"] == 2
+    assert summary["versions"]["malloc"] == expected_malloc()
     expected, actual = _metrics(single.run_dir), _metrics(run_dir)
     assert [line["step"] for line in expected] == [line["step"] for line in actual]
     for one, two in zip(expected, actual, strict=True):

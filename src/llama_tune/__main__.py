@@ -1,5 +1,5 @@
 """`python -m llama_tune` runs the CLI, so `accelerate launch -m llama_tune` works."""
 
-from llama_tune.cli import main
+from llama_tune.cli import console
 
-raise SystemExit(main())
+raise SystemExit(console())

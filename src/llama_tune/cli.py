@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from llama_tune import __version__, config, run_folder
+from llama_tune import __version__, allocator, config, run_folder
 from llama_tune.errors import UserError
 
 if TYPE_CHECKING:
@@ -383,3 +383,14 @@ def main(argv: list[str] | None = None) -> int:
         # Anything else is a bug and keeps its traceback.
         print(f"error: {error}", file=sys.stderr)
         return USAGE_ERROR
+
+
+def console() -> int:
+    """The `llama-tune` command and `python -m llama_tune`: `main` under tcmalloc where the system
+    has it (allocator.py); in-process callers use `main`, which changes no allocator."""
+    try:
+        allocator.restart_with_allocator()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return USAGE_ERROR
+    return main()

@@ -17,6 +17,7 @@ import transformers
 from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
 
+from llama_tune import allocator
 from llama_tune.errors import UserError
 
 
@@ -183,9 +184,11 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def library_versions() -> dict[str, str]:
-    """Versions of Python and the libraries that shape the numbers of a run."""
+    """Versions of Python and the libraries that shape the numbers of a run, and the malloc it
+    runs on (allocator.py)."""
     return {
         "python": platform.python_version(),
+        "malloc": allocator.loaded_allocator(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "peft": peft.__version__,
