@@ -44,8 +44,10 @@ def add_tcmalloc_argument(parser: argparse.ArgumentParser) -> None:
 
 def run_worker(script: Path, arguments: list[str], system: str, tcmalloc: bool) -> dict[str, Any]:
     """One measurement of `system` in its own process, under tcmalloc if asked and found."""
-    library = allocator.chosen_library(os.environ, allocator.search_folders())
-    preloading = allocator.preloading_environment(os.environ, library) if tcmalloc else None
+    preloading = None
+    if tcmalloc:
+        library = allocator.chosen_library(os.environ, allocator.search_folders())
+        preloading = allocator.preloading_environment(os.environ, library)
     with tempfile.TemporaryDirectory() as scratch:
         result = Path(scratch) / "result.json"
         command = [sys.executable, str(script), *arguments, "--worker", system]

@@ -84,7 +84,7 @@ def expected_malloc() -> str:
     """What `summary.json` names as the malloc of a run through the command: tcmalloc where this
     machine has it (the command restarts itself under it, allocator.py), else glibc's."""
     tcmalloc = allocator.chosen_library({}, allocator.search_folders())
-    return tcmalloc.name.removeprefix("lib").split(".so")[0] if tcmalloc else "glibc"
+    return allocator.malloc_name(str(tcmalloc or ""))
 
 
 def write_tiny_llama(

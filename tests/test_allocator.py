@@ -62,6 +62,14 @@ def test_the_preloading_environment_keeps_the_users_choices() -> None:
     )
 
 
+def test_malloc_names_from_paths_and_memory_maps() -> None:
+    assert allocator.malloc_name("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4") == (
+        "tcmalloc_minimal"
+    )
+    assert allocator.malloc_name("7f00-7f01 r-xp /opt/lib/libjemalloc.so.2\n") == "jemalloc"
+    assert allocator.malloc_name("7f00-7f01 r-xp /usr/lib/libc.so.6\n") == "glibc"
+
+
 def test_search_folders_cover_this_environment_and_the_system() -> None:
     folders = allocator.search_folders()
     assert folders[0] == Path(sys.prefix) / "lib"

@@ -2,7 +2,7 @@
 
 PyTorch's CPU tensors come from malloc. glibc's hands large freed blocks back to the kernel, so
 the next step faults the same pages in again: a slow bf16 SST-2 step (1.1 s) took 78k minor page
-faults, a fast one (0.57 s) none. tcmalloc keeps the pages: 1.13x the tokens/s of LoRA on SST-2
+faults, a fast one (0.57 s) none. tcmalloc keeps the pages: 1.11x the tokens/s of LoRA on SST-2
 (docs/BENCHMARKS.md). No wheel ships it, so the command looks for the system's
 (`apt install libtcmalloc-minimal4`) and, finding it, starts itself again once with the library
 in `LD_PRELOAD`, before anything heavy loads; the process keeps its ID, arguments and streams,
@@ -86,8 +86,14 @@ def restart_with_allocator() -> None:
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environment)
 
 
-def loaded_allocator() -> str:
-    """The malloc library this process has mapped ("glibc" for none), for benchmark reports."""
-    maps = Path("/proc/self/maps")
-    found = _MALLOC_LIBRARY.search(maps.read_text()) if maps.exists() else None
+def malloc_name(text: str) -> str:
+    """The first malloc library named in `text` (a path, a memory map), as "tcmalloc_minimal";
+    "glibc" for none."""
+    found = _MALLOC_LIBRARY.search(text)
     return found.group(0).removeprefix("lib").removesuffix(".so") if found else "glibc"
+
+
+def loaded_allocator() -> str:
+    """The malloc library this process has mapped, for the summary and benchmark reports."""
+    maps = Path("/proc/self/maps")
+    return malloc_name(maps.read_text() if maps.exists() else "")
