@@ -7,10 +7,12 @@ import json
 from pathlib import Path
 
 import torch
+from peft import LoraConfig, get_peft_model
 from torch._dynamo.utils import counters
+from transformers import AutoModelForCausalLM
 
-from conftest import TEST_DATA
-from llama_tune import config, run_folder, train
+from conftest import TEST_DATA, write_tiny_llama
+from llama_tune import compiling, config, lora_fusion, models, run_folder, train
 
 SUMMARIES = [
     f"data.source={TEST_DATA / 'summaries'}",
@@ -61,3 +63,21 @@ def test_compiled_layers_train_padded_rows_and_generate_eagerly(tiny_recipe) -> 
     # Training, eval loss and their backward made 3 graphs; generating compiled, 8 (torch's
     # limit of recompiles, after which it gave up with a warning).
     assert 0 < counters["stats"]["unique_graphs"] <= 4
+
+
+def test_one_graph_serves_every_fused_layer(tmp_path: Path, tokenizer) -> None:
+    # More layers than torch's limit of 8 recompiles: had each layer's fused LoRA modules a
+    # forward of their own, every layer would compile anew and the last ones run eagerly.
+    model = AutoModelForCausalLM.from_pretrained(write_tiny_llama(tmp_path, tokenizer, layers=10))
+    adapted = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
+    assert lora_fusion.fuse_lora_layers(adapted) == 70
+    torch._dynamo.reset()
+    counters.clear()
+    compiling.compile_layers(models.causal_lm(adapted))
+    ids = torch.randint(0, len(tokenizer), (2, 12), generator=torch.Generator().manual_seed(0))
+    adapted(input_ids=ids, use_cache=False).logits.sum().backward()
+    # The first layer's input needs no gradient, the others' do: two graphs for ten layers.
+    assert counters["stats"]["unique_graphs"] <= 2
+    assert all(
+        param.grad is not None for name, param in adapted.named_parameters() if "lora_" in name
+    )

@@ -16,8 +16,6 @@ every call.
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -87,38 +85,42 @@ def _plain_adapter(layer: LoraLinear, args: tuple, kwargs: dict) -> str | None:
     return name if isinstance(dropout, torch.nn.Identity) or not dropout.training else None
 
 
-def _fused_forward(
-    layer: LoraLinear,
-    peft_forward: Callable[..., torch.Tensor],
-    inputs: torch.Tensor,
-    *args: Any,
-    **kwargs: Any,
-) -> torch.Tensor:
-    name = _plain_adapter(layer, args, kwargs)
-    if name is None:
-        return peft_forward(inputs, *args, **kwargs)
-    base = layer.get_base_layer()
-    dtype = compute_dtype(inputs)
-    # The casts are autograd's own: the adapter's fp32 weights get their gradients back in fp32.
-    return _LoraProduct.apply(
-        inputs.to(dtype),
-        base.weight.to(dtype),
-        None if base.bias is None else base.bias.to(dtype),
-        layer.lora_A[name].weight.to(dtype),
-        layer.lora_B[name].weight.to(dtype),
-        layer.scaling[name],
-    )
+class FusedLoraLinear(LoraLinear):
+    """peft's LoRA linear layer whose forward computes plain LoRA as one `_LoraProduct`.
+
+    A subclass rather than a forward set on each instance: torch.compile guards on what a call
+    runs, and thirty per-instance forwards would compile a decoder layer thirty times, past
+    torch's limit of recompiles (after 8 it left the other layers eager), where one class
+    gives every layer the same code and one graph."""
+
+    def forward(self, inputs: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        name = _plain_adapter(self, args, kwargs)
+        if name is None:
+            return super().forward(inputs, *args, **kwargs)
+        base = self.get_base_layer()
+        dtype = compute_dtype(inputs)
+        # The casts are autograd's own: the adapter's fp32 weights get their gradients back in
+        # fp32.
+        return _LoraProduct.apply(
+            inputs.to(dtype),
+            base.weight.to(dtype),
+            None if base.bias is None else base.bias.to(dtype),
+            self.lora_A[name].weight.to(dtype),
+            self.lora_B[name].weight.to(dtype),
+            self.scaling[name],
+        )
 
 
 def fuse_lora_layers(model: torch.nn.Module) -> int:
-    """Give every peft LoRA linear layer in `model` the fused forward; returns how many.
+    """Make every peft LoRA linear layer in `model` a `FusedLoraLinear`; returns how many.
 
-    Not for a model whose weights are whole only inside their own module's forward (ZeRO-3):
-    the fused forward reads the base and adapter weights without calling their modules."""
+    Only layers of peft's own class change (its subclasses keep their forward); a second call
+    finds none left. Not for a model whose weights are whole only inside their own module's
+    forward (ZeRO-3): the fused forward reads the base and adapter weights without calling
+    their modules."""
     fused = 0
     for module in model.modules():
-        # An instance's own `forward` shadows its class's: a second call leaves it as it is.
-        if isinstance(module, LoraLinear) and "forward" not in module.__dict__:
-            module.forward = functools.partial(_fused_forward, module, module.forward)
+        if type(module) is LoraLinear:
+            module.__class__ = FusedLoraLinear
             fused += 1
     return fused
