@@ -192,6 +192,8 @@ def measure_trl(
             neftune_noise_alpha=neftune_alpha,
             # TRL turns it on by default; the recipe's setting keeps the work the same.
             gradient_checkpointing=recipe.model.gradient_checkpointing,
+            # Where llama-tune compiles its layers, TRL compiles its model (its own way).
+            torch_compile=recipe.model.compile,
         )
         # The same storage dtype as llama-tune's (bf16 under bf16 autocast): only the loops differ.
         mixed_precision = "bf16" if settings.precision == "bf16" else "no"
