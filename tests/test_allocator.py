@@ -81,20 +81,20 @@ def _installed() -> Path | None:
     return allocator.chosen_library({}, allocator.search_folders())
 
 
+def _report_allocator(environment: dict[str, str] | None) -> subprocess.CompletedProcess:
+    """A new Python process, started with `environment`, printing the malloc it runs on."""
+    probe = "from llama_tune import allocator; print(allocator.loaded_allocator())"
+    return subprocess.run(
+        [sys.executable, "-c", probe], env=environment, capture_output=True, text=True, check=True
+    )
+
+
 @pytest.mark.skipif(_installed() is None, reason="no tcmalloc on this machine")
 def test_a_preloaded_process_reports_tcmalloc() -> None:
     environment = allocator.preloading_environment(os.environ | {"LD_PRELOAD": ""}, _installed())
-    probe = "from llama_tune import allocator; print(allocator.loaded_allocator())"
-    done = subprocess.run(
-        [sys.executable, "-c", probe], env=environment, capture_output=True, text=True, check=True
-    )
+    done = _report_allocator(environment)
     assert done.stdout.strip().startswith("tcmalloc"), done.stderr
 
 
 def test_a_plain_process_reports_glibc() -> None:
-    probe = "from llama_tune import allocator; print(allocator.loaded_allocator())"
-    environment = os.environ | {"LD_PRELOAD": ""}
-    done = subprocess.run(
-        [sys.executable, "-c", probe], env=environment, capture_output=True, text=True, check=True
-    )
-    assert done.stdout.strip() == "glibc"
+    assert _report_allocator(os.environ | {"LD_PRELOAD": ""}).stdout.strip() == "glibc"
