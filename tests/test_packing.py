@@ -82,7 +82,7 @@ def test_a_packed_forward_finds_its_examples_once(
     model = _model(tiny_model_dir)
     assert model.config.num_hidden_layers > 1
     found = []
-    monkeypatch.setattr(attention, "example_bounds", _counted(found))
+    monkeypatch.setattr(packing, "example_bounds", _counted(found))
     for batch in (data.collate_packed(real_rows[:3]), data.collate_packed(real_rows[3:5])):
         model(**batch, use_cache=False)
     assert len(found) == 2
@@ -93,9 +93,11 @@ def test_a_packed_forward_finds_its_examples_once(
 
 
 def _counted(found: list) -> object:
+    find = packing.example_bounds
+
     def example_bounds(row: torch.Tensor) -> list[tuple[int, int]]:
         found.append(row)
-        return packing.example_bounds(row)
+        return find(row)
 
     return example_bounds
 

@@ -7,7 +7,9 @@ faster CPU kernel for short rows.
   row), which costs attention over the whole row. `PACKED_SDPA` runs causal attention on each
   example's own slice instead: the attention work of the unpacked examples, none of the padding.
   On a GPU with flash attention, in half precision, one call of torch's variable-length flash
-  attention (`varlen_attn`) takes every example of the batch; elsewhere, one SDPA call each.
+  attention (`varlen_attn`) takes every example of the batch; on a CPU, one call of the
+  `packed_kernel` operator, which compiled layers keep inside their graph; elsewhere, one SDPA
+  call each.
 - On a CPU, PyTorch's flash kernel is slow to train in bf16 on short rows (its backward
   dominates): short rows of a half-precision run attend in fp32 there, with autocast off for
   the call, 1.3-3x faster up to 160 tokens than bf16 (forward and backward per layer on this
@@ -25,7 +27,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import weakref
 from itertools import pairwise
 from typing import Any
 
@@ -34,7 +35,8 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from llama_tune.packing import example_bounds
+from llama_tune.packed_kernel import SHORT_ROWS, packed_attention
+from llama_tune.packing import row_bounds
 from llama_tune.runtime import compute_dtype
 
 try:
@@ -50,10 +52,8 @@ HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 TRAINING_SDPA = "llama_tune_sdpa"
 PACKED_SDPA = "llama_tune_packed_sdpa"
-VARLEN_UNSUPPORTED = ("sliding_window", "softcap", "s_aux")
-"""Attention arguments of some architectures that plain causal varlen attention would ignore."""
-SHORT_ROWS = 160
-"""Rows up to this many tokens of a half-precision run train their attention in fp32 on a CPU."""
+PLAIN_CAUSAL_UNSUPPORTED = ("sliding_window", "softcap", "s_aux")
+"""Attention arguments of some architectures that plain causal attention kernels would ignore."""
 
 
 def _sdpa(
@@ -84,48 +84,32 @@ def _sdpa(
     return attended.to(dtype)
 
 
-class _PackedExamples:
-    """Each packed row's example bounds, and their offsets for varlen attention, for the
-    forward under way. Every layer gets the same position ids, and finding the bounds syncs
-    with the device, as does copying the offsets to it: both happen once per forward (and a
-    checkpointed layer's recomputation reuses them), not once per layer."""
+class _VarlenOffsets:
+    """Where each example of the packed rows starts, on the device, for varlen attention: made
+    once per forward (copying them to the device syncs with it), not once per layer."""
 
     def __init__(self) -> None:
-        self.source: weakref.ref[torch.Tensor] | None = None
-        self.version = -1
-        self.rows: list[list[tuple[int, int]]] = []
+        self.rows: list[list[tuple[int, int]]] | None = None
         self.offsets: dict[tuple[int, int, torch.device], tuple[torch.Tensor, int]] = {}
 
-    def bounds(self, position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
-        """[start, end) of each example, row by row (one row for rows that share positions)."""
-        if position_ids.is_inference():  # no version counter to tell a rewrite by
-            return [example_bounds(row) for row in position_ids]
-        known = self.source is not None and self.source() is position_ids
-        if not known or self.version != position_ids._version:
-            self.rows = [example_bounds(row) for row in position_ids]
-            self.source, self.version = weakref.ref(position_ids), position_ids._version
-            self.offsets = {}
-        return self.rows
-
-    def varlen_offsets(
+    def __call__(
         self, bounds: list[list[tuple[int, int]]], batch: int, length: int, device: torch.device
     ) -> tuple[torch.Tensor, int]:
         """Where each example starts in the batch's rows laid end to end (and where the last
         ends), on `device`; and the longest example's length."""
+        if bounds is not self.rows:
+            self.rows, self.offsets = bounds, {}
         key = (batch, length, device)
-        if bounds is not self.rows or key not in self.offsets:
+        if key not in self.offsets:
             edges = [0]
             for row in range(batch):
                 edges += [row * length + end for _, end in bounds[row if len(bounds) > 1 else 0]]
             longest = max(end - start for start, end in pairwise(edges))
-            offsets = torch.tensor(edges, dtype=torch.int32, device=device), longest
-            if bounds is not self.rows:
-                return offsets
-            self.offsets[key] = offsets
+            self.offsets[key] = torch.tensor(edges, dtype=torch.int32, device=device), longest
         return self.offsets[key]
 
 
-_packed_examples = _PackedExamples()
+_varlen_offsets = _VarlenOffsets()
 
 
 def _varlen_dtype(
@@ -143,19 +127,25 @@ def _varlen_dtype(
         return None
     dtype = compute_dtype(query)
     head_size = query.shape[-1]
-    plain_causal = (
-        not kwargs.get("dropout")
-        and kwargs.get("is_causal") is not False
-        and getattr(module, "is_causal", True)
-        and all(kwargs.get(name) is None for name in VARLEN_UNSUPPORTED)
-    )
     fits = (
         dtype in HALF_DTYPES
         and key.shape[-1] == value.shape[-1] == head_size <= 256
         and head_size % 8 == 0
         and query.shape[1] % key.shape[1] == 0
     )
-    return dtype if plain_causal and fits and _flash_capable(query.device) else None
+    usable = fits and _plain_causal(module, kwargs) and _flash_capable(query.device)
+    return dtype if usable else None
+
+
+def _plain_causal(module: torch.nn.Module, kwargs: dict[str, Any]) -> bool:
+    """Whether the attention is causal with no dropout, sliding window, soft cap or sinks: all
+    that the packed kernels compute."""
+    return (
+        not kwargs.get("dropout")
+        and kwargs.get("is_causal") is not False
+        and getattr(module, "is_causal", True)
+        and all(kwargs.get(name) is None for name in PLAIN_CAUSAL_UNSUPPORTED)
+    )
 
 
 @functools.cache
@@ -174,7 +164,7 @@ def _varlen(
     """Causal attention within each example of the packed rows, all in one call of torch's
     variable-length flash attention: no loop over the examples. [batch, length, heads, dim]."""
     batch, heads, length, dim = query.shape
-    offsets, longest = _packed_examples.varlen_offsets(bounds, batch, length, query.device)
+    offsets, longest = _varlen_offsets(bounds, batch, length, query.device)
 
     def flat(states: torch.Tensor) -> torch.Tensor:
         states = states.to(dtype).transpose(1, 2)
@@ -207,17 +197,10 @@ def training_sdpa(
 ) -> tuple[torch.Tensor, None]:
     """SDPA on the faster kernel; with `split_packed`, causal attention within each example of
     a packed row. Only runs that pack split: finding the examples syncs with the device."""
-    packed = (
-        split_packed
-        and attention_mask is None
-        and position_ids is not None
-        and query.shape[2] == key.shape[2] == position_ids.shape[-1]
-        and query.shape[2] > 1
-    )
-    if not packed:
+    if not (split_packed and _is_packed(query, key, attention_mask, position_ids)):
         return _sdpa(module, query, key, value, attention_mask, **kwargs), None
     assert position_ids is not None
-    bounds = _packed_examples.bounds(position_ids)
+    bounds = row_bounds(position_ids)
     varlen_dtype = _varlen_dtype(module, query, key, value, kwargs)
     if varlen_dtype is not None:
         return _varlen(query, key, value, bounds, kwargs.get("scaling"), varlen_dtype), None
@@ -241,6 +224,64 @@ def training_sdpa(
         ]
         rows.append(torch.cat(pieces, dim=1))
     return torch.cat(rows, dim=0), None
+
+
+def _is_packed(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+) -> bool:
+    """Whether the rows are packed training rows: no mask, no cache, position ids to read the
+    examples from."""
+    return (
+        attention_mask is None
+        and position_ids is not None
+        and query.shape[2] == key.shape[2] == position_ids.shape[-1]
+        and query.shape[2] > 1
+    )
+
+
+_eager_packed_sdpa = torch.compiler.disable(functools.partial(training_sdpa, split_packed=True))
+"""Packed attention by the examples' bounds as Python integers, which a compiled graph would
+specialise on and recompile for at every step: compiled layers leave it eager."""
+
+
+def packed_sdpa(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """`PACKED_SDPA`: causal attention within each example of a packed row. Where varlen
+    attention cannot run, on a CPU, the `packed_kernel` operator computes it, inside a compiled
+    layer's graph too; anywhere else (and for attention that is not plain causal)
+    `training_sdpa` does, eagerly."""
+    on_cpu_kernel = (
+        query.device.type == "cpu"
+        and _is_packed(query, key, attention_mask, position_ids)
+        and _plain_causal(module, kwargs)
+        and _varlen_dtype(module, query, key, value, kwargs) is None
+    )
+    if not on_cpu_kernel:
+        return _eager_packed_sdpa(
+            module, query, key, value, attention_mask, position_ids=position_ids, **kwargs
+        )
+    dtype = compute_dtype(query)
+    scaling = kwargs.get("scaling")
+    attended, _ = packed_attention(
+        query,
+        key,
+        value,
+        position_ids,
+        query.shape[-1] ** -0.5 if scaling is None else scaling,
+        dtype,
+        dtype in HALF_DTYPES and query.requires_grad,
+    )
+    return attended.to(dtype), None
 
 
 def packed_mask(
@@ -280,12 +321,7 @@ def packed_mask(
 
 AttentionInterface.register(TRAINING_SDPA, training_sdpa)
 AttentionMaskInterface.register(TRAINING_SDPA, sdpa_mask)
-# Compiled layers (`model.compile`) leave packed attention eager: it reads each example's
-# bounds off the position ids as Python integers, which a compiled graph would specialise on
-# and recompile for at every step.
-AttentionInterface.register(
-    PACKED_SDPA, torch.compiler.disable(functools.partial(training_sdpa, split_packed=True))
-)
+AttentionInterface.register(PACKED_SDPA, packed_sdpa)
 AttentionMaskInterface.register(PACKED_SDPA, packed_mask)
 
 
