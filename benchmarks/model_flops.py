@@ -88,7 +88,7 @@ def slow_bf16_here(precision: str) -> bool:
     """True, with a line saying so, for bf16 on a CPU without native bf16 (AVX512-BF16, AMX):
     PyTorch emulates it there, dozens of times slower than fp32, so the figures would measure
     the emulation rather than either system."""
-    if precision != "bf16" or torch.cuda.is_available() or runtime.cpu_has_fast_bf16():
+    if precision != "bf16" or torch.cuda.is_available() or runtime.cpu_has_native_bf16():
         return False
     print("skipped: bf16 on this CPU (no AVX512-BF16 or AMX) measures PyTorch's emulation")
     return True

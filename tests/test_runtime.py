@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -81,6 +84,7 @@ def test_bf16_on_a_cpu_without_native_bf16_is_named_slow(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setattr(runtime.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
     monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: False)
     runtime._say_bf16_is_slow.cache_clear()
     assert runtime.resolve_precision("auto") == "no"
@@ -91,3 +95,45 @@ def test_bf16_on_a_cpu_without_native_bf16_is_named_slow(
     assert capsys.readouterr().err.count("train.precision is bf16") == 1
     monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: True)
     assert runtime.resolve_precision("auto") == "bf16"
+
+
+def test_auto_picks_bf16_where_its_products_beat_fp32s(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A CPU may report bf16 instructions and still multiply bf16 slower than fp32 (a Xeon
+    # without AMX: 168 against 316 GFLOP/s), so auto measures.
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
+    for seconds, fast in [((1.0, 0.5), True), ((1.0, 1.9), False), ((1.0, 0.9), False)]:
+        monkeypatch.setattr(runtime, "_product_seconds", lambda seconds=seconds: seconds)
+        assert runtime._bf16_beats_fp32() is fast
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(runtime, "_product_seconds", lambda: pytest.fail("measured"))
+    assert runtime._bf16_beats_fp32() is False
+
+
+def test_the_product_rates_are_measured() -> None:
+    # Real products in both dtypes, each timed: two positive, finite durations.
+    assert all(0 < seconds < float("inf") for seconds in runtime._product_seconds(rounds=2))
+
+
+PROCESSES_AGREE = """
+from llama_tune import runtime
+runtime.cpu_has_native_bf16 = lambda: True
+rank = runtime.process_state().process_index
+# The main process measures bf16 fast, the other slow: both take the main one's answer.
+runtime._product_seconds = lambda: (1.0, 0.5) if rank == 0 else (1.0, 2.0)
+print(f"rank {rank}: {runtime.cpu_has_fast_bf16()}", flush=True)
+"""
+
+
+def test_the_processes_of_a_cpu_run_agree_on_bf16(tmp_path: Path) -> None:
+    script = tmp_path / "agree.py"
+    script.write_text(PROCESSES_AGREE)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    done = subprocess.run(
+        [*command, "--nproc_per_node", "2", str(script)],
+        env=os.environ | {"OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(done.stdout.split("\n"))[-2:] == ["rank 0: True", "rank 1: True"]
