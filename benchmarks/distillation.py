@@ -17,7 +17,11 @@ Memory: the peak resident memory added by computing the distillation loss and it
 `--positions` positions over the 49,152-token vocabulary, each way in a fresh process: naive
 (full logits of both models, as GKDTrainer does) against chunked (`distill.chunk_size` 128).
 
-Run: python benchmarks/distillation.py   (--steps, --batch-size, --positions, --only)
+With `--compile`, llama-tune compiles the student's decoder layers (`model.compile`, during the
+warm-up steps) and GKDTrainer its student (`torch_compile`); the results go to
+distillation_compiled.json.
+
+Run: python benchmarks/distillation.py   (--steps, --batch-size, --positions, --only, --compile)
 """
 
 from __future__ import annotations
@@ -58,6 +62,9 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
     parser.add_argument("--positions", type=int, default=2048, help="memory: distilled positions")
     parser.add_argument("--only", choices=["throughput", "memory"], help="run one part")
+    parser.add_argument(
+        "--compile", action="store_true", help="the student's model.compile; TRL's torch_compile"
+    )
     add_tcmalloc_argument(parser)
     parser.add_argument("--memory-mode", choices=["naive", "chunked"], help=argparse.SUPPRESS)
     parser.add_argument("--output", default=str(REPO / "benchmarks" / "results"))
@@ -84,7 +91,7 @@ def _recipe(args: argparse.Namespace, run_dir: Path, cached: bool) -> schema.Rec
         distill["cache"] = {"top_k": 64}
     return config.parse(
         {
-            "model": {"name": args.teacher},
+            "model": {"name": args.teacher, "compile": args.compile},
             "adapter": None,
             "data": {
                 "source": str(Path(args.data) / "classification" / "sst2"),
@@ -163,6 +170,8 @@ def measure_trl(args: argparse.Namespace, recipe: schema.Recipe, scratch: Path) 
         dataloader_num_workers=0,
         # TRL turns it on by default; the recipe's setting keeps the work the same.
         gradient_checkpointing=recipe.model.gradient_checkpointing,
+        # Where llama-tune compiles the student's layers, TRL compiles its student its own way.
+        torch_compile=recipe.model.compile,
     )
     trainer = GKDTrainer(
         model=AutoModelForCausalLM.from_pretrained(student_dir),
@@ -260,6 +269,7 @@ def main() -> None:
         cached = summary(runs, "llama-tune cached", "trl gkd")
         report["throughput"] = {
             "precision": args.precision,
+            "compiled": args.compile,
             "batch_size": args.batch_size,
             "measured_steps": args.steps,
             "rounds": args.rounds,
@@ -282,7 +292,7 @@ def main() -> None:
         )
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
-    path = output / "distillation.json"
+    path = output / f"distillation{'_compiled' if args.compile else ''}.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"results: {path}")
 
