@@ -106,21 +106,14 @@ def packed_attention_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The gradients of `packed_attention` for query, key and value, example by example."""
     grads = [torch.empty_like(states) for states in (query, key, value)]
+    # The kernel's operands, all [batch, heads, length, dim].
+    operands = (output_grad.transpose(1, 2), query, key, value, output.transpose(1, 2))
     with torch.autocast("cpu", enabled=False):
         for row, start, end in _examples(position_ids, query.shape[0]):
             example = (slice(row, row + 1), slice(None), slice(start, end))
             example_dtype = _attention_dtype(dtype, end - start, fp32_short)
             example_grads = _FLASH_BACKWARD(
-                *(
-                    states[example].to(example_dtype)
-                    for states in (
-                        output_grad.transpose(1, 2),
-                        query,
-                        key,
-                        value,
-                        output.transpose(1, 2),
-                    )
-                ),
+                *(states[example].to(example_dtype) for states in operands),
                 logsumexp[example],
                 0.0,
                 True,

@@ -214,7 +214,10 @@ def _product_seconds(rounds: int = 6) -> tuple[float, float]:
     """The best time of a [512 x 1024] by [1024 x 1024] product in fp32 and in bf16, the two
     measured in turn so that the machine's load weighs on both alike."""
     generator = torch.Generator().manual_seed(0)
-    fp32 = [torch.randn(512, 1024, generator=generator), torch.randn(1024, 1024)]
+    fp32 = [
+        torch.randn(512, 1024, generator=generator),
+        torch.randn(1024, 1024, generator=generator),
+    ]
     operands = {torch.float32: fp32, torch.bfloat16: [tensor.bfloat16() for tensor in fp32]}
     best = dict.fromkeys(operands, float("inf"))
     for _ in range(rounds):
