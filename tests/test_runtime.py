@@ -115,12 +115,15 @@ def test_the_product_rates_are_measured() -> None:
 
 
 PROCESSES_AGREE = """
+import os
 from llama_tune import runtime
 runtime.cpu_has_native_bf16 = lambda: True
 rank = runtime.process_state().process_index
 # The main process measures bf16 fast, the other slow: both take the main one's answer.
 runtime._product_seconds = lambda: (1.0, 0.5) if rank == 0 else (1.0, 2.0)
-print(f"rank {rank}: {runtime.cpu_has_fast_bf16()}", flush=True)
+# One write of the whole line: the two processes share the pipe, and print() writes the text and
+# its newline apart, so that two lines could interleave.
+os.write(1, f"rank {rank}: {runtime.cpu_has_fast_bf16()}\\n".encode())
 """
 
 
