@@ -97,6 +97,27 @@ def test_features_never_import_the_loop_or_the_cli() -> None:
             assert "llama_tune.train" not in imported, f"{module} imports the training loop"
 
 
+SCORING_ONLY = {"evaluate"}
+"""Libraries only scoring needs, imported inside the functions that score: at module level they
+would add about a second to the start of every run, most of which score nothing."""
+
+
+def test_scoring_libraries_are_imported_where_a_metric_is_computed() -> None:
+    found = []
+    for name, path in _modules().items():
+        if name.startswith("llama_tune.metrics."):  # the metric scripts evaluate itself loads
+            continue
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.If):  # `if TYPE_CHECKING:` imports nothing at run time
+                continue
+            imported = [alias.name for alias in getattr(node, "names", [])]
+            if isinstance(node, ast.ImportFrom):
+                imported = [node.module or ""]
+            if isinstance(node, ast.Import | ast.ImportFrom):
+                found += [f"{name}: {module}" for module in imported if module in SCORING_ONLY]
+    assert not found
+
+
 LONGEST_FUNCTION = 80
 
 

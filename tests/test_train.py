@@ -103,18 +103,19 @@ def test_built_in_model_learns_sst2(tmp_path: Path, data_root: Path) -> None:
                 "data": {
                     "source": str(data_root / "classification" / "sst2"),
                     "task": "classification",
-                    "max_train_rows": 160,
+                    "max_train_rows": 64,
                     "max_eval_rows": 64,
                     "max_length": 96,
                 },
-                "train": {"max_steps": 20, "batch_size": 8, "lr": 5e-4},
+                "train": {"max_steps": 8, "batch_size": 8, "lr": 5e-4},
                 "logging": {"every": 5},
                 "output": {"dir": str(tmp_path / "real")},
             }
         )
     )
     result = _train(path)
-    assert result.summary["eval_loss_after"] < 0.7 * result.summary["eval_loss_before"]
+    # Measured: 3.36 before, 0.67 after 8 steps.
+    assert result.summary["eval_loss_after"] < 0.4 * result.summary["eval_loss_before"]
     # The adapter names its base as any machine can find it, not this machine's cache folder.
     adapter_config = json.loads((result.weights_dir / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import evaluate
+if TYPE_CHECKING:
+    import evaluate
 
 METRIC_MODULES = ("classification", "rouge", "bleu_chrf")
 
@@ -19,4 +21,8 @@ def load(name: str) -> evaluate.EvaluationModule:
     """One of METRIC_MODULES, loaded from this package's folder."""
     if name not in METRIC_MODULES:
         raise ValueError(f"unknown metric module {name!r}; known: {', '.join(METRIC_MODULES)}")
+    # Imported here, not above: evaluate (pandas, scipy) adds a second or two to the start of
+    # every run, and most runs score no metric.
+    import evaluate
+
     return evaluate.load(str(Path(__file__).parent / name))
