@@ -191,7 +191,7 @@ def test_two_processes_resume_exactly(tiny_recipe, same_weights) -> None:
     (run_dir / run_folder.SUMMARY).write_text(json.dumps(summary | {"status": "interrupted"}))
     (saved,) = checkpoint.complete_checkpoints(run_dir)
     # By step 3 the processes' batches have had different widths, so their states differ.
-    first, second = torch.load(saved / checkpoint.RNG_FILE, weights_only=False)
+    first, second = torch.load(saved / checkpoint.RNG_FILE, weights_only=True)
     assert not torch.equal(first["torch"], second["torch"])
     _train_on_two_processes(recipe, [*overrides, "--resume"])
     same_weights(straight / run_folder.ADAPTER, run_dir / run_folder.ADAPTER)
