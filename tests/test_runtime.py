@@ -97,6 +97,21 @@ def test_bf16_on_a_cpu_without_native_bf16_is_named_slow(
     assert runtime.resolve_precision("auto") == "bf16"
 
 
+@pytest.mark.parametrize(("major", "expected"), [(7, "fp16"), (8, "bf16"), (9, "bf16")])
+def test_auto_picks_fp16_on_gpus_that_only_store_bf16(
+    monkeypatch: pytest.MonkeyPatch, major: int, expected: str
+) -> None:
+    # A V100 (7.0) or T4 (7.5) can hold bf16 tensors, so torch's default check says yes, but
+    # only from Ampere (8.0) on do its tensor cores multiply them; the probe must not allocate.
+    cuda = runtime.torch.cuda
+    monkeypatch.setattr(runtime.torch.version, "hip", None)
+    monkeypatch.setattr(cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(cuda, "get_device_properties", lambda *_: SimpleNamespace(major=major))
+    monkeypatch.setattr(cuda, "_check_bf16_tensor_supported", lambda *_: pytest.fail("probed"))
+    assert runtime.resolve_precision("auto") == expected
+
+
 def test_auto_picks_bf16_where_its_products_beat_fp32s(monkeypatch: pytest.MonkeyPatch) -> None:
     # A CPU may report bf16 instructions and still multiply bf16 slower than fp32 (a Xeon
     # without AMX: 168 against 316 GFLOP/s), so auto measures.

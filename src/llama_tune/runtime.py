@@ -26,7 +26,11 @@ def resolve_precision(precision: str) -> str:
     """Accelerate's mixed-precision name for the recipe's precision; `auto` picks the fastest."""
     if precision == "auto":
         if torch.cuda.is_available():
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            # Native bf16 only (Ampere on): torch's default also counts GPUs that merely store
+            # bf16 (a V100, a T4), whose fp16 tensor cores are far faster; and its probe
+            # tensor would open a context on GPU 0 in every process.
+            native = torch.cuda.is_bf16_supported(including_emulation=False)
+            return "bf16" if native else "fp16"
         return "bf16" if cpu_has_fast_bf16() else "no"
     if precision == "fp16" and not torch.cuda.is_available():
         raise UserError("train.precision: fp16 needs a CUDA GPU; use bf16 or auto on a CPU")
