@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy
 import pytest
 import torch
+from accelerate.optimizer import AcceleratedOptimizer
 from safetensors.torch import load_file
 
 from llama_tune import checkpoint, config, run_folder, train
@@ -73,6 +74,38 @@ def test_each_process_restores_its_own_random_state(tmp_path: Path) -> None:
     assert torch.equal(torch.rand(4), draws[1])
 
 
+def test_each_process_restores_its_own_gpus_random_state_on_fewer_gpus(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A stand-in for one GPU's generator, as torch.cuda reads and sets it: a resume may see
+    # fewer GPUs than the run that saved (another node, another CUDA_VISIBLE_DEVICES).
+    generators = {0: torch.tensor([7], dtype=torch.uint8)}
+
+    def set_state(state: torch.Tensor, device: int | str = "cuda") -> None:
+        index = 0 if device == "cuda" else int(device)
+        if index not in generators:
+            raise IndexError(f"no GPU {index}")
+        generators[index] = state.clone()
+
+    cuda = torch.cuda
+    monkeypatch.setattr(cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cuda, "device_count", lambda: len(generators))
+    monkeypatch.setattr(cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(cuda, "get_rng_state", lambda *_: generators[0].clone())
+    monkeypatch.setattr(cuda, "set_rng_state", set_state)
+    saved = checkpoint.rng_states()
+    assert torch.equal(saved["cuda"], torch.tensor([7], dtype=torch.uint8))
+    rng_file = tmp_path / checkpoint.RNG_FILE
+    torch.save([saved, saved | {"cuda": torch.tensor([9], dtype=torch.uint8)}], rng_file)
+    checkpoint.restore_rng_states(checkpoint.read_rng_file(rng_file), 1)
+    assert generators[0].tolist() == [9]
+    # Checkpoints of earlier versions held every visible GPU's state (eight, here).
+    eight = [torch.tensor([index], dtype=torch.uint8) for index in range(10, 18)]
+    torch.save([saved | {"cuda": eight}], rng_file)
+    checkpoint.restore_rng_states(checkpoint.read_rng_file(rng_file), 0)
+    assert generators[0].tolist() == [10]
+
+
 def test_resume_refuses_a_changed_model_or_adapter(tiny_recipe) -> None:
     path = tiny_recipe(max_steps=4, checkpoint={"every": 2})
     result = train.run(config.load(path), path)
@@ -125,6 +158,73 @@ def _interrupted_after(path: Path, overrides: list[str]) -> Path:
     (result.run_dir / run_folder.SUMMARY).write_text(json.dumps(summary | {"status": "x"}))
     shutil.rmtree(result.weights_dir)
     return result.run_dir
+
+
+_SAVING_AS_GPU = []
+"""Set while `_as_if_saved_on_a_gpu` writes: torch.save then tags CPU tensors as cuda:0's."""
+
+
+def _gpu_location(storage: torch.UntypedStorage) -> str | None:
+    return "cuda:0" if _SAVING_AS_GPU and storage.device.type == "cpu" else None
+
+
+# Through torch's public registry of storage locations; None (not saving) defers to torch's own.
+torch.serialization.register_package(1, _gpu_location, lambda *_: None)
+
+
+def _as_if_saved_on_a_gpu(path: Path) -> None:
+    """Rewrite a checkpoint file as a GPU run writes it: its tensors tagged as on cuda:0."""
+    value = torch.load(path, weights_only=False, map_location="cpu")
+    _SAVING_AS_GPU.append(True)
+    try:
+        torch.save(value, path)
+    finally:
+        _SAVING_AS_GPU.clear()
+    with pytest.raises(RuntimeError, match="CUDA"):  # torch.load's default on this machine
+        torch.load(path, weights_only=True)
+
+
+def test_a_checkpoint_saved_on_a_gpu_resumes_on_the_cpu(
+    tiny_recipe, same_weights, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Its optimizer state, read back onto the GPU that saved it, would put every process's
+    # copy on GPU 0; on a machine without one the checkpoint looked damaged.
+    reference = tiny_recipe("reference", max_steps=6, checkpoint={"every": 4})
+    expected = train.run(config.load(reference), reference)
+    path = tiny_recipe("moved", max_steps=6, checkpoint={"every": 4})
+    run_dir = _interrupted_after(path, [])
+    (saved,) = checkpoint.complete_checkpoints(run_dir)
+    for name in (checkpoint.OPTIMIZER_FILE, checkpoint.RNG_FILE):  # the scheduler's: numbers
+        _as_if_saved_on_a_gpu(saved / name)
+    capsys.readouterr()
+    resumed = train.run(config.load(path), path, resume=True)
+    assert f"resuming from {saved} (step 4)" in capsys.readouterr().out
+    same_weights(expected.weights_dir, resumed.weights_dir)
+
+
+def test_fp16s_loss_scale_resumes_where_it_stopped(
+    tiny_recipe, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # fp16 runs on GPUs alone, where Accelerate gives the backward and the optimizer a
+    # GradScaler; here the same scaler on the CPU stands in, doubling its scale every two
+    # unskipped steps. Resumed at its initial scale, the next steps would overflow.
+    scalers: list[torch.amp.GradScaler] = []
+    set_up = train.TrainingRun._setup_optimizer
+
+    def with_a_scaler(run: train.TrainingRun) -> None:
+        set_up(run)
+        scaler = torch.amp.GradScaler("cpu", init_scale=16.0, growth_interval=2)
+        run.accelerator.scaler = scaler
+        run.optimizer = AcceleratedOptimizer(run.optimizer.optimizer, False, scaler)
+        scalers.append(scaler)
+
+    monkeypatch.setattr(train.TrainingRun, "_setup_optimizer", with_a_scaler)
+    path = tiny_recipe(max_steps=6, checkpoint={"every": 4})
+    run_dir = _interrupted_after(path, [])
+    (saved,) = checkpoint.complete_checkpoints(run_dir)
+    assert json.loads((saved / checkpoint.STATE_FILE).read_text())["loss_scale"]["scale"] == 64
+    train.run(config.load(path), path, resume=True)
+    assert [scaler.get_scale() for scaler in scalers] == [128, 128]
 
 
 def test_a_changed_learning_rate_is_applied_on_resume(tiny_recipe, capsys) -> None:

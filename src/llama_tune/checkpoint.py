@@ -58,6 +58,9 @@ class TrainState:
     """Step of the adapter in best/ (validation.best_metric)."""
     best_value: float | None = None
     """Its value of validation.best_metric."""
+    loss_scale: dict[str, float] | None = None
+    """fp16's gradient scaler (`GradScaler.state_dict`): resumed at its initial scale, the next
+    steps would overflow and be skipped. None without one (fp32, bf16, DeepSpeed's own)."""
     recipe_hash: str = ""
 
 
@@ -128,7 +131,9 @@ def rng_states() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
+        # This process's own GPU only: a resume may see fewer GPUs (another node, another
+        # CUDA_VISIBLE_DEVICES), and each process draws on its own device alone.
+        states["cuda"] = torch.cuda.get_rng_state()
     return states
 
 
@@ -144,7 +149,13 @@ def restore_rng_states(process_rng_states: list[dict[str, Any]], process_index: 
     numpy.random.set_state((kind, keys.astype(numpy.uint32), *rest))
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        cuda = states["cuda"]
+        if isinstance(cuda, list | tuple):
+            # Checkpoints before one GPU's state held every visible GPU's: this one's, if saved.
+            device = torch.cuda.current_device()
+            cuda = cuda[device] if device < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
 
 
 def _numpy_array_globals() -> list[Any]:
@@ -157,7 +168,7 @@ def _numpy_array_globals() -> list[Any]:
 def read_rng_file(path: Path) -> list[dict[str, Any]]:
     """Every process's RNG states from a checkpoint's rng.pt, by process index."""
     with torch.serialization.safe_globals(_numpy_array_globals()):
-        process_rng_states = torch.load(path, weights_only=True)
+        process_rng_states = torch.load(path, weights_only=True, map_location="cpu")
     if isinstance(process_rng_states, dict):
         # Written before checkpoints kept one state per process: the main process's.
         process_rng_states = [process_rng_states]
@@ -258,9 +269,12 @@ def read(folder: Path, full_model: bool, extras: bool) -> SavedCheckpoint:
             with safe_open(path, framework="pt"):
                 pass
         path = folder / OPTIMIZER_FILE
-        optimizer = torch.load(path, weights_only=True)
+        # Onto the CPU: a GPU run's tensors would otherwise all go back to the GPU that saved
+        # them (every process's copy on GPU 0), or fail on a machine without one. The
+        # optimizer's load_state_dict moves them to its parameters' devices.
+        optimizer = torch.load(path, weights_only=True, map_location="cpu")
         path = folder / SCHEDULER_FILE
-        scheduler = torch.load(path, weights_only=True)
+        scheduler = torch.load(path, weights_only=True, map_location="cpu")
         path = folder / RNG_FILE
         process_rng_states = read_rng_file(path)
     except Exception as error:  # json, safetensors and pickle each raise their own types

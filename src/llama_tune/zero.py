@@ -314,14 +314,16 @@ class ZeroLayout(layout.Layout):
         adam = optimizer.optimizer.optimizer
         hyper = {key: value for key, value in adam.param_groups[0].items() if key != "params"}
         trained = layout.trained_parameters(objective)
+        main = torch.distributed.get_rank() == 0
         state: dict[int, dict[str, torch.Tensor]] = {}
         if adam.state:
-            step = next(iter(adam.state.values()))["step"]
+            step = next(iter(adam.state.values()))["step"].to("cpu", copy=True)
             for index, param in enumerate(trained):
-                moments = {
-                    key: safe_get_full_optimizer_state(param, key).cpu() for key in ADAM_MOMENTS
-                }
-                state[index] = {"step": step.clone(), **moments}
+                # Every process joins each gather; only the main one, which saves, keeps the
+                # whole moments (an 8B model's are 64 GB of CPU memory).
+                moments = {key: safe_get_full_optimizer_state(param, key) for key in ADAM_MOMENTS}
+                if main:
+                    state[index] = {"step": step, **{k: v.cpu() for k, v in moments.items()}}
         return {"state": state, "param_groups": [hyper | {"params": list(range(len(trained)))}]}
 
     def load_optimizer(
@@ -338,9 +340,10 @@ class ZeroLayout(layout.Layout):
         for index, param in enumerate(layout.trained_parameters(objective)):
             for key in ADAM_MOMENTS:
                 safe_set_full_optimizer_state(param, saved["state"][index][key].to(device), key)
+        # On the partitions' device: the fused AdamW keeps its step beside them.
         step = saved["state"][0]["step"]
         for values in partitioned.optimizer.state.values():
-            values["step"] = step.clone()
+            values["step"] = step.to(device, copy=True)
 
 
 def _created_partitioned(param: torch.nn.Parameter) -> bool:
