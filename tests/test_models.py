@@ -164,6 +164,18 @@ def test_auto_dtype_stores_the_base_in_the_compute_dtype(tiny_model_dir: Path) -
     assert {p.dtype for p in fp32.model.parameters()} == {torch.float32}
 
 
+def test_fp16_weights_that_train_are_refused_under_fp16_naming_the_key() -> None:
+    # fp16 (a GPU's) scales the loss, and its scaler refuses to unscale fp16 gradients.
+    half = ModelConfig(name="any", dtype="float16")
+    with pytest.raises(models.ModelError, match=r"model\.dtype: float16") as refused:
+        models.storage_dtype(half, "fp16", trained=True)
+    assert "model.dtype auto" in str(refused.value)
+    # Frozen fp16 weights (LoRA's base), or trained ones without the scaler, are the user's call.
+    assert models.storage_dtype(half, "fp16") == torch.float16
+    assert models.storage_dtype(half, "no", trained=True) == torch.float16
+    assert models.storage_dtype(ModelConfig(name="any"), "fp16", trained=True) == torch.float32
+
+
 def test_qlora_keeps_unquantised_weights_in_the_storage_dtype(tiny_model_dir: Path) -> None:
     # peft's kbit preparation would upcast them to fp32: twice the memory of an 8B Llama's
     # embeddings and head, cast back to bf16 at every forward.

@@ -220,6 +220,13 @@ def storage_dtype(config: ModelConfig, mixed_precision: str, trained: bool = Fal
     way (peft upcasts them). Weights that train themselves (`trained`, full fine-tuning) stay
     fp32 under `auto`, or optimizer updates smaller than bf16's resolution would be lost.
     """
+    if trained and config.dtype == "float16" and mixed_precision == "fp16":
+        # fp16's loss scaler refuses to unscale fp16 gradients: the first step would fail.
+        raise ModelError(
+            "model.dtype: float16 trains the model's own weights in fp16, whose gradients fp16's "
+            "loss scaler cannot unscale (train.precision fp16, or auto on a GPU without bf16); "
+            "use model.dtype auto, which trains them in fp32"
+        )
     if config.dtype != "auto":
         return DTYPES[config.dtype]
     return torch.float32 if trained else DTYPES[AUTO_DTYPES[mixed_precision]]
