@@ -31,7 +31,7 @@ class Conversation:
         choice = recipe.data.chat.template or chat_templates.TOKENIZER
         self.template = chat_templates.resolve(choice, self.tokenizer)
         self.system_prompt = recipe.data.chat.system_prompt
-        self.model = evaluation.load_systems(resolved, self.precision, base=False)[0].model
+        self.model = evaluation.main_system(resolved, self.precision).model
         self.model.eval()
         self.turns: list[chat_templates.Message] = []
         self.reset()

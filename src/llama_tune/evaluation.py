@@ -101,6 +101,16 @@ def adapter_base(resolved: Target) -> schema.ModelConfig:
     return recipe.model
 
 
+def main_system(resolved: Target, precision: str) -> System:
+    """The model the results are about, alone: a recipe's base model, a run's trained model
+    (a distillation run's student, without the teacher that `load_systems` adds: chat and
+    lm-eval need only this one, and a teacher is often larger than all the rest)."""
+    if resolved.weights_dir is None:
+        return System("base", models.load_base_model(resolved.recipe.model, precision))
+    name = "student" if resolved.recipe.distill is not None else "tuned"
+    return System(name, _trained_model(resolved, precision))
+
+
 def load_systems(resolved: Target, precision: str, base: bool) -> list[System]:
     """The models to score, first the one the results are about.
 
@@ -109,18 +119,19 @@ def load_systems(resolved: Target, precision: str, base: bool) -> list[System]:
     `base` the teacher's base model (when the teacher wears an adapter).
     """
     recipe = resolved.recipe
+    first = main_system(resolved, precision)
     if resolved.weights_dir is None:
-        return [System("base", models.load_base_model(recipe.model, precision))]
-    trained = _trained_model(resolved, precision)
+        return [first]
+    trained = first.model
     if recipe.distill is not None:
-        systems = [System("student", trained)]
+        systems = [first]
         teacher = loading.load_teacher(recipe.distill, precision)
         systems.append(System("teacher", teacher))
         if base and recipe.distill.teacher.adapter is not None:
             base_model = models.load_base_model(loading.teacher_spec(recipe.distill), precision)
             systems.append(System("base", base_model))
         return systems
-    systems = [System("tuned", trained)]
+    systems = [first]
     if base and isinstance(trained, PeftModel):
         systems.append(System("base", trained, adapter_off=True))
     elif base:

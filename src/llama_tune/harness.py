@@ -51,7 +51,7 @@ def run(
         raise HarnessError(f"--tasks: lm-eval knows no task {', '.join(unknown)}{where}")
     recipe = resolved.recipe
     precision = resolve_precision(recipe.train.precision)
-    model = evaluation.load_systems(resolved, precision, base=False)[0].model.eval()
+    model = evaluation.main_system(resolved, precision).model.eval()
     tokenizer = models.load_tokenizer(recipe.model.name, recipe.model.revision)
     harness_model = HFLM(
         pretrained=model,

@@ -42,7 +42,7 @@ def test_incompatible_student_is_refused_before_training(
 
 
 def test_lora_student_of_a_tuned_teacher_is_scored_against_both(
-    tiny_recipe, tiny_model_dir: Path
+    tiny_recipe, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     teacher_path = tiny_recipe("teacher", max_steps=4)
     teacher_run = train.run(config.load(teacher_path), teacher_path)
@@ -72,6 +72,13 @@ def test_lora_student_of_a_tuned_teacher_is_scored_against_both(
     assert set(results["differences"]) == {"student - teacher", "student - base"}
     report = (Path(results["output_dir"]) / "report.md").read_text()
     assert "as fast as the teacher" in report
+    # Chat and lm-eval take the student alone: its teacher is never loaded for them.
+    resolved = evaluation.resolve_target(result.run_dir, [])
+    with monkeypatch.context() as patched:
+        patched.setattr(loading, "load_teacher", lambda *_: pytest.fail("teacher loaded"))
+        main = evaluation.main_system(resolved, "no")
+    assert main.name == "student"
+    assert main.model.num_parameters() == systems["student"]["parameters"]
 
 
 def test_real_distillation_on_sst2_lowers_the_distillation_loss(
