@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import TEST_DATA
+from conftest import TEST_DATA, torchrun
+from launched import same_steps
 from llama_tune import config, data, models, run_folder, schema, train
 from llama_tune.distillation import cache, loading, objective, student
 from llama_tune.distillation.teacher import FrozenTeacher, distilled_count
@@ -194,3 +196,34 @@ def test_a_finished_cache_spares_loading_the_teacher(
     assert loading.build_cache(recipe, path) == folder
     result = train.run(recipe, path)
     assert result.summary["status"] == "finished"
+
+
+def test_two_processes_build_the_cache_together_as_one_process_does(
+    tiny_recipe, tiny_model_dir: Path, make_tiny_llama
+) -> None:
+    # Three shards of 25 rows: the first process computes shards 0 and 2, the second shard 1,
+    # each with its own teacher on its own device; then each trains on the whole cache.
+    student_dir = make_tiny_llama("student", width=32, layers=1, seed=1)
+    overrides = [
+        f"model.name={student_dir}",
+        f"distill.teacher.name={tiny_model_dir}",
+        "distill.cache.top_k=8",
+        "distill.cache.examples_per_shard=25",
+        "adapter=null",
+    ]
+    one = tiny_recipe("one", max_steps=3, batch_size=8)
+    reference = train.run(config.load(one, overrides), one).run_dir
+    spread_recipe = tiny_recipe("spread", max_steps=3, batch_size=4)
+    done = torchrun(["train", str(spread_recipe), *overrides])
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    # The main process's progress counts its own rows: 25 + 14 of the 64.
+    assert "39/39" in done.stderr
+    assert "64/64" not in done.stderr
+    spread = spread_recipe.parent / spread_recipe.stem
+    same_steps(reference, spread, ("loss", "distill_loss", "grad_norm"))
+    shards = sorted((reference / run_folder.TEACHER_CACHE).glob("shard-*"))
+    assert len(shards) == 3
+    for shard in shards:
+        built_apart = load_file(spread / run_folder.TEACHER_CACHE / shard.name)
+        for name, value in load_file(shard).items():
+            torch.testing.assert_close(built_apart[name], value, rtol=1e-5, atol=1e-6)

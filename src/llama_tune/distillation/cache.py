@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +129,20 @@ def _teacher_shard(
     }
 
 
+@dataclass(frozen=True)
+class Share:
+    """Which shards a process builds when several build a cache together: those whose index
+    is `index` modulo `count`. `wait` holds every process until all reach it (a barrier)."""
+
+    index: int = 0
+    count: int = 1
+    wait: Callable[[], None] = lambda: None
+
+
+ALONE = Share()
+"""One process builds every shard."""
+
+
 def build(
     run_dir: Path,
     settings: schema.DistillConfig,
@@ -138,27 +153,40 @@ def build(
     batch_size: int,
     pad_token_id: int,
     precision: str,
+    share: Share = ALONE,
 ) -> Path:
-    """Write the missing shards of the teacher cache; returns its folder.
+    """Write the missing shards of the teacher cache (this process's `share` of them); returns
+    its folder.
 
     Finished shards are never recomputed, so an interrupted build continues where it stopped.
-    `teacher` loads the teacher; it is called only when a shard is missing.
+    `teacher` loads the teacher; it is called only when a shard of the share is missing.
     """
     assert settings.cache is not None
     folder = run_dir / TEACHER_CACHE
     width = vocab_size if token_subset is None else len(token_subset)
     expected = manifest(settings, examples, width)
+    # Every process checks, so a stale cache stops each with the same error.
     _check_manifest(folder, expected)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_json(folder / MANIFEST, expected)
+    if share.index == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json(folder / MANIFEST, expected)
+    # The manifest is written before any shard: shards never sit in a folder without one.
+    share.wait()
     per_shard = settings.cache.examples_per_shard
     missing = missing_shards(folder, len(examples), per_shard)
+    missing = [shard for shard in missing if shard % share.count == share.index]
     if not missing:
         return folder
     frozen = FrozenTeacher(teacher())
     shards = {shard: examples[shard * per_shard : (shard + 1) * per_shard] for shard in missing}
     total = sum(len(shard_examples) for shard_examples in shards.values())
-    progress = tqdm(total=total, desc="teacher cache", unit="example", dynamic_ncols=True)
+    progress = tqdm(
+        total=total,
+        desc="teacher cache",
+        unit="example",
+        dynamic_ncols=True,
+        disable=share.index != 0,
+    )
     for shard, shard_examples in shards.items():
         tensors = _teacher_shard(
             frozen,

@@ -121,6 +121,7 @@ def _build_cache(
     tokenizer: PreTrainedTokenizerBase,
     token_subset: torch.Tensor | None,
     precision: str,
+    share: cache.Share = cache.ALONE,
 ) -> Path:
     assert recipe.distill is not None
     return cache.build(
@@ -133,6 +134,7 @@ def _build_cache(
         recipe.train.batch_size,
         tokenizer.pad_token_id,
         precision,
+        share,
     )
 
 
@@ -268,11 +270,22 @@ def load(
             return load_teacher(settings, mixed_precision).to(accelerator.device)
 
         # build() checks the whole manifest against this recipe and data, and computes only
-        # missing shards: a finished cache costs nothing, a stale one is refused.
-        if accelerator.is_main_process:
-            _build_cache(
-                recipe, run_dir, cache_teacher, examples, tokenizer, token_subset, mixed_precision
-            )
+        # missing shards: a finished cache costs nothing, a stale one is refused. Each process
+        # computes its share on its own device (one alone would leave the others waiting in a
+        # barrier that NCCL gives up on after ten minutes).
+        share = cache.Share(
+            accelerator.process_index, accelerator.num_processes, accelerator.wait_for_everyone
+        )
+        _build_cache(
+            recipe,
+            run_dir,
+            cache_teacher,
+            examples,
+            tokenizer,
+            token_subset,
+            mixed_precision,
+            share,
+        )
         accelerator.wait_for_everyone()
         cached = cache.CachedTeacher(run_dir / TEACHER_CACHE)
         # Training reads the cache; dropping the last reference frees the teacher's memory.
