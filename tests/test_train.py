@@ -131,6 +131,15 @@ def test_built_in_model_learns_sst2(tmp_path: Path, data_root: Path) -> None:
     }
 
 
+def test_the_summary_records_a_gpus_peak_memory(
+    tiny_recipe, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A CPU keeps no count (null); a GPU's, the largest over the processes, is recorded.
+    assert _train(tiny_recipe("cpu", max_steps=1)).summary["peak_memory_gib"] is None
+    monkeypatch.setattr(train, "peak_memory_gib", lambda _device: 1.5)
+    assert _train(tiny_recipe("gpu", max_steps=1)).summary["peak_memory_gib"] == 1.5
+
+
 def test_tensorboard_tracker_writes_events(tiny_recipe) -> None:
     result = _train(tiny_recipe(max_steps=2, logging={"trackers": ["tensorboard"]}))
     assert list(result.run_dir.rglob("events.out.tfevents.*"))

@@ -694,6 +694,11 @@ class TrainingRun:
         weights_dir = run_folder.weights_folder(self.run_dir, self.recipe.adapter is None)
         accelerator.wait_for_everyone()
         weights, _ = self._gathered_weights()
+        # The most any process's GPU held (None on a CPU, on every process alike): what each
+        # GPU needs room for, which a process with longer rows than the main one may set.
+        peak = peak_memory_gib(accelerator.device)
+        if peak is not None:
+            peak = float(accelerator.reduce(torch.tensor(peak, device=accelerator.device), "max"))
         if accelerator.is_main_process:
             model = accelerator.unwrap_model(self.loss_module).model
             model.save_pretrained(weights_dir, state_dict=weights)
@@ -707,7 +712,7 @@ class TrainingRun:
                 input_tokens=self.input_tokens,
                 train_seconds=self.train_seconds,
                 tokens_per_s=self.input_tokens / self.train_seconds if self.train_seconds else None,
-                peak_memory_gib=peak_memory_gib(accelerator.device),
+                peak_memory_gib=peak,
                 weights=str(weights_dir),
                 best=validation.best_record(self.run_dir),
             )
