@@ -214,8 +214,7 @@ def target_cross_entropy(
     predicted, `HEAD_CHUNK` positions at a time.
 
     `predicting_states` are the final hidden states of positions 0..n-2: position t predicts
-    token t + 1. A frozen head (LoRA) gets each chunk's gradient in the forward, so nothing is
-    computed twice; a trained one recomputes each chunk's logits in backward.
+    token t + 1 (`head_chunked_sum`).
     """
     states, targets, _ = target_positions(predicting_states, labels)
 
@@ -223,9 +222,24 @@ def target_cross_entropy(
         logits = head_logits(head, chunk).float()
         return torch.nn.functional.cross_entropy(logits, targets[start:stop], reduction="sum")
 
+    return head_chunked_sum(head, chunk_loss, states)
+
+
+def head_chunked_sum(
+    head: torch.nn.Module,
+    chunk_loss: Callable[[torch.Tensor, int, int], torch.Tensor],
+    states: torch.Tensor,
+    chunk_size: int = HEAD_CHUNK,
+) -> torch.Tensor:
+    """`chunked_sum` of a loss that applies the output `head` to chunks of `states`.
+
+    A frozen head (LoRA) gets each chunk's gradient in the forward, so nothing is computed
+    twice (nor the head called again in backward, where a sharded one is no longer gathered);
+    a trained one recomputes each chunk's logits in backward.
+    """
     trained_head = any(parameter.requires_grad for parameter in head.parameters())
     if trained_head or not (states.requires_grad and torch.is_grad_enabled()):
-        return chunked_sum(chunk_loss, states, HEAD_CHUNK)
+        return chunked_sum(chunk_loss, states, chunk_size)
     gradients = []
 
     def loss_and_gradient(chunk: torch.Tensor, start: int, stop: int) -> torch.Tensor:
@@ -235,7 +249,7 @@ def target_cross_entropy(
         return loss.detach()
 
     # Detached states: each chunk is a leaf of its own, its graph freed with its gradient.
-    total = chunked_sum(loss_and_gradient, states.detach(), HEAD_CHUNK)
+    total = chunked_sum(loss_and_gradient, states.detach(), chunk_size)
     return _KnownGradient.apply(total, states, torch.cat(gradients))
 
 

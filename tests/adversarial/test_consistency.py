@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -77,3 +78,33 @@ def test_a_packed_row_gives_the_padded_term(tiny_model_dir: Path, tokenizer) -> 
     assert expected["consistency"] > 0
     for name, value in expected.items():
         torch.testing.assert_close(actual[name], value, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("trained_head", [True, False], ids=["trained head", "frozen head"])
+def test_the_term_in_chunks_equals_it_whole_and_leaves_the_clean_side_alone(
+    trained_head: bool,
+) -> None:
+    # Three pairs of positions, one pair at a time: the term and the gradients of the perturbed
+    # states (and a trained head) are those of the whole; the clean states get none, and
+    # neither does the head through them.
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 50, bias=False).requires_grad_(trained_head)
+    states = torch.randn(7, 8, requires_grad=True)
+    per_row, pairs = torch.tensor([3, 1, 3]), torch.tensor([-1, -1, 0])
+    clean = torch.log_softmax(head(states[0:3]).detach(), -1)
+    perturbed = torch.log_softmax(head(states[4:7]), -1)
+    expected = (clean.exp() * (clean - perturbed)).sum()
+    trained = [states, head.weight] if trained_head else [states]
+    expected_gradients = torch.autograd.grad(expected, trained)
+    for chunk_size in (256, 1):
+        states.grad, head.weight.grad = None, None
+        value = consistency.paired_divergence(head, states, per_row, pairs, chunk_size)
+        value.backward()
+        torch.testing.assert_close(value.detach(), expected.detach())
+        torch.testing.assert_close(states.grad, expected_gradients[0])
+        assert states.grad[:4].abs().sum() == 0
+        assert states.grad[4:].abs().sum() > 0
+        if trained_head:
+            torch.testing.assert_close(head.weight.grad, expected_gradients[1])
+        else:
+            assert head.weight.grad is None

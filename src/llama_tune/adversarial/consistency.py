@@ -20,7 +20,14 @@ from itertools import accumulate
 import torch
 
 from llama_tune import data, models, packing
-from llama_tune.objective import Objective, WrappedObjective, target_logits
+from llama_tune.objective import (
+    HEAD_CHUNK,
+    Objective,
+    WrappedObjective,
+    head_chunked_sum,
+    head_logits,
+    target_positions,
+)
 
 
 def clean_rows(indices: list[int]) -> torch.Tensor:
@@ -37,12 +44,19 @@ def clean_rows(indices: list[int]) -> torch.Tensor:
 
 
 def paired_divergence(
-    logits: torch.Tensor, targets_per_row: torch.Tensor, pairs: torch.Tensor
+    head: torch.nn.Module,
+    states: torch.Tensor,
+    targets_per_row: torch.Tensor,
+    pairs: torch.Tensor,
+    chunk_size: int = HEAD_CHUNK,
 ) -> torch.Tensor:
     """KL(clean || perturbed) summed over every perturbed row's target positions.
 
-    `logits` are the target positions' logits, row after row (`objective.target_logits`);
-    `targets_per_row` counts them per row; `pairs` is `clean_rows` of the micro-batch.
+    `states` are the final hidden states of the target positions, row after row
+    (`objective.target_positions`); `targets_per_row` counts them per row; `pairs` is
+    `clean_rows` of the micro-batch. The head runs on `chunk_size` pairs of positions at a
+    time, as the task loss's does: a long answer's [positions, vocabulary] logits, several
+    fp32 copies of them here, never exist whole.
     """
     counts = targets_per_row.tolist()
     starts = [0, *accumulate(counts)]
@@ -55,10 +69,17 @@ def paired_divergence(
         perturbed_positions += range(starts[row], starts[row] + counts[row])
         clean_positions += range(starts[clean_row], starts[clean_row] + counts[row])
     if not perturbed_positions:
-        return logits.new_zeros(())
-    clean = torch.log_softmax(logits[clean_positions].detach().float(), dim=-1)
-    perturbed = torch.log_softmax(logits[perturbed_positions].float(), dim=-1)
-    return (clean.exp() * (clean - perturbed)).sum()
+        return states.new_zeros((), dtype=torch.float32)
+    width = states.shape[-1]
+    paired = torch.cat([states[perturbed_positions], states[clean_positions].detach()], dim=-1)
+
+    def divergence(chunk: torch.Tensor, _start: int, _stop: int) -> torch.Tensor:
+        perturbed = torch.log_softmax(head_logits(head, chunk[:, :width]).float(), dim=-1)
+        with torch.no_grad():  # the clean side is held fixed, the head's share of it too
+            clean = torch.log_softmax(head_logits(head, chunk[:, width:]).float(), dim=-1)
+        return (clean.exp() * (clean - perturbed)).sum()
+
+    return head_chunked_sum(head, divergence, paired, chunk_size)
 
 
 class ConsistencyObjective(WrappedObjective):
@@ -93,7 +114,7 @@ class ConsistencyObjective(WrappedObjective):
         with self._states.keeping():
             sums = self.objective(**batch)
         head = models.causal_lm(self.model).get_output_embeddings()
-        logits, _, selected = target_logits(head, self._states.take()[:, :-1], labels)
+        states, _, selected = target_positions(self._states.take()[:, :-1], labels)
         position_ids = layout.get("position_ids")
         if position_ids is None:
             per_example = selected.sum(dim=1)
@@ -101,4 +122,4 @@ class ConsistencyObjective(WrappedObjective):
             # A packed row holds the examples in order: count each one's targets.
             example = packing.example_index(position_ids)[:, :-1]
             per_example = torch.bincount(example[selected], minlength=len(clean_rows))
-        return sums | {"consistency": paired_divergence(logits, per_example, clean_rows)}
+        return sums | {"consistency": paired_divergence(head, states, per_example, clean_rows)}
