@@ -105,3 +105,28 @@ def test_a_few_positions_of_an_fp32_head_under_autocast_run_in_fp32() -> None:
     (gradient,) = torch.autograd.grad(logits.square().sum(), head.weight)
     assert gradient.dtype == torch.float32
     torch.testing.assert_close(gradient, expected_gradient)
+
+
+def test_scoring_losses_come_per_target_token_in_chunks(
+    tiny_model_dir: Path, alpaca_row, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # HotFlip scores whole batches of long rows: per-token losses of chunks of the head equal
+    # those of whole logits, position for position.
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    monkeypatch.setattr(objective, "HEAD_CHUNK", 64)
+    with torch.no_grad():
+        output = model(**alpaca_row, use_cache=False, output_hidden_states=True)
+        states = output.hidden_states[-1][:, :-1]
+        losses, selected = objective.target_token_losses(
+            model.get_output_embeddings(), states, alpaca_row["labels"]
+        )
+        targets = alpaca_row["labels"][:, 1:]
+        expected = torch.nn.functional.cross_entropy(
+            output.logits[:, :-1].float().transpose(1, 2),
+            targets,
+            reduction="none",
+            ignore_index=data.IGNORE_INDEX,
+        )
+    assert torch.equal(selected, targets != data.IGNORE_INDEX)
+    assert len(losses) > 3 * objective.HEAD_CHUNK
+    torch.testing.assert_close(losses, expected[selected])

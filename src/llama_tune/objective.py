@@ -269,13 +269,23 @@ class _KnownGradient(torch.autograd.Function):
         return None, gradient * grad_output, None
 
 
-def target_logits(
+@torch.no_grad()
+def target_token_losses(
     head: torch.nn.Module, predicting_states: torch.Tensor, labels: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(float logits of the positions that predict a target token, those tokens, the
-    [batch, n-1] mask of where the positions are), the head applied only there."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the cross-entropy of each target token, in float32, the [batch, n-1] mask of where
+    they are predicted), for scoring without gradients: the head applied only there,
+    `HEAD_CHUNK` positions at a time."""
     states, targets, selected = target_positions(predicting_states, labels)
-    return head_logits(head, states).float(), targets, selected
+    losses = [
+        torch.nn.functional.cross_entropy(
+            head_logits(head, states[start : start + HEAD_CHUNK]).float(),
+            targets[start : start + HEAD_CHUNK],
+            reduction="none",
+        )
+        for start in range(0, len(states), HEAD_CHUNK)
+    ]
+    return torch.cat(losses or [states.new_zeros(0, dtype=torch.float32)]), selected
 
 
 def target_positions(

@@ -239,3 +239,31 @@ def test_neftune_scales_by_each_examples_own_length(tokenizer) -> None:
     noise = embedding.neftune_noise(in_rows, 64, 5.0)
     assert (noise[0, 6:] == 0).all()
     assert noise[1, :3].abs().max() <= 5.0 / (3 * 64) ** 0.5
+
+
+@pytest.mark.parametrize("trained_head", [True, False], ids=["trained head", "frozen head"])
+@pytest.mark.parametrize("clean_trains", [True, False], ids=["final term", "ascent step"])
+def test_smart_divergence_in_chunks_equals_it_whole(trained_head: bool, clean_trains: bool) -> None:
+    # Five pairs of positions, whole and two at a time: the divergence and the gradients of
+    # both sides (and of a trained head) agree. An ascent step holds the clean side fixed.
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 50, bias=False).requires_grad_(trained_head)
+    clean_states = torch.randn(5, 8, requires_grad=True)
+    perturbed_states = clean_states.detach() + 0.3 * torch.randn(5, 8)
+    perturbed_states.requires_grad_(True)
+    clean_side = clean_states if clean_trains else clean_states.detach()
+    expected = embedding.symmetric_kl(head(clean_side), head(perturbed_states))
+    trained = [clean_states, perturbed_states] if clean_trains else [perturbed_states]
+    trained += [head.weight] if trained_head else []
+    expected_gradients = torch.autograd.grad(expected, trained)
+    for chunk_size in (256, 2):
+        for tensor in (clean_states, perturbed_states, head.weight):
+            tensor.grad = None
+        clean_side = clean_states if clean_trains else clean_states.detach()
+        value = embedding.head_symmetric_kl(head, clean_side, perturbed_states, chunk_size)
+        value.backward()
+        torch.testing.assert_close(value.detach(), expected.detach())
+        for tensor, gradient in zip(trained, expected_gradients, strict=True):
+            torch.testing.assert_close(tensor.grad, gradient)
+        assert clean_trains or clean_states.grad is None
+        assert trained_head or head.weight.grad is None

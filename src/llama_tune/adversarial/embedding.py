@@ -32,7 +32,14 @@ import torch
 from torch.distributed.fsdp import FSDPModule
 
 from llama_tune import data, models, packing
-from llama_tune.objective import Objective, WrappedObjective, target_logits
+from llama_tune.objective import (
+    HEAD_CHUNK,
+    Objective,
+    WrappedObjective,
+    head_chunked_sum,
+    head_logits,
+    target_positions,
+)
 from llama_tune.schema import AdversarialTrainConfig
 
 SMART_START = 1e-5
@@ -94,6 +101,25 @@ def symmetric_kl(first_logits: torch.Tensor, second_logits: torch.Tensor) -> tor
     first = torch.log_softmax(first_logits.float(), dim=-1)
     second = torch.log_softmax(second_logits.float(), dim=-1)
     return ((first.exp() - second.exp()) * (first - second)).sum()
+
+
+def head_symmetric_kl(
+    head: torch.nn.Module,
+    clean_states: torch.Tensor,
+    perturbed_states: torch.Tensor,
+    chunk_size: int = HEAD_CHUNK,
+) -> torch.Tensor:
+    """`symmetric_kl` of the `head`'s logits on two aligned sets of final hidden states, the
+    head applied to `chunk_size` pairs of positions at a time: a long answer's
+    [positions, vocabulary] logits, four fp32 copies of them here, never exist whole."""
+    width = clean_states.shape[-1]
+
+    def divergence(chunk: torch.Tensor, _start: int, _stop: int) -> torch.Tensor:
+        clean, perturbed = chunk[:, :width], chunk[:, width:]
+        return symmetric_kl(head_logits(head, clean), head_logits(head, perturbed))
+
+    paired = torch.cat([clean_states, perturbed_states], dim=-1)
+    return head_chunked_sum(head, divergence, paired, chunk_size)
 
 
 class AdversarialObjective(WrappedObjective):
@@ -226,8 +252,8 @@ class AdversarialObjective(WrappedObjective):
         finally:
             self._offset = None
 
-    def _student_logits(self, batch: dict[str, torch.Tensor], offset: torch.Tensor) -> torch.Tensor:
-        """The student's logits at the positions that predict target tokens, under `offset`."""
+    def _student_states(self, batch: dict[str, torch.Tensor], offset: torch.Tensor) -> torch.Tensor:
+        """The student's last hidden states where they predict target tokens, under `offset`."""
         self._offset = offset
         try:
             states = (
@@ -245,10 +271,8 @@ class AdversarialObjective(WrappedObjective):
         return self._at_targets(batch, states)
 
     def _at_targets(self, batch: dict[str, torch.Tensor], states: torch.Tensor) -> torch.Tensor:
-        """The logits of the student's last hidden `states` where they predict target tokens."""
-        head = models.causal_lm(self.model).get_output_embeddings()
-        logits, _, _ = target_logits(head, states[:, :-1], batch["labels"])
-        return logits
+        """The student's last hidden `states` at the positions that predict target tokens."""
+        return target_positions(states[:, :-1], batch["labels"])[0]
 
     def _smart(
         self,
@@ -259,19 +283,21 @@ class AdversarialObjective(WrappedObjective):
         step_size: float,
     ) -> dict[str, torch.Tensor]:
         norm = self.settings.norm
-        # The clean forward's own states give the clean logits: no second clean forward.
+        head = models.causal_lm(self.model).get_output_embeddings()
+        # The clean forward's own states give the clean side: no second clean forward.
         clean = self._run(batch, noise, keep_states=True)
         # The student alone from here: the teacher of a distillation plays no part in SMART.
-        clean_logits = self._at_targets(batch, self._clean_states.take())
+        clean_states = self._at_targets(batch, self._clean_states.take())
         offset = torch.randn_like(noise) * SMART_START * mask
         for _ in range(self.settings.steps):
             offset.requires_grad_(True)
-            logits = self._student_logits(batch, noise + offset)
-            divergence = symmetric_kl(clean_logits.detach(), logits)
+            perturbed_states = self._student_states(batch, noise + offset)
+            divergence = head_symmetric_kl(head, clean_states.detach(), perturbed_states)
             gradient = self._gradient(divergence, offset)
             offset = projected(
                 offset.detach() + step_size * normalised(gradient, norm), epsilon, norm
             )
             offset = offset * mask
-        smoothness = symmetric_kl(clean_logits, self._student_logits(batch, noise + offset))
+        perturbed_states = self._student_states(batch, noise + offset)
+        smoothness = head_symmetric_kl(head, clean_states, perturbed_states)
         return clean | {"smoothness": smoothness}

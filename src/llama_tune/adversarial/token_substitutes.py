@@ -19,7 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from llama_tune import data, inference, models
 from llama_tune.adversarial.text_noise import edit_count, spelling_variants, words_of
-from llama_tune.objective import ALONE, ModelCalls, target_cross_entropy, target_logits
+from llama_tune.objective import ALONE, ModelCalls, target_cross_entropy, target_token_losses
 
 SENTINEL = "\x00"
 
@@ -340,8 +340,7 @@ def example_losses(
             hidden = base.get_decoder()(
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
             ).last_hidden_state
-            logits, targets, selected = target_logits(head, hidden[:, :-1], batch["labels"])
-            token_losses = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+            token_losses, selected = target_token_losses(head, hidden[:, :-1], batch["labels"])
             positions = selected.nonzero()[:, 0]
             summed = torch.zeros(len(selected), device=device)
             losses.append(summed.index_add_(0, positions, token_losses))
