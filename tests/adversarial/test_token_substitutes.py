@@ -288,3 +288,16 @@ def test_word_starts_survive_a_decoder_that_drops_the_first_space() -> None:
     for token_id, found in zip(chosen, substitutes.nearest_many(chosen, 3), strict=True):
         kinds = {bool(substitutes.starts_word[other]) for other in found}
         assert kinds == {bool(substitutes.starts_word[token_id])}
+
+
+def test_the_neighbour_table_is_fp32_in_cpu_memory_or_a_shape_without_weights() -> None:
+    # bf16 weights give an fp32 table off the accelerator; a sharded run's process without
+    # weights (meta) keeps a shape for the main process's table to fill (`share_tables`).
+    tokenizer = _sentencepiece_tokenizer()
+    weights = torch.randn(len(tokenizer), 8, dtype=torch.bfloat16)
+    unit = token_substitutes.Substitutes(weights, tokenizer).unit
+    assert (unit.dtype, unit.device.type) == (torch.float32, "cpu")
+    torch.testing.assert_close(unit.norm(dim=1), torch.ones(len(tokenizer)))
+    without_weights = token_substitutes.Substitutes(weights.to("meta"), tokenizer).unit
+    assert without_weights.is_meta
+    assert without_weights.shape == unit.shape

@@ -87,7 +87,13 @@ class Substitutes:
 
     def __init__(self, embeddings: torch.Tensor, tokenizer: PreTrainedTokenizerBase) -> None:
         vocabulary = len(tokenizer)
-        self.unit = torch.nn.functional.normalize(embeddings[:vocabulary].float().detach(), dim=1)
+        whole = embeddings[:vocabulary].detach()
+        if not whole.is_meta:  # a process of a sharded run that made no weights takes the main's
+            # In CPU memory wherever the model is: an fp32 copy of a 128k x 4096 vocabulary is
+            # 2.1 GB that each GPU would hold beside its model (whole beside ZeRO-3's
+            # partitions), while a search is a [new tokens, vocabulary] product, cheap on a CPU.
+            whole = whole.to("cpu")
+        self.unit = torch.nn.functional.normalize(whole.float(), dim=1)
         usable = torch.ones(vocabulary, dtype=torch.bool)
         usable[tokenizer.all_special_ids] = False
         usable[list(tokenizer.added_tokens_decoder)] = False
