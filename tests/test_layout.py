@@ -1,7 +1,11 @@
-"""The optimizer every layout steps: torch's AdamW, fused where the kernel exists."""
+"""The optimizer every layout steps: torch's AdamW, fused where the kernel exists; the loss
+scale every layout saves."""
+
+from types import SimpleNamespace
 
 import torch
 
+from llama_tune import layout
 from llama_tune.layout import adamw
 
 
@@ -33,3 +37,19 @@ def test_adamw_on_the_cpu_is_fused_and_steps_as_the_loop_does():
 def test_adamw_falls_back_to_the_loop_off_the_fused_devices():
     weights = [torch.nn.Parameter(torch.zeros(4, device="meta"))]
     assert not adamw(weights, lr=1e-3).defaults["fused"]
+
+
+def test_a_zero_runs_loss_scale_carries_its_scale_to_a_grad_scaler() -> None:
+    # A ZeRO fp16 checkpoint resumed under DDP: DeepSpeed's counters mean nothing to a
+    # GradScaler, its scale does; a GradScaler's own state comes back whole.
+    scaler = torch.amp.GradScaler("cpu", init_scale=16.0, growth_interval=2)
+    accelerator = SimpleNamespace(scaler=scaler)
+    counters = {"cur_scale": 512.0, "cur_iter": 9, "last_overflow_iter": 3, "cur_hysteresis": 2}
+    from_zero = {"scale": 512.0, "deepspeed": counters}
+    layout.Layout().load_loss_scale(accelerator, None, from_zero)
+    assert scaler.state_dict()["scale"] == 512.0
+    assert scaler.state_dict()["growth_interval"] == 2
+    own = scaler.state_dict() | {"scale": 64.0, "_growth_tracker": 1}
+    layout.Layout().load_loss_scale(accelerator, None, own)
+    assert layout.Layout().loss_scale(accelerator, None) == own
+    layout.Layout().load_loss_scale(SimpleNamespace(scaler=None), None, own)

@@ -6,6 +6,9 @@ recipe before anything loads."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -310,3 +313,66 @@ def test_nonfinite_skipping_needs_the_engines_overflow_check(
     filled = zero.fill_config(zero.read_config(_config(tmp_path)), path, recipe, "bf16")
     assert filled["zero_optimization"]["compute_grad_norm"] is True
     assert filled["bf16"]["check_grad_overflow"] is True
+
+
+LOSS_SCALE_PROBE = """
+import json
+
+import deepspeed
+import torch
+from types import SimpleNamespace
+
+from llama_tune import zero
+
+def engine():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 8)
+    config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 2},
+              "fp16": {"enabled": True, "initial_scale_power": 4, "loss_scale_window": 2}}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    return engine, SimpleNamespace(optimizer=optimizer)  # as Accelerate wraps it
+
+def steps(engine, count):
+    for _ in range(count):
+        engine.backward(engine(torch.ones(2, 8, dtype=torch.half)).float().pow(2).sum())
+        engine.step()
+
+first, first_optimizer = engine()
+steps(first, 5)
+saved = json.loads(json.dumps(zero.loss_scaler_state(first_optimizer)))
+second, second_optimizer = engine()
+zero.load_loss_scaler_state(second_optimizer, saved)
+steps(first, 2)
+steps(second, 2)
+third, third_optimizer = engine()
+zero.load_loss_scaler_state(third_optimizer, {"scale": 1024.0, "_growth_tracker": 1})
+states = [zero.loss_scaler_state(o) for o in (first_optimizer, second_optimizer, third_optimizer)]
+print(json.dumps([saved, *states]))
+"""
+
+
+def test_deepspeeds_fp16_loss_scale_is_saved_and_restored(tmp_path: Path) -> None:
+    # A real ZeRO-2 fp16 engine on the CPU (llama-tune trains fp16 on GPUs alone), its scale
+    # doubling every two steps: saved after 5 steps and restored into a fresh engine, the two
+    # go on alike; a GradScaler's scale (a DDP run's checkpoint) carries over alone. Fails if
+    # DeepSpeed renames the scaler's attributes.
+    probe = tmp_path / "probe.py"
+    probe.write_text(LOSS_SCALE_PROBE)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc_per_node", "1", str(probe)]
+    environment = os.environ | {"OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    saved, first, second, third = json.loads(done.stdout.strip().splitlines()[-1])
+    assert saved["scale"] == 64
+    assert saved["deepspeed"] == {
+        "cur_scale": 64,
+        "cur_iter": 5,
+        "last_overflow_iter": -1,
+        "cur_hysteresis": 2,
+    }
+    assert first == second
+    assert first["scale"] == 128
+    assert third["scale"] == 1024
+    assert third["deepspeed"]["cur_iter"] == 0

@@ -58,9 +58,10 @@ class TrainState:
     """Step of the adapter in best/ (validation.best_metric)."""
     best_value: float | None = None
     """Its value of validation.best_metric."""
-    loss_scale: dict[str, float] | None = None
-    """fp16's gradient scaler (`GradScaler.state_dict`): resumed at its initial scale, the next
-    steps would overflow and be skipped. None without one (fp32, bf16, DeepSpeed's own)."""
+    loss_scale: dict[str, Any] | None = None
+    """fp16's dynamic loss scale (`Layout.loss_scale`: a GradScaler's state, or DeepSpeed's
+    scale and counters): resumed at its initial scale, the next steps would overflow and be
+    skipped. None without one (fp32, bf16)."""
     recipe_hash: str = ""
 
 

@@ -142,6 +142,30 @@ class Layout:
         it. Every process calls it when `gathers`; only the main process's is saved."""
         return optimizer.state_dict()
 
+    def loss_scale(
+        self,
+        accelerator: Accelerator,
+        optimizer: torch.optim.Optimizer,  # noqa: ARG002 - the layout interface
+    ) -> dict[str, Any] | None:
+        """fp16's dynamic loss scale in plain values, to checkpoint; None without one. Each
+        layout's has `scale`, which the others restore (a DDP checkpoint resumes under ZeRO)."""
+        scaler = accelerator.scaler
+        return scaler.state_dict() if scaler is not None else None
+
+    def load_loss_scale(
+        self,
+        accelerator: Accelerator,
+        optimizer: torch.optim.Optimizer,  # noqa: ARG002 - the layout interface
+        saved: dict[str, Any] | None,
+    ) -> None:
+        """Go on from a checkpoint's `loss_scale`, where this run has a dynamic one."""
+        scaler = accelerator.scaler
+        if scaler is None or not saved:
+            return
+        if "_growth_tracker" not in saved:  # DeepSpeed's, from a ZeRO run: its scale alone
+            saved = scaler.state_dict() | {"scale": saved["scale"], "_growth_tracker": 0}
+        scaler.load_state_dict(saved)
+
     def load_optimizer(
         self,
         objective: torch.nn.Module,  # noqa: ARG002

@@ -322,9 +322,7 @@ class TrainingRun:
 
     def _resume(self, saved: checkpoint.SavedCheckpoint) -> TrainState:
         """Go on from a read checkpoint: loss scale, optimizer, scheduler, this process's RNGs."""
-        scaler = self.accelerator.scaler
-        if scaler is not None and saved.state.loss_scale:
-            scaler.load_state_dict(saved.state.loss_scale)
+        self.layout.load_loss_scale(self.accelerator, self.optimizer, saved.state.loss_scale)
         self.layout.load_optimizer(self.objective, self.optimizer, saved.optimizer)
         self.scheduler.load_state_dict(saved.scheduler)
         checkpoint.restore_rng_states(saved.process_rng_states, self.accelerator.process_index)
@@ -660,8 +658,7 @@ class TrainingRun:
         stop = _any_process(accelerator, signals.requested is not None)
         if not (save_due or stop) or state.step >= self.plan.total_steps:
             return
-        scaler = accelerator.scaler
-        state.loss_scale = scaler.state_dict() if scaler is not None else None
+        state.loss_scale = self.layout.loss_scale(accelerator, self.optimizer)
         self.summary.update(
             status="interrupted" if stop else "running",
             train_seconds=self.train_seconds,

@@ -31,6 +31,8 @@ from llama_tune.runtime import LaunchError
 CONFIG_FILE = "ACCELERATE_DEEPSPEED_CONFIG_FILE"
 """Where `accelerate launch` puts the DeepSpeed JSON its config names."""
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
+LOSS_SCALER_STATE = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
+"""What DeepSpeed's dynamic (fp16) loss scaler changes as it trains; the rest is its config."""
 OFFLOADED = {"offload_optimizer": "optimizer state", "offload_param": "weights"}
 """What each of the JSON's offload settings puts in CPU memory."""
 REFUSED_SECTIONS = {
@@ -344,6 +346,42 @@ class ZeroLayout(layout.Layout):
         step = saved["state"][0]["step"]
         for values in partitioned.optimizer.state.values():
             values["step"] = step.to(device, copy=True)
+
+    def loss_scale(
+        self,
+        accelerator: Accelerator,  # noqa: ARG002 - the layout interface
+        optimizer: torch.optim.Optimizer,
+    ) -> dict[str, Any] | None:
+        return loss_scaler_state(optimizer)
+
+    def load_loss_scale(
+        self,
+        accelerator: Accelerator,  # noqa: ARG002 - the layout interface
+        optimizer: torch.optim.Optimizer,
+        saved: dict[str, Any] | None,
+    ) -> None:
+        load_loss_scaler_state(optimizer, saved)
+
+
+def loss_scaler_state(optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
+    """The engine's own fp16 loss scaler (Accelerate has none under DeepSpeed) in plain
+    values: `scale`, as every layout saves it, and DeepSpeed's counters; None in bf16/fp32.
+    `tests/test_zero.py` fails if DeepSpeed renames them."""
+    scaler = getattr(optimizer.optimizer, "loss_scaler", None)
+    if scaler is None or not scaler.dynamic:
+        return None
+    counters = {name: getattr(scaler, name) for name in LOSS_SCALER_STATE}
+    return {"scale": float(scaler.cur_scale), "deepspeed": counters}
+
+
+def load_loss_scaler_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any] | None) -> None:
+    """Set the engine's fp16 loss scaler from a checkpoint's `loss_scale`: all of it from a
+    ZeRO run's, the scale alone from another layout's (a GradScaler's)."""
+    scaler = getattr(optimizer.optimizer, "loss_scaler", None)
+    if scaler is None or not scaler.dynamic or not saved:
+        return
+    for name, value in saved.get("deepspeed", {"cur_scale": saved["scale"]}).items():
+        setattr(scaler, name, value)
 
 
 def _created_partitioned(param: torch.nn.Parameter) -> bool:
