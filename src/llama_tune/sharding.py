@@ -209,7 +209,10 @@ class FullyShardedLayout(layout.Layout):
         objective: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
     ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-        # Autocast, but no DDP around a sharded model: FSDP reduces the gradients itself.
+        # Autocast, but no DDP around a sharded model: FSDP reduces the gradients itself. It
+        # does so after every micro-batch (Accelerate, unaware of FSDP here, syncs nothing
+        # less): one reduce-scatter per micro-batch instead of per step, chosen for memory,
+        # since skipping it would hold every weight's whole gradient between micro-batches.
         loss_module = accelerator.prepare_model(objective, evaluation_mode=True)
         return loss_module, accelerator.prepare_optimizer(optimizer)
 
@@ -229,6 +232,11 @@ class FullyShardedLayout(layout.Layout):
     def whole_model(self, objective: torch.nn.Module) -> Iterator[None]:
         # Each decoder layer gathers its weights when called; the root's (embeddings, final
         # norm, head) are gathered by the objective's own forward only, so here by hand.
+        # Before the objective's first forward (no validation split, or a resumed run that
+        # attacks or generates at once), FSDP has not yet chosen its root: the first layer
+        # called here would make itself one, and the objective's next forward fail. Private
+        # to torch; the launched attack test without a validation split fails if it changes.
+        objective._get_fsdp_state()._lazy_init()
         objective.unshard()
         try:
             yield
