@@ -54,3 +54,14 @@ def test_the_harness_accuracy_lies_in_evaluates_interval(
     assert "sst2_llama_tune" in harness.table(folder)
     err = cli_here("lm-eval", str(run_dir), "--tasks", "no_such_task", expect=2)
     assert "--tasks: lm-eval knows no task no_such_task" in err
+
+
+def test_a_launched_lm_eval_is_refused_before_anything_loads(
+    cli_here, tmp_path: Path, monkeypatch
+) -> None:
+    # Under torchrun every process would score every document and all but local rank 0
+    # would fail on the harness's empty results.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    err = cli_here("lm-eval", str(tmp_path / "no-run"), "--tasks", "sst2", expect=2)
+    assert "lm-eval runs on one process, not 2" in err
+    assert "Traceback" not in err

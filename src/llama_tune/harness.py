@@ -9,6 +9,7 @@ report.md), where `push` finds them for the model card. The harness is an option
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,14 @@ def run(
 ) -> tuple[dict[str, Any], Path]:
     """Score the run folder `target`'s model on the harness `tasks` (its own, or task YAMLs
     in `include_path`), the first `limit` documents of each; returns (results, folder)."""
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if processes > 1:
+        # Handed a model instance, the harness takes itself for the only process: each would
+        # score every document, and the harness returns results on local rank 0 alone.
+        raise HarnessError(
+            f"lm-eval runs on one process, not {processes}: run `llama-tune lm-eval RUN` "
+            "without torchrun or accelerate launch"
+        )
     try:
         import lm_eval
         from lm_eval.models.huggingface import HFLM
