@@ -17,13 +17,19 @@ from conftest import TEST_DATA
 from llama_tune import config, evaluation, inference, metrics, scoring, train
 
 
-def test_label_logprobs_equal_full_sequence_scoring(tiny_model_dir: Path, tokenizer) -> None:
+@pytest.mark.parametrize("labels_at_once", ["all", "one"])
+def test_label_logprobs_equal_full_sequence_scoring(
+    tiny_model_dir: Path, tokenizer, monkeypatch: pytest.MonkeyPatch, labels_at_once: str
+) -> None:
+    # One label at a time: each runs against its own copy of the prompts' cache.
+    if labels_at_once == "one":
+        monkeypatch.setattr(inference, "LABEL_ROW_TOKENS", 1)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     prompts = [
         tokenizer("Review: a great film.\nLabel:")["input_ids"],
         tokenizer("Review: dull and far, far too long for anyone.\nLabel:")["input_ids"],
     ]
-    labels = ["positive", "negative", "very mixed feelings"]
+    labels = ["positive", "very mixed feelings", "negative", "not sure"]
     label_ids = inference.label_token_ids(tokenizer, labels, False)
     assert max(len(ids) for ids in label_ids) > 1
     fast = inference.label_logprobs(model, prompts, label_ids, tokenizer.pad_token_id)
