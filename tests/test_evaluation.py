@@ -38,8 +38,14 @@ def _scored(out_dir: Path) -> tuple[dict, list[dict]]:
 def test_two_processes_score_each_row_once_as_one_process(cli, tiny_recipe) -> None:
     path = tiny_recipe(max_steps=4, lr=5e-3)
     recipe = json.loads(path.read_text())
-    # 23 rows: the processes' shares differ in size.
-    recipe["evaluation"] = {"split": "validation", "max_rows": 23, "after_training": True}
+    # 23 rows: the processes' shares differ in size. Robustness: each process perturbs the
+    # rows it scores (the gradient attack through its own model) and they exchange them.
+    recipe["evaluation"] = {
+        "split": "validation",
+        "max_rows": 23,
+        "after_training": True,
+        "robustness": {"methods": ["char", "gradient"], "strengths": [0.3]},
+    }
     path.write_text(json.dumps(recipe))
     # Trained and scored after training on two processes, through the launcher.
     done = torchrun(["train", str(path)])
@@ -47,9 +53,15 @@ def test_two_processes_score_each_row_once_as_one_process(cli, tiny_recipe) -> N
     assert done.stdout.count("23 examples scored") == 1
     out_dir = path.parent / "run" / "evaluation" / "validation"
     two, two_rows = _scored(out_dir)
+    two_perturbed = (out_dir / "robustness-tuned.jsonl").read_text().splitlines()
     # The same run scored again by one process.
     cli("evaluate", str(path.parent / "run"), "--split", "validation", "--limit", "23", "--base")
     one, one_rows = _scored(out_dir)
+    one_perturbed = (out_dir / "robustness-tuned.jsonl").read_text().splitlines()
+    assert len(one_perturbed) == 2 * 23
+    assert [json.loads(line) for line in two_perturbed] == [
+        json.loads(line) for line in one_perturbed
+    ]
     assert [row["row"] for row in two_rows] == [row["row"] for row in one_rows]
     assert len({row["row"] for row in two_rows}) == two["n"] == 23
     assert [row["prediction"] for row in two_rows] == [row["prediction"] for row in one_rows]
@@ -58,3 +70,11 @@ def test_two_processes_score_each_row_once_as_one_process(cli, tiny_recipe) -> N
             assert second["label_logprobs"][label] == pytest.approx(logprob, abs=1e-4)
     for system in ("tuned", "base"):
         assert two["systems"][system]["metrics"] == one["systems"][system]["metrics"]
+        robustness = [
+            [
+                {k: v for k, v in record.items() if k != "seconds"}
+                for record in run["systems"][system]["robustness"]
+            ]
+            for run in (two, one)
+        ]
+        assert robustness[0] == robustness[1]

@@ -145,9 +145,7 @@ def predict(
     state = process_state() if shared else None
     split = state is not None and state.num_processes > 1
     examples = eval_set.examples
-    rows = range(len(examples))
-    if split:
-        rows = range(state.process_index, len(examples), state.num_processes)
+    rows = own_rows(len(examples), shared)
     own = [examples[row] for row in rows]
     size = recipe.evaluation.batch_size
     batches = list(length_sorted_batches(own, size))
@@ -170,6 +168,15 @@ def predict(
     if split:
         _exchange_predictions(examples, rows)
     return time.perf_counter() - started
+
+
+def own_rows(count: int, shared: bool) -> range:
+    """The rows of `count` this process predicts: every N-th of a launched run's N processes
+    when `shared`, else all."""
+    if not shared:
+        return range(count)
+    state = process_state()
+    return range(state.process_index, count, state.num_processes)
 
 
 def _predict_rows(

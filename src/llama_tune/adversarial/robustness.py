@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from accelerate.utils import gather_object
 from peft import PeftModel
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -19,6 +20,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from llama_tune import data, models, schema, scoring
 from llama_tune.adversarial.augment import Augmenter, needs_model
 from llama_tune.adversarial.token_substitutes import Substitutes
+from llama_tune.runtime import process_state
+from llama_tune.scoring import own_rows
 
 
 def as_example(
@@ -45,32 +48,48 @@ def as_example(
 
 
 def perturbed_set(
-    eval_set: scoring.EvalSet, augmenter: Augmenter, method: str, batch_size: int
+    eval_set: scoring.EvalSet,
+    augmenter: Augmenter,
+    method: str,
+    batch_size: int,
+    shared: bool = False,
 ) -> tuple[scoring.EvalSet, int]:
-    """A copy of `eval_set` with every input perturbed by `method`; and how many changed."""
+    """A copy of `eval_set` with every input perturbed by `method`; and how many changed.
+
+    With `shared`, each process of a launched run perturbs the rows it will score
+    (`scoring.own_rows`), and the processes exchange them: no row is attacked twice, and each
+    scores the very input it made (GPU kernels need not break near-ties alike everywhere).
+    """
     examples = [as_example(e, augmenter.formatter, augmenter.tokenizer) for e in eval_set.examples]
     (field,) = augmenter.formatter.task.input_fields
-    perturbed_examples = []
-    changed = 0
+    rows = own_rows(len(examples), shared)
+    made = []
     # Batches bound the memory of the gradient attack, which runs a batch at a time.
-    starts = range(0, len(examples), batch_size)
-    for start in tqdm(starts, desc=f"perturb ({method})", unit="batch", dynamic_ncols=True):
-        indices = list(range(start, min(start + batch_size, len(examples))))
+    starts = range(0, len(rows), batch_size)
+    quiet = shared and not process_state().is_main_process
+    for start in tqdm(
+        starts, desc=f"perturb ({method})", unit="batch", dynamic_ncols=True, disable=quiet
+    ):
+        indices = list(rows[start : start + batch_size])
         batch = [examples[index] for index in indices]
         for index, item in zip(
             indices, augmenter.perturb(0, indices, batch, [method] * len(batch)), strict=True
         ):
-            changed += item.method is not None
-            perturbed_examples.append(
-                dataclasses.replace(
-                    eval_set.examples[index],
-                    input=item.example.fields[field],
-                    prompt_ids=item.example.input_ids[: item.example.prompt_length],
-                    prediction="",
-                    score=0.0,
-                    label_logprobs=None,
-                )
-            )
+            prompt_ids = item.example.input_ids[: item.example.prompt_length]
+            made.append((index, item.example.fields[field], prompt_ids, item.method is not None))
+    if shared:
+        made = gather_object(made)
+    perturbed_examples = list(eval_set.examples)
+    for index, text, prompt_ids, _ in made:
+        perturbed_examples[index] = dataclasses.replace(
+            eval_set.examples[index],
+            input=text,
+            prompt_ids=prompt_ids,
+            prediction="",
+            score=0.0,
+            label_logprobs=None,
+        )
+    changed = sum(was_changed for *_, was_changed in made)
     return dataclasses.replace(eval_set, examples=perturbed_examples), changed
 
 
@@ -85,8 +104,8 @@ def measure(
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(one record per method and strength, the perturbed predictions) for one system.
 
-    With `shared`, the processes of a launched run split the scoring of the perturbed rows
-    (`scoring.predict`); each builds the same perturbed rows from the same seed.
+    With `shared`, the processes of a launched run split the perturbing and the scoring of the
+    rows (`perturbed_set`, `scoring.predict`).
     """
     settings = recipe.evaluation
     robustness = settings.robustness
@@ -110,7 +129,9 @@ def measure(
             augmenter = Augmenter(
                 augment, formatter, tokenizer, model, settings.seed, precision, substitutes
             )
-            perturbed, changed = perturbed_set(eval_set, augmenter, method, settings.batch_size)
+            perturbed, changed = perturbed_set(
+                eval_set, augmenter, method, settings.batch_size, shared
+            )
             seconds = scoring.predict(
                 model,
                 tokenizer,
