@@ -52,16 +52,21 @@ def test_zero_when_student_is_the_teacher(loss: str) -> None:
     assert losses.divergence(logits, logits.clone(), loss, 2.0).abs().max() < 1e-6
 
 
+@pytest.mark.parametrize("trained_head", [True, False], ids=["trained head", "frozen head"])
 @pytest.mark.parametrize("loss", LOSSES)
-def test_chunks_change_nothing_but_memory(loss: str) -> None:
+def test_chunks_change_nothing_but_memory(loss: str, trained_head: bool) -> None:
     generator = torch.Generator().manual_seed(2)
-    student_head = torch.nn.Linear(16, 103, bias=False)
+    student_head = torch.nn.Linear(16, 103, bias=False).requires_grad_(trained_head)
     teacher_head = torch.nn.Linear(24, 110, bias=False)
+    teacher_calls: list[int] = []
+    teacher_head.register_forward_hook(lambda *_: teacher_calls.append(1))
     hidden = torch.randn(37, 16, generator=generator, requires_grad=True)
     teacher_hidden = torch.randn(37, 24, generator=generator)
+    trained = [hidden, student_head.weight] if trained_head else [hidden]
     results = []
     for chunk_size in (37, 5):
         teacher = losses.OnlineTeacher(teacher_hidden, teacher_head, 100)
+        teacher_calls.clear()
         total = losses.chunked_distillation(
             hidden,
             student_head,
@@ -71,8 +76,11 @@ def test_chunks_change_nothing_but_memory(loss: str) -> None:
             chunk_size=chunk_size,
             vocab_size=100,
         )
-        gradients = torch.autograd.grad(total, [hidden, student_head.weight])
+        gradients = torch.autograd.grad(total, trained)
         results.append((total, *gradients))
+        # A frozen head's chunks are never recomputed: the teacher's head runs once each.
+        chunks = -(-37 // chunk_size)
+        assert len(teacher_calls) == (2 * chunks - 1 if trained_head else chunks)
     whole = losses.divergence(
         student_head(hidden)[:, :100], teacher_head(teacher_hidden)[:, :100], loss, 2.0
     ).sum()

@@ -11,9 +11,10 @@ keeps the same scale whatever the temperature (Hinton et al., 2015):
 - tvd: total variation, 0.5 * sum |p_t - p_s|.
 
 A 49,152-wide vocabulary makes logits the largest tensors of a step. `chunked_distillation`
-therefore applies both output heads to a few positions at a time and recomputes the student's
-chunk logits in backward (activation checkpointing), so only hidden states are kept for all
-positions and full [positions, vocab] fp32 logits never exist for teacher or student. The
+therefore applies both output heads to a few positions at a time (`objective.head_chunked_sum`):
+a frozen student head (LoRA) takes each chunk's gradient at once, a trained one recomputes the
+chunk in backward (activation checkpointing), so only hidden states are kept for all positions
+and full [positions, vocab] fp32 logits never exist for teacher or student. The
 teacher's side comes from its hidden states (online) or from a cache of its top-k
 log-probabilities (offline); both give the same loss when the cache keeps the whole vocabulary.
 """
@@ -25,7 +26,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F  # noqa: N812 - the conventional name
 
-from llama_tune.objective import chunked_sum, head_logits
+from llama_tune.objective import head_chunked_sum, head_logits
 
 LossName = Literal["forward_kl", "reverse_kl", "jsd", "tvd"]
 # Log of the smallest remainder mass kept: below it the bucket is empty and its gradient zero.
@@ -180,4 +181,4 @@ def chunked_distillation(
         student_side, teacher_side = teacher.pair(start, stop, student_log_probs, temperature)
         return log_divergence(student_side, teacher_side, loss, beta).sum() * temperature**2
 
-    return chunked_sum(chunk_loss, student_hidden, chunk_size)
+    return head_chunked_sum(student_head, chunk_loss, student_hidden, chunk_size)
