@@ -2,7 +2,7 @@
 and generation.
 
 Classification never generates: every label string is scored as a continuation of the prompt
-(one forward over the prompts, then one over all labels reusing the prompts' KV cache).
+(one forward over the prompts, then one per chunk of labels reusing the prompts' KV cache).
 Summarisation and translation decode greedily or with beam search from left-padded prompts.
 """
 
