@@ -252,10 +252,13 @@ def _report(args: argparse.Namespace) -> int:
 
 def _distill(args: argparse.Namespace) -> int:
     from llama_tune.distillation import loading
+    from llama_tune.runtime import end_processes, process_state
 
     recipe = config.load(args.recipe, args.overrides)
     folder = loading.build_cache(recipe, args.recipe)
-    print(f"teacher cache: {folder}")
+    if process_state().is_main_process:
+        print(f"teacher cache: {folder}")
+    end_processes()
     return 0
 
 

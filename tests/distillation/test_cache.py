@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -152,15 +150,15 @@ def test_training_from_the_cache_cli(tiny_recipe, tiny_model_dir: Path) -> None:
         "distill.cache.examples_per_shard=25",
         "adapter=null",
     ]
-    built = subprocess.run(
-        [sys.executable, "-m", "llama_tune", "distill", "cache", str(path), *overrides],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert built.returncode == 0, built.stderr
+    # Built by two processes: the main one computes shards 0 and 2 (25 + 14 rows), the other
+    # shard 1; the main prints the folder once.
+    built = torchrun(["distill", "cache", str(path), *overrides])
+    assert built.returncode == 0, built.stderr[-3000:]
+    assert "39/39" in built.stderr
+    assert "64/64" not in built.stderr
     recipe = config.load(path, overrides)
     run_dir = config.run_dir(recipe, path)
+    assert built.stdout.count("teacher cache:") == 1
     assert f"teacher cache: {run_dir / run_folder.TEACHER_CACHE}" in built.stdout
     shards = sorted((run_dir / run_folder.TEACHER_CACHE).glob("shard-*"))
     assert len(shards) == 3  # 64 training rows

@@ -22,7 +22,7 @@ from llama_tune.distillation.objective import DistillationObjective, Sampling
 from llama_tune.distillation.teacher import FrozenTeacher
 from llama_tune.errors import UserError
 from llama_tune.run_folder import STUDENT_INIT, TEACHER_CACHE
-from llama_tune.runtime import resolve_precision
+from llama_tune.runtime import process_state, resolve_precision
 
 
 class DistillationError(UserError):
@@ -139,7 +139,8 @@ def _build_cache(
 
 
 def build_cache(recipe: schema.Recipe, recipe_path: str | Path) -> Path:
-    """`llama-tune distill cache`: run the teacher over the training split and store it."""
+    """`llama-tune distill cache`: run the teacher over the training split and store it.
+    Under a launch each process computes its share of the shards on its own device."""
     settings = recipe.distill
     if settings is None or settings.cache is None:
         raise DistillationError(f"{recipe_path}: distill.cache is not set; nothing to cache")
@@ -148,7 +149,9 @@ def build_cache(recipe: schema.Recipe, recipe_path: str | Path) -> Path:
     datasets = data.build(recipe.data, tokenizer, recipe.train.seed)
     token_subset = label_first_tokens(recipe, tokenizer) if settings.label_tokens_only else None
     run_dir = config.run_dir(recipe, recipe_path)
-    return _build_cache(
+    state = process_state()
+    share = cache.Share(state.process_index, state.num_processes, state.wait_for_everyone)
+    folder = _build_cache(
         recipe,
         run_dir,
         lambda: load_teacher(settings, precision),
@@ -156,7 +159,10 @@ def build_cache(recipe: schema.Recipe, recipe_path: str | Path) -> Path:
         tokenizer,
         token_subset,
         precision,
+        share,
     )
+    state.wait_for_everyone()
+    return folder
 
 
 def _hidden_match(
