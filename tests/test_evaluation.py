@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -35,7 +36,20 @@ def _scored(out_dir: Path) -> tuple[dict, list[dict]]:
     return results, [json.loads(line) for line in lines]
 
 
-def test_two_processes_score_each_row_once_as_one_process(cli, tiny_recipe) -> None:
+SLOW_MAIN_SAVE = """
+import os, time
+if os.environ.get("RANK") == "0":
+    import peft
+    save = peft.PeftModel.save_pretrained
+    def slow_save(*args, **kwargs):
+        time.sleep(3)
+        return save(*args, **kwargs)
+    peft.PeftModel.save_pretrained = slow_save
+"""
+"""A sitecustomize that makes the main process of a launch slow to save its adapter."""
+
+
+def test_two_processes_score_each_row_once_as_one_process(cli, tiny_recipe, tmp_path: Path) -> None:
     path = tiny_recipe(max_steps=4, lr=5e-3)
     recipe = json.loads(path.read_text())
     # 23 rows: the processes' shares differ in size. Robustness: each process perturbs the
@@ -47,8 +61,12 @@ def test_two_processes_score_each_row_once_as_one_process(cli, tiny_recipe) -> N
         "robustness": {"methods": ["char", "gradient"], "strengths": [0.3]},
     }
     path.write_text(json.dumps(recipe))
-    # Trained and scored after training on two processes, through the launcher.
-    done = torchrun(["train", str(path)])
+    # Trained and scored after training on two processes, through the launcher. The main
+    # process saves slowly: the other must wait for the adapter before scoring it.
+    (tmp_path / "slow").mkdir()
+    (tmp_path / "slow" / "sitecustomize.py").write_text(SLOW_MAIN_SAVE)
+    search = os.pathsep.join(filter(None, [str(tmp_path / "slow"), os.environ.get("PYTHONPATH")]))
+    done = torchrun(["train", str(path)], launch={"PYTHONPATH": search})
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     assert done.stdout.count("23 examples scored") == 1
     out_dir = path.parent / "run" / "evaluation" / "validation"

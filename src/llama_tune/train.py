@@ -714,6 +714,9 @@ class TrainingRun:
                 best=validation.best_record(self.run_dir),
             )
             write_json(self.summary_path, summary)
+        # The others go on to read the run folder (after-training evaluation): not before the
+        # main process has written it.
+        accelerator.wait_for_everyone()
         # Not end_training(): it would end the process group that after-training evaluation
         # shares its rows over; the CLI ends it (runtime.end_processes).
         for tracker in accelerator.trackers:
