@@ -211,6 +211,7 @@ def test_a_set_up_error_on_one_process_stops_every_process(tiny_recipe, tmp_path
     assert done.returncode != 0
     assert f"error: data source {tmp_path / 'by-rank' / 'r1'} not found" in output
     assert "error: stopped: 1 other process(es) failed while setting up" in output
+    assert "process 1 failed while setting up: data source" in output
     # Each process ended on its own error line: no traceback passed through llama_tune.
     assert "llama_tune/" not in output.replace("-m llama_tune", "")
     assert not (tmp_path / "one-fails").exists()

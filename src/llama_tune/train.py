@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -176,6 +177,15 @@ def together(accelerator: Accelerator) -> Iterator[None]:
         yield
     except Exception as caught:  # held, then raised below once every process knows
         error = caught
+        if accelerator.num_processes > 1:
+            # Said at once: were the others still inside a collective of this phase, the
+            # agreement below would wait for the launcher's timeout, which ends the process
+            # before it raises.
+            print(
+                f"process {accelerator.process_index} failed while setting up: {error}",
+                file=sys.stderr,
+                flush=True,
+            )
     if accelerator.num_processes > 1:
         flag = torch.tensor([int(error is not None)], device=accelerator.device)
         failed = int(accelerator.reduce(flag, reduction="sum").item())
