@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import torch
 
-from llama_tune import layout
+from llama_tune import layout, runtime
 from llama_tune.layout import adamw
 
 
@@ -53,3 +53,9 @@ def test_a_zero_runs_loss_scale_carries_its_scale_to_a_grad_scaler() -> None:
     layout.Layout().load_loss_scale(accelerator, None, own)
     assert layout.Layout().loss_scale(accelerator, None) == own
     layout.Layout().load_loss_scale(SimpleNamespace(scaler=None), None, own)
+
+
+def test_the_accelerator_waits_an_hour_for_a_late_process() -> None:
+    # Whichever makes the process group first, process_state or the Accelerator, sets it.
+    accelerator = layout.Layout().accelerator()
+    assert accelerator.init_handler.timeout == runtime.PROCESS_GROUP_TIMEOUT

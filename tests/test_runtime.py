@@ -131,6 +131,7 @@ def test_the_product_rates_are_measured() -> None:
 
 PROCESSES_AGREE = """
 import os
+import torch
 from llama_tune import runtime
 runtime.cpu_has_native_bf16 = lambda: True
 rank = runtime.process_state().process_index
@@ -138,7 +139,10 @@ rank = runtime.process_state().process_index
 runtime._product_seconds = lambda: (1.0, 0.5) if rank == 0 else (1.0, 2.0)
 # One write of the whole line: the two processes share the pipe, and print() writes the text and
 # its newline apart, so that two lines could interleave.
-os.write(1, f"rank {rank}: {runtime.cpu_has_fast_bf16()}\\n".encode())
+fast = runtime.cpu_has_fast_bf16()
+# The process group waits an hour for a late process (runtime.PROCESS_GROUP_TIMEOUT).
+timeout = torch.distributed.group.WORLD._get_backend(torch.device("cpu")).options._timeout
+os.write(1, f"rank {rank}: {fast} {timeout}\\n".encode())
 """
 
 
@@ -154,4 +158,4 @@ def test_the_processes_of_a_cpu_run_agree_on_bf16(tmp_path: Path) -> None:
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert sorted(done.stdout.split("\n"))[-2:] == ["rank 0: True", "rank 1: True"]
+    assert sorted(done.stdout.split("\n"))[-2:] == ["rank 0: True 1:00:00", "rank 1: True 1:00:00"]

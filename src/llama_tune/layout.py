@@ -14,10 +14,11 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
 
 from llama_tune import checkpoint
 from llama_tune.errors import UserError
-from llama_tune.runtime import cpu_processes
+from llama_tune.runtime import PROCESS_GROUP_TIMEOUT, cpu_processes
 
 
 class LayoutError(UserError):
@@ -48,7 +49,8 @@ class Layout:
 
     def accelerator(self, **settings: Any) -> Accelerator:
         """The run's Accelerator, made with `settings` (precision, accumulation, ...)."""
-        return Accelerator(cpu=cpu_processes(), **settings)
+        timeout = InitProcessGroupKwargs(timeout=PROCESS_GROUP_TIMEOUT)
+        return Accelerator(cpu=cpu_processes(), kwargs_handlers=[timeout], **settings)
 
     def load_device(
         self,

@@ -9,6 +9,7 @@ import os
 import platform
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import accelerate
@@ -126,10 +127,16 @@ def _check_fsdp_launch() -> None:
             )
 
 
+PROCESS_GROUP_TIMEOUT = timedelta(minutes=60)
+"""How long a collective waits for every process, NCCL's 10 minutes raised: the others wait in
+one while the main process writes a checkpoint (a full fine-tune's fp32 moments are 64 GB for
+an 8B model: minutes on a network disk) or builds its share of a teacher cache."""
+
+
 def process_state() -> PartialState:
     """This process's place in the run (rank, count, device), once the launch is checked."""
     check_launch()
-    return PartialState(cpu=cpu_processes())
+    return PartialState(cpu=cpu_processes(), timeout=PROCESS_GROUP_TIMEOUT)
 
 
 def end_processes() -> None:

@@ -26,7 +26,7 @@ from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 from safetensors import safe_open
 
 from llama_tune import checkpoint, layout, models, schema
-from llama_tune.runtime import LaunchError
+from llama_tune.runtime import PROCESS_GROUP_TIMEOUT, LaunchError
 
 CONFIG_FILE = "ACCELERATE_DEEPSPEED_CONFIG_FILE"
 """Where `accelerate launch` puts the DeepSpeed JSON its config names."""
@@ -174,7 +174,8 @@ class ZeroLayout(layout.Layout):
 
         plugin = DeepSpeedPlugin(hf_ds_config=self.config, zero3_init_flag=False)
         # Without a GPU, Accelerate would leave each process alone under DeepSpeed.
-        handlers = [] if torch.cuda.is_available() else [InitProcessGroupKwargs(backend="gloo")]
+        backend = None if torch.cuda.is_available() else "gloo"
+        handlers = [InitProcessGroupKwargs(backend=backend, timeout=PROCESS_GROUP_TIMEOUT)]
         accelerator = Accelerator(deepspeed_plugin=plugin, kwargs_handlers=handlers, **settings)
         # Accelerate tells Transformers about ZeRO-3, which would then create every model
         # partitioned (zero.Init), a distillation teacher too: only `creating_model` does.
