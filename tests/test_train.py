@@ -217,6 +217,22 @@ def test_a_set_up_error_on_one_process_stops_every_process(tiny_recipe, tmp_path
     assert not (tmp_path / "one-fails").exists()
 
 
+def test_processes_that_do_not_share_the_run_folder_are_stopped(tiny_recipe, tmp_path) -> None:
+    # Each process has a run folder of its own, as machines with their own disks would.
+    path = tiny_recipe("apart", max_steps=2)
+    recipe = json.loads(path.read_text())
+    recipe["output"]["dir"] = str(tmp_path / "disk-${RANK}" / "run")
+    path.write_text(json.dumps(recipe))
+    done = torchrun(["train", str(path)], timeout=180)
+    output = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert f"{tmp_path / 'disk-1' / 'run'}: process 1 (on " in output
+    assert "output.dir must be on a file system every machine of the run shares" in output
+    assert "llama_tune/" not in output.replace("-m llama_tune", "")
+    # Nothing is left behind: the main process removes the folder it made.
+    assert not (tmp_path / "disk-0" / "run").exists()
+
+
 @pytest.mark.parametrize(("folder", "row_format"), INSTRUCTION_FOLDERS)
 def test_each_instruction_format_trains(
     tiny_recipe, data_root: Path, folder: str, row_format: str

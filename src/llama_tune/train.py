@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
+import socket
 import sys
 import time
 from collections import Counter
@@ -24,7 +26,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 from transformers import get_scheduler
@@ -197,6 +199,33 @@ def together(accelerator: Accelerator) -> Iterator[None]:
         raise error
 
 
+def check_folder_is_shared(run_dir: Path, accelerator: Accelerator) -> None:
+    """Stop a launch whose processes do not all see the run folder. The main process writes it
+    alone and every process reads it back (a checkpoint to resume, the teacher cache, the
+    trained weights to evaluate): machines with disks of their own would fail there, one of
+    them alone, with the others waiting in a collective."""
+    if accelerator.num_processes == 1:
+        return
+    token = [secrets.token_hex(8) if accelerator.is_main_process else None]
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / f".shared-{token[0]}").touch()
+    marker = run_dir / f".shared-{broadcast_object_list(token)[0]}"
+    # A network file system may show a new file to other machines a moment late.
+    deadline = time.monotonic() + 5
+    while not (seen := marker.exists()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        marker.unlink()
+    if not seen:
+        raise TrainError(
+            f"{run_dir}: process {accelerator.process_index} (on {socket.gethostname()}) does "
+            "not see the run folder the main process made: output.dir must be on a file "
+            "system every machine of the run shares"
+        )
+
+
 class TrainingRun:
     """One run of a recipe: `start` (the named set-up steps), then `train`."""
 
@@ -244,6 +273,8 @@ class TrainingRun:
 
     def _setup(self, resume: bool) -> None:
         set_seed(self.settings.seed)
+        with together(self.accelerator):
+            check_folder_is_shared(self.run_dir, self.accelerator)
         with together(self.accelerator):
             self.built = assembly.build(
                 self.recipe,
