@@ -197,38 +197,39 @@ def test_two_processes_through_torchrun_train_as_one(tiny_recipe) -> None:
         torch.testing.assert_close(other, weight, rtol=1e-5, atol=1e-6)
 
 
-def test_a_set_up_error_on_one_process_stops_every_process(tiny_recipe, tmp_path: Path) -> None:
-    # The data folder exists for process 0 only (torchrun gives each its RANK).
-    (tmp_path / "by-rank").mkdir()
-    (tmp_path / "by-rank" / "r0").symlink_to(TEST_DATA / "sentiment")
-    path = tiny_recipe("one-fails", max_steps=4)
+def _launch_with_rank_paths(path: Path, section: str, key: str, value: str) -> str:
+    """Launch `path` on two processes with recipe `section.key` set to `value` (a path naming
+    ${RANK}, so each process reads its own); the failed run's output, free of tracebacks."""
     recipe = json.loads(path.read_text())
-    recipe["data"]["source"] = str(tmp_path / "by-rank" / "r${RANK}")
+    recipe[section][key] = value
     path.write_text(json.dumps(recipe))
     # A process left waiting for the failed one would hang here until the timeout.
     done = torchrun(["train", str(path)], timeout=180)
     output = done.stdout + done.stderr
     assert done.returncode != 0
+    # Each process ended on its own error line: no traceback passed through llama_tune.
+    assert "llama_tune/" not in output.replace("-m llama_tune", "")
+    return output
+
+
+def test_a_set_up_error_on_one_process_stops_every_process(tiny_recipe, tmp_path: Path) -> None:
+    # The data folder exists for process 0 only (torchrun gives each its RANK).
+    (tmp_path / "by-rank").mkdir()
+    (tmp_path / "by-rank" / "r0").symlink_to(TEST_DATA / "sentiment")
+    path = tiny_recipe("one-fails", max_steps=4)
+    output = _launch_with_rank_paths(path, "data", "source", str(tmp_path / "by-rank" / "r${RANK}"))
     assert f"error: data source {tmp_path / 'by-rank' / 'r1'} not found" in output
     assert "error: stopped: 1 other process(es) failed while setting up" in output
     assert "process 1 failed while setting up: data source" in output
-    # Each process ended on its own error line: no traceback passed through llama_tune.
-    assert "llama_tune/" not in output.replace("-m llama_tune", "")
     assert not (tmp_path / "one-fails").exists()
 
 
 def test_processes_that_do_not_share_the_run_folder_are_stopped(tiny_recipe, tmp_path) -> None:
     # Each process has a run folder of its own, as machines with their own disks would.
     path = tiny_recipe("apart", max_steps=2)
-    recipe = json.loads(path.read_text())
-    recipe["output"]["dir"] = str(tmp_path / "disk-${RANK}" / "run")
-    path.write_text(json.dumps(recipe))
-    done = torchrun(["train", str(path)], timeout=180)
-    output = done.stdout + done.stderr
-    assert done.returncode != 0
+    output = _launch_with_rank_paths(path, "output", "dir", str(tmp_path / "disk-${RANK}" / "run"))
     assert f"{tmp_path / 'disk-1' / 'run'}: process 1 (on " in output
     assert "output.dir must be on a file system every machine of the run shares" in output
-    assert "llama_tune/" not in output.replace("-m llama_tune", "")
     # Nothing is left behind: the main process removes the folder it made.
     assert not (tmp_path / "disk-0" / "run").exists()
 
