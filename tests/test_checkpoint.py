@@ -301,3 +301,19 @@ def test_a_metrics_line_cut_by_a_crash_is_dropped_on_resume(tiny_recipe) -> None
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
     assert result.summary["status"] == "finished"
+
+
+def test_a_checkpoint_resumes_only_on_as_many_processes(tiny_recipe) -> None:
+    # Saved by one process; as if by two, it is refused on one, naming the count to launch.
+    path = tiny_recipe(max_steps=6, checkpoint={"every": 4})
+    run_dir = _interrupted_after(path, [])
+    (saved,) = checkpoint.complete_checkpoints(run_dir)
+    state = json.loads((saved / checkpoint.STATE_FILE).read_text())
+    assert state["processes"] == 1
+    (saved / checkpoint.STATE_FILE).write_text(json.dumps(state | {"processes": 2}))
+    with pytest.raises(
+        train.TrainError, match="run of 2 processes and this launch has 1"
+    ) as refused:
+        train.run(config.load(path), path, resume=True)
+    assert "resume with 2 processes" in str(refused.value)
+    assert (saved / checkpoint.STATE_FILE).is_file()

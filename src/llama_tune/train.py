@@ -288,7 +288,8 @@ class TrainingRun:
             self.validation = self.built.datasets.validation
             self.plan = self._setup_plan()
         # Saved weights go into the model before it is spread out; the optimizer's state after.
-        saved = self._read_checkpoint() if resume else None
+        with together(self.accelerator):
+            saved = self._read_checkpoint() if resume else None
         self._setup_optimizer()
         self.state = self._start_fresh() if saved is None else self._resume(saved)
         self._print_data()
@@ -338,7 +339,10 @@ class TrainingRun:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / run_folder.RECIPE_COPY).write_text(config.to_yaml(self.recipe))
             self.metrics_path.write_text("")
-        return TrainState(recipe_hash=checkpoint.recipe_hash(self.recipe))
+        return TrainState(
+            recipe_hash=checkpoint.recipe_hash(self.recipe),
+            processes=self.accelerator.num_processes,
+        )
 
     def _read_checkpoint(self) -> checkpoint.SavedCheckpoint:
         """Read the newest intact checkpoint (a damaged one is named and the next tried) and
@@ -351,6 +355,14 @@ class TrainingRun:
             except checkpoint.CheckpointError as error:
                 self.accelerator.print(f"skipping a damaged checkpoint: {error}")
                 continue
+            processes = self.accelerator.num_processes
+            if saved.state.processes not in (0, processes):
+                raise TrainError(
+                    f"{folder} was saved by a run of {saved.state.processes} processes and this "
+                    f"launch has {processes}: a step's rows (train.batch_size x "
+                    "train.grad_accumulation x processes) and random states are dealt among "
+                    f"them; resume with {saved.state.processes} processes"
+                )
             if saved.state.step >= self.plan.total_steps:
                 raise TrainError(
                     f"{self.run_dir} has trained {saved.state.step} steps and the recipe plans "
@@ -369,6 +381,7 @@ class TrainingRun:
         checkpoint.restore_rng_states(saved.process_rng_states, self.accelerator.process_index)
         self._follow_recipe_schedule()
         state = saved.state
+        state.processes = self.accelerator.num_processes  # older checkpoints held none
         if self.accelerator.is_main_process:
             _trim_metrics(self.metrics_path, state.step)
             print(f"resuming from {saved.folder} (step {state.step})")
