@@ -96,3 +96,20 @@ def test_two_processes_score_each_row_once_as_one_process(cli, tiny_recipe, tmp_
             for run in (two, one)
         ]
         assert robustness[0] == robustness[1]
+
+
+def test_a_recipes_base_scores_neither_block_its_training_nor_replace_its_runs(
+    cli_here, tiny_recipe
+) -> None:
+    # The base model scored from the recipe first (as quickstart.yaml suggests), then trained
+    # into the same output.dir; evaluating the recipe again would replace the run's results.
+    path = tiny_recipe(max_steps=2)
+    cli_here("evaluate", str(path), "--split", "validation", "--limit", "8")
+    run_dir = path.parent / "run"
+    assert (run_dir / run_folder.EVALUATION / "validation" / run_folder.RESULTS).is_file()
+    cli_here("train", str(path))
+    results = run_dir / run_folder.EVALUATION / "validation" / run_folder.RESULTS
+    before = results.read_bytes()
+    refused = cli_here("evaluate", str(path), "--split", "validation", "--limit", "8", expect=2)
+    assert f"output.dir {run_dir} holds a run of this recipe" in refused
+    assert results.read_bytes() == before

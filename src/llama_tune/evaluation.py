@@ -25,6 +25,7 @@ from llama_tune.errors import UserError
 from llama_tune.jsonfiles import write_json
 from llama_tune.run_folder import (
     BEST,
+    RECIPE_COPY,
     RESULTS,
     STUDENT_INIT,
     evaluation_folder,
@@ -64,7 +65,15 @@ def resolve_target(target: str | Path, overrides: list[str]) -> Target:
             )
         return Target(recipe, path, weights_dir)
     recipe = config.load(path, overrides)
-    return Target(recipe, config.run_dir(recipe, path), None)
+    run_dir = config.run_dir(recipe, path)
+    if (run_dir / RECIPE_COPY).is_file():
+        # Its base model's results would replace the run's own evaluation of the split.
+        raise EvaluationError(
+            f"output.dir {run_dir} holds a run of this recipe: evaluate the run folder "
+            f"(`llama-tune evaluate {run_dir} --base` scores the base model beside it), or give "
+            "the recipe another output.dir"
+        )
+    return Target(recipe, run_dir, None)
 
 
 @dataclass

@@ -58,8 +58,9 @@ def evaluates_best(evaluation_dir: Path) -> bool:
 
 def is_run_folder(folder: Path) -> bool:
     """Whether a folder was written by llama-tune: a run's recipe copy, summary or checkpoints,
-    or a teacher cache built before training (`llama-tune distill cache`)."""
-    marks = (RECIPE_COPY, SUMMARY, CHECKPOINTS, TEACHER_CACHE)
+    or what comes before training: a teacher cache (`llama-tune distill cache`), the base
+    model's scores (`llama-tune evaluate RECIPE`)."""
+    marks = (RECIPE_COPY, SUMMARY, CHECKPOINTS, TEACHER_CACHE, EVALUATION)
     return any((folder / name).exists() for name in marks)
 
 
@@ -76,8 +77,8 @@ def check_ours(run_dir: Path) -> None:
     if run_dir.is_dir() and any(run_dir.iterdir()) and not is_run_folder(run_dir):
         raise UserError(
             f"output.dir {run_dir} is not empty and is not a llama-tune run folder (no "
-            f"{RECIPE_COPY}, {SUMMARY}, {CHECKPOINTS}/ or {TEACHER_CACHE}/); nothing was "
-            "changed. Choose another output.dir"
+            f"{RECIPE_COPY}, {SUMMARY}, {CHECKPOINTS}/, {TEACHER_CACHE}/ or {EVALUATION}/); "
+            "nothing was changed. Choose another output.dir"
         )
 
 
