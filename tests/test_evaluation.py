@@ -22,6 +22,15 @@ def test_a_truncated_adapter_is_named(cli_here, tiny_recipe, tmp_path: Path) -> 
     assert refused.strip().splitlines() == [
         f"error: {adapter}: unreadable ({refused.split('unreadable (', 1)[1].strip()}"
     ]
+    # A damaged config is named by every command that reads the weights; a missing one too.
+    config_file = adapter.with_name("adapter_config.json")
+    config_file.write_text('{"r": "x"')
+    for command in (["evaluate", str(run_dir)], ["export", str(run_dir), str(tmp_path / "out")]):
+        refused = cli_here(*command, expect=2)
+        assert refused.startswith(f"error: {config_file}: unreadable (")
+    config_file.unlink()
+    refused = cli_here("chat", str(run_dir), "--prompt", "hi", expect=2)
+    assert refused.strip() == f"error: {config_file} is missing"
 
     results = run_dir / run_folder.EVALUATION / "validation" / run_folder.RESULTS
     results.parent.mkdir(parents=True)

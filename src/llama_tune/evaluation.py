@@ -60,9 +60,13 @@ def resolve_target(target: str | Path, overrides: list[str]) -> Target:
         weights_dir = path / BEST if recipe.evaluation.adapter == "best" else final
         marker = "config.json" if recipe.adapter is None else "adapter_config.json"
         if not (weights_dir / marker).is_file():
+            if weights_dir.is_dir() and any(weights_dir.iterdir()):
+                raise EvaluationError(f"{weights_dir / marker} is missing")
             raise EvaluationError(
                 f"{path} has no trained weights in {weights_dir.name}/ yet; finish training first"
             )
+        # Damaged files named here, before evaluate, chat, export or push reads them.
+        models.check_weights(weights_dir)
         return Target(recipe, path, weights_dir)
     recipe = config.load(path, overrides)
     run_dir = config.run_dir(recipe, path)
@@ -93,7 +97,6 @@ def _trained_model(resolved: Target, precision: str) -> PreTrainedModel | PeftMo
     """The run's trained model: a full model folder, or an adapter on the base it trained on."""
     recipe, weights_dir = resolved.recipe, resolved.weights_dir
     assert weights_dir is not None
-    models.check_weights(weights_dir)
     if recipe.adapter is None:
         full = recipe.model.model_copy(update={"name": str(weights_dir)})
         return models.load_base_model(full, precision)

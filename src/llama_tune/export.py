@@ -139,7 +139,6 @@ def merged_model(resolved: evaluation.Target) -> PreTrainedModel:
         model_spec = _adapter_base_or_model(resolved).model_copy(update=as_float32)
         return models.load_base_model(model_spec, trained=True, device=cpu)
     assert resolved.weights_dir is not None
-    models.check_weights(resolved.weights_dir)
     base_spec = evaluation.adapter_base(resolved).model_copy(update=as_float32)
     if base_spec.quantization == "none":
         base = models.load_base_model(base_spec, device=cpu)

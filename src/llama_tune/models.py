@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import json
 import os
 import shutil
 import sys
@@ -44,8 +45,14 @@ class ModelError(UserError):
 
 
 def check_weights(folder: Path) -> None:
-    """Every safetensors file of a weights folder opens, its header matching its size; a
-    truncated or corrupt one is a ModelError naming it (loaders would raise a traceback)."""
+    """Every safetensors file of a weights folder opens, its header matching its size, and
+    every JSON file (configs) parses; a truncated or corrupt one is a ModelError naming it
+    (loaders would raise a traceback)."""
+    for path in sorted(folder.glob("*.json")):
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ModelError(f"{path}: unreadable ({error})") from None
     for path in sorted(folder.glob("*.safetensors")):
         try:
             with safe_open(path, framework="pt"):
