@@ -37,6 +37,9 @@ def test_a_truncated_adapter_is_named(cli_here, tiny_recipe, tmp_path: Path) -> 
     results.write_text('{"task": "classification", "systems"')
     report = cli_here("report", str(run_dir), "--output", str(tmp_path / "comparison"), expect=2)
     assert report.startswith(f"error: {results}: unreadable")
+    results.write_text('{"task": "classification"}')
+    report = cli_here("report", str(run_dir), "--output", str(tmp_path / "comparison"), expect=2)
+    assert report.startswith(f"error: {results}: not results written by llama-tune evaluate")
 
 
 def _scored(out_dir: Path) -> tuple[dict, list[dict]]:

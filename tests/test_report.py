@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from llama_tune import report, run_folder
+from llama_tune.errors import UserError
 
 
 def _results(run_dir: Path, accuracy: float) -> Path:
@@ -45,3 +48,11 @@ def test_intervals_are_shown_with_four_decimals() -> None:
     assert report.format_interval({"value": 0.5, "low": 0.25, "high": 0.75}) == (
         "0.5000 [0.2500, 0.7500]"
     )
+
+
+def test_an_output_that_is_a_file_is_named(tmp_path: Path) -> None:
+    paths = [_results(tmp_path / "plain", 0.8)]
+    (tmp_path / "taken").write_text("keep me")
+    with pytest.raises(UserError, match="taken is a file, not a folder for the report"):
+        report.compare_runs(paths, tmp_path / "taken")
+    assert (tmp_path / "taken").read_text() == "keep me"

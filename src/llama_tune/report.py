@@ -20,6 +20,7 @@ import matplotlib.pyplot as plt
 
 from llama_tune import validation
 from llama_tune.adversarial import paired_drops
+from llama_tune.errors import UserError
 from llama_tune.jsonfiles import read_json, read_jsonl
 from llama_tune.run_folder import METRICS, REPORT_HTML, REPORT_MD
 
@@ -259,6 +260,8 @@ Section = tuple[str, str, list[list[str]] | None, bytes | None]
 
 def _write(out_dir: Path, title: str, sections: list[Section]) -> None:
     """report.md (PNGs beside it) and report.html (PNGs embedded, self-contained)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{out_dir} is a file, not a folder for the report")
     out_dir.mkdir(parents=True, exist_ok=True)
     markdown = [f"# {title}"]
     page = [
@@ -409,6 +412,8 @@ def compare_runs(results_paths: list[Path], out_dir: Path) -> dict[str, dict[str
     settings: dict[str, Any] = {}
     for path in results_paths:
         results = read_json(path)
+        if not isinstance(results, dict) or not {"systems", "settings"} <= results.keys():
+            raise UserError(f"{path}: not results written by llama-tune evaluate (no systems)")
         # The folder name says the split, and "-best" for the best adapter of a run.
         run_name, scored = path.parents[2].name, path.parent.name
         # The first run's bootstrap settings serve every comparison with it.
