@@ -37,6 +37,15 @@ def _problems(tmp_path: Path, text: str, overrides: list[str] | None = None) -> 
     return caught.value.problems
 
 
+@pytest.mark.parametrize("value", [".inf", ".nan"])
+def test_numbers_must_be_finite(tmp_path: Path, value: str) -> None:
+    # An infinite learning rate would pass its lower bound and train into NaN losses.
+    recipe = (
+        f"model: {{name: x}}\ndata: {{source: y, task: classification}}\ntrain: {{lr: {value}}}\n"
+    )
+    assert _problems(tmp_path, recipe) == ["train.lr: Input should be a finite number"]
+
+
 @pytest.mark.parametrize("layers", ["[]", "[-1]", "[3, 3]"])
 def test_adapted_layers_are_named_once_from_zero(tmp_path: Path, layers: str) -> None:
     problems = _problems(tmp_path, f"model: {{name: x}}\nadapter: {{layers: {layers}}}\n")

@@ -18,7 +18,9 @@ from llama_tune.tasks import TASKS, template_placeholders, template_problems
 class Section(BaseModel):
     """Base of every recipe section: unknown keys are errors, not silently ignored."""
 
-    model_config = ConfigDict(extra="forbid", validate_default=True, use_attribute_docstrings=True)
+    model_config = ConfigDict(
+        extra="forbid", validate_default=True, use_attribute_docstrings=True, allow_inf_nan=False
+    )
 
 
 RESUME = {"resume": "fixed"}
