@@ -125,3 +125,15 @@ def test_a_recipes_base_scores_neither_block_its_training_nor_replace_its_runs(
     refused = cli_here("evaluate", str(path), "--split", "validation", "--limit", "8", expect=2)
     assert f"output.dir {run_dir} holds a run of this recipe" in refused
     assert results.read_bytes() == before
+
+
+def test_an_adapter_on_another_base_is_named(cli_here, tiny_recipe, make_tiny_llama) -> None:
+    path = tiny_recipe(max_steps=2)
+    cli_here("train", str(path))
+    run_dir = path.parent / "run"
+    other = make_tiny_llama("wider", width=32, layers=1, seed=1)
+    refused = cli_here(
+        "evaluate", str(run_dir), "--split", "validation", f"model.name={other}", expect=2
+    )
+    assert f"{run_dir / run_folder.ADAPTER} was trained on another model than model.name" in refused
+    assert "Traceback" not in refused

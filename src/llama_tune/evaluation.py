@@ -101,7 +101,7 @@ def _trained_model(resolved: Target, precision: str) -> PreTrainedModel | PeftMo
         full = recipe.model.model_copy(update={"name": str(weights_dir)})
         return models.load_base_model(full, precision)
     base = models.load_base_model(adapter_base(resolved), precision)
-    return PeftModel.from_pretrained(base, weights_dir)
+    return models.load_adapter(base, weights_dir, "model.name")
 
 
 def adapter_base(resolved: Target) -> schema.ModelConfig:

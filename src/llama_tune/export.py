@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import PeftModel
 from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from llama_tune import __version__, chat_templates, evaluation, gguf_file, models, schema
@@ -146,7 +145,7 @@ def merged_model(resolved: evaluation.Target) -> PreTrainedModel:
         # bitsandbytes loads onto the accelerator; the adapter learned against these very
         # weights, so it merges into them dequantised, not into the original float weights.
         base = models.load_base_model(base_spec).dequantize().to(cpu, torch.float32)
-    return PeftModel.from_pretrained(base, resolved.weights_dir).merge_and_unload()
+    return models.load_adapter(base, resolved.weights_dir, "model.name").merge_and_unload()
 
 
 def _builtin_pre_tokenizer(model: schema.ModelConfig) -> str | None:

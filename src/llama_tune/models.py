@@ -61,6 +61,21 @@ def check_weights(folder: Path) -> None:
             raise ModelError(f"{path}: unreadable ({error})") from None
 
 
+def load_adapter(base: PreTrainedModel, adapter_dir: Path, base_key: str) -> PeftModel:
+    """The adapter in `adapter_dir` on `base`; an adapter made for another model (its shapes
+    differ) is a ModelError naming the recipe key that chose the base, not peft's traceback."""
+    try:
+        return PeftModel.from_pretrained(base, adapter_dir)
+    except RuntimeError as error:
+        if "size mismatch" not in str(error):
+            raise
+        raise ModelError(
+            f"{adapter_dir} was trained on another model than {base_key} "
+            f"{base.config.name_or_path} (its weight shapes differ): give {base_key} the model "
+            "it was trained on"
+        ) from None
+
+
 @dataclass(frozen=True)
 class BuiltinModel:
     """A model shipped as a GGUF file inside a Python package."""

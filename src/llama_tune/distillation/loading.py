@@ -41,7 +41,7 @@ def load_teacher(settings: schema.DistillConfig, mixed_precision: str) -> PreTra
     if spec.adapter is not None:
         adapter_dir = adapters.locate(spec.adapter, "distill.teacher.adapter")
         models.check_weights(adapter_dir)
-        model = PeftModel.from_pretrained(model, adapter_dir)
+        model = models.load_adapter(model, adapter_dir, "distill.teacher.name")
         # Merging removes the adapter's extra matmuls from every teacher forward; a quantised
         # base cannot take merged weights, so it keeps the adapter as is.
         if spec.quantization == "none":
