@@ -104,6 +104,7 @@ def test_user_mistakes_exit_2_without_traceback(cli, cli_here, tiny_recipe, tmp_
         (["train", str(path), "--resume"], "no complete checkpoint"),
         (["train", str(tmp_path)], "a folder, not a recipe file"),
         (["validate", str(tmp_path)], "a folder, not a recipe file"),
+        (["validate", str(path), "train.max_steps=abc"], "not overrides: train.max_steps=abc"),
         (["train", str(tmp_path), "--resume"], "is not a run folder"),
         (["train", str(path), "--resume", "--overwrite"], "choose one"),
     ]

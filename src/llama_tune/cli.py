@@ -339,6 +339,13 @@ def _lm_eval(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
+    overrides = [path for path in args.recipes if "=" in path and not Path(path).exists()]
+    if overrides:
+        print(
+            f"error: validate takes recipe files, not overrides: {' '.join(overrides)}",
+            file=sys.stderr,
+        )
+        return USAGE_ERROR
     failed = 0
     for path in args.recipes:
         try:
