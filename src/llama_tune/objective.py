@@ -253,6 +253,31 @@ def head_chunked_sum(
     return _KnownGradient.apply(total, states, torch.cat(gradients))
 
 
+def head_paired_sum(
+    head: torch.nn.Module,
+    pair_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    first_states: torch.Tensor,
+    second_states: torch.Tensor,
+    chunk_size: int = HEAD_CHUNK,
+    second_fixed: bool = False,
+) -> torch.Tensor:
+    """`head_chunked_sum` of `pair_loss(first logits, second logits)` over two aligned sets of
+    final hidden states, `chunk_size` pairs of positions at a time: a divergence between two
+    forwards' [positions, vocabulary] logits (several fp32 copies of each) never exists whole.
+    `second_fixed`: the second side is a target, its logits computed without a graph."""
+    width = first_states.shape[-1]
+
+    def chunk_loss(chunk: torch.Tensor, _start: int, _stop: int) -> torch.Tensor:
+        first = head_logits(head, chunk[:, :width])
+        with torch.no_grad() if second_fixed else contextlib.nullcontext():
+            second = head_logits(head, chunk[:, width:])
+        return pair_loss(first, second)
+
+    second = second_states.detach() if second_fixed else second_states
+    paired = torch.cat([first_states, second], dim=-1)
+    return head_chunked_sum(head, chunk_loss, paired, chunk_size)
+
+
 class _KnownGradient(torch.autograd.Function):
     """`value`, whose gradient with respect to `inputs` was computed already (`gradient`)."""
 

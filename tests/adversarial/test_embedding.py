@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from conftest import torchrun
 from llama_tune import attention, checkpoint, config, data, run_folder, schema, train
 from llama_tune.adversarial import embedding
-from llama_tune.objective import TargetTokenLoss
+from llama_tune.objective import TargetTokenLoss, head_paired_sum
 
 
 def _losses(run_dir: Path, key: str = "loss") -> list[float]:
@@ -260,7 +260,9 @@ def test_smart_divergence_in_chunks_equals_it_whole(trained_head: bool, clean_tr
         for tensor in (clean_states, perturbed_states, head.weight):
             tensor.grad = None
         clean_side = clean_states if clean_trains else clean_states.detach()
-        value = embedding.head_symmetric_kl(head, clean_side, perturbed_states, chunk_size)
+        value = head_paired_sum(
+            head, embedding.symmetric_kl, clean_side, perturbed_states, chunk_size
+        )
         value.backward()
         torch.testing.assert_close(value.detach(), expected.detach())
         for tensor, gradient in zip(trained, expected_gradients, strict=True):

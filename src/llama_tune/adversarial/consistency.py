@@ -24,8 +24,7 @@ from llama_tune.objective import (
     HEAD_CHUNK,
     Objective,
     WrappedObjective,
-    head_chunked_sum,
-    head_logits,
+    head_paired_sum,
     target_positions,
 )
 
@@ -55,8 +54,7 @@ def paired_divergence(
     `states` are the final hidden states of the target positions, row after row
     (`objective.target_positions`); `targets_per_row` counts them per row; `pairs` is
     `clean_rows` of the micro-batch. The head runs on `chunk_size` pairs of positions at a
-    time, as the task loss's does: a long answer's [positions, vocabulary] logits, several
-    fp32 copies of them here, never exist whole.
+    time (`objective.head_paired_sum`), the clean side held fixed.
     """
     counts = targets_per_row.tolist()
     starts = [0, *accumulate(counts)]
@@ -70,16 +68,15 @@ def paired_divergence(
         clean_positions += range(starts[clean_row], starts[clean_row] + counts[row])
     if not perturbed_positions:
         return states.new_zeros((), dtype=torch.float32)
-    width = states.shape[-1]
-    paired = torch.cat([states[perturbed_positions], states[clean_positions].detach()], dim=-1)
+    perturbed, clean = states[perturbed_positions], states[clean_positions]
+    return head_paired_sum(head, _kl_from_clean, perturbed, clean, chunk_size, second_fixed=True)
 
-    def divergence(chunk: torch.Tensor, _start: int, _stop: int) -> torch.Tensor:
-        perturbed = torch.log_softmax(head_logits(head, chunk[:, :width]).float(), dim=-1)
-        with torch.no_grad():  # the clean side is held fixed, the head's share of it too
-            clean = torch.log_softmax(head_logits(head, chunk[:, width:]).float(), dim=-1)
-        return (clean.exp() * (clean - perturbed)).sum()
 
-    return head_chunked_sum(head, divergence, paired, chunk_size)
+def _kl_from_clean(perturbed_logits: torch.Tensor, clean_logits: torch.Tensor) -> torch.Tensor:
+    """KL(clean || perturbed) summed over positions, in float32."""
+    perturbed = torch.log_softmax(perturbed_logits.float(), dim=-1)
+    clean = torch.log_softmax(clean_logits.float(), dim=-1)
+    return (clean.exp() * (clean - perturbed)).sum()
 
 
 class ConsistencyObjective(WrappedObjective):

@@ -32,14 +32,7 @@ import torch
 from torch.distributed.fsdp import FSDPModule
 
 from llama_tune import data, models, packing
-from llama_tune.objective import (
-    HEAD_CHUNK,
-    Objective,
-    WrappedObjective,
-    head_chunked_sum,
-    head_logits,
-    target_positions,
-)
+from llama_tune.objective import Objective, WrappedObjective, head_paired_sum, target_positions
 from llama_tune.schema import AdversarialTrainConfig
 
 SMART_START = 1e-5
@@ -101,25 +94,6 @@ def symmetric_kl(first_logits: torch.Tensor, second_logits: torch.Tensor) -> tor
     first = torch.log_softmax(first_logits.float(), dim=-1)
     second = torch.log_softmax(second_logits.float(), dim=-1)
     return ((first.exp() - second.exp()) * (first - second)).sum()
-
-
-def head_symmetric_kl(
-    head: torch.nn.Module,
-    clean_states: torch.Tensor,
-    perturbed_states: torch.Tensor,
-    chunk_size: int = HEAD_CHUNK,
-) -> torch.Tensor:
-    """`symmetric_kl` of the `head`'s logits on two aligned sets of final hidden states, the
-    head applied to `chunk_size` pairs of positions at a time: a long answer's
-    [positions, vocabulary] logits, four fp32 copies of them here, never exist whole."""
-    width = clean_states.shape[-1]
-
-    def divergence(chunk: torch.Tensor, _start: int, _stop: int) -> torch.Tensor:
-        clean, perturbed = chunk[:, :width], chunk[:, width:]
-        return symmetric_kl(head_logits(head, clean), head_logits(head, perturbed))
-
-    paired = torch.cat([clean_states, perturbed_states], dim=-1)
-    return head_chunked_sum(head, divergence, paired, chunk_size)
 
 
 class AdversarialObjective(WrappedObjective):
@@ -292,12 +266,14 @@ class AdversarialObjective(WrappedObjective):
         for _ in range(self.settings.steps):
             offset.requires_grad_(True)
             perturbed_states = self._student_states(batch, noise + offset)
-            divergence = head_symmetric_kl(head, clean_states.detach(), perturbed_states)
+            divergence = head_paired_sum(
+                head, symmetric_kl, clean_states.detach(), perturbed_states
+            )
             gradient = self._gradient(divergence, offset)
             offset = projected(
                 offset.detach() + step_size * normalised(gradient, norm), epsilon, norm
             )
             offset = offset * mask
         perturbed_states = self._student_states(batch, noise + offset)
-        smoothness = head_symmetric_kl(head, clean_states, perturbed_states)
+        smoothness = head_paired_sum(head, symmetric_kl, clean_states, perturbed_states)
         return clean | {"smoothness": smoothness}
