@@ -410,3 +410,20 @@ def test_hub_revision_and_files_reach_datasets(monkeypatch: pytest.MonkeyPatch, 
     data._load_hub_dataset.cache_clear()
     assert calls == [("someone/sentiment", None, {"revision": "v1.2", "data_files": files})]
     assert built.train.stats.origin == "someone/sentiment@v1.2[train]"
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (b"hello world\nmore prose\n", "row 1: not JSON"),
+        (b'["a", "list"]\n[1]\n', "row 1: not a JSON object"),
+        (b"\n\xff\xfe\n", "row 2: not UTF-8 text"),
+    ],
+)
+@pytest.mark.parametrize("task", ["classification", "instruction"])
+def test_a_file_with_no_readable_row_names_its_first_row(
+    tmp_path: Path, tokenizer, content: bytes, problem: str, task: str
+) -> None:
+    (tmp_path / "train.jsonl").write_bytes(content)
+    with pytest.raises(data.DataError, match=rf"train\.jsonl: {problem}.*no row of the file"):
+        data.build(_config(tmp_path, task), tokenizer)

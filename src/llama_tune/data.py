@@ -187,6 +187,42 @@ def _read_parquet(path: Path) -> Iterator[RawRow]:
         yield RawRow(number, values)
 
 
+# The reasons a reader gives for a row it could not read, as an error names them.
+READ_PROBLEMS = {
+    "invalid_json": "not JSON (a .jsonl file holds one JSON object per line)",
+    "not_an_object": "not a JSON object of named fields",
+    "undecodable": "not UTF-8 text",
+}
+
+
+class Readability:
+    """Watches a file's rows go by: when none of them could be read, the file is not in the
+    format its name says, and `check` names its first row rather than a missing field."""
+
+    def __init__(self, origin: str, rows: Iterator[RawRow]) -> None:
+        self.origin = origin
+        self.rows = rows
+        self.readable = 0
+        self.first_unreadable: RawRow | None = None
+
+    def __iter__(self) -> Iterator[RawRow]:
+        for row in self.rows:
+            if row.problem not in READ_PROBLEMS:
+                self.readable += 1
+            elif self.first_unreadable is None:
+                self.first_unreadable = row
+            yield row
+
+    def check(self) -> None:
+        """Stop when rows were seen and not one of them could be read."""
+        row = self.first_unreadable
+        if self.readable == 0 and row is not None and row.problem is not None:
+            raise DataError(
+                f"{self.origin}: row {row.number}: {READ_PROBLEMS[row.problem]}; "
+                "no row of the file could be read"
+            )
+
+
 READERS = {
     ".jsonl": _read_json_lines,
     ".json": _read_json_array,
@@ -621,7 +657,10 @@ def build_split(
     """Encode the usable rows of one split, counting every skipped row under its reason."""
     stats = SplitStats(origin=origin)
     examples = []
-    for rendered in rendered_rows(origin, rows, formatter, tokenizer, stats.skipped, strict=True):
+    readability = Readability(origin, rows)
+    for rendered in rendered_rows(
+        origin, iter(readability), formatter, tokenizer, stats.skipped, strict=True
+    ):
         stats.truncated += rendered.truncated
         examples.append(
             Example(
@@ -636,6 +675,8 @@ def build_split(
         )
         if limit is not None and len(examples) >= limit:
             break
+    if not examples:
+        readability.check()
     stats.format = None if formatter.row_format == "fields" else formatter.row_format
     stats.rows_used = len(examples)
     stats.rows_read = stats.rows_used + sum(stats.skipped.values())
@@ -700,7 +741,10 @@ def label_set(config: DataConfig) -> list[str] | None:
     if config.task != "classification" or config.labels is not None:
         return config.labels
     origin, rows = _open_train(config)
-    labels, problems = collect_labels(config, rows)
+    readability = Readability(origin, rows)
+    labels, problems = collect_labels(config, iter(readability))
+    if not labels:
+        readability.check()
     if not labels and not problems:
         raise DataError(f"{origin}: the file holds no rows")
     if not labels:
