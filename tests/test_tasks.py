@@ -18,6 +18,10 @@ def test_template_problems_name_the_placeholder_or_the_syntax() -> None:
     assert unknown.startswith("unknown placeholder(s) ['txt'] for task classification")
     (malformed,) = template_problems("Review: {text", classification)
     assert malformed.startswith("malformed template:")
+    (blind,) = template_problems("Sentiment ({labels}):", classification)
+    assert blind == "the template never shows the row's input: add {text}"
+    (blind,) = template_problems("Translate to {target_lang}:", TASKS["translation"])
+    assert blind.endswith("add {source}")
 
 
 def test_language_codes_become_names() -> None:

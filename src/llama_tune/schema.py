@@ -12,7 +12,7 @@ from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from llama_tune.tasks import TASKS, template_placeholders, template_problems
+from llama_tune.tasks import TASKS, template_problems
 
 
 class Section(BaseModel):
@@ -625,29 +625,9 @@ class Recipe(Section):
             )
         problems += self._selection_problems()
         problems += self._distillation_problems()
-        problems += self._perturbation_problems()
         if problems:
             raise ValueError("\n".join(problems))
         return self
-
-    def _perturbation_problems(self) -> list[str]:
-        """Perturbations rewrite the input fields where the prompt shows them: it must."""
-        perturbing = []
-        if self.adversarial is not None and self.adversarial.augment is not None:
-            perturbing.append("adversarial.augment")
-        if self.evaluation.robustness is not None:
-            perturbing.append("evaluation.robustness")
-        if not perturbing or self.data.template is None:
-            return []
-        shown = template_placeholders(self.data.template)
-        missing = [name for name in TASKS[self.data.task].input_fields if name not in shown]
-        if not missing:
-            return []
-        verb = "perturb" if len(perturbing) > 1 else "perturbs"
-        return [
-            f"data.template: {' and '.join(perturbing)} {verb} the input field(s) "
-            f"{', '.join(missing)}, which the template does not show"
-        ]
 
     def _distillation_problems(self) -> list[str]:
         """A student built from the teacher is named after it, and never quantised."""

@@ -117,4 +117,9 @@ def template_problems(template: str, task: TaskSpec) -> list[str]:
     if unknown:
         allowed = ", ".join(sorted(task.placeholders))
         return [f"unknown placeholder(s) {unknown} for task {task.name}; allowed: {allowed}"]
+    inputs = [name for name in task.input_fields if name not in names]
+    if inputs:
+        # Without the row's input the model would learn the targets' frequencies, not the task.
+        missing = ", ".join("{" + name + "}" for name in inputs)
+        return [f"the template never shows the row's input: add {missing}"]
     return []

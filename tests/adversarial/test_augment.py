@@ -150,8 +150,7 @@ def test_bad_adversarial_sections_are_named() -> None:
     with pytest.raises(config.RecipeError) as caught:
         config.parse(blind | {"adversarial": {"augment": {}}}, "bad.yaml")
     assert caught.value.problems == [
-        "data.template: adversarial.augment perturbs the input field(s) text, which the "
-        "template does not show"
+        "data.template: the template never shows the row's input: add {text}"
     ]
     with pytest.raises(config.RecipeError) as caught:
         config.parse(base | {"adversarial": {}}, "bad.yaml")
