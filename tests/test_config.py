@@ -259,3 +259,15 @@ def test_data_sources_and_formats_that_do_not_fit_are_named(tmp_path: Path) -> N
     path = tmp_path / "hub.yaml"
     path.write_text("data: {source: {hub: nyu-mll/glue, config: sst2}, task: classification}\n")
     assert str(config.load(path).data.source) == "nyu-mll/glue/sst2"
+
+
+@pytest.mark.usefixtures("data_root")
+def test_a_run_folder_keeps_its_output_dir(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / config.RECIPE_COPY).write_text(RECIPES[0].read_text())
+    moved = tmp_path / "moved"
+    assert config.load_run(run, ["train.lr=0.001"]).output.dir == str(run)
+    for override in (f"output.dir={moved}", f" output.dir ={moved}"):
+        with pytest.raises(config.UserError, match=rf"the run lives in its folder {run}"):
+            config.load_run(run, [override])

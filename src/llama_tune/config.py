@@ -176,6 +176,12 @@ def load_run(folder: Path, overrides: list[str] | None = None) -> Recipe:
     saved = folder / RECIPE_COPY
     if not saved.is_file():
         raise UserError(f"{folder} is not a run folder: it has no {RECIPE_COPY}")
+    for override in overrides or []:
+        if override.partition("=")[0].strip() == "output.dir":
+            raise UserError(
+                f"{override}: the run lives in its folder {folder}; to work on it elsewhere, "
+                "copy the folder there and name the copy"
+            )
     recipe = load(saved, overrides)
     recipe.output.dir = str(folder)
     return recipe
