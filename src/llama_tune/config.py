@@ -107,15 +107,20 @@ def _take_moved_keys(raw: dict[str, Any]) -> list[str]:
 
 def _describe(error: dict[str, Any]) -> list[str]:
     """Turn one pydantic error into lines of `dotted.key: message`."""
-    if "str" in error["loc"] and isinstance(error.get("input"), dict):
+    strings = {"str", "constrained-str"}
+    if strings & set(error["loc"]) and isinstance(error.get("input"), dict):
         # A mapping where a string or a section fits (data.source): the section's errors say
         # what is wrong with it, "not a string" does not.
         return []
     location = ".".join(str(part) for part in error["loc"])
     # Unions report each branch as an extra location part; keep the key readable.
-    location = re.sub(r"\.(literal\[.*?\]|list\[str\]|str|HubSource)(?=\.|$)", "", location)
+    location = re.sub(
+        r"\.(literal\[.*?\]|list\[str\]|(?:constrained-)?str|HubSource)(?=\.|$)", "", location
+    )
     if error["type"] == "extra_forbidden":
         return [f"{location}: unknown key"]
+    if error["type"] == "string_too_short" and error.get("input") == "":
+        return [f"{location}: empty; give a value, or leave the key out for its default"]
     message = error["msg"].removeprefix("Value error, ")
     lines = []
     for line in message.split("\n"):

@@ -16,10 +16,15 @@ from llama_tune.tasks import TASKS, template_problems
 
 
 class Section(BaseModel):
-    """Base of every recipe section: unknown keys are errors, not silently ignored."""
+    """Base of every recipe section: unknown keys are errors, not silently ignored, and an
+    empty string names nothing (a model, a folder, a split), so it is an error too."""
 
     model_config = ConfigDict(
-        extra="forbid", validate_default=True, use_attribute_docstrings=True, allow_inf_nan=False
+        extra="forbid",
+        validate_default=True,
+        use_attribute_docstrings=True,
+        allow_inf_nan=False,
+        str_min_length=1,
     )
 
 
@@ -137,8 +142,9 @@ class ChatConfig(Section):
     """Chat template: 'tokenizer' (its own), a named one (llama-3, chatml, mistral, gemma,
     zephyr), a .jinja file or an inline Jinja string. Null: the tokenizer's own for
     conversations (messages, ShareGPT, alpaca), none for other rows."""
-    system_prompt: str | None = Field(None, json_schema_extra=RESUME)
-    """A system turn put first in every conversation that has none of its own."""
+    system_prompt: str | None = Field(None, min_length=0, json_schema_extra=RESUME)
+    """A system turn put first in every conversation that has none of its own ("" gives an
+    empty one, which keeps some chat templates from adding their default)."""
     assistant_turns: Literal["all", "last"] = Field("all", json_schema_extra=RESUME)
     """Which assistant turns of a conversation the loss covers: every one, or the last."""
 
