@@ -273,7 +273,8 @@ def test_a_run_folder_keeps_its_output_dir(tmp_path: Path) -> None:
             config.load_run(run, [override])
 
 
-def test_an_empty_string_is_named(tmp_path: Path, data_root: Path) -> None:
+@pytest.mark.usefixtures("data_root")
+def test_an_empty_string_is_named(tmp_path: Path) -> None:
     text = RECIPES[0].read_text()
     assert _problems(tmp_path, text, ["model.name=''", "data.fields.text=''"]) == [
         "model.name: empty; give a value, or leave the key out for its default",

@@ -427,3 +427,14 @@ def test_a_file_with_no_readable_row_names_its_first_row(
     (tmp_path / "train.jsonl").write_bytes(content)
     with pytest.raises(data.DataError, match=rf"train\.jsonl: {problem}.*no row of the file"):
         data.build(_config(tmp_path, task), tokenizer)
+
+
+def test_a_split_in_two_files_or_in_a_folder_is_named(tmp_path: Path, tokenizer) -> None:
+    (tmp_path / "train.jsonl").write_text('{"text": "fine", "label": "positive"}\n')
+    (tmp_path / "train.csv").write_text("text,label\nfine,positive\n")
+    with pytest.raises(data.DataError, match=r"both train\.jsonl and train\.csv hold the 'train'"):
+        data.build(_config(tmp_path, "classification"), tokenizer)
+    (tmp_path / "train.csv").unlink()
+    (tmp_path / "validation.jsonl").mkdir()
+    with pytest.raises(data.DataError, match=r"validation\.jsonl: the 'validation' split must be"):
+        data.build(_config(tmp_path, "classification"), tokenizer)

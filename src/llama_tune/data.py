@@ -118,12 +118,16 @@ class Split:
 
 
 def split_file(source: Path, split: str) -> Path | None:
-    """The file holding `split` inside a data folder, if any."""
-    for suffix in SPLIT_SUFFIXES:
-        candidate = source / f"{split}{suffix}"
-        if candidate.is_file():
-            return candidate
-    return None
+    """The file holding `split` inside a data folder, if any; two of them (train.jsonl beside
+    train.csv) are an error, as one would be read and the other silently not."""
+    candidates = [source / f"{split}{suffix}" for suffix in SPLIT_SUFFIXES]
+    present = [candidate for candidate in candidates if candidate.exists()]
+    if len(present) > 1:
+        names = " and ".join(candidate.name for candidate in present)
+        raise DataError(f"{source}: both {names} hold the {split!r} split; keep one")
+    if present and not present[0].is_file():
+        raise DataError(f"{present[0]}: the {split!r} split must be a file, not a folder")
+    return present[0] if present else None
 
 
 # Files saved by Excel or Notepad may start with a UTF-8 byte-order mark; every reader drops it.
