@@ -175,4 +175,4 @@ def test_a_dry_run_writes_the_folder_and_lists_it(
     assert [path.name for path in (folder / "evaluation").iterdir()] == ["validation"]
     again = ["--dry-run", "--output", str(folder)]
     err = cli_here("push", str(evaluated_run), "--repo-id", "someone/x", *again, expect=2)
-    assert "already exists and is not empty" in err
+    assert f"{folder} already exists and is not empty; give --output a new or empty" in err

@@ -83,7 +83,13 @@ def push(request: PushRequest) -> Pushed:
     if request.dry_run:
         folder = request.output or request.run.parent / f"{request.run.name}-hub"
         if holds_something(folder):
-            raise PushError(f"{folder} already exists and is not empty; pass --output")
+            # Nothing already there is overwritten or mixed into the repository's files.
+            remedy = (
+                "give --output a new or empty folder"
+                if request.output
+                else "remove it or pass --output DIR"
+            )
+            raise PushError(f"{folder} already exists and is not empty; {remedy}")
         folder.mkdir(parents=True, exist_ok=True)
         _assemble(resolved, request, folder, token)
         return Pushed(_listing(folder), folder, None)
