@@ -58,6 +58,11 @@ def test_a_folder_that_is_not_a_run_is_never_written(cli_here, tiny_recipe, tmp_
         done = cli_here("train", str(path), f"output.dir={own}", *flags, expect=2)
         assert "is not a llama-tune run folder" in done
         assert _contents(own) == {"metrics.jsonl": b"mine too", "notes.txt": b"mine"}
+    (tmp_path / "a-file").write_text("mine")
+    for target in ("a-file", "a-file/run"):
+        done = cli_here("train", str(path), f"output.dir={tmp_path / target}", expect=2)
+        assert f"output.dir {tmp_path / target}: {tmp_path / 'a-file'} is a file, not" in done
+    assert (tmp_path / "a-file").read_text() == "mine"
     empty = tmp_path / "empty"
     empty.mkdir()
     cli_here("train", str(path), f"output.dir={empty}", "--overwrite")

@@ -70,10 +70,20 @@ def holds_something(folder: Path) -> bool:
     return folder.exists() and (not folder.is_dir() or any(folder.iterdir()))
 
 
+def check_can_create(folder: Path, key: str) -> None:
+    """Stop before any work when `folder` (named by `key`) could not be made or written: a file
+    on its path, or a folder this user cannot write in."""
+    existing = next(path for path in (folder, *folder.parents) if path.exists() or path == Path())
+    if not existing.is_dir():
+        raise UserError(f"{key} {folder}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{key} {folder}: this user cannot write in {existing}")
+
+
 def check_ours(run_dir: Path) -> None:
-    """Refuse to train into an existing folder that holds something other than a run."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"output.dir {run_dir} is a file, not a folder")
+    """Refuse to train into an existing folder that holds something other than a run, or into
+    one that cannot be made."""
+    check_can_create(run_dir, "output.dir")
     if run_dir.is_dir() and any(run_dir.iterdir()) and not is_run_folder(run_dir):
         raise UserError(
             f"output.dir {run_dir} is not empty and is not a llama-tune run folder (no "
