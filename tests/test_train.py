@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -222,6 +223,41 @@ def test_a_set_up_error_on_one_process_stops_every_process(tiny_recipe, tmp_path
     assert "error: stopped: 1 other process(es) failed while setting up" in output
     assert "process 1 failed while setting up: data source" in output
     assert not (tmp_path / "one-fails").exists()
+
+
+FAILS_INSIDE_A_COLLECTIVE = """
+import os
+import pathlib
+from datetime import timedelta
+
+if os.environ.get("RANK") == "0":
+    touch = pathlib.Path.touch
+    def failing_touch(self, *args, **kwargs):
+        if self.name.startswith(".shared-"):
+            raise OSError("No space left on device")
+        return touch(self, *args, **kwargs)
+    pathlib.Path.touch = failing_touch
+
+import llama_tune.agreement
+llama_tune.agreement.FAILED_PROCESS_WAITS = timedelta(seconds=5)
+"""
+"""A sitecustomize that fails the main process of a launch while the other waits for it in
+the run folder check's broadcast, and shortens how long a failed process waits."""
+
+
+def test_a_process_failing_while_the_others_wait_in_a_collective_ends_the_launch(
+    tiny_recipe, tmp_path: Path
+) -> None:
+    # Agreeing through a collective would meet the other's broadcast: a hang.
+    (tmp_path / "fails").mkdir()
+    (tmp_path / "fails" / "sitecustomize.py").write_text(FAILS_INSIDE_A_COLLECTIVE)
+    search = os.pathsep.join(filter(None, [str(tmp_path / "fails"), os.environ.get("PYTHONPATH")]))
+    path = tiny_recipe("one-fails", max_steps=4)
+    done = torchrun(["train", str(path)], timeout=180, launch={"PYTHONPATH": search})
+    output = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert "process 0 failed while setting up: No space left on device" in output
+    assert "process 0: the others are waiting for it in a collective; stopping them" in output
 
 
 def test_processes_that_do_not_share_the_run_folder_are_stopped(tiny_recipe, tmp_path) -> None:

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from llama_tune import (
+    agreement,
     assembly,
     checkpoint,
     config,
@@ -47,6 +48,7 @@ from llama_tune.jsonfiles import read_json, write_json
 from llama_tune.layout import adamw, trained_extras, trained_parameters
 from llama_tune.objective import ModelCalls, Objective, combined, step_counts
 from llama_tune.runtime import (
+    PROCESS_GROUP_TIMEOUT,
     check_launch,
     device_name,
     library_versions,
@@ -180,18 +182,26 @@ def together(accelerator: Accelerator) -> Iterator[None]:
     except Exception as caught:  # held, then raised below once every process knows
         error = caught
         if accelerator.num_processes > 1:
-            # Said at once: were the others still inside a collective of this phase, the
-            # agreement below would wait for the launcher's timeout, which ends the process
-            # before it raises.
+            # Said at once: were the others stuck in a collective of this phase, they would be
+            # stopped by the launcher before they could say why.
             print(
                 f"process {accelerator.process_index} failed while setting up: {error}",
                 file=sys.stderr,
                 flush=True,
             )
     if accelerator.num_processes > 1:
-        flag = torch.tensor([int(error is not None)], device=accelerator.device)
-        failed = int(accelerator.reduce(flag, reduction="sum").item())
-        if error is None and failed:
+        wait = agreement.FAILED_PROCESS_WAITS if error else PROCESS_GROUP_TIMEOUT
+        failed = agreement.count_failures(error is not None, accelerator.num_processes, wait)
+        if failed is None and error is None:
+            raise TrainError(f"stopped: the other processes did not finish setting up in {wait}")
+        if failed is None:
+            print(
+                f"process {accelerator.process_index}: the others are waiting for it in a "
+                "collective; stopping them",
+                file=sys.stderr,
+                flush=True,
+            )
+        elif error is None and failed:
             raise TrainError(
                 f"stopped: {failed} other process(es) failed while setting up (see their error)"
             )
