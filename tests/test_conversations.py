@@ -59,6 +59,17 @@ def test_alpaca_joins_instruction_and_input_as_the_messages_copy_does(data_root:
         ({"messages": []}, "messages", "empty_field:messages"),
         ({"messages": [{"role": "user"}]}, "messages", "missing_field:messages.content"),
         ({"messages": [{"role": "bot", "content": "x"}]}, "messages", "unknown_role:bot"),
+        ({"messages": [{"role": "user", "content": 3}]}, "messages", "wrong_type:messages.content"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image", "url": "a.png"}]}]},
+            "messages",
+            "not_text:messages.content.image",
+        ),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": None}]}]},
+            "messages",
+            "wrong_type:messages.content.text",
+        ),
         ({"messages": _chat("only a question")}, "messages", "no_assistant_turn"),
         ({"messages": _chat("q", "a")[::-1]}, "messages", "turns_out_of_order:messages"),
         ({"messages": _chat("q", " ")}, "messages", "empty_field:messages.assistant"),
@@ -75,3 +86,20 @@ def test_rows_that_do_not_fit_give_their_reason(row: dict, row_format: str, reas
 def test_the_last_exchange_is_what_scoring_compares() -> None:
     messages = _chat("first?", "one", "second?", " two ", "unanswered?")
     assert conversations.last_exchange(messages) == {"prompt": "second?", "completion": "two"}
+
+
+def test_content_given_as_text_parts_reads_as_the_same_conversation(data_root: Path) -> None:
+    with (data_root / "instruction/alpaca_en_demo_messages/train.jsonl").open() as handle:
+        rows = [json.loads(line) for line, _ in zip(handle, range(50), strict=False)]
+    for row in rows:
+        # Multimodal chat data writes each turn as a list of typed parts.
+        parts = {
+            "messages": [
+                {"role": turn["role"], "content": [{"type": "text", "text": turn["content"][:7]}]}
+                for turn in row["messages"]
+            ]
+        }
+        for turn, original in zip(parts["messages"], row["messages"], strict=True):
+            turn["content"].append({"type": "text", "text": original["content"][7:]})
+        expected = conversations.to_messages(row, "messages", None)
+        assert conversations.to_messages(parts, "messages", None) == expected

@@ -103,7 +103,8 @@ def test_a_row_in_another_format_names_file_row_and_what_was_expected(
         data.build(_config(folder, bad_rows="error"), tokenizer)
     assert str(error.value) == (
         f"{folder / 'train.jsonl'}: row 2: missing_field:messages "
-        "(format messages: expected a 'messages' list of {role, content} turns)"
+        "(format messages: expected a 'messages' list of {role, content} turns, content a string "
+        "or a list of text parts)"
     )
     unknown = _write(tmp_path / "unknown", [{"question": "Hi", "answer": "Hey"}])
     with pytest.raises(data.DataError, match=r"row 1: unknown_format \(instruction rows hold one"):

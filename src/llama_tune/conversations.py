@@ -49,7 +49,8 @@ def detect(values: dict[str, Any]) -> str:
 def expected(row_format: str) -> str:
     """What a row of `row_format` must hold, for error messages."""
     return {
-        "messages": "a 'messages' list of {role, content} turns",
+        "messages": "a 'messages' list of {role, content} turns, content a string or a list of "
+        "text parts",
         "sharegpt": "a 'conversations' list of {from, value} turns",
         "alpaca": "'instruction' and 'output' texts (and optionally 'input')",
         "prompt_completion": "'prompt' and 'completion' texts",
@@ -83,13 +84,29 @@ def _turns(values: dict[str, Any], column: str, role_key: str, text_key: str) ->
     for turn in turns:
         if not isinstance(turn, dict):
             raise ValueError(f"wrong_type:{column}")
-        role, text = turn.get(role_key), turn.get(text_key)
+        role = turn.get(role_key)
         if not isinstance(role, str):
             raise ValueError(f"missing_field:{column}.{role_key}")
-        if not isinstance(text, str):
-            raise ValueError(f"missing_field:{column}.{text_key}")
-        messages.append({"role": role, "content": text})
+        messages.append({"role": role, "content": _turn_text(turn.get(text_key), column, text_key)})
     return messages
+
+
+def _turn_text(content: Any, column: str, text_key: str) -> str:
+    """A turn's text: a string, or a list of typed parts as multimodal chat data writes it
+    ([{"type": "text", "text": ...}]), whose text parts are joined as Hugging Face's chat
+    templates join them; a part that is not text (an image) makes the row unusable here."""
+    if content is None:
+        raise ValueError(f"missing_field:{column}.{text_key}")
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list) or not all(isinstance(part, dict) for part in content):
+        raise ValueError(f"wrong_type:{column}.{text_key}")
+    for part in content:
+        if part.get("type") != "text":
+            raise ValueError(f"not_text:{column}.{text_key}.{part.get('type')}")
+        if not isinstance(part.get("text"), str):
+            raise ValueError(f"wrong_type:{column}.{text_key}.text")
+    return "".join(part["text"] for part in content)
 
 
 def _checked(messages: list[Message], column: str) -> list[Message]:
