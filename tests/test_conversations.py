@@ -73,6 +73,11 @@ def test_alpaca_joins_instruction_and_input_as_the_messages_copy_does(data_root:
         ({"messages": _chat("only a question")}, "messages", "no_assistant_turn"),
         ({"messages": _chat("q", "a")[::-1]}, "messages", "turns_out_of_order:messages"),
         ({"messages": _chat("q", " ")}, "messages", "empty_field:messages.assistant"),
+        (
+            {"messages": [*_chat("q", "a"), {"role": "system", "content": "x"}, *_chat("q", "a")]},
+            "messages",
+            "system_turn_not_first:messages",
+        ),
         ({"conversations": [{"from": "robot", "value": "x"}]}, "sharegpt", "unknown_role:robot"),
         ({"instruction": "do", "input": 3, "output": "x"}, "alpaca", "wrong_type:input"),
         ({"instruction": "do", "output": ""}, "alpaca", "empty_field:output"),

@@ -115,6 +115,8 @@ def _checked(messages: list[Message], column: str) -> list[Message]:
     no empty answer."""
     body = messages[1:] if messages[0]["role"] == "system" else messages
     for index, message in enumerate(body):
+        if message["role"] == "system":
+            raise ValueError(f"system_turn_not_first:{column}")
         if message["role"] not in ("user", "assistant"):
             raise ValueError(f"unknown_role:{message['role']}")
         if message["role"] != ("user" if index % 2 == 0 else "assistant"):
