@@ -14,7 +14,7 @@ from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 from transformers import AutoModelForCausalLM
 
 from conftest import TEST_DATA
-from llama_tune import config, evaluation, inference, metrics, scoring, train
+from llama_tune import config, data, evaluation, inference, metrics, scoring, train
 
 
 @pytest.mark.parametrize("labels_at_once", ["all", "one"])
@@ -164,13 +164,21 @@ def test_empty_split_and_bad_references_are_reported(tiny_model_dir: Path, tmp_p
             }
         )
     )
-    empty = evaluation.run(path, split="validation")
-    assert empty["n"] == 0
-    assert empty["systems"] == {}
-    assert "no usable rows" in empty["note"]
+    with pytest.raises(evaluation.EvaluationError, match=r"validation\.jsonl: no usable rows"):
+        evaluation.run(path, split="validation")
     scored = evaluation.run(path, split="test")
     assert scored["n"] == 1
     assert scored["data"]["skipped"] == {"empty_field:label": 1, "missing_field:text": 1}
+    results = (tmp_path / "run" / "evaluation" / "test" / "results.json").read_text()
+    # Rows that cannot be scored are refused, and the earlier results kept.
+    (folder / "test.jsonl").write_text('{"text": "meh", "label": ""}\n')
+    with pytest.raises(evaluation.EvaluationError, match=r"skipped: empty_field:label 1"):
+        evaluation.run(path, split="test")
+    # GLUE's test splits hide their labels as -1.
+    (folder / "test.jsonl").write_text('{"text": "fine", "label": -1}\n' * 2)
+    with pytest.raises(data.DataError, match=r"no row is labelled .* \(found '-1' x2\)"):
+        evaluation.run(path, split="test")
+    assert (tmp_path / "run" / "evaluation" / "test" / "results.json").read_text() == results
 
 
 def test_answer_scores_rouge_l_chrf_and_exact_match() -> None:

@@ -300,6 +300,12 @@ def run(
     precision = resolve_precision(recipe.train.precision)
     tokenizer = models.load_tokenizer(recipe.model.name, recipe.model.revision)
     eval_set = scoring.load_eval_set(recipe, tokenizer, split, limit or settings.max_rows)
+    if not eval_set.examples:
+        # Refused before any model loads, and before earlier results are replaced by none.
+        skipped = ", ".join(f"{reason} {count}" for reason, count in eval_set.skipped.items())
+        raise EvaluationError(
+            f"{eval_set.origin}: no usable rows to score (skipped: {skipped or 'none'})"
+        )
     if settings.robustness is not None:
         data.refuse_perturbing(eval_set.row_format, eval_set.origin, "evaluation.robustness")
 
@@ -312,10 +318,6 @@ def run(
         used = f"{len(eval_set.examples)} to score"
         print(data.describe_rows(split, eval_set.origin, used, eval_set.skipped, out_dir / RESULTS))
     results = _results_header(resolved, eval_set, split, precision)
-    if not eval_set.examples:
-        # Nothing to score is a result too: recorded with its reasons, not a crash.
-        systems = []
-        results["note"] = f"no usable rows in {eval_set.origin}"
     scoring_run = Scoring(recipe, tokenizer, eval_set, precision, out_dir, main)
     scored: dict[str, scoring.Scores] = {}
     for system in systems:

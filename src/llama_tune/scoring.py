@@ -105,6 +105,8 @@ def load_eval_set(
         if limit is not None and len(eval_set.examples) >= limit:
             break
     eval_set.rows_read = len(eval_set.examples) + sum(eval_set.skipped.values())
+    if labels is not None and eval_set.examples:
+        _refuse_hidden_labels(eval_set)
     if formatter.row_format == "text":
         raise data.DataError(
             f"{origin}: plain-text rows have no answers to score; score a split of prompts and "
@@ -113,6 +115,19 @@ def load_eval_set(
     eval_set.stop_strings = formatter.stop_strings(tokenizer)
     eval_set.row_format = formatter.row_format
     return eval_set
+
+
+def _refuse_hidden_labels(eval_set: EvalSet) -> None:
+    """Stop when none of the rows is labelled with a label the run knows: a split whose labels
+    are hidden (GLUE's test splits write -1) has nothing to score against."""
+    unknown = eval_set.unknown_reference_labels
+    if sum(unknown.values()) < len(eval_set.examples):
+        return
+    found = ", ".join(f"{label!r} x{count}" for label, count in unknown.most_common(5))
+    raise data.DataError(
+        f"{eval_set.origin}: no row is labelled with one of the labels {eval_set.labels} "
+        f"(found {found}); a split with hidden labels cannot be scored: score another split"
+    )
 
 
 def length_sorted_batches(examples: list[EvalExample], size: int) -> Iterator[list[EvalExample]]:
