@@ -325,3 +325,19 @@ def test_packed_steps_equal_padded_ones(tiny_recipe, data_root: Path) -> None:
 def test_a_packed_run_resumes_exactly(resumes_exactly) -> None:
     expected = resumes_exactly("packed", ["train.packing=true"])
     assert expected.summary["packed"] is True
+
+
+def test_evaluations_the_data_cannot_feed_stop_the_start(cli_here, tiny_recipe) -> None:
+    path = tiny_recipe(max_steps=2, warmup_steps=5)
+    run_dir = path.parent / "run"
+    train_only = ["data.splits.validation=null"]
+    done = cli_here("train", str(path), *train_only, "validation.every=1", expect=2)
+    assert "validation.every: data source" in done
+    assert "has no validation split; name one with data.splits.validation" in done
+    done = cli_here("train", str(path), "evaluation.after_training=true", expect=2)
+    assert "evaluation.after_training: data source" in done
+    assert "has no 'test' split to score; set evaluation.split" in done
+    assert not run_dir.exists()
+    # A warm-up longer than the run is allowed (a short trial of a real recipe), and said.
+    done = cli_here("train", str(path), "validation.every=1")
+    assert "note: train.warmup_steps 5 >= the run's 2 steps" in done

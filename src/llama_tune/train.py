@@ -209,6 +209,31 @@ def together(accelerator: Accelerator) -> Iterator[None]:
         raise error
 
 
+def check_evaluation_splits(recipe: schema.Recipe, validation: data.Split | None) -> None:
+    """Stop at the start, not after training, when the recipe evaluates on rows the data does
+    not have: validation settings without validation rows, or an after-training split the
+    source lacks."""
+    settings = recipe.validation
+    asked = {
+        "validation.every": settings.every,
+        "validation.metric_rows": settings.metric_rows,
+        "validation.best_metric": settings.best_metric,
+    }
+    keys = [key for key, value in asked.items() if value is not None]
+    if keys and (validation is None or not validation.examples):
+        found = "no validation split" if validation is None else "no usable validation rows"
+        raise TrainError(
+            f"{', '.join(keys)}: data source {recipe.data.source} has {found}; name one with "
+            "data.splits.validation or hold rows out with data.splits.validation_fraction"
+        )
+    split = recipe.evaluation.split
+    if recipe.evaluation.after_training and data.open_split(recipe.data.source, split) is None:
+        raise TrainError(
+            f"evaluation.after_training: data source {recipe.data.source} has no {split!r} "
+            "split to score; set evaluation.split"
+        )
+
+
 def check_folder_is_shared(run_dir: Path, accelerator: Accelerator) -> None:
     """Stop a launch whose processes do not all see the run folder. The main process writes it
     alone and every process reads it back (a checkpoint to resume, the teacher cache, the
@@ -296,6 +321,7 @@ class TrainingRun:
             self.tokenizer = self.built.bundle.tokenizer
             self.train_split = self.built.datasets.train
             self.validation = self.built.datasets.validation
+            check_evaluation_splits(self.recipe, self.validation)
             self.plan = self._setup_plan()
         # Saved weights go into the model before it is spread out; the optimizer's state after.
         with together(self.accelerator):
@@ -320,6 +346,13 @@ class TrainingRun:
         warmup = settings.warmup_steps
         if warmup is None:
             warmup = round(settings.warmup_ratio * total_steps)
+        elif warmup >= total_steps and self.accelerator.is_main_process:
+            # Allowed for a short trial of a real recipe, but never what a run should do.
+            print(
+                f"note: train.warmup_steps {warmup} >= the run's {total_steps} steps: the "
+                "learning rate never reaches train.lr",
+                file=sys.stderr,
+            )
         return StepPlan(micro_batches, step_size, steps_per_epoch, total_steps, warmup)
 
     def _setup_optimizer(self) -> None:
