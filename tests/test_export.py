@@ -163,6 +163,9 @@ def test_mistakes_are_named_and_nothing_is_replaced(tiny_recipe, cli_here, tmp_p
     err = cli_here("export", str(run_dir), str(occupied), expect=2)
     assert "already exists and is not empty" in err
     assert [p.name for p in occupied.iterdir()] == ["keep.txt"]
+    under_a_file = occupied / "keep.txt" / "model"
+    err = cli_here("export", str(run_dir), str(under_a_file), expect=2)
+    assert f"output folder {under_a_file}: {occupied / 'keep.txt'} is a file, not a folder" in err
     err = cli_here("export", str(tiny_recipe("other")), str(tmp_path / "x"), expect=2)
     assert "export takes a run folder" in err
     err = cli_here("export", str(run_dir), str(tmp_path / "x"), "--dtype", "int8", expect=2)

@@ -176,3 +176,7 @@ def test_a_dry_run_writes_the_folder_and_lists_it(
     again = ["--dry-run", "--output", str(folder)]
     err = cli_here("push", str(evaluated_run), "--repo-id", "someone/x", *again, expect=2)
     assert f"{folder} already exists and is not empty; give --output a new or empty" in err
+    under_a_file = folder / "README.md" / "x"
+    again = ["--dry-run", "--output", str(under_a_file)]
+    err = cli_here("push", str(evaluated_run), "--repo-id", "someone/x", *again, expect=2)
+    assert f"--output {under_a_file}: {folder / 'README.md'} is a file, not a folder" in err

@@ -23,7 +23,7 @@ from llama_tune import __version__, chat_templates, evaluation, gguf_file, model
 from llama_tune.distillation import loading
 from llama_tune.errors import UserError
 from llama_tune.jsonfiles import write_json
-from llama_tune.run_folder import holds_something
+from llama_tune.run_folder import check_can_create, holds_something
 
 RECORD = "llama_tune_export.json"
 """What the folder was made from: run, weights, base, dtype, GGUF file."""
@@ -92,6 +92,7 @@ def export(
 
 
 def _check_output(output: Path) -> None:
+    check_can_create(output, "output folder")
     if holds_something(output):
         raise ExportError(f"{output} already exists and is not empty; export into a new folder")
 

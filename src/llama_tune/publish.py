@@ -31,6 +31,7 @@ from llama_tune.run_folder import (
     RECIPE_COPY,
     RESULTS,
     SUMMARY,
+    check_can_create,
     evaluates_best,
     holds_something,
 )
@@ -82,6 +83,7 @@ def push(request: PushRequest) -> Pushed:
     _warn_if_unloadable(resolved.recipe.model)
     if request.dry_run:
         folder = request.output or request.run.parent / f"{request.run.name}-hub"
+        check_can_create(folder, "--output")
         if holds_something(folder):
             # Nothing already there is overwritten or mixed into the repository's files.
             remedy = (
