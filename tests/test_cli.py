@@ -101,7 +101,7 @@ def test_user_mistakes_exit_2_without_traceback(cli, cli_here, tiny_recipe, tmp_
         (["train", str(path), "data.source=/no/such/data"], "data source /no/such/data"),
         (["train", str(tmp_path / "absent.yaml")], "file not found"),
         (["train", str(path), "--data", str(tmp_path / "none")], "no such folder"),
-        (["train", str(path), "--resume"], "no complete checkpoint"),
+        (["train", str(path), "--resume"], "holds no run to resume; drop --resume"),
         (["train", str(tmp_path)], "a folder, not a recipe file"),
         (["validate", str(tmp_path)], "a folder, not a recipe file"),
         (["validate", str(path), "train.max_steps=abc"], "not overrides: train.max_steps=abc"),
@@ -110,6 +110,10 @@ def test_user_mistakes_exit_2_without_traceback(cli, cli_here, tiny_recipe, tmp_
     ]
     for args, message in cases:
         assert message in cli_here(*args, expect=2), args
+    # A run stopped before its first checkpoint.
+    (path.parent / "run").mkdir()
+    (path.parent / "run" / "summary.json").write_text('{"status": "running"}')
+    assert "no complete checkpoint" in cli_here("train", str(path), "--resume", expect=2)
 
 
 def test_the_allocator_setting_is_checked_before_anything_runs(cli) -> None:

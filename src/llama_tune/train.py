@@ -147,6 +147,8 @@ def check_run_dir(
         )
     if resume and status == "finished":
         raise TrainError(f"{run_dir} holds a finished run; use --overwrite to train again")
+    if resume and not has_checkpoint and status is None and not run_folder.is_run_folder(run_dir):
+        raise TrainError(f"{run_dir} holds no run to resume; drop --resume to start one")
     if resume and not has_checkpoint:
         raise TrainError(
             f"{run_dir} has no complete checkpoint to resume from; use --overwrite to start again"
