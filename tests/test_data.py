@@ -438,3 +438,12 @@ def test_a_split_in_two_files_or_in_a_folder_is_named(tmp_path: Path, tokenizer)
     (tmp_path / "validation.jsonl").mkdir()
     with pytest.raises(data.DataError, match=r"validation\.jsonl: the 'validation' split must be"):
         data.build(_config(tmp_path, "classification"), tokenizer)
+
+
+def test_a_listed_label_that_labels_no_row_is_named(data_root: Path, tokenizer) -> None:
+    sst2 = data_root / "classification" / "sst2"
+    listed = _config(sst2, "classification", labels=["positive", "neutral"], max_train_rows=200)
+    with pytest.raises(data.DataError, match=r"data.labels: \['neutral'\] label no usable row"):
+        data.build(listed, tokenizer)
+    both = _config(sst2, "classification", labels=["negative", "positive"], max_train_rows=200)
+    assert data.build(both, tokenizer).labels == ["negative", "positive"]

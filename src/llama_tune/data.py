@@ -783,6 +783,18 @@ def _with_rows(split: Split) -> Split:
     return split
 
 
+def _check_listed_labels(labels: list[str], train: Split) -> None:
+    """Stop when a label of `data.labels` names no training row: a misspelt label would skip
+    every row of its class as unknown_label and train on the others."""
+    used = {example.target for example in train.examples}
+    unused = [label for label in labels if label not in used]
+    if unused:
+        raise DataError(
+            f"data.labels: {unused} label no usable row of {train.stats.origin} "
+            f"(skipped: {dict(train.stats.skipped) or 'none'})"
+        )
+
+
 def build(config: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> Datasets:
     """Read, render and encode the train and validation splits of a recipe; `seed` (the
     recipe's train.seed) picks the rows `splits.validation_fraction` holds out."""
@@ -796,6 +808,8 @@ def build(config: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0)
         opened, validation_opened = held_out(*opened, fraction, seed)
     formatter = TaskFormatter(config, labels)
     train = _with_rows(build_split(*opened, formatter, tokenizer, config.max_train_rows))
+    if config.labels is not None:
+        _check_listed_labels(config.labels, train)
     validation = None
     if validation_opened is not None:
         validation = build_split(*validation_opened, formatter, tokenizer, config.max_eval_rows)
