@@ -125,6 +125,15 @@ def test_a_recipes_base_scores_neither_block_its_training_nor_replace_its_runs(
     refused = cli_here("evaluate", str(path), "--split", "validation", "--limit", "8", expect=2)
     assert f"output.dir {run_dir} holds a run of this recipe" in refused
     assert results.read_bytes() == before
+    # Scored with the base, then again without --base: the base is scored again, not dropped.
+    scoring = ["--split", "validation", "--limit", "8"]
+    cli_here("evaluate", str(run_dir), *scoring, "--base")
+    with_base = json.loads(results.read_text())
+    said = cli_here("evaluate", str(run_dir), *scoring)
+    again = json.loads(results.read_text())
+    assert set(again["systems"]) == set(with_base["systems"]) == {"tuned", "base"}
+    assert again["differences"].keys() == with_base["differences"].keys() == {"tuned - base"}
+    assert "scoring the base model too" in said
 
 
 def test_an_adapter_on_another_base_is_named(cli_here, tiny_recipe, make_tiny_llama) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from llama_tune import config, data, models, report, schema, scoring
 from llama_tune.adversarial import paired_drops
 from llama_tune.distillation import loading
 from llama_tune.errors import UserError
-from llama_tune.jsonfiles import write_json
+from llama_tune.jsonfiles import read_json, write_json
 from llama_tune.run_folder import (
     BEST,
     RECIPE_COPY,
@@ -282,6 +283,14 @@ def _results_header(
     }
 
 
+def _scored_the_base(results: Path) -> bool:
+    """Whether earlier results in this place hold the base model's scores."""
+    try:
+        return "base" in read_json(results)["systems"]
+    except (UserError, KeyError, TypeError):  # absent or damaged: nothing there to keep
+        return False
+
+
 def run(
     target: str | Path,
     overrides: list[str] | None = None,
@@ -309,10 +318,15 @@ def run(
     if settings.robustness is not None:
         data.refuse_perturbing(eval_set.row_format, eval_set.origin, "evaluation.robustness")
 
-    systems = load_systems(resolved, precision, base)
     best = resolved.weights_dir is not None and resolved.weights_dir.name == BEST
     out_dir = evaluation_folder(resolved.run_dir, split, best)
     main = process_state().is_main_process
+    if not base and _scored_the_base(out_dir / RESULTS):
+        # The results replace these whole: without the base again, its scores would be lost.
+        base = True
+        if main:
+            print(f"note: scoring the base model too, as {out_dir / RESULTS} did", file=sys.stderr)
+    systems = load_systems(resolved, precision, base)
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         used = f"{len(eval_set.examples)} to score"
