@@ -280,3 +280,27 @@ def test_an_empty_string_is_named(tmp_path: Path) -> None:
         "model.name: empty; give a value, or leave the key out for its default",
         "data.fields.text: empty; give a value, or leave the key out for its default",
     ]
+
+
+def test_local_paths_are_made_absolute_where_they_exist(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "models" / "mine").mkdir(parents=True)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "chat.jinja").write_text("{{ messages }}")
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(
+        "model: {name: models/mine}\n"
+        "data: {source: data, task: instruction, chat: {template: chat.jinja},"
+        " mix: [{source: ./data, weight: 0.5}, {source: someone/hub-data, weight: 0.2}]}\n"
+        "distill: {teacher: {name: smollm2-135m-instruct, adapter: ~/no-such-adapter}}\n"
+    )
+    recipe = config.load(path)
+    assert recipe.model.name == str(tmp_path / "models" / "mine")
+    assert recipe.data.source == recipe.data.mix[0].source == str(tmp_path / "data")
+    assert recipe.data.chat.template == str(tmp_path / "chat.jinja")
+    # A Hub id, a built-in name and a missing path are left for the loaders to name.
+    assert recipe.data.mix[1].source == "someone/hub-data"
+    assert recipe.distill.teacher.name == "smollm2-135m-instruct"
+    assert recipe.distill.teacher.adapter == "~/no-such-adapter"

