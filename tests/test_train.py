@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -227,6 +228,7 @@ def test_a_set_up_error_on_one_process_stops_every_process(tiny_recipe, tmp_path
 
 FAILS_INSIDE_A_COLLECTIVE = """
 import os
+import shutil
 import pathlib
 from datetime import timedelta
 
@@ -341,3 +343,20 @@ def test_evaluations_the_data_cannot_feed_stop_the_start(cli_here, tiny_recipe) 
     # A warm-up longer than the run is allowed (a short trial of a real recipe), and said.
     done = cli_here("train", str(path), "validation.every=1")
     assert "note: train.warmup_steps 5 >= the run's 2 steps" in done
+
+
+def test_a_run_whose_training_rows_changed_is_not_resumed(
+    cli_here, tiny_recipe, crash_during_save, tmp_path: Path
+) -> None:
+    rows = tmp_path / "rows"
+    shutil.copytree(TEST_DATA / "sentiment", rows)
+    path = tiny_recipe(max_steps=6, checkpoint={"every": 2})
+    run_dir = path.parent / "run"
+    with crash_during_save("step-00000004"):
+        train.run(config.load(path, [f"data.source={rows}"]), path)
+    lines = (rows / "train.jsonl").read_text().splitlines()
+    (rows / "train.jsonl").write_text("\n".join(lines[:-3]) + "\n")
+    refused = cli_here("train", str(run_dir), "--resume", expect=2)
+    assert f"cannot resume {run_dir}: the training rows changed since it started" in refused
+    (rows / "train.jsonl").write_text("\n".join(lines) + "\n")
+    cli_here("train", str(run_dir), "--resume")

@@ -63,6 +63,9 @@ class TrainState:
     scale and counters): resumed at its initial scale, the next steps would overflow and be
     skipped. None without one (fp32, bf16)."""
     recipe_hash: str = ""
+    data_hash: str = ""
+    """`data.fingerprint` of the training examples ("": a checkpoint from before it was kept):
+    resuming on rows that changed would draw other steps than the run's."""
     processes: int = 0
     """Processes of the run that saved it (0: a checkpoint from before this was kept): each
     step's rows and the RNG states are dealt among them."""

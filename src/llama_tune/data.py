@@ -7,9 +7,11 @@ the run naming the file and row, as `data.bad_rows` says.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import csv
 import functools
+import hashlib
 import json
 from collections import Counter
 from collections.abc import Iterator
@@ -942,6 +944,17 @@ def collate_packed(
             [*(torch.arange(len(e.input_ids)) for e in examples), torch.arange(filler)]
         )[None],
     }
+
+
+def fingerprint(examples: list[Example]) -> str:
+    """A hash of the examples' tokens and of what their loss covers, in order: a resumed run
+    checks that the steps ahead are drawn from the rows it started with."""
+    digest = hashlib.sha256()
+    for example in examples:
+        spans = [example.prompt_length, example.source, *sum(example.earlier_answers, ())]
+        digest.update(array.array("q", [len(example.input_ids), *spans]).tobytes())
+        digest.update(array.array("q", example.input_ids).tobytes())
+    return digest.hexdigest()[:16]
 
 
 def eval_batches(split: Split, batch_size: int) -> list[list[Example]]:

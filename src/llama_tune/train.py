@@ -323,6 +323,7 @@ class TrainingRun:
             self.tokenizer = self.built.bundle.tokenizer
             self.train_split = self.built.datasets.train
             self.validation = self.built.datasets.validation
+            self.data_hash = data.fingerprint(self.train_split.examples)
             check_evaluation_splits(self.recipe, self.validation)
             self.plan = self._setup_plan()
         # Saved weights go into the model before it is spread out; the optimizer's state after.
@@ -386,6 +387,7 @@ class TrainingRun:
             self.metrics_path.write_text("")
         return TrainState(
             recipe_hash=checkpoint.recipe_hash(self.recipe),
+            data_hash=self.data_hash,
             processes=self.accelerator.num_processes,
         )
 
@@ -407,6 +409,12 @@ class TrainingRun:
                     f"launch has {processes}: a step's rows (train.batch_size x "
                     "train.grad_accumulation x processes) and random states are dealt among "
                     f"them; resume with {saved.state.processes} processes"
+                )
+            if saved.state.data_hash not in ("", self.data_hash):
+                raise TrainError(
+                    f"cannot resume {self.run_dir}: the training rows changed since it started "
+                    f"({self.train_split.stats.origin}); the steps ahead would not be the run's. "
+                    "Restore the data, or use --overwrite to start again"
                 )
             if saved.state.step >= self.plan.total_steps:
                 raise TrainError(
