@@ -8,6 +8,7 @@ from pathlib import Path
 import bitsandbytes
 import pytest
 import torch
+from huggingface_hub import constants
 from huggingface_hub.errors import LocalEntryNotFoundError
 from transformers import AutoModelForCausalLM
 
@@ -209,3 +210,34 @@ def test_the_built_in_models_hub_id_stands_in_for_it_offline(
     monkeypatch.setattr(models, "hf_hub_download", lambda *_args, **_kwargs: "config.json")
     assert models.resolve(origin) == origin
     models.offline_stand_in.cache_clear()
+
+
+def test_a_folders_weights_fingerprint_follows_its_weights_not_its_files(
+    make_tiny_llama, tmp_path: Path
+) -> None:
+    folder = make_tiny_llama("teacher", seed=1)
+    weights = folder / "model.safetensors"
+    before, size = models.weights_fingerprint(str(folder)), weights.stat().st_size
+    # A copy (new dates, same bytes) is the same model.
+    copy = shutil.copytree(folder, tmp_path / "copy", copy_function=shutil.copyfile)
+    assert models.weights_fingerprint(str(copy)) == before
+    # Retrained in place: the same files, sizes, names and shapes, other values.
+    make_tiny_llama("teacher", seed=2)
+    assert weights.stat().st_size == size
+    assert models.weights_fingerprint(str(folder)) != before
+
+
+def test_a_hub_models_weights_fingerprint_is_its_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = tmp_path / "hub"
+    repo = cache / "models--someone--teacher"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "snapshots" / commit / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    assert models.weights_fingerprint("someone/teacher") == commit
+    with pytest.raises(models.ModelError, match="cannot load model 'someone/other'"):
+        models.weights_fingerprint("someone/other")

@@ -9,6 +9,7 @@ scaling and variant, the same adapted modules, the same shapes, each mismatch na
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -49,6 +50,16 @@ def locate(reference: str, key: str) -> Path:
     if looks_like_path:
         raise AdapterError(f"{key}: {reference} not found (a folder, or a Hub id owner/name)")
     return _with_safe_weights(_download(reference, key), key)
+
+
+def fingerprint(folder: Path) -> str:
+    """A hash of an adapter's settings and weights, read whole (an adapter is megabytes): a
+    retrained adapter keeps its folder, sizes and shapes, not its values."""
+    digests = []
+    for name in (CONFIG, WEIGHTS):
+        with (folder / name).open("rb") as file:
+            digests.append(hashlib.file_digest(file, "sha256").hexdigest())
+    return hashlib.sha256(" ".join(digests).encode()).hexdigest()[:16]
 
 
 def _download(reference: str, key: str) -> Path:

@@ -8,6 +8,7 @@ cache, written atomically, so later loads take well under a second.
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
 import json
 import os
@@ -18,6 +19,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from huggingface_hub import hf_hub_download
@@ -60,6 +62,60 @@ def check_weights(folder: Path) -> None:
                 pass
         except Exception as error:  # safetensors raises its own error type, and OSError
             raise ModelError(f"{path}: unreadable ({error})") from None
+
+
+TENSOR_SAMPLE = 4096
+"""Bytes of each tensor a weights fingerprint reads: training changes every element of a tensor
+it updates, so a retrained model differs there, and a few KiB per tensor keep fingerprinting a
+model of many GB to milliseconds."""
+FILE_SAMPLE = 1 << 20
+"""Bytes read at each end of any other file (configs and tokenizer files are read whole)."""
+
+
+def weights_fingerprint(name: str, revision: str | None = None) -> str:
+    """What the model `name` is, not only where: a Hub model's commit, or a hash of a folder's
+    files (their names, sizes and sampled bytes, `_sampled_ranges`). A model retrained in place
+    gets another fingerprint; a copy of it, the same."""
+    location = resolve(name, revision)
+    folder = Path(location)
+    if not folder.is_dir():
+        return _hub_commit(name, location, revision)
+    check_weights(folder)
+    digest = hashlib.sha256()
+    for path in sorted(entry for entry in folder.iterdir() if entry.is_file()):
+        size = path.stat().st_size
+        digest.update(f"{path.name}\0{size}\0".encode())
+        with path.open("rb") as file:
+            for offset, length in _sampled_ranges(file, path, size):
+                file.seek(offset)
+                digest.update(file.read(length))
+    return digest.hexdigest()[:16]
+
+
+def _sampled_ranges(file: BinaryIO, path: Path, size: int) -> list[tuple[int, int]]:
+    """The (offset, length) ranges of a weights folder's file that its fingerprint reads: a
+    safetensors file's header (names, dtypes, shapes) and the start of every tensor; any other
+    file's first and last `FILE_SAMPLE` bytes (pickled weights cannot be parsed safely)."""
+    if path.suffix != ".safetensors":
+        return [(0, FILE_SAMPLE), (max(size - FILE_SAMPLE, FILE_SAMPLE), FILE_SAMPLE)]
+    # The format: an 8-byte little-endian header length, the JSON header, then the data.
+    header_length = int.from_bytes(file.read(8), "little")
+    header = json.loads(file.read(header_length))
+    data_start = 8 + header_length
+    return [(0, data_start)] + [
+        (data_start + entry["data_offsets"][0], TENSOR_SAMPLE)
+        for key, entry in header.items()
+        if key != "__metadata__"
+    ]
+
+
+def _hub_commit(name: str, location: str, revision: str | None) -> str:
+    """The commit a Hub model's revision resolves to: the name of its snapshot's folder."""
+    try:
+        config_file = hf_hub_download(location, "config.json", revision=revision)
+    except OSError as error:  # offline without a cached copy, not found, the Hub's HTTP errors
+        raise ModelError(_load_failure(name, error)) from None
+    return Path(config_file).parent.name
 
 
 def load_adapter(base: PreTrainedModel, adapter_dir: Path, base_key: str) -> PeftModel:

@@ -141,6 +141,43 @@ def test_interrupted_build_keeps_finished_shards(
         _build(tmp_path, hotter, teacher, examples, tokenizer)
 
 
+def test_a_teacher_retrained_in_place_is_refused_by_name(
+    tmp_path, make_tiny_llama, tokenizer
+) -> None:
+    teacher_dir = make_tiny_llama("teacher", seed=1)
+    settings = _settings(teacher_dir, cache={"top_k": 3})
+    examples = _examples(tokenizer, 4)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir)
+    folder = _build(tmp_path, settings, teacher, examples, tokenizer)
+    built = {path.name: path.read_bytes() for path in folder.iterdir()}
+    # The same folder, files and shapes: only the weights' values tell the teachers apart.
+    make_tiny_llama("teacher", seed=2)
+    with pytest.raises(cache.CacheError, match=r"\(teacher_model_weights differ\); delete"):
+        _build(tmp_path, settings, teacher, examples, tokenizer)
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == built
+
+
+def test_a_cache_of_a_teacher_adapter_since_retrained_is_refused(
+    tiny_recipe, tiny_model_dir: Path, cli_here
+) -> None:
+    teacher_path = tiny_recipe("teacher", max_steps=2)
+    teacher_run = train.run(config.load(teacher_path), teacher_path).run_dir
+    path = tiny_recipe("student", max_steps=2)
+    overrides = [
+        f"distill.teacher.name={tiny_model_dir}",
+        f"distill.teacher.adapter={teacher_run}",
+        "distill.cache.top_k=8",
+    ]
+    folder = loading.build_cache(config.load(path, overrides), path)
+    shards = {shard.name: shard.read_bytes() for shard in folder.glob("shard-*")}
+    # Retrained at the same path: the teacher's name and adapter path are unchanged.
+    cli_here("train", str(teacher_path), "train.lr=5e-3", "--overwrite")
+    err = cli_here("train", str(path), *overrides, expect=2)
+    assert "(teacher_adapter_weights differ); delete the folder" in err
+    assert "Traceback" not in err
+    assert {shard.name: shard.read_bytes() for shard in folder.glob("shard-*")} == shards
+
+
 def test_training_from_the_cache_cli(tiny_recipe, tiny_model_dir: Path) -> None:
     path = tiny_recipe(max_steps=4, validation={"every": 2})
     overrides = [

@@ -7,9 +7,10 @@ same k tokens plus one "everything else" bucket, so no teacher weights are loade
 equal to the vocabulary there is no remainder and the loss equals online distillation.
 
 The cache lives in `<run>/teacher-cache/` as shards of `examples_per_shard` examples, each
-written atomically, with a manifest of what it was built from. Building resumes: finished shards
-are kept, and a manifest that no longer matches the recipe or data is an error, not a silent
-mix of two teachers.
+written atomically, with a manifest of what it was built from, the teacher's weights included
+(fingerprints of its model and adapter, so a teacher retrained in place is noticed). Building
+resumes: finished shards are kept, and a manifest that no longer matches the recipe, the
+teacher's weights or the data is an error, not a silent mix of two teachers.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from llama_tune import data, inference, schema
+from llama_tune import adapters, data, inference, models, schema
 from llama_tune.distillation.losses import compared_logits, log_remainder, tempered_log_probs
 from llama_tune.distillation.teacher import FrozenTeacher, distilled_positions
 from llama_tune.errors import UserError
@@ -53,6 +54,21 @@ def data_fingerprint(examples: list[data.Example]) -> str:
     return digest.hexdigest()[:16]
 
 
+def teacher_fingerprint(teacher: schema.TeacherConfig) -> dict[str, str | None]:
+    """What the teacher's model and adapter are, not only where: a teacher retrained in place
+    (`train --overwrite`) keeps its name and adapter path, but its cache no longer holds."""
+    adapter = None
+    if teacher.adapter is not None:
+        folder = adapters.locate(teacher.adapter, "distill.teacher.adapter")
+        # A damaged adapter is named as such, not reported as another teacher.
+        models.check_weights(folder)
+        adapter = adapters.fingerprint(folder)
+    return {
+        "teacher_model_weights": models.weights_fingerprint(teacher.name, teacher.revision),
+        "teacher_adapter_weights": adapter,
+    }
+
+
 def manifest(
     settings: schema.DistillConfig, examples: list[data.Example], compared_width: int
 ) -> dict[str, Any]:
@@ -60,6 +76,7 @@ def manifest(
     assert settings.cache is not None
     return {
         "teacher": settings.teacher.model_dump(mode="json"),
+        **teacher_fingerprint(settings.teacher),
         "temperature": settings.temperature,
         "positions": settings.positions,
         "label_tokens_only": settings.label_tokens_only,
