@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -139,6 +140,33 @@ def test_interrupted_build_keeps_finished_shards(
     hotter = settings.model_copy(update={"temperature": 3.0})
     with pytest.raises(cache.CacheError, match=r"temperature differ"):
         _build(tmp_path, hotter, teacher, examples, tokenizer)
+
+
+def test_a_damaged_shard_is_built_again_with_a_note(
+    tmp_path, tiny_model_dir, teacher, tokenizer, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = _settings(tiny_model_dir, cache={"top_k": 3, "examples_per_shard": 2})
+    examples = _examples(tokenizer, 6)
+    folder = _build(tmp_path, settings, teacher, examples, tokenizer)
+    damaged = folder / "shard-00002.safetensors"
+    expected = load_file(damaged)
+    os.truncate(damaged, 500)
+    assert cache.missing_shards(folder, len(examples), 2) == [2]
+    computed = []
+    real_shard = cache._teacher_shard
+    monkeypatch.setattr(
+        cache,
+        "_teacher_shard",
+        lambda teacher, shard_examples, *rest: (
+            computed.append(len(shard_examples)) or real_shard(teacher, shard_examples, *rest)
+        ),
+    )
+    _build(tmp_path, settings, teacher, examples, tokenizer)
+    assert computed == [2]
+    assert f"note: {damaged} cannot be read (truncated or damaged)" in capsys.readouterr().err
+    rebuilt = cache.CachedTeacher(folder).shards[2]
+    for name, value in expected.items():
+        torch.testing.assert_close(rebuilt[name], value)
 
 
 def test_a_teacher_retrained_in_place_is_refused_by_name(

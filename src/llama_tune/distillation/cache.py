@@ -10,7 +10,8 @@ The cache lives in `<run>/teacher-cache/` as shards of `examples_per_shard` exam
 written atomically, with a manifest of what it was built from, the teacher's weights included
 (fingerprints of its model and adapter, so a teacher retrained in place is noticed). Building
 resumes: finished shards are kept, and a manifest that no longer matches the recipe, the
-teacher's weights or the data is an error, not a silent mix of two teachers.
+teacher's weights or the data is an error, not a silent mix of two teachers. A shard that
+cannot be read (a truncated file) is built again like an absent one, with a note naming it.
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
@@ -175,7 +178,8 @@ def build(
     """Write the missing shards of the teacher cache (this process's `share` of them); returns
     its folder.
 
-    Finished shards are never recomputed, so an interrupted build continues where it stopped.
+    Finished shards are never recomputed, so an interrupted build continues where it stopped;
+    a damaged one is (`missing_shards`), with a note.
     `teacher` loads the teacher; it is called only when a shard of the share is missing.
     """
     assert settings.cache is not None
@@ -194,6 +198,7 @@ def build(
     missing = [shard for shard in missing if shard % share.count == share.index]
     if not missing:
         return folder
+    _note_damaged(folder, missing)
     frozen = FrozenTeacher(teacher())
     shards = {shard: examples[shard * per_shard : (shard + 1) * per_shard] for shard in missing}
     total = sum(len(shard_examples) for shard_examples in shards.values())
@@ -226,9 +231,32 @@ def build(
 
 
 def missing_shards(folder: Path, example_count: int, per_shard: int) -> list[int]:
-    """Shards of a cache folder not written yet."""
+    """Shards of a cache folder not written yet, or unreadable: both are built (again)."""
     shards = range(-(-example_count // per_shard))
-    return [shard for shard in shards if not _shard_path(folder, shard).is_file()]
+    return [shard for shard in shards if not _readable(_shard_path(folder, shard))]
+
+
+def _note_damaged(folder: Path, missing: list[int]) -> None:
+    """Say which of the shards about to be built are there but unreadable: rewriting a file
+    without a word would hide that something damaged the cache."""
+    for shard in missing:
+        path = _shard_path(folder, shard)
+        if path.exists():
+            print(
+                f"note: {path} cannot be read (truncated or damaged); building it again",
+                file=sys.stderr,
+            )
+
+
+def _readable(shard: Path) -> bool:
+    """Whether a shard file opens with a header that matches its size: shards are written
+    atomically, so one that does not was truncated or damaged since, and would stop training
+    with safetensors' own traceback."""
+    try:
+        with safe_open(shard, framework="pt"):
+            return True
+    except (SafetensorError, OSError):  # OSError: absent (or unreadable to this user)
+        return False
 
 
 class CachedTeacher:
