@@ -11,10 +11,10 @@ TEMPLATE = "Review: {text}\nSentiment (positive or negative):"
 ROWS = 48
 
 
-def _task_yaml(folder: Path, validation: Path) -> None:
-    """A harness task over the shared SST-2 validation rows, with the recipe's prompt."""
+def _task_yaml(folder: Path, validation: Path, name: str = "sst2_llama_tune") -> None:
+    """A harness task `name` over the shared SST-2 validation rows, with the recipe's prompt."""
     task = {
-        "task": "sst2_llama_tune",
+        "task": name,
         "dataset_path": "json",
         "dataset_kwargs": {"data_files": {"validation": str(validation)}},
         "validation_split": "validation",
@@ -24,8 +24,8 @@ def _task_yaml(folder: Path, validation: Path) -> None:
         "doc_to_target": "{{['negative', 'positive'].index(label)}}",
         "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
     }
-    folder.mkdir()
-    (folder / "sst2_llama_tune.yaml").write_text(json.dumps(task))
+    folder.mkdir(exist_ok=True)
+    (folder / f"{name}.yaml").write_text(json.dumps(task))
 
 
 def test_the_harness_accuracy_lies_in_evaluates_interval(
@@ -65,3 +65,35 @@ def test_a_launched_lm_eval_is_refused_before_anything_loads(
     err = cli_here("lm-eval", str(tmp_path / "no-run"), "--tasks", "sst2", expect=2)
     assert "lm-eval runs on one process, not 2" in err
     assert "Traceback" not in err
+
+
+def test_each_task_scored_keeps_the_others_results(
+    tiny_recipe, cli_here, data_root: Path, tmp_path: Path
+) -> None:
+    path = tiny_recipe(max_steps=1)
+    cli_here("train", str(path))
+    run_dir = path.parent / "run"
+    tasks = tmp_path / "tasks"
+    for name in ("first_task", "second_task"):
+        _task_yaml(tasks, data_root / "classification/sst2/validation.jsonl", name)
+
+    def lm_eval(task: str, limit: int, expect: int = 0) -> str:
+        arguments = ["--tasks", task, "--include-path", str(tasks), "--limit", str(limit)]
+        return cli_here("lm-eval", str(run_dir), *arguments, expect=expect)
+
+    lm_eval("first_task", 2)
+    lm_eval("second_task", 2)
+    lm_eval("first_task", 4)
+    folder = run_dir / "evaluation" / "lm-eval"
+    kept = json.loads((folder / "results.json").read_text())
+    assert set(kept["results"]) == {"first_task", "second_task"}
+    # The first task scored again replaced its own entry, and only its own.
+    assert kept["n-samples"]["first_task"]["effective"] == 4
+    assert kept["n-samples"]["second_task"]["effective"] == 2
+    rows = [line.split("|")[1].strip() for line in harness.table(folder).splitlines()[2:]]
+    assert [row for row in rows if row] == ["first_task", "second_task"]
+    # Results it cannot read are refused before the model loads, and left as they were.
+    (folder / "results.json").write_text('{"results"')
+    err = lm_eval("second_task", 2, expect=2)
+    assert err.startswith(f"error: {folder / 'results.json'}: unreadable")
+    assert (folder / "results.json").read_text() == '{"results"'

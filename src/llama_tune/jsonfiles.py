@@ -1,4 +1,5 @@
-"""Reading and writing the JSON files of a run (summaries, metrics, results, manifests)."""
+"""Reading and writing the JSON files of a run (summaries, metrics, results, manifests), and
+writing any of its text files whole."""
 
 from __future__ import annotations
 
@@ -24,12 +25,17 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def write_json(path: Path, payload: Any) -> None:
-    """Write JSON through a temporary file and a rename, so readers never see half a file."""
+def write_text(path: Path, text: str) -> None:
+    """Write text through a temporary file and a rename, so readers never see half a file."""
     staging = path.with_name(f".{path.name}.tmp")
     staging.parent.mkdir(parents=True, exist_ok=True)
-    staging.write_text(json.dumps(payload, indent=2) + "\n")
+    staging.write_text(text)
     os.replace(staging, path)
+
+
+def write_json(path: Path, payload: Any) -> None:
+    """Write JSON whole (`write_text`), indented for people reading run folders."""
+    write_text(path, json.dumps(payload, indent=2) + "\n")
 
 
 def read_json(path: Path) -> Any:
