@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from llama_tune import config, evaluation, harness, train
 
 TEMPLATE = "Review: {text}\nSentiment (positive or negative):"
@@ -97,3 +99,25 @@ def test_each_task_scored_keeps_the_others_results(
     err = lm_eval("second_task", 2, expect=2)
     assert err.startswith(f"error: {folder / 'results.json'}: unreadable")
     assert (folder / "results.json").read_text() == '{"results"'
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--tasks", ","], "--tasks names no task: give harness task names, comma-separated"),
+        (["--tasks", "sst2", "--limit", "0"], "--limit must be at least 1"),
+        (["--tasks", "sst2", "--limit", "-3"], "--limit must be at least 1"),
+        (
+            ["--tasks", "sst2", "--include-path", "TMP/tasks"],
+            "--include-path TMP/tasks: no such folder",
+        ),
+    ],
+)
+def test_options_the_harness_would_fail_on_are_refused_first(
+    cli_here, tmp_path: Path, options: list[str], message: str
+) -> None:
+    # The harness failed on these after the model loaded, or took a missing folder for unknown
+    # tasks: refused before even the run folder is read, in one line.
+    options = [option.replace("TMP", str(tmp_path)) for option in options]
+    err = cli_here("lm-eval", str(tmp_path / "no-run"), *options, expect=2)
+    assert err.splitlines() == [f"error: {message.replace('TMP', str(tmp_path))}"]

@@ -22,7 +22,7 @@ from llama_tune.runtime import model_device, resolve_precision
 
 
 class HarnessError(UserError):
-    """A harness run that cannot start: the extra missing, an unknown task, no run."""
+    """A harness run that cannot start: a bad option, the extra missing, an unknown task, no run."""
 
 
 KEPT = ("results", "versions", "n-shot", "n-samples", "higher_is_better", "group_subtasks")
@@ -51,6 +51,17 @@ def _merged(kept: dict[str, dict[str, Any]], results: dict[str, Any]) -> dict[st
     return {part: {**kept[part], **(results.get(part) or {})} for part in KEPT}
 
 
+def _check_options(tasks: list[str], include_path: str | None, limit: int | None) -> None:
+    """Refuse options the harness would only fail on after the model loaded (no task, no
+    documents) or take for something else (a missing folder reads as tasks it does not know)."""
+    if not tasks:
+        raise HarnessError("--tasks names no task: give harness task names, comma-separated")
+    if limit is not None and limit < 1:
+        raise HarnessError("--limit must be at least 1")
+    if include_path is not None and not Path(include_path).is_dir():
+        raise HarnessError(f"--include-path {include_path}: no such folder")
+
+
 def run(
     target: str | Path,
     tasks: list[str],
@@ -61,6 +72,7 @@ def run(
     """Score the run folder `target`'s model on the harness `tasks` (its own, or task YAMLs
     in `include_path`), the first `limit` documents of each; returns (results, folder), the
     results of every task scored in this run folder so far."""
+    _check_options(tasks, include_path, limit)
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     if processes > 1:
         # Handed a model instance, the harness takes itself for the only process: each would
