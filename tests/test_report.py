@@ -44,6 +44,17 @@ def test_runs_are_compared_in_one_table(tmp_path: Path) -> None:
     assert "Robustness" not in page
 
 
+def test_runs_that_share_a_folder_name_keep_their_own_rows(tmp_path: Path) -> None:
+    paths = [_results(tmp_path / "a/run", 0.8), _results(tmp_path / "b/run", 0.9)]
+    paths.append(_results(tmp_path / "other", 0.7))
+    rows = report.compare_runs(paths, tmp_path / "comparison")
+    assert rows["a/run (tuned, validation)"]["accuracy"]["value"] == 0.8
+    assert rows["b/run (tuned, validation)"]["accuracy"]["value"] == 0.9
+    # A name no other run has stays the name alone.
+    assert rows["other (tuned, validation)"]["accuracy"]["value"] == 0.7
+    assert len(rows) == 6
+
+
 def test_intervals_are_shown_with_four_decimals() -> None:
     assert report.format_interval({"value": 0.5, "low": 0.25, "high": 0.75}) == (
         "0.5000 [0.2500, 0.7500]"

@@ -404,18 +404,38 @@ def write_run_report(out_dir: Path, results: dict[str, Any], run_dir: Path) -> N
     _write(out_dir, f"Evaluation of {run_dir.name} on {data['split']}", sections)
 
 
+def run_labels(run_dirs: list[Path]) -> dict[Path, str]:
+    """Each run folder's name, or where runs share it the shortest end of its path that no
+    other run's ends with (`a/run`, `b/run`): rows are keyed by it, so one run's rows would
+    replace another's of the same name."""
+    parts = {run_dir: run_dir.resolve().parts for run_dir in run_dirs}
+    # The same run named twice (`run`, `./run`) is one run, not two to tell apart.
+    distinct = set(parts.values())
+    labels = {}
+    for run_dir, own in parts.items():
+        length = next(
+            length
+            for length in range(1, len(own) + 1)
+            if sum(other[-length:] == own[-length:] for other in distinct) == 1
+        )
+        labels[run_dir] = str(Path(*own[-length:]))
+    return labels
+
+
 def compare_runs(results_paths: list[Path], out_dir: Path) -> dict[str, dict[str, Any]]:
     """One table and one chart of several evaluations' metrics; returns the rows shown."""
     rows: dict[str, dict[str, Any]] = {}
     systems: dict[str, dict[str, Any]] = {}
     row_scores: dict[str, paired_drops.RowScores | None] = {}
     settings: dict[str, Any] = {}
+    # Results sit in RUN/evaluation/SPLIT/results.json.
+    labels = run_labels([path.parents[2] for path in results_paths])
     for path in results_paths:
         results = read_json(path)
         if not isinstance(results, dict) or not {"systems", "settings"} <= results.keys():
             raise UserError(f"{path}: not results written by llama-tune evaluate (no systems)")
         # The folder name says the split, and "-best" for the best adapter of a run.
-        run_name, scored = path.parents[2].name, path.parent.name
+        run_name, scored = labels[path.parents[2]], path.parent.name
         # The first run's bootstrap settings serve every comparison with it.
         settings = settings or results["settings"]
         for index, (system, result) in enumerate(results["systems"].items()):
