@@ -55,6 +55,19 @@ def test_runs_that_share_a_folder_name_keep_their_own_rows(tmp_path: Path) -> No
     assert len(rows) == 6
 
 
+def test_a_split_not_scored_is_named_with_the_splits_that_were(cli_here, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    _results(run_dir, 0.8)
+    err = cli_here("report", str(run_dir), "--split", "test", expect=2)
+    assert err.splitlines() == [
+        f"error: {run_dir} has no results for split 'test' (it has: validation)"
+    ]
+    output = ["--output", str(tmp_path / "comparison")]
+    cli_here("report", str(run_dir), "--split", "validation", *output)
+    err = cli_here("report", str(tmp_path / "never-scored"), *output, expect=2)
+    assert "has no evaluation results; run llama-tune evaluate first" in err
+
+
 def test_intervals_are_shown_with_four_decimals() -> None:
     assert report.format_interval({"value": 0.5, "low": 0.25, "high": 0.75}) == (
         "0.5000 [0.2500, 0.7500]"

@@ -230,17 +230,7 @@ def _print_results(results: dict) -> None:
 def _report(args: argparse.Namespace) -> int:
     from llama_tune import report
 
-    found = []
-    for run in args.runs:
-        pattern = f"{args.split or '*'}/{run_folder.RESULTS}"
-        paths = sorted((Path(run) / run_folder.EVALUATION).glob(pattern))
-        if not paths:
-            print(
-                f"error: {run} has no evaluation results; run llama-tune evaluate first",
-                file=sys.stderr,
-            )
-            return USAGE_ERROR
-        found += paths
+    found = [path for run in args.runs for path in report.evaluation_results(Path(run), args.split)]
     output = Path(args.output)
     rows = report.compare_runs(found, output)
     for name, metrics in rows.items():

@@ -22,7 +22,7 @@ from llama_tune import validation
 from llama_tune.adversarial import paired_drops
 from llama_tune.errors import UserError
 from llama_tune.jsonfiles import read_json, read_jsonl
-from llama_tune.run_folder import METRICS, REPORT_HTML, REPORT_MD
+from llama_tune.run_folder import EVALUATION, METRICS, REPORT_HTML, REPORT_MD, RESULTS
 
 
 def _png(figure: plt.Figure) -> bytes:
@@ -402,6 +402,19 @@ def write_run_report(out_dir: Path, results: dict[str, Any], run_dir: Path) -> N
             ("Confusion matrix", f"{next(iter(systems))}: rows are references.", None, plot)
         )
     _write(out_dir, f"Evaluation of {run_dir.name} on {data['split']}", sections)
+
+
+def evaluation_results(run: Path, split: str | None) -> list[Path]:
+    """The results.json files `llama-tune evaluate` wrote in the run folder `run`: every
+    split's, or `split`'s alone; where there are none, a UserError says what the run has."""
+    scored = {path.parent.name: path for path in sorted((run / EVALUATION).glob(f"*/{RESULTS}"))}
+    if not scored:
+        raise UserError(f"{run} has no evaluation results; run llama-tune evaluate first")
+    if split is None:
+        return list(scored.values())
+    if split not in scored:
+        raise UserError(f"{run} has no results for split '{split}' (it has: {', '.join(scored)})")
+    return [scored[split]]
 
 
 def run_labels(run_dirs: list[Path]) -> dict[Path, str]:
