@@ -68,6 +68,17 @@ def test_a_split_not_scored_is_named_with_the_splits_that_were(cli_here, tmp_pat
     assert "has no evaluation results; run llama-tune evaluate first" in err
 
 
+def test_lm_eval_results_are_left_out_of_a_comparison(cli_here, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    _results(run_dir, 0.8)
+    harness_results = run_dir / run_folder.EVALUATION / run_folder.LM_EVAL / run_folder.RESULTS
+    harness_results.parent.mkdir()
+    harness_results.write_text(json.dumps({"results": {"sst2": {"acc,none": 0.5}}}))
+    cli_here("report", str(run_dir), "--output", str(tmp_path / "comparison"))
+    err = cli_here("report", str(run_dir), "--split", run_folder.LM_EVAL, expect=2)
+    assert "has no results for split 'lm-eval' (it has: validation)" in err
+
+
 def test_intervals_are_shown_with_four_decimals() -> None:
     assert report.format_interval({"value": 0.5, "low": 0.25, "high": 0.75}) == (
         "0.5000 [0.2500, 0.7500]"

@@ -22,7 +22,7 @@ from llama_tune import validation
 from llama_tune.adversarial import paired_drops
 from llama_tune.errors import UserError
 from llama_tune.jsonfiles import read_json, read_jsonl
-from llama_tune.run_folder import EVALUATION, METRICS, REPORT_HTML, REPORT_MD, RESULTS
+from llama_tune.run_folder import EVALUATION, LM_EVAL, METRICS, REPORT_HTML, REPORT_MD, RESULTS
 
 
 def _png(figure: plt.Figure) -> bytes:
@@ -406,8 +406,13 @@ def write_run_report(out_dir: Path, results: dict[str, Any], run_dir: Path) -> N
 
 def evaluation_results(run: Path, split: str | None) -> list[Path]:
     """The results.json files `llama-tune evaluate` wrote in the run folder `run`: every
-    split's, or `split`'s alone; where there are none, a UserError says what the run has."""
-    scored = {path.parent.name: path for path in sorted((run / EVALUATION).glob(f"*/{RESULTS}"))}
+    split's, or `split`'s alone; where there are none, a UserError says what the run has.
+    lm-eval's results, in a format of their own, are not among them."""
+    scored = {
+        path.parent.name: path
+        for path in sorted((run / EVALUATION).glob(f"*/{RESULTS}"))
+        if path.parent.name != LM_EVAL
+    }
     if not scored:
         raise UserError(f"{run} has no evaluation results; run llama-tune evaluate first")
     if split is None:
