@@ -60,6 +60,31 @@ def test_unknown_target_module_is_a_model_error(tiny_model_dir: Path) -> None:
         models.load(ModelConfig(name=str(tiny_model_dir)), AdapterConfig(target_modules=["nope"]))
 
 
+def test_a_target_module_that_matches_nothing_is_named(tiny_model_dir: Path) -> None:
+    # peft alone adapts q_proj and ignores the misspelt name as long as one name matches.
+    linear = "down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"
+    misspelt = AdapterConfig(target_modules=["q_proj", "foo_proj", "self_attn.v_prj"])
+    with pytest.raises(
+        models.ModelError,
+        match=rf"^adapter\.target_modules: foo_proj, self_attn\.v_prj names no module of the "
+        rf"model, whose linear modules are {linear}$",
+    ):
+        models.add_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), misspelt)
+    # A module of a decoder layer that adapter.layers leaves out is not adapted either.
+    outside = AdapterConfig(target_modules=["q_proj", "layers.0.mlp.up_proj"], layers=[1])
+    with pytest.raises(
+        models.ModelError,
+        match=r"^adapter\.target_modules: layers\.0\.mlp\.up_proj names no module in "
+        r"adapter\.layers \[1\], whose linear modules are down_proj, gate_proj, k_proj, o_proj",
+    ):
+        models.add_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), outside)
+    # A name matches a module's whole name or its last dotted parts, as in peft.
+    suffixes = AdapterConfig(target_modules=["self_attn.q_proj", "model.layers.0.mlp.up_proj"])
+    model = models.add_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), suffixes)
+    adapted = {name.rsplit(".", 1)[-1] for name in model.base_model.targeted_module_names}
+    assert adapted == {"q_proj", "up_proj"}
+
+
 def _lora_gradients(model: torch.nn.Module, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
     model(input_ids=input_ids, labels=input_ids).loss.backward()
     return {name: p.grad for name, p in model.named_parameters() if p.grad is not None}

@@ -24,7 +24,7 @@ from typing import BinaryIO
 import torch
 from huggingface_hub import hf_hub_download
 from peft import LoraConfig, PeftModel, get_peft_model
-from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
 from safetensors import SafetensorError, safe_open
 from transformers import (
     AutoConfig,
@@ -409,15 +409,20 @@ def _keep_4bit_weights_trainable(model: PreTrainedModel) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def _linear_names(modules: Iterator[tuple[str, torch.nn.Module]]) -> list[str]:
+    """The distinct last parts of the linear layers' names among `modules` (q_proj, ...),
+    sorted: the names a target module list is written in."""
+    linear = (name for name, module in modules if isinstance(module, torch.nn.Linear))
+    return sorted({name.rsplit(".", 1)[-1] for name in linear})
+
+
 def lora_config(adapter: AdapterConfig, model: PreTrainedModel) -> LoraConfig:
     """The peft LoraConfig the recipe's adapter section describes, for `model`."""
     targets = adapter.target_modules
     if targets == "all-linear" and adapter.layers is not None:
         # peft takes chosen layers only with named modules: every linear layer's name inside
         # the decoder layers (the output head is outside them).
-        modules = causal_lm(model).model.layers.named_modules()
-        linear = (name for name, module in modules if isinstance(module, torch.nn.Linear))
-        targets = sorted({name.rsplit(".", 1)[-1] for name in linear})
+        targets = _linear_names(causal_lm(model).model.layers.named_modules())
     return LoraConfig(
         r=adapter.r,
         lora_alpha=adapter.alpha,
@@ -427,6 +432,34 @@ def lora_config(adapter: AdapterConfig, model: PreTrainedModel) -> LoraConfig:
         use_dora=adapter.use_dora,
         use_rslora=adapter.use_rslora,
         task_type="CAUSAL_LM",
+    )
+
+
+def _check_targets(settings: LoraConfig, adapter: AdapterConfig, model: PreTrainedModel) -> None:
+    """Refuse a listed target module that adapts nothing (a misspelt name): peft skips it
+    silently as long as another name matches."""
+    if adapter.target_modules == "all-linear":
+        return  # the names are the model's own
+    # peft's own rule picks the adapted modules (within adapter.layers when set); a listed
+    # name adapts one when it is that module's name or its last dotted parts, as peft matches.
+    adapted = [
+        name for name, _ in model.named_modules() if check_target_module_exists(settings, name)
+    ]
+    unmatched = [
+        target
+        for target in adapter.target_modules
+        if not any(name == target or name.endswith(f".{target}") for name in adapted)
+    ]
+    if not unmatched:
+        return
+    if adapter.layers is None:
+        where, modules = "of the model", model.named_modules()
+    else:
+        where = f"in adapter.layers {adapter.layers}"
+        modules = causal_lm(model).model.layers.named_modules()
+    raise ModelError(
+        f"adapter.target_modules: {', '.join(unmatched)} names no module {where}, whose "
+        f"linear modules are {', '.join(_linear_names(modules))}"
     )
 
 
@@ -445,8 +478,10 @@ def add_adapter(
             f"adapter.layers: {max(adapter.layers)} is not a layer of the model, whose "
             f"{depth} decoder layers are 0 to {depth - 1}"
         )
+    settings = lora_config(adapter, model)
+    _check_targets(settings, adapter, model)
     try:
-        wrapped = get_peft_model(model, lora_config(adapter, model))
+        wrapped = get_peft_model(model, settings)
     except ValueError as error:
         raise ModelError(f"adapter.target_modules: {error}") from None
     if base is not None:
