@@ -1,18 +1,22 @@
-"""`llama-tune chat`: one-shot and interactive answers with the recipe's chat template."""
+"""`llama-tune chat`: one-shot and interactive answers, prompted as training prompted its rows."""
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 from pathlib import Path
 
 from conftest import CLI, REPO
+from llama_tune import config, data
+from llama_tune.chat import PLAIN_PROMPTS, Conversation, interactive
 
 
 def _base_recipe(tmp_path: Path, **chat: str) -> Path:
     path = tmp_path / "base.yaml"
+    # Conversations: rendered with the tokenizer's chat template, as training would.
     recipe = {
-        "data": {"source": "unused", "task": "instruction", "chat": chat},
+        "data": {"source": "unused", "task": "instruction", "format": "messages", "chat": chat},
         "evaluation": {"max_new_tokens": 24},
         "output": {"dir": str(tmp_path / "base")},
     }
@@ -58,3 +62,42 @@ def test_a_run_folder_answers_with_its_adapter(cli, cli_here, tiny_recipe, data_
     assert "Paris" in done.stdout
     missing = cli_here("chat", str(path.parent / "nothing-here"), "--prompt", "Hi", expect=2)
     assert missing.startswith("error: ")
+
+
+def test_a_run_trained_on_plain_prompts_is_prompted_as_training_was(cli_here, tiny_recipe) -> None:
+    path = tiny_recipe("plain", max_steps=1)
+    cli_here("train", str(path))
+    conversation = Conversation(path.parent / "plain", [])
+    assert conversation.plain
+    trained = data.build(config.load(path).data, conversation.tokenizer).train.examples[0]
+    # The task template with the label set, the text as the row's input, as training encoded it.
+    prompt = trained.input_ids[: trained.prompt_length]
+    assert conversation.prompt_ids(trained.fields["text"]) == prompt
+    assert "one of: negative, positive." in conversation.tokenizer.decode(prompt)
+    assert conversation.stop_strings == ["\n"]
+    out = io.StringIO()
+    interactive(conversation, ["a dull film .", "a fine film ."], out)
+    assert PLAIN_PROMPTS in out.getvalue()
+    assert out.getvalue().count("assistant: ") == 2
+    # No history: the model never saw one.
+    assert conversation.turns == []
+    said = cli_here("chat", str(path.parent / "plain"), "--prompt", "a dull film .")
+    assert PLAIN_PROMPTS in said
+
+
+def test_instruction_rows_are_prompted_in_the_format_training_read_from_them(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    rows = tmp_path / "rows.jsonl"
+    recipe = tmp_path / "recipe.yaml"
+    settings = {"source": str(rows), "task": "instruction"}
+    recipe.write_text(json.dumps({"model": {"name": str(tiny_model_dir)}, "data": settings}))
+    # The first row fits no format, and training skipped it: the next one says which it is.
+    prompt_completion = [{"question": "?"}, {"prompt": "Say hi.", "completion": "Hi."}]
+    rows.write_text("".join(json.dumps(row) + "\n" for row in prompt_completion))
+    plain = Conversation(recipe, [])
+    assert plain.plain
+    assert plain.prompt_ids("Say hi.") == plain.tokenizer("Say hi.")["input_ids"]
+    messages = [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi."}]
+    rows.write_text(json.dumps({"messages": messages}) + "\n")
+    assert not Conversation(recipe, []).plain

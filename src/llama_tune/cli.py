@@ -84,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
 def _add_model_verbs(verbs: argparse._SubParsersAction) -> None:
     """The verbs that use a trained model: chat with it, export it; and recipe validation."""
     chat = verbs.add_parser(
-        "chat", help="talk to a run's model (or a recipe's base) with the recipe's chat template"
+        "chat", help="talk to a run's model (or a recipe's base), prompted as training prompted"
     )
     chat.add_argument("target", help="a run folder (its trained model) or a recipe (its base)")
     chat.add_argument("overrides", nargs="*", help="dotted key=value recipe overrides")
@@ -280,6 +280,8 @@ def _chat(args: argparse.Namespace) -> int:
 
     conversation = chat.Conversation(args.target, args.overrides)
     if args.prompt is not None:
+        if conversation.plain:  # on stderr: stdout holds the answer alone
+            print(f"({chat.PLAIN_PROMPTS})", file=sys.stderr)
         print(conversation.answer(args.prompt))
     else:
         chat.interactive(conversation, sys.stdin, sys.stdout)

@@ -385,10 +385,15 @@ class TaskFormatter:
         """Every placeholder value of a row, plus the target; raises ValueError on a bad row."""
         rendered = {name: self.text_field(values, name) for name in self.task.input_fields}
         rendered[self.task.target_field] = self.text_field(values, self.task.target_field).strip()
-        if self.labels is not None:
-            if self.strict_labels and rendered[self.task.target_field] not in self.labels:
-                raise ValueError("unknown_label")
-            rendered["labels"] = ", ".join(self.labels)
+        target = rendered[self.task.target_field]
+        if self.labels is not None and self.strict_labels and target not in self.labels:
+            raise ValueError("unknown_label")
+        return rendered | self._extra_placeholders(values)
+
+    def _extra_placeholders(self, values: dict[str, Any]) -> dict[str, str]:
+        """The template's values besides the row's input: the label set, and the languages
+        (the recipe's, else the row's); ValueError when the row lacks a language."""
+        rendered = {} if self.labels is None else {"labels": ", ".join(self.labels)}
         for name, configured in (
             ("source_lang", self.config.languages.source),
             ("target_lang", self.config.languages.target),
@@ -397,6 +402,19 @@ class TaskFormatter:
                 code = configured or self.text_field(values, name)
                 rendered[name] = language_name(code)
         return rendered
+
+    def text_fields(self, text: str) -> dict[str, str]:
+        """The placeholder values of a prompt for `text` typed outside any row (chat): `text`
+        as the task's input, the label set and the recipe's languages."""
+        try:
+            return dict.fromkeys(self.task.input_fields, text) | self._extra_placeholders({})
+        except ValueError:  # only a language can be missing: the rows named theirs
+            columns = f"{self.column('source_lang')}, {self.column('target_lang')}"
+            raise DataError(
+                f"data.languages: the rows name their languages (columns {columns}) and a text "
+                "outside them names none; give them, e.g. data.languages.source=en "
+                "data.languages.target=de"
+            ) from None
 
     def prompt(self, fields: dict[str, str], tokenizer: PreTrainedTokenizerBase) -> str:
         """The prompt text of a single-prompt row: the task template, as a user turn of the
@@ -409,6 +427,12 @@ class TaskFormatter:
         if self.config.chat.system_prompt is not None:
             turns.insert(0, {"role": "system", "content": self.config.chat.system_prompt})
         return template.render(turns, tokenizer, add_generation_prompt=True)
+
+    def prompt_ids(self, fields: dict[str, str], tokenizer: PreTrainedTokenizerBase) -> list[int]:
+        """The prompt as training encodes it: with the tokenizer's special tokens (its
+        beginning of sequence) after a plain template; a chat rendering holds its own as text."""
+        special = self.chat_template(tokenizer) is None
+        return _encode_text(tokenizer, self.prompt(fields, tokenizer), special)
 
     def target(self, fields: dict[str, str], tokenizer: PreTrainedTokenizerBase) -> str:
         """The target text: after a space in a plain template, with the chat template's end of
@@ -436,12 +460,11 @@ def encode(
     then, if the target alone still does not fit, the end of the target.
     """
     config = formatter.config
-    # A chat-rendered prompt already holds its special tokens as text, and its end of turn.
-    special = formatter.chat_template(tokenizer) is None
     target_ids = _encode_text(tokenizer, formatter.target(fields, tokenizer), False)
-    if special:
+    # A plain target ends with the end-of-sequence token; a chat-rendered one with its end of turn.
+    if formatter.chat_template(tokenizer) is None:
         target_ids.append(tokenizer.eos_token_id)
-    prompt_ids = _encode_text(tokenizer, formatter.prompt(fields, tokenizer), special)
+    prompt_ids = formatter.prompt_ids(fields, tokenizer)
     overflow = len(prompt_ids) + len(target_ids) - config.max_length
     if overflow <= 0:
         return prompt_ids + target_ids, len(prompt_ids), False
@@ -454,7 +477,7 @@ def encode(
     for extra in (0, 2, 8, 32):
         keep = max(len(field_ids) - overflow - extra, 1)
         shortened[long_field] = tokenizer.decode(field_ids[:keep])
-        prompt_ids = _encode_text(tokenizer, formatter.prompt(shortened, tokenizer), special)
+        prompt_ids = formatter.prompt_ids(shortened, tokenizer)
         if len(prompt_ids) + len(target_ids) <= config.max_length or keep == 1:
             break
     room_for_target = max(config.max_length - len(prompt_ids), 1)
@@ -740,6 +763,20 @@ def training_inputs(formatter: TaskFormatter) -> Iterator[str]:
         for name in formatter.task.input_fields:
             with contextlib.suppress(ValueError):
                 yield formatter.text_field(row.values, name)
+
+
+def adopt_training_format(formatter: TaskFormatter) -> None:
+    """Give `formatter` the format of the recipe's training rows, read from the first usable
+    one as training read it, when neither the recipe nor the task says what it is."""
+    if formatter.row_format is not None:
+        return
+    _, rows = _open_train(formatter.config)
+    for row in rows:
+        if row.values is not None:
+            with contextlib.suppress(ValueError):  # a row in no format: training skipped it
+                formatter.adopt_format(row.values)
+        if formatter.row_format is not None:
+            return
 
 
 def label_set(config: DataConfig) -> list[str] | None:
