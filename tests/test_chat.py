@@ -9,7 +9,7 @@ from pathlib import Path
 
 from conftest import CLI, REPO
 from llama_tune import config, data
-from llama_tune.chat import PLAIN_PROMPTS, Conversation, interactive
+from llama_tune.chat import SINGLE_PROMPTS, Conversation, interactive
 
 
 def _base_recipe(tmp_path: Path, **chat: str) -> Path:
@@ -68,7 +68,7 @@ def test_a_run_trained_on_plain_prompts_is_prompted_as_training_was(cli_here, ti
     path = tiny_recipe("plain", max_steps=1)
     cli_here("train", str(path))
     conversation = Conversation(path.parent / "plain", [])
-    assert conversation.plain
+    assert conversation.single_prompts
     trained = data.build(config.load(path).data, conversation.tokenizer).train.examples[0]
     # The task template with the label set, the text as the row's input, as training encoded it.
     prompt = trained.input_ids[: trained.prompt_length]
@@ -77,12 +77,22 @@ def test_a_run_trained_on_plain_prompts_is_prompted_as_training_was(cli_here, ti
     assert conversation.stop_strings == ["\n"]
     out = io.StringIO()
     interactive(conversation, ["a dull film .", "a fine film ."], out)
-    assert PLAIN_PROMPTS in out.getvalue()
+    assert SINGLE_PROMPTS in out.getvalue()
     assert out.getvalue().count("assistant: ") == 2
     # No history: the model never saw one.
     assert conversation.turns == []
     said = cli_here("chat", str(path.parent / "plain"), "--prompt", "a dull film .")
-    assert PLAIN_PROMPTS in said
+    assert SINGLE_PROMPTS in said
+    # Task rows rendered as a user turn of a chat template, after the system prompt.
+    chat_settings = ["data.chat.template=chatml", "data.chat.system_prompt=Be brief."]
+    templated = tiny_recipe("templated", max_steps=1)
+    cli_here("train", str(templated), *chat_settings)
+    conversation = Conversation(templated.parent / "templated", [])
+    assert conversation.single_prompts
+    trained = data.build(config.load(templated, chat_settings).data, conversation.tokenizer)
+    first = trained.train.examples[0]
+    assert conversation.prompt_ids(first.fields["text"]) == first.input_ids[: first.prompt_length]
+    assert "<|im_start|>system\nBe brief." in conversation.tokenizer.decode(first.input_ids)
 
 
 def test_instruction_rows_are_prompted_in_the_format_training_read_from_them(
@@ -96,8 +106,8 @@ def test_instruction_rows_are_prompted_in_the_format_training_read_from_them(
     prompt_completion = [{"question": "?"}, {"prompt": "Say hi.", "completion": "Hi."}]
     rows.write_text("".join(json.dumps(row) + "\n" for row in prompt_completion))
     plain = Conversation(recipe, [])
-    assert plain.plain
+    assert plain.single_prompts
     assert plain.prompt_ids("Say hi.") == plain.tokenizer("Say hi.")["input_ids"]
     messages = [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi."}]
     rows.write_text(json.dumps({"messages": messages}) + "\n")
-    assert not Conversation(recipe, []).plain
+    assert not Conversation(recipe, []).single_prompts

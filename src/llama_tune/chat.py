@@ -1,12 +1,13 @@
 """`llama-tune chat`: talk to a run's model, or a recipe's base model, to see what it says.
 
-Messages are prompted as training rendered its rows. Conversations, and rows rendered with a
-chat template, are rendered with the recipe's chat template (the tokenizer's own for
-conversations when the recipe names none) and its system prompt, the turns so far included.
-A run trained on plain prompts (a task template, no chat template) never saw a conversation:
-each message is filled into the task template as the row's input, the way evaluation prompts
-the run, on its own. Answers are greedy up to `evaluation.max_new_tokens` and stop where
-training's targets ended (the template's end of turn, or a plain template's line end).
+Messages are prompted as training rendered its rows. Conversations (messages, ShareGPT, alpaca
+rows) are rendered with the recipe's chat template (the tokenizer's own when the recipe names
+none) and its system prompt, the turns so far included. A run trained on one prompt per row
+(task rows, prompt/completion, plain text) never saw a conversation: each message is filled
+into the task template as the row's input, the way evaluation prompts the run, on its own (a
+user turn of the chat template after the system prompt where the recipe names one). Answers
+are greedy up to `evaluation.max_new_tokens` and stop where training's targets ended (the
+template's end of turn, or a plain template's line end).
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ from llama_tune.runtime import resolve_precision
 RESET = "/reset"
 """Typed alone in an interactive session, starts the conversation afresh."""
 
-PLAIN_PROMPTS = (
-    "this recipe trains on plain prompts, no chat template: each message is filled into its "
-    "task template, without history"
+SINGLE_PROMPTS = (
+    "this recipe trains on one prompt per row, not conversations: each message is filled into "
+    "its task template, without history"
 )
-"""Said once at the start of a session whose run (or recipe) has no chat template."""
+"""Said once at the start of a session whose run (or recipe) trains on single prompts."""
 
 
 class Conversation:
@@ -44,7 +45,7 @@ class Conversation:
         data.adopt_training_format(self.formatter)
         self.template = self.formatter.chat_template(self.tokenizer)
         self.stop_strings = self.formatter.stop_strings(self.tokenizer)
-        if self.plain:
+        if self.single_prompts:
             self.formatter.text_fields("")  # a template it cannot fill stops before the model loads
         self.system_prompt = recipe.data.chat.system_prompt
         self.model = evaluation.main_system(resolved, self.precision).model
@@ -53,10 +54,10 @@ class Conversation:
         self.reset()
 
     @property
-    def plain(self) -> bool:
-        """Whether training saw plain prompts (no chat template): each message then fills the
-        task template on its own, since the model never saw a conversation."""
-        return self.template is None
+    def single_prompts(self) -> bool:
+        """Whether training saw one prompt per row, not conversations: each message then fills
+        the task template on its own, since the model never saw a conversation."""
+        return not self.formatter.conversational
 
     def reset(self) -> None:
         self.turns = []
@@ -66,8 +67,9 @@ class Conversation:
     def prompt_ids(self, question: str) -> list[int]:
         """The prompt that asks `question` as training prompted its rows: the task template
         filled with it, or the conversation so far with it as the next user turn."""
-        if self.template is None:
+        if self.single_prompts:
             return self.formatter.prompt_ids(self.formatter.text_fields(question), self.tokenizer)
+        assert self.template is not None
         turns = [*self.turns, {"role": "user", "content": question}]
         text = self.template.render(turns, self.tokenizer, add_generation_prompt=True)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -79,7 +81,7 @@ class Conversation:
             reply = generate(
                 self.model, self.tokenizer, [prompt], self.settings, self.stop_strings
             )[0]
-        if not self.plain:
+        if not self.single_prompts:
             self.turns.append({"role": "user", "content": question})
             self.turns.append({"role": "assistant", "content": reply})
         return reply
@@ -88,8 +90,8 @@ class Conversation:
 def interactive(conversation: Conversation, lines: Iterable[str], out: TextIO) -> None:
     """Answer each line read until the input ends; `/reset` starts afresh."""
     print(f"chatting ({RESET} starts afresh; end the input to stop)", file=out)
-    if conversation.plain:
-        print(f"({PLAIN_PROMPTS})", file=out)
+    if conversation.single_prompts:
+        print(f"({SINGLE_PROMPTS})", file=out)
     for line in lines:
         question = line.strip()
         if not question:

@@ -280,8 +280,8 @@ def _chat(args: argparse.Namespace) -> int:
 
     conversation = chat.Conversation(args.target, args.overrides)
     if args.prompt is not None:
-        if conversation.plain:  # on stderr: stdout holds the answer alone
-            print(f"({chat.PLAIN_PROMPTS})", file=sys.stderr)
+        if conversation.single_prompts:  # on stderr: stdout holds the answer alone
+            print(f"({chat.SINGLE_PROMPTS})", file=sys.stderr)
         print(conversation.answer(args.prompt))
     else:
         chat.interactive(conversation, sys.stdin, sys.stdout)
