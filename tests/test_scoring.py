@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy
@@ -14,7 +15,7 @@ from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 from transformers import AutoModelForCausalLM
 
 from conftest import TEST_DATA
-from llama_tune import config, data, evaluation, inference, metrics, scoring, train
+from llama_tune import config, data, evaluation, inference, metrics, models, scoring, train
 
 
 @pytest.mark.parametrize("labels_at_once", ["all", "one"])
@@ -220,3 +221,40 @@ def test_the_built_in_model_answers_chat_rows_within_the_turn(
     assert all(predictions)
     assert not any("<|im" in prediction for prediction in predictions)
     assert results["systems"]["base"]["metrics"]["rougeL"]["value"] > 0.05
+
+
+def test_answers_that_span_lines_are_not_cut_at_their_first(
+    tiny_model_dir: Path, tmp_path: Path, data_root: Path
+) -> None:
+    # Real alpaca answers (lists, code) as prompt/completion rows under a plain template.
+    with (data_root / "instruction" / "alpaca_en_demo" / "train.jsonl").open() as handle:
+        rows = [json.loads(line) for line, _ in zip(handle, range(40), strict=False)]
+    pairs = [{"prompt": row["instruction"], "completion": row["output"]} for row in rows]
+    assert any("\n" in pair["completion"] for pair in pairs)
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    lines = "".join(json.dumps(pair) + "\n" for pair in pairs)
+    (folder / "train.jsonl").write_text(lines)
+    (folder / "test.jsonl").write_text(lines)
+    recipe = config.parse(
+        {
+            "model": {"name": str(tiny_model_dir)},
+            "data": {"source": str(folder), "task": "instruction"},
+        },
+        "recipe",
+    )
+    tokenizer = models.load_tokenizer(str(tiny_model_dir))
+    assert scoring.load_eval_set(recipe, tokenizer, "test", None).stop_strings == []
+    # Summaries stop at the line's end, unless a reference spans lines.
+    summaries = tmp_path / "summaries"
+    shutil.copytree(TEST_DATA / "summaries", summaries)
+    settings = {"model": {"name": str(tiny_model_dir)}}
+    recipe = config.parse(
+        settings | {"data": {"source": str(summaries), "task": "summarisation"}}, "r"
+    )
+    assert scoring.load_eval_set(recipe, tokenizer, "validation", None).stop_strings == ["\n"]
+    first, *rest = (summaries / "validation.jsonl").read_text().splitlines()
+    row = json.loads(first)
+    row["references"] = ["first line\nsecond line"]
+    (summaries / "validation.jsonl").write_text("\n".join([json.dumps(row), *rest]) + "\n")
+    assert scoring.load_eval_set(recipe, tokenizer, "validation", None).stop_strings == []

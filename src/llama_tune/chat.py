@@ -7,7 +7,7 @@ none) and its system prompt, the turns so far included. A run trained on one pro
 into the task template as the row's input, the way evaluation prompts the run, on its own (a
 user turn of the chat template after the system prompt where the recipe names one). Answers
 are greedy up to `evaluation.max_new_tokens` and stop where training's targets ended (the
-template's end of turn, or a plain template's line end).
+template's end of turn; a plain template's line end where answers are one line).
 """
 
 from __future__ import annotations

@@ -352,11 +352,19 @@ class TaskFormatter:
             )
         return self._chat[id(tokenizer)]
 
-    def stop_strings(self, tokenizer: PreTrainedTokenizerBase) -> list[str]:
-        """Where a generated answer ends besides the end-of-sequence token: the line's end for a
-        plain template, the chat template's end of turn."""
+    def stop_strings(
+        self, tokenizer: PreTrainedTokenizerBase, multiline: bool | None = None
+    ) -> list[str]:
+        """Where a generated answer ends besides the end-of-sequence token: the chat template's
+        end of turn, or a plain template's line end where answers are one line. `multiline`
+        says whether they may span lines; unsaid, instruction answers may (code, lists: cut
+        at their first line they would be scored short), a task's label or sentence may not."""
         template = self.chat_template(tokenizer)
-        return ["\n"] if template is None else template.stop_strings(tokenizer)
+        if template is not None:
+            return template.stop_strings(tokenizer)
+        if multiline is None:
+            multiline = self.task.name == "instruction"
+        return [] if multiline else ["\n"]
 
     def adopt_format(self, values: dict[str, Any]) -> None:
         """Take the row format from the first usable row when the recipe leaves it to the data."""

@@ -112,7 +112,10 @@ def load_eval_set(
             f"{origin}: plain-text rows have no answers to score; score a split of prompts and "
             "answers, or turn scoring off with data.splits.test: null"
         )
-    eval_set.stop_strings = formatter.stop_strings(tokenizer)
+    multiline = formatter.task.name == "instruction" or any(
+        "\n" in reference for example in eval_set.examples for reference in example.references
+    )
+    eval_set.stop_strings = formatter.stop_strings(tokenizer, multiline)
     eval_set.row_format = formatter.row_format
     return eval_set
 
