@@ -53,6 +53,11 @@ def test_runs_that_share_a_folder_name_keep_their_own_rows(tmp_path: Path) -> No
     # A name no other run has stays the name alone.
     assert rows["other (tuned, validation)"]["accuracy"]["value"] == 0.7
     assert len(rows) == 6
+    # The same run named twice is one evaluation.
+    spelt_otherwise = tmp_path / "b" / ".." / paths[0].relative_to(tmp_path)
+    again = report.compare_runs([paths[0], spelt_otherwise], tmp_path / "c")
+    assert list(again) == ["run (tuned, validation)", "run (base, validation)"]
+    assert "1 evaluation(s)" in (tmp_path / "c" / "report.md").read_text()
 
 
 def test_a_split_not_scored_is_named_with_the_splits_that_were(cli_here, tmp_path: Path) -> None:

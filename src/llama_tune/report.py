@@ -446,6 +446,8 @@ def compare_runs(results_paths: list[Path], out_dir: Path) -> dict[str, dict[str
     systems: dict[str, dict[str, Any]] = {}
     row_scores: dict[str, paired_drops.RowScores | None] = {}
     settings: dict[str, Any] = {}
+    # A run named twice (run, ./run) is one evaluation.
+    results_paths = list({path.resolve(): path for path in results_paths}.values())
     # Results sit in RUN/evaluation/SPLIT/results.json.
     labels = run_labels([path.parents[2] for path in results_paths])
     for path in results_paths:
