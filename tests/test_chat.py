@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
-from conftest import CLI, REPO
+from conftest import CLI, REPO, TEST_DATA
 from llama_tune import config, data
 from llama_tune.chat import SINGLE_PROMPTS, Conversation, interactive
 
@@ -111,3 +112,19 @@ def test_instruction_rows_are_prompted_in_the_format_training_read_from_them(
     messages = [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi."}]
     rows.write_text(json.dumps({"messages": messages}) + "\n")
     assert not Conversation(recipe, []).single_prompts
+
+
+def test_a_run_is_prompted_as_trained_where_its_data_is_not(
+    cli_here, tiny_recipe, tmp_path: Path
+) -> None:
+    rows = tmp_path / "rows"
+    shutil.copytree(TEST_DATA / "sentiment", rows)
+    path = tiny_recipe("copied", max_steps=1)
+    cli_here("train", str(path), f"data.source={rows}")
+    here = Conversation(path.parent / "copied", [])
+    expected = here.prompt_ids("a fine film .")
+    # The run copied to a machine without its data: its summary says what the rows were.
+    shutil.rmtree(rows)
+    elsewhere = Conversation(path.parent / "copied", [])
+    assert elsewhere.prompt_ids("a fine film .") == expected
+    assert "one of: negative, positive." in elsewhere.tokenizer.decode(expected)

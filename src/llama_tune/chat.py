@@ -16,8 +16,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TextIO
 
-from llama_tune import chat_templates, data, evaluation, models
+from llama_tune import chat_templates, data, evaluation, models, run_folder
 from llama_tune.inference import autocast_for, generate
+from llama_tune.jsonfiles import read_json
 from llama_tune.runtime import resolve_precision
 
 RESET = "/reset"
@@ -39,10 +40,7 @@ class Conversation:
         self.precision = resolve_precision(recipe.train.precision)
         self.settings = recipe.evaluation
         self.tokenizer = models.load_tokenizer(recipe.model.name, recipe.model.revision)
-        # The formatter evaluation scores the run with: its label set, its rows' format.
-        labels = data.label_set(recipe.data)
-        self.formatter = data.TaskFormatter(recipe.data, labels, strict_labels=False)
-        data.adopt_training_format(self.formatter)
+        self.formatter = _training_formatter(resolved)
         self.template = self.formatter.chat_template(self.tokenizer)
         self.stop_strings = self.formatter.stop_strings(self.tokenizer)
         if self.single_prompts:
@@ -85,6 +83,26 @@ class Conversation:
             self.turns.append({"role": "user", "content": question})
             self.turns.append({"role": "assistant", "content": reply})
         return reply
+
+
+def _training_formatter(resolved: evaluation.Target) -> data.TaskFormatter:
+    """The formatter evaluation scores the run with: its label set, its rows' format. A run
+    folder's summary recorded both, so chat needs no data where the run was copied to; a
+    recipe's base model reads them from the training rows."""
+    recorded = None
+    summary = resolved.run_dir / run_folder.SUMMARY
+    if resolved.weights_dir is not None and summary.is_file():
+        recorded = read_json(summary).get("data")
+    if not isinstance(recorded, dict):
+        formatter = data.TaskFormatter(
+            resolved.recipe.data, data.label_set(resolved.recipe.data), strict_labels=False
+        )
+        data.adopt_training_format(formatter)
+        return formatter
+    formatter = data.TaskFormatter(resolved.recipe.data, recorded["labels"], strict_labels=False)
+    if formatter.row_format is None:
+        formatter.row_format = recorded["splits"]["train"]["format"]
+    return formatter
 
 
 def interactive(conversation: Conversation, lines: Iterable[str], out: TextIO) -> None:
