@@ -277,9 +277,15 @@ def test_a_run_folder_keeps_its_output_dir(tmp_path: Path) -> None:
 def test_an_empty_string_is_named(tmp_path: Path) -> None:
     text = RECIPES[0].read_text()
     assert _problems(tmp_path, text, ["model.name=''", "data.fields.text=''"]) == [
-        "model.name: empty; give a value, or leave the key out for its default",
-        "data.fields.text: empty; give a value, or leave the key out for its default",
+        "model.name: empty; give a value",
+        "data.fields.text: empty; give a value",
     ]
+    assert _problems(tmp_path, text, ["data.source=''"]) == ["data.source: empty; give a value"]
+    # Where a key may be null, empty means null (`revision: ${REV:-}`).
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    recipe = config.load(path, ["model.revision=''", "data.splits.test=''"])
+    assert (recipe.model.revision, recipe.data.splits.test) == (None, None)
 
 
 def test_local_paths_are_made_absolute_where_they_exist(

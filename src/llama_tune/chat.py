@@ -93,15 +93,15 @@ def _training_formatter(resolved: evaluation.Target) -> data.TaskFormatter:
     summary = resolved.run_dir / run_folder.SUMMARY
     if resolved.weights_dir is not None and summary.is_file():
         recorded = read_json(summary).get("data")
-    if not isinstance(recorded, dict):
-        formatter = data.TaskFormatter(
-            resolved.recipe.data, data.label_set(resolved.recipe.data), strict_labels=False
-        )
-        data.adopt_training_format(formatter)
-        return formatter
-    formatter = data.TaskFormatter(resolved.recipe.data, recorded["labels"], strict_labels=False)
-    if formatter.row_format is None:
-        formatter.row_format = recorded["splits"]["train"]["format"]
+    if not isinstance(recorded, dict) or "labels" not in recorded:
+        labels = data.label_set(resolved.recipe.data)
+    else:
+        labels = recorded["labels"]
+    formatter = data.TaskFormatter(resolved.recipe.data, labels, strict_labels=False)
+    if formatter.row_format is None and isinstance(recorded, dict):
+        # Summaries written before the row format was recorded have none: read the rows then.
+        formatter.row_format = recorded.get("splits", {}).get("train", {}).get("format")
+    data.adopt_training_format(formatter)
     return formatter
 
 

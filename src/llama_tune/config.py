@@ -120,8 +120,11 @@ def _describe(error: dict[str, Any]) -> list[str]:
     )
     if error["type"] == "extra_forbidden":
         return [f"{location}: unknown key"]
-    if error["type"] == "string_too_short" and error.get("input") == "":
-        return [f"{location}: empty; give a value, or leave the key out for its default"]
+    if error.get("input") == "":
+        # Only the string's own error: a union's other branches (a section) add nothing.
+        if error["type"] != "string_too_short":
+            return []
+        return [f"{location}: empty; give a value"]
     message = error["msg"].removeprefix("Value error, ")
     lines = []
     for line in message.split("\n"):

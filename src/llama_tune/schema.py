@@ -8,7 +8,7 @@ overrides and error reporting live in `config`.
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import Any, ClassVar, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -17,7 +17,8 @@ from llama_tune.tasks import TASKS, template_problems
 
 class Section(BaseModel):
     """Base of every recipe section: unknown keys are errors, not silently ignored, and an
-    empty string names nothing (a model, a folder, a split), so it is an error too."""
+    empty string names nothing (a model, a folder, a split): where the key may be null it means
+    null (`revision: ${REV:-}`), elsewhere it is an error."""
 
     model_config = ConfigDict(
         extra="forbid",
@@ -26,6 +27,26 @@ class Section(BaseModel):
         allow_inf_nan=False,
         str_min_length=1,
     )
+    KEEPS_EMPTY: ClassVar[frozenset[str]] = frozenset()
+    """Keys where an empty string is a value of its own."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_means_null(cls, values: Any) -> Any:
+        if not isinstance(values, dict):
+            return values
+        return {
+            key: None if value == "" and _nullable(cls, key) else value
+            for key, value in values.items()
+        }
+
+
+def _nullable(section: type[Section], key: str) -> bool:
+    """Whether `key` of `section` may be null (and does not keep an empty string as such)."""
+    field = section.model_fields.get(key)
+    if field is None or key in section.KEEPS_EMPTY:
+        return False
+    return type(None) in get_args(field.annotation)
 
 
 RESUME = {"resume": "fixed"}
@@ -142,6 +163,8 @@ class ChatConfig(Section):
     """Chat template: 'tokenizer' (its own), a named one (llama-3, chatml, mistral, gemma,
     zephyr), a .jinja file or an inline Jinja string. Null: the tokenizer's own for
     conversations (messages, ShareGPT, alpaca), none for other rows."""
+    KEEPS_EMPTY = frozenset({"system_prompt"})
+
     system_prompt: str | None = Field(None, min_length=0, json_schema_extra=RESUME)
     """A system turn put first in every conversation that has none of its own ("" gives an
     empty one, which keeps some chat templates from adding their default)."""
