@@ -447,3 +447,13 @@ def test_a_listed_label_that_labels_no_row_is_named(data_root: Path, tokenizer) 
         data.build(listed, tokenizer)
     both = _config(sst2, "classification", labels=["negative", "positive"], max_train_rows=200)
     assert data.build(both, tokenizer).labels == ["negative", "positive"]
+
+
+def test_a_listed_label_may_come_from_a_mixed_source(tmp_path: Path, tokenizer) -> None:
+    (tmp_path / "main.jsonl").write_text('{"text": "fine", "label": "positive"}\n' * 4)
+    (tmp_path / "more.jsonl").write_text('{"text": "dull", "label": "negative"}\n' * 4)
+    mix = [{"source": str(tmp_path / "more.jsonl"), "weight": 0.5}]
+    labels = ["negative", "positive"]
+    settings = _config(tmp_path / "main.jsonl", "classification", mix=mix, labels=labels)
+    built = data.build(settings, tokenizer)
+    assert {example.target for example in built.train.examples} == {"negative", "positive"}

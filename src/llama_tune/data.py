@@ -830,15 +830,20 @@ def _with_rows(split: Split) -> Split:
     return split
 
 
-def _check_listed_labels(labels: list[str], train: Split) -> None:
-    """Stop when a label of `data.labels` names no training row: a misspelt label would skip
-    every row of its class as unknown_label and train on the others."""
-    used = {example.target for example in train.examples}
-    unused = [label for label in labels if label not in used]
+def _check_listed_labels(config: DataConfig, splits: list[Split]) -> None:
+    """Stop when a label of `data.labels` names no row the recipe reads (the training rows with
+    `data.mix`, and the validation rows): a misspelt label would skip every row of its class as
+    unknown_label and train on the others."""
+    assert config.labels is not None
+    used = {example.target for split in splits for example in split.examples}
+    unused = [label for label in config.labels if label not in used]
     if unused:
+        within = (
+            f" within data.max_train_rows {config.max_train_rows}" if config.max_train_rows else ""
+        )
         raise DataError(
-            f"data.labels: {unused} label no usable row of {train.stats.origin} "
-            f"(skipped: {dict(train.stats.skipped) or 'none'})"
+            f"data.labels: {unused} label no usable row of {splits[0].stats.origin}{within} "
+            f"(skipped: {dict(splits[0].stats.skipped) or 'none'})"
         )
 
 
@@ -855,8 +860,6 @@ def build(config: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0)
         opened, validation_opened = held_out(*opened, fraction, seed)
     formatter = TaskFormatter(config, labels)
     train = _with_rows(build_split(*opened, formatter, tokenizer, config.max_train_rows))
-    if config.labels is not None:
-        _check_listed_labels(config.labels, train)
     validation = None
     if validation_opened is not None:
         validation = build_split(*validation_opened, formatter, tokenizer, config.max_eval_rows)
@@ -866,6 +869,8 @@ def build(config: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0)
     ]
     for split in mixed:
         train.examples += split.examples
+    if config.labels is not None:
+        _check_listed_labels(config, [train, *([validation] if validation else [])])
     stats = [split.stats for split in mixed]
     return Datasets(train=train, validation=validation, labels=labels, mixed=stats)
 
