@@ -339,6 +339,13 @@ def test_evaluations_the_data_cannot_feed_stop_the_start(cli_here, tiny_recipe) 
     done = cli_here("train", str(path), "evaluation.after_training=true", expect=2)
     assert "evaluation.after_training: data source" in done
     assert "has no 'test' split to score; set evaluation.split" in done
+    # A test split whose labels are hidden, as GLUE's are: named before training, not after.
+    rows = path.parent / "rows"
+    shutil.copytree(TEST_DATA / "sentiment", rows)
+    (rows / "test.jsonl").write_text('{"text": "a film", "label": -1}\n' * 3)
+    after = ["evaluation.after_training=true", f"data.source={rows}"]
+    done = cli_here("train", str(path), *after, expect=2)
+    assert "test.jsonl: no row is labelled with one of the labels" in done
     assert not run_dir.exists()
     # A warm-up longer than the run is allowed (a short trial of a real recipe), and said.
     done = cli_here("train", str(path), "validation.every=1")

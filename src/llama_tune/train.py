@@ -29,7 +29,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
-from transformers import get_scheduler
+from transformers import PreTrainedTokenizerBase, get_scheduler
 
 from llama_tune import (
     agreement,
@@ -40,6 +40,7 @@ from llama_tune import (
     models,
     run_folder,
     schema,
+    scoring,
     validation,
 )
 from llama_tune.checkpoint import StopSignals, TrainState
@@ -211,7 +212,9 @@ def together(accelerator: Accelerator) -> Iterator[None]:
         raise error
 
 
-def check_evaluation_splits(recipe: schema.Recipe, validation: data.Split | None) -> None:
+def check_evaluation_splits(
+    recipe: schema.Recipe, validation: data.Split | None, tokenizer: PreTrainedTokenizerBase
+) -> None:
     """Stop at the start, not after training, when the recipe evaluates on rows the data does
     not have: validation settings without validation rows, or an after-training split the
     source lacks."""
@@ -229,10 +232,20 @@ def check_evaluation_splits(recipe: schema.Recipe, validation: data.Split | None
             "data.splits.validation or hold rows out with data.splits.validation_fraction"
         )
     split = recipe.evaluation.split
-    if recipe.evaluation.after_training and data.open_split(recipe.data.source, split) is None:
+    if not recipe.evaluation.after_training:
+        return
+    if data.open_split(recipe.data.source, split) is None:
         raise TrainError(
             f"evaluation.after_training: data source {recipe.data.source} has no {split!r} "
             "split to score; set evaluation.split"
+        )
+    # Read as evaluation will read it: hidden labels and unusable rows are named now.
+    eval_set = scoring.load_eval_set(recipe, tokenizer, split, recipe.evaluation.max_rows)
+    if not eval_set.examples:
+        skipped = ", ".join(f"{reason} {count}" for reason, count in eval_set.skipped.items())
+        raise TrainError(
+            f"evaluation.after_training: {eval_set.origin} has no usable rows to score "
+            f"(skipped: {skipped or 'none'}); set evaluation.split"
         )
 
 
@@ -324,7 +337,7 @@ class TrainingRun:
             self.train_split = self.built.datasets.train
             self.validation = self.built.datasets.validation
             self.data_hash = data.fingerprint(self.train_split.examples)
-            check_evaluation_splits(self.recipe, self.validation)
+            check_evaluation_splits(self.recipe, self.validation, self.tokenizer)
             self.plan = self._setup_plan()
         # Saved weights go into the model before it is spread out; the optimizer's state after.
         with together(self.accelerator):
