@@ -112,12 +112,28 @@ def load_eval_set(
             f"{origin}: plain-text rows have no answers to score; score a split of prompts and "
             "answers, or turn scoring off with data.splits.test: null"
         )
-    multiline = formatter.task.name == "instruction" or any(
-        "\n" in reference for example in eval_set.examples for reference in example.references
+    multiline = formatter.task.name == "instruction" or _references_span_lines(
+        eval_set.examples, rows, formatter
     )
     eval_set.stop_strings = formatter.stop_strings(tokenizer, multiline)
     eval_set.row_format = formatter.row_format
     return eval_set
+
+
+def _references_span_lines(
+    examples: list[EvalExample], unread: Iterator[data.RawRow], formatter: data.TaskFormatter
+) -> bool:
+    """Whether a reference of the split spans lines: of its every row, not only those scored,
+    so that where generation stops does not depend on how many are (--limit, metric_rows)."""
+    if any("\n" in reference for example in examples for reference in example.references):
+        return True
+    column = formatter.column(formatter.task.target_field)
+    for row in unread:
+        values = row.values or {}
+        texts = [values.get(column), *(values.get("references") or [])]
+        if any(isinstance(text, str) and "\n" in text.strip() for text in texts):
+            return True
+    return False
 
 
 def _refuse_hidden_labels(eval_set: EvalSet) -> None:
