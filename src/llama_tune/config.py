@@ -227,7 +227,7 @@ def changed_keys(before: Recipe, after: Recipe) -> dict[str, tuple[Any, Any]]:
     }
 
 
-def _anchor(value: str) -> str:
+def anchor(value: str) -> str:
     """`value` as an absolute path where it names something on disk from here; otherwise as it
     is (a built-in model, a Hub id, a missing path the loaders will name)."""
     path = Path(value).expanduser()
@@ -240,22 +240,22 @@ def _anchor_paths(recipe: Recipe) -> None:
     """Make the recipe's relative local paths (models, adapters, data, a chat template file)
     absolute, where the loaders would find them from here: a run folder's recipe copy then
     means the same from any directory."""
-    recipe.model.name = _anchor(recipe.model.name)
+    recipe.model.name = anchor(recipe.model.name)
     if recipe.adapter is not None and recipe.adapter.init_from is not None:
-        recipe.adapter.init_from = _anchor(recipe.adapter.init_from)
+        recipe.adapter.init_from = anchor(recipe.adapter.init_from)
     for holder in [recipe.data, *recipe.data.mix]:
         if isinstance(holder.source, str):
-            holder.source = _anchor(holder.source)
+            holder.source = anchor(holder.source)
         else:
-            holder.source.hub = _anchor(holder.source.hub)
+            holder.source.hub = anchor(holder.source.hub)
     template = recipe.data.chat.template
     if template is not None and Path(template).suffix in (".jinja", ".j2"):
-        recipe.data.chat.template = _anchor(template)
+        recipe.data.chat.template = anchor(template)
     if recipe.distill is not None:
         teacher = recipe.distill.teacher
-        teacher.name = _anchor(teacher.name)
+        teacher.name = anchor(teacher.name)
         if teacher.adapter is not None:
-            teacher.adapter = _anchor(teacher.adapter)
+            teacher.adapter = anchor(teacher.adapter)
 
 
 def to_yaml(recipe: Recipe) -> str:

@@ -185,6 +185,25 @@ def test_a_teacher_retrained_in_place_is_refused_by_name(
     assert {path.name: path.read_bytes() for path in folder.iterdir()} == built
 
 
+def test_a_cache_built_before_fingerprints_and_absolute_paths_is_used(
+    tmp_path, tiny_model_dir: Path, tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = _settings(tiny_model_dir, cache={"top_k": 3})
+    examples = _examples(tokenizer, 4)
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    folder = _build(tmp_path, settings, teacher, examples, tokenizer)
+    # As an older build wrote it: no fingerprints, the teacher's path relative, as written.
+    path = folder / cache.MANIFEST
+    manifest = json.loads(path.read_text())
+    for key in cache.FINGERPRINTS:
+        del manifest[key]
+    monkeypatch.chdir(tiny_model_dir.parent)
+    manifest["teacher"]["name"] = tiny_model_dir.name
+    path.write_text(json.dumps(manifest))
+    # Used as it is: no teacher is given, and none is needed.
+    _build(tmp_path, settings, None, examples, tokenizer)
+
+
 def test_a_cache_of_a_teacher_adapter_since_retrained_is_refused(
     tiny_recipe, tiny_model_dir: Path, cli_here
 ) -> None:

@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from llama_tune import adapters, data, inference, models, schema
+from llama_tune import adapters, config, data, inference, models, schema
 from llama_tune.distillation.losses import compared_logits, log_remainder, tempered_log_probs
 from llama_tune.distillation.teacher import FrozenTeacher, distilled_positions
 from llama_tune.errors import UserError
@@ -91,11 +91,24 @@ def manifest(
     }
 
 
+FINGERPRINTS = ("teacher_model_weights", "teacher_adapter_weights")
+"""Manifest keys a cache built before they were kept lacks: compared only where it has them."""
+
+
 def _check_manifest(folder: Path, expected: dict[str, Any]) -> None:
     path = folder / MANIFEST
     if not path.is_file():
         return
     found = read_json(path)
+    expected = {
+        key: value for key, value in expected.items() if key in found or key not in FINGERPRINTS
+    }
+    if isinstance(found.get("teacher"), dict):
+        # Paths a cache built before recipes' paths were made absolute recorded as written.
+        teacher = found["teacher"]
+        for key in ("name", "adapter"):
+            if isinstance(teacher.get(key), str):
+                teacher[key] = config.anchor(teacher[key])
     changed = sorted(
         key for key in expected.keys() | found.keys() if found.get(key) != expected.get(key)
     )
