@@ -310,3 +310,11 @@ def test_local_paths_are_made_absolute_where_they_exist(
     assert recipe.data.mix[1].source == "someone/hub-data"
     assert recipe.distill.teacher.name == "smollm2-135m-instruct"
     assert recipe.distill.teacher.adapter == "~/no-such-adapter"
+
+
+def test_a_teacher_must_be_named(tmp_path: Path) -> None:
+    # ModelConfig's default name would make the built-in model the teacher without a word.
+    problems = _problems(
+        tmp_path, "data: {source: d, task: classification}\ndistill: {teacher: {dtype: float32}}\n"
+    )
+    assert problems == ["distill.teacher.name: Field required"]

@@ -417,6 +417,9 @@ class OutputConfig(Section):
 class TeacherConfig(ModelConfig):
     """The teacher: any model spec, optionally wearing a trained LoRA adapter."""
 
+    name: str = Field(json_schema_extra=RESUME)
+    """A built-in name, a local folder, or a Hugging Face Hub id; required: the student's
+    default model is no teacher to assume."""
     adapter: str | None = None
     """The LoRA adapter the teacher wears (merged into it): a run folder, an adapter folder or a
     Hub id (owner/name or owner/name@revision)."""
