@@ -318,3 +318,22 @@ def test_a_teacher_must_be_named(tmp_path: Path) -> None:
         tmp_path, "data: {source: d, task: classification}\ndistill: {teacher: {dtype: float32}}\n"
     )
     assert problems == ["distill.teacher.name: Field required"]
+
+
+@pytest.mark.parametrize(
+    ("layers", "problem"),
+    [
+        ("{}", "map at least one student layer to a teacher layer, or null"),
+        ("{1: -1}", "layers count from 0 (the embeddings)"),
+    ],
+)
+def test_a_hidden_state_map_names_layers_that_exist(
+    tmp_path: Path, layers: str, problem: str
+) -> None:
+    # An empty map trained with a hidden loss of 0; a negative layer failed after loading.
+    problems = _problems(
+        tmp_path,
+        "data: {source: d, task: classification}\n"
+        f"distill: {{teacher: {{name: t}}, hidden_states: {{layers: {layers}}}}}\n",
+    )
+    assert problems == [f"distill.hidden_states.layers: {problem}"]

@@ -470,6 +470,16 @@ class HiddenStatesConfig(Section):
     weight: float = Field(1.0, ge=0.0)
     """Weight of this loss, added to the task and distillation terms."""
 
+    @field_validator("layers")
+    @classmethod
+    def _some_pairs(cls, layers: dict[int, int] | None) -> dict[int, int] | None:
+        # An empty map matches nothing: the run would train with a hidden loss of 0.
+        if layers is not None and not layers:
+            raise ValueError("map at least one student layer to a teacher layer, or null")
+        if layers is not None and any(index < 0 for pair in layers.items() for index in pair):
+            raise ValueError("layers count from 0 (the embeddings)")
+        return layers
+
 
 class OnPolicyConfig(Section):
     """On-policy distillation (GKD): some steps train on the student's own completions."""
