@@ -216,3 +216,9 @@ def test_a_source_smaller_than_its_share_is_cycled(data_root: Path, tokenizer) -
     assert len(mixed) == 900
     assert sorted(mixed[:450]) == list(range(1, 451))
     assert sorted(mixed) == sorted(list(range(1, 451)) * 2)
+
+
+def test_a_weight_that_rounds_to_no_example_is_refused(data_root: Path, tokenizer) -> None:
+    # 0.001 of 100 main rows is 0.1 example: the source was read and never trained on.
+    with pytest.raises(data.DataError, match=r"^data\.mix\.0\.weight: 0\.001 of an epoch .* 100 "):
+        data.build(_mixed(data_root, 0.001, max_train_rows=100), tokenizer)

@@ -896,6 +896,12 @@ def mixed_examples(
     split = _with_rows(build_split(*opened, TaskFormatter(settings, labels), tokenizer))
     main_share = 1.0 - sum(source.weight for source in config.mix)
     wanted = round(mixed.weight * main_count / main_share)
+    if wanted == 0:
+        # Rounded to no example, the source would be read, listed in the summary and never trained.
+        raise DataError(
+            f"data.mix.{index}.weight: {mixed.weight} of an epoch whose main source gives "
+            f"{main_count} examples is less than half an example; raise the weight"
+        )
     generator = torch.Generator().manual_seed(seed + index + 1)
     drawn: list[Example] = []
     while len(drawn) < wanted:
