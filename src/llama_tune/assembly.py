@@ -90,9 +90,9 @@ def build(
         objective = AdversarialObjective(objective, recipe.adversarial.train)
     augmenter = None
     if augment is not None:
-        stats = datasets.train.stats
-        data.refuse_perturbing(stats.format, stats.origin, "adversarial.augment")
-        from llama_tune.adversarial.augment import Augmenter
+        from llama_tune.adversarial.augment import Augmenter, refuse_unperturbable
+
+        refuse_unperturbable(datasets)
 
         # Its table of neighbouring tokens is made from the input embeddings, whole.
         embeddings = models.causal_lm(bundle.model).get_input_embeddings().weight

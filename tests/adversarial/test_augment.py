@@ -209,3 +209,25 @@ def test_misspellings_without_a_training_split_is_a_clear_error(tmp_path: Path, 
     named = r"misspellings \(adversarial.augment or evaluation.robustness\) reads its lexicon"
     with pytest.raises(data.DataError, match=named + r".*no 'train' split"):
         augment.Augmenter(pool, formatter, tokenizer, None, 0, "no")
+
+
+def test_conversations_are_refused_from_every_source_and_in_the_preview(
+    cli_here, tiny_recipe, data_root: Path, tmp_path: Path
+) -> None:
+    sharegpt = data_root / "instruction" / "sharegpt_dummy"
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    rows = [{"prompt": f"What is {n} plus {n}?", "completion": str(2 * n)} for n in range(16)]
+    (prompts / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    path = tiny_recipe()
+    refused = (
+        "adversarial.augment: perturbations rewrite the one prompt of a row, and "
+        f"{sharegpt / 'train.jsonl'} holds sharegpt rows"
+    )
+    instruction = ["data.task=instruction", "validation={}", "adversarial.augment.methods=[char]"]
+    # A mixed conversation was perturbed as its last prompt alone, its history and earlier
+    # answers lost, and the preview showed conversations that training refuses.
+    for source, mix in [(prompts, f"[{{source: {sharegpt}, weight: 0.5}}]"), (sharegpt, "[]")]:
+        settings = [*instruction, f"data.source={source}", f"data.mix={mix}"]
+        for command in (["train", str(path), *settings], ["augment", str(path), *settings]):
+            assert refused in cli_here(*command, expect=2)

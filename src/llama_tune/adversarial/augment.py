@@ -267,6 +267,14 @@ class Augmenter:
         return new_indices, new_batches
 
 
+def refuse_unperturbable(datasets: data.Datasets) -> None:
+    """Stop when any training source, the main one or one of `data.mix`, holds rows without
+    one prompt to rewrite: a mixed conversation was re-encoded as its last prompt alone, its
+    history and earlier answers lost."""
+    for stats in [datasets.train.stats, *datasets.mixed]:
+        data.refuse_perturbing(stats.format, stats.origin, "adversarial.augment")
+
+
 def preview(recipe: schema.Recipe, count: int, precision: str) -> list[Perturbed]:
     """The first `count` training rows, each perturbed by the recipe's methods in turn.
 
@@ -284,6 +292,8 @@ def preview(recipe: schema.Recipe, count: int, precision: str) -> list[Perturbed
         tokenizer = models.load_tokenizer(recipe.model.name, recipe.model.revision)
     limited = recipe.data.model_copy(update={"max_train_rows": count})
     datasets = data.build(limited, tokenizer, recipe.train.seed)
+    # Training refuses these rows: the preview must not show them perturbed.
+    refuse_unperturbable(datasets)
     formatter = data.TaskFormatter(recipe.data, datasets.labels)
     augmenter = Augmenter(settings, formatter, tokenizer, model, recipe.train.seed, precision)
     examples = datasets.train.examples[:count]
