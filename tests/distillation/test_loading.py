@@ -41,6 +41,19 @@ def test_incompatible_student_is_refused_before_training(
     assert not (config.run_dir(recipe, path) / run_folder.METRICS).exists()
 
 
+def test_a_model_not_found_is_named_by_its_key(
+    tiny_recipe, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # Two models in one recipe: "model '...' not found" did not say which key named it.
+    path = tiny_recipe()
+    keys = ["distill.teacher.name", "model.name"]
+    for key, other in [keys, keys[::-1]]:
+        missing = tmp_path / "no-such-model"
+        recipe = config.load(path, [f"{key}={missing}", f"{other}={tiny_model_dir}"])
+        with pytest.raises(loading.DistillationError, match=f"^{key}: model '{missing}' not found"):
+            train.run(recipe, path)
+
+
 def test_lora_student_of_a_tuned_teacher_is_scored_against_both(
     tiny_recipe, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

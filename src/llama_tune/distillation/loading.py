@@ -106,11 +106,19 @@ def _checked_tokenizers(
     recipe: schema.Recipe, settings: schema.DistillConfig
 ) -> PreTrainedTokenizerBase:
     """The student's tokenizer, once it is known to match the teacher's."""
-    spec = teacher_spec(settings)
-    teacher_tokenizer = models.load_tokenizer(spec.name, spec.revision)
-    student_tokenizer = models.load_tokenizer(recipe.model.name, recipe.model.revision)
+    teacher_tokenizer = _tokenizer(teacher_spec(settings), "distill.teacher.name")
+    student_tokenizer = _tokenizer(recipe.model, "model.name")
     preflight.check_tokenizers(teacher_tokenizer, student_tokenizer)
     return student_tokenizer
+
+
+def _tokenizer(spec: schema.ModelConfig, key: str) -> PreTrainedTokenizerBase:
+    """The tokenizer of one of the two models; a recipe names two, so a model that cannot be
+    found is named by its key."""
+    try:
+        return models.load_tokenizer(spec.name, spec.revision)
+    except models.ModelError as error:
+        raise DistillationError(f"{key}: {error}") from None
 
 
 def _build_cache(
