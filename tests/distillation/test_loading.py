@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from conftest import REPO
 from launched import launch_environment, launched, same_steps, same_tensors
 from llama_tune import config, evaluation, run_folder, train
-from llama_tune.distillation import loading, preflight
+from llama_tune.distillation import hidden, loading, preflight
 
 FSDP = launch_environment(REPO / "configs" / "fsdp.yaml")
 ZERO3 = launch_environment(REPO / "configs" / "deepspeed_zero3.yaml")
@@ -51,6 +51,24 @@ def test_a_model_not_found_is_named_by_its_key(
         missing = tmp_path / "no-such-model"
         recipe = config.load(path, [f"{key}={missing}", f"{other}={tiny_model_dir}"])
         with pytest.raises(loading.DistillationError, match=f"^{key}: model '{missing}' not found"):
+            train.run(recipe, path)
+
+
+def test_a_hidden_layer_map_is_checked_before_weights_load(
+    tiny_recipe, make_tiny_llama, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_weights(*_: object) -> None:
+        raise AssertionError("weights read before the layer map was checked")
+
+    monkeypatch.setattr(loading, "load_teacher", no_weights)
+    monkeypatch.setattr(loading.models, "load_base_model", no_weights)
+    teacher = make_tiny_llama("teacher", layers=4)
+    path = tiny_recipe()
+    cut = "distill.student.from_teacher.keep_layers=[0,2]"
+    for student in ([f"model.name={tiny_model_dir}"], [f"model.name={teacher}", cut]):
+        overrides = [*student, f"distill.teacher.name={teacher}"]
+        recipe = config.load(path, [*overrides, "distill.hidden_states.layers={3: 4}"])
+        with pytest.raises(hidden.LayerMapError, match=r"3->4 outside the student's 0..2 "):
             train.run(recipe, path)
 
 

@@ -173,24 +173,39 @@ def build_cache(recipe: schema.Recipe, recipe_path: str | Path) -> Path:
     return folder
 
 
-def _hidden_match(
-    settings: schema.DistillConfig,
-    student_model: PreTrainedModel | PeftModel,
-    teacher: PreTrainedModel | None,
-    keep: list[int] | None,
-) -> HiddenStateMatch | None:
-    """The hidden-state loss the recipe asks for, between these two models."""
-    if settings.hidden_states is None or teacher is None:
+def _layer_pairs(recipe: schema.Recipe, settings: schema.DistillConfig) -> dict[int, int] | None:
+    """Student layer -> teacher layer of the hidden-state loss, from the models' configs: a map
+    naming a layer either model lacks stops before any weights are read."""
+    if settings.hidden_states is None:
         return None
-    student_config = models.causal_lm(student_model).config
-    pairs = hidden.layer_map(
-        student_config.num_hidden_layers,
-        teacher.config.num_hidden_layers,
+    teacher_location = models.resolve(settings.teacher.name, settings.teacher.revision)
+    keep = None
+    if settings.student.from_teacher is not None:
+        keep = _kept_layers(settings, teacher_location)
+        student_layers = len(keep)
+    else:
+        student_location = models.resolve(recipe.model.name, recipe.model.revision)
+        student_layers = preflight.layer_count(student_location, recipe.model.revision)
+    return hidden.layer_map(
+        student_layers,
+        preflight.layer_count(teacher_location, settings.teacher.revision),
         keep,
         settings.hidden_states.layers,
     )
+
+
+def _hidden_match(
+    settings: schema.DistillConfig,
+    pairs: dict[int, int] | None,
+    student_model: PreTrainedModel | PeftModel,
+    teacher: PreTrainedModel | None,
+) -> HiddenStateMatch | None:
+    """The hidden-state loss the recipe asks for, between these two models."""
+    if settings.hidden_states is None or pairs is None or teacher is None:
+        return None
+    student_width = models.causal_lm(student_model).config.hidden_size
     return HiddenStateMatch(
-        pairs, student_config.hidden_size, teacher.config.hidden_size, settings.hidden_states.loss
+        pairs, student_width, teacher.config.hidden_size, settings.hidden_states.loss
     )
 
 
@@ -207,9 +222,9 @@ def _student(
     accelerator: Accelerator,
     device: torch.device | None,
     creating: Callable[[], AbstractContextManager],
-) -> tuple[PeftModel | PreTrainedModel, list[int] | None]:
-    """The student to train (with its adapter), and the teacher layers it was cut from (None:
-    loaded from its own weights, on `device`, inside `creating()`)."""
+) -> PeftModel | PreTrainedModel:
+    """The student to train (with its adapter): cut from the teacher, or loaded from its own
+    weights, on `device`, inside `creating()`."""
     assert recipe.distill is not None
     settings, mixed_precision = recipe.distill, accelerator.mixed_precision
     full = recipe.adapter is None
@@ -236,7 +251,7 @@ def _student(
         if keep is not None:
             base = base.model_copy(update={"name": str(run_dir / STUDENT_INIT), "revision": None})
         student_model = models.add_adapter(student_model, recipe.adapter, base)
-    return student_model, keep
+    return student_model
 
 
 def load(
@@ -260,12 +275,13 @@ def load(
     mixed_precision = accelerator.mixed_precision
     tokenizer = _checked_tokenizers(recipe, settings)
     accelerator.print(_memory_estimate(recipe, settings, mixed_precision).describe())
+    pairs = _layer_pairs(recipe, settings)
 
     # A cached run needs the teacher only for missing shards (or to build the student from it).
     teacher = None
     if settings.cache is None or settings.student.from_teacher is not None:
         teacher = load_teacher(settings, mixed_precision)
-    student_model, keep = _student(
+    student_model = _student(
         recipe, teacher, tokenizer, run_dir, accelerator, student_device, creating_student
     )
 
@@ -311,7 +327,7 @@ def load(
         len(tokenizer),
         token_subset,
         cached,
-        _hidden_match(settings, student_model, teacher, keep),
+        _hidden_match(settings, pairs, student_model, teacher),
         Sampling(tokenizer, mixed_precision, recipe.train.seed),
         # A cache already holds the teacher's view of the clean examples.
         datasets.train.examples if _robust(recipe) and frozen is not None else None,
