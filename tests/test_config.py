@@ -337,3 +337,16 @@ def test_a_hidden_state_map_names_layers_that_exist(
         f"distill: {{teacher: {{name: t}}, hidden_states: {{layers: {layers}}}}}\n",
     )
     assert problems == [f"distill.hidden_states.layers: {problem}"]
+
+
+def test_label_tokens_only_is_not_combined_with_every_position(tmp_path: Path) -> None:
+    # label_tokens_only distilled the label's first position alone, whatever positions said.
+    problems = _problems(
+        tmp_path,
+        "data: {source: d, task: classification}\n"
+        "distill: {teacher: {name: t}, label_tokens_only: true, positions: all}\n",
+    )
+    assert problems == [
+        "distill.positions: all distils every position, label_tokens_only only the label's "
+        "first; choose one"
+    ]

@@ -693,6 +693,12 @@ class Recipe(Section):
             )
         if self.distill.label_tokens_only and self.data.task != "classification":
             problems.append("distill.label_tokens_only: only for classification recipes")
+        if self.distill.label_tokens_only and self.distill.positions == "all":
+            # Only the label's first position is distilled: `all` would be ignored.
+            problems.append(
+                "distill.positions: all distils every position, label_tokens_only only the "
+                "label's first; choose one"
+            )
         if self.adversarial is not None and self.adversarial.augment is not None:
             # The student reads perturbed inputs, the teacher clean ones: only their target
             # positions correspond.
