@@ -350,3 +350,18 @@ def test_label_tokens_only_is_not_combined_with_every_position(tmp_path: Path) -
         "distill.positions: all distils every position, label_tokens_only only the label's "
         "first; choose one"
     ]
+
+
+def test_beta_is_refused_for_a_loss_that_ignores_it(tmp_path: Path) -> None:
+    recipe = "data: {source: d, task: classification}\ndistill: {teacher: {name: t}, beta: 0.2}\n"
+    problems = _problems(tmp_path, recipe)
+    assert problems == [
+        "distill.beta: weighs the jsd mixture only, and distill.loss is forward_kl; set loss: jsd "
+        "or leave beta out"
+    ]
+    path = tmp_path / "jsd.yaml"
+    path.write_text(
+        "data: {source: d, task: classification}\n"
+        "distill: {teacher: {name: t}, beta: 0.2, loss: jsd}\n"
+    )
+    assert config.load(path).distill.beta == 0.2

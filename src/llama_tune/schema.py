@@ -693,6 +693,13 @@ class Recipe(Section):
             )
         if self.distill.label_tokens_only and self.data.task != "classification":
             problems.append("distill.label_tokens_only: only for classification recipes")
+        default_beta = DistillConfig.model_fields["beta"].default
+        if self.distill.beta != default_beta and self.distill.loss != "jsd":
+            # Only jsd mixes the two distributions; any other loss would ignore the weight.
+            problems.append(
+                f"distill.beta: weighs the jsd mixture only, and distill.loss is "
+                f"{self.distill.loss}; set loss: jsd or leave beta out"
+            )
         if self.distill.label_tokens_only and self.distill.positions == "all":
             # Only the label's first position is distilled: `all` would be ignored.
             problems.append(
