@@ -301,3 +301,22 @@ def test_the_neighbour_table_is_fp32_in_cpu_memory_or_a_shape_without_weights() 
     without_weights = token_substitutes.Substitutes(weights.to("meta"), tokenizer).unit
     assert without_weights.is_meta
     assert without_weights.shape == unit.shape
+
+
+def test_more_neighbours_than_may_replace_a_token_offers_those_that_may() -> None:
+    # `neighbours` above the vocabulary stopped training with topk's traceback; above the
+    # tokens of a kind, it offered special tokens, the other kind and the token itself.
+    tokenizer = _sentencepiece_tokenizer()
+    substitutes = token_substitutes.Substitutes(torch.randn(len(tokenizer), 8), tokenizer)
+    piece = tokenizer.get_vocab()
+    for token in ["▁good", "ing"]:
+        found = substitutes.nearest(piece[token], 10 * len(tokenizer))
+        allowed = [
+            other
+            for other in range(len(tokenizer))
+            if substitutes.usable[other]
+            and substitutes.starts_word[other] == substitutes.starts_word[piece[token]]
+            and other != piece[token]
+        ]
+        assert sorted(found) == allowed
+        assert substitutes.nearest(piece[token], 2) == found[:2]

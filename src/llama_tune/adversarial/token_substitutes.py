@@ -76,6 +76,10 @@ def token_texts(tokenizer: PreTrainedTokenizerBase, vocabulary: int) -> list[str
     ]
 
 
+EXCLUDED = -2.0
+"""The similarity given to tokens that may not replace a token: below any cosine."""
+
+
 class Substitutes:
     """Tokens that may replace a token: its nearest neighbours by cosine similarity of the
     model's input embeddings, or its spellings one typo away that are tokens themselves.
@@ -109,6 +113,8 @@ class Substitutes:
         self.usable = usable
         self.starts_word = starts_word
         self._nearest: dict[int, list[int]] = {}
+        self._searched: dict[int, int] = {}
+        """How many neighbours each token's `_nearest` list was searched for."""
         self._spellings: dict[int, list[int]] = {}
 
     def nearest(self, token_id: int, count: int) -> list[int]:
@@ -116,19 +122,26 @@ class Substitutes:
         return self.nearest_many([token_id], count)[0]
 
     def nearest_many(self, token_ids: list[int], count: int) -> list[list[int]]:
-        """`nearest` for several tokens; the ones not seen before are found in one product."""
-        missing = sorted({t for t in token_ids if len(self._nearest.get(t, ())) < count})
+        """`nearest` for several tokens; the ones not seen before are found in one product.
+        A token has fewer than `count` when fewer tokens may replace it."""
+        missing = sorted({t for t in token_ids if self._searched.get(t, 0) < count})
         if missing:
             similarity = self.unit[missing] @ self.unit.T
-            similarity[:, ~self.usable] = -2.0
+            similarity[:, ~self.usable] = EXCLUDED
             rows = torch.arange(len(missing))
             other_kind = self.starts_word[None, :] != self.starts_word[missing][:, None]
-            similarity[other_kind] = -2.0
-            similarity[rows, missing] = -2.0
-            for token_id, found in zip(
-                missing, similarity.topk(count).indices.tolist(), strict=True
+            similarity[other_kind] = EXCLUDED
+            similarity[rows, missing] = EXCLUDED
+            top = similarity.topk(min(count, similarity.shape[1]))
+            for token_id, values, found in zip(
+                missing, top.values.tolist(), top.indices.tolist(), strict=True
             ):
-                self._nearest[token_id] = found
+                # Past the tokens that may replace it, the search reaches excluded ones
+                # (special tokens, the other kind, itself): never offered.
+                self._nearest[token_id] = [
+                    index for value, index in zip(values, found, strict=True) if value > EXCLUDED
+                ]
+                self._searched[token_id] = count
         return [self._nearest[token_id][:count] for token_id in token_ids]
 
     def spellings(self, token_id: int) -> list[int]:
