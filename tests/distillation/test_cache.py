@@ -315,3 +315,24 @@ def test_two_processes_build_the_cache_together_as_one_process_does(
         built_apart = load_file(spread / run_folder.TEACHER_CACHE / shard.name)
         for name, value in load_file(shard).items():
             torch.testing.assert_close(built_apart[name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_a_cache_of_label_tokens_is_refused_for_other_labels(
+    tmp_path, tiny_model_dir, teacher, tokenizer
+) -> None:
+    # Cached ids index the labels' first tokens in data.labels order: with the labels listed
+    # the other way round, the same examples read each label's probability as the other's.
+    settings = _settings(tiny_model_dir, label_tokens_only=True, cache={"top_k": 2})
+    examples = _examples(tokenizer, 4)
+    first_tokens = torch.tensor([tokenizer(f" {word}")["input_ids"][0] for word in ("no", "yes")])
+
+    def build(subset: torch.Tensor) -> Path:
+        vocab, pad = len(tokenizer), tokenizer.pad_token_id
+        return cache.build(
+            tmp_path, settings, lambda: teacher, examples, vocab, subset, 4, pad, "no"
+        )
+
+    build(first_tokens)
+    build(first_tokens)  # the same labels: the finished cache is kept
+    with pytest.raises(cache.CacheError, match=r"\(compared_tokens differ\)"):
+        build(first_tokens.flip(0))

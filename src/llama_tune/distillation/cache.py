@@ -78,10 +78,14 @@ def teacher_fingerprint(teacher: schema.TeacherConfig) -> dict[str, str]:
 
 
 def manifest(
-    settings: schema.DistillConfig, examples: list[data.Example], compared_width: int
+    settings: schema.DistillConfig,
+    examples: list[data.Example],
+    vocab_size: int,
+    token_subset: torch.Tensor | None,
 ) -> dict[str, Any]:
     """What a cache is built from; any difference makes an existing cache unusable."""
     assert settings.cache is not None
+    compared_width = vocab_size if token_subset is None else len(token_subset)
     return {
         "teacher": settings.teacher.model_dump(mode="json"),
         **teacher_fingerprint(settings.teacher),
@@ -90,6 +94,9 @@ def manifest(
         "label_tokens_only": settings.label_tokens_only,
         "top_k": min(settings.cache.top_k, compared_width),
         "compared_width": compared_width,
+        # Cached ids index the compared tokens: the labels' first tokens in data.labels order
+        # (label_tokens_only), which the encoded examples do not show.
+        "compared_tokens": None if token_subset is None else token_subset.tolist(),
         "examples": len(examples),
         "examples_per_shard": settings.cache.examples_per_shard,
         "data": data_fingerprint(examples),
@@ -200,8 +207,7 @@ def build(
     """
     assert settings.cache is not None
     folder = run_dir / TEACHER_CACHE
-    width = vocab_size if token_subset is None else len(token_subset)
-    expected = manifest(settings, examples, width)
+    expected = manifest(settings, examples, vocab_size, token_subset)
     # Every process checks, so a stale cache stops each with the same error.
     _check_manifest(folder, expected)
     if share.index == 0:
