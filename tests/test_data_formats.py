@@ -222,3 +222,17 @@ def test_a_weight_that_rounds_to_no_example_is_refused(data_root: Path, tokenize
     # 0.001 of 100 main rows is 0.1 example: the source was read and never trained on.
     with pytest.raises(data.DataError, match=r"^data\.mix\.0\.weight: 0\.001 of an epoch .* 100 "):
         data.build(_mixed(data_root, 0.001, max_train_rows=100), tokenizer)
+
+
+def test_a_mixed_source_without_usable_rows_is_named_by_its_entry(
+    data_root: Path, tokenizer
+) -> None:
+    # Its rows in another task's columns: the error named the file, not the recipe entry.
+    settings = DataConfig(
+        source=str(data_root / "classification" / "sst2"),
+        task="classification",
+        max_train_rows=50,
+        mix=[{"source": str(data_root / "instruction" / "alpaca_en_demo"), "weight": 0.2}],
+    )
+    with pytest.raises(data.DataError, match=r"^data\.mix\.0: .*alpaca_en_demo.*: no usable rows"):
+        data.build(settings, tokenizer)

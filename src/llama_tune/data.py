@@ -823,10 +823,13 @@ def held_out(
     return (origin, iter(kept)), (label, iter(validation))
 
 
-def _with_rows(split: Split) -> Split:
-    """The split, which must have usable rows to train on."""
+def _with_rows(split: Split, key: str = "") -> Split:
+    """The split, which must have usable rows to train on; `key` names the recipe entry it
+    comes from where the file alone would not say (a `data.mix` source)."""
     if not split.examples:
-        raise DataError(f"{split.stats.origin}: no usable rows ({dict(split.stats.skipped)})")
+        where = f"{key}: " if key else ""
+        skipped = dict(split.stats.skipped)
+        raise DataError(f"{where}{split.stats.origin}: no usable rows ({skipped})")
     return split
 
 
@@ -893,7 +896,8 @@ def mixed_examples(
     opened = open_split(mixed.source, mixed.split)
     if opened is None:
         raise DataError(f"data.mix.{index}: {mixed.source} has no {mixed.split!r} split")
-    split = _with_rows(build_split(*opened, TaskFormatter(settings, labels), tokenizer))
+    split = build_split(*opened, TaskFormatter(settings, labels), tokenizer)
+    split = _with_rows(split, f"data.mix.{index}")
     main_share = 1.0 - sum(source.weight for source in config.mix)
     wanted = round(mixed.weight * main_count / main_share)
     if wanted == 0:
