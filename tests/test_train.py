@@ -299,6 +299,24 @@ def test_a_run_with_a_mixed_source_resumes_exactly(resumes_exactly) -> None:
     assert expected.summary["data"]["mix"][0]["examples"] > 0
 
 
+def test_a_mixed_source_says_what_it_used_and_skipped(
+    tiny_recipe, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Half its rows have a label the main source lacks: they were skipped, said only in
+    # summary.json.
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    rows = [{"text": f"row {n}", "label": "positive" if n % 2 else "neutral"} for n in range(20)]
+    (mixed / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    result = _train(tiny_recipe(max_steps=1), f"data.mix=[{{source: {mixed}, weight: 0.2}}]")
+    examples = result.summary["data"]["mix"][0]["examples"]
+    expected = (
+        f"data.mix.0: {mixed / 'train.jsonl'}: 10 rows used, 0 truncated, {examples} examples "
+        "per epoch; skipped 10 rows (unknown_label 10;"
+    )
+    assert expected in capsys.readouterr().out
+
+
 def test_packed_steps_equal_padded_ones(tiny_recipe, data_root: Path) -> None:
     # Instruction rows pack by default; the same run unpacked gives the same losses. Packed
     # steps are random draws and padded ones grouped by length, so each step here is the whole

@@ -491,6 +491,14 @@ class TrainingRun:
             if asked is not None and stats.rows_used < asked:
                 used += f" ({key} asked for {asked}: the file has no more usable rows)"
             print(data.describe_rows(name, stats.origin, used, stats.skipped, self.summary_path))
+        # A mixed source's skipped rows (another label set, another format) would otherwise
+        # show only in summary.json.
+        drawn = Counter(example.source for example in self.train_split.examples)
+        for index, stats in enumerate(self.built.datasets.mixed):
+            used = f"{stats.rows_used} rows used, {stats.truncated} truncated, "
+            used += f"{drawn[index + 1]} examples per epoch"
+            key = f"data.mix.{index}"
+            print(data.describe_rows(key, stats.origin, used, stats.skipped, self.summary_path))
 
     def _setup_summary(self, resume: bool) -> None:
         accelerator, model = self.accelerator, self.built.bundle.model
