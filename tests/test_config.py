@@ -365,3 +365,13 @@ def test_beta_is_refused_for_a_loss_that_ignores_it(tmp_path: Path) -> None:
         "distill: {teacher: {name: t}, beta: 0.2, loss: jsd}\n"
     )
     assert config.load(path).distill.beta == 0.2
+
+
+def test_a_layer_kept_twice_is_refused(tmp_path: Path) -> None:
+    # Kept twice, a teacher layer left one of the student's unfilled: a state-dict traceback.
+    problems = _problems(
+        tmp_path,
+        "data: {source: d, task: classification}\n"
+        "distill: {teacher: {name: t}, student: {from_teacher: {keep_layers: [0, 2, 0]}}}\n",
+    )
+    assert problems == ["distill.student.from_teacher.keep_layers: name each kept layer once"]

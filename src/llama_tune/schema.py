@@ -439,6 +439,9 @@ class FromTeacherConfig(Section):
             raise ValueError("every: set either every or keep_layers")
         if self.keep_layers is not None and not self.keep_layers:
             raise ValueError("keep_layers: keep at least one layer")
+        if self.keep_layers is not None and len(set(self.keep_layers)) < len(self.keep_layers):
+            # A student holds each copied layer once: a repeated one left a layer unfilled.
+            raise ValueError("keep_layers: name each kept layer once")
         return self
 
 
