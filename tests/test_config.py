@@ -375,3 +375,20 @@ def test_a_layer_kept_twice_is_refused(tmp_path: Path) -> None:
         "distill: {teacher: {name: t}, student: {from_teacher: {keep_layers: [0, 2, 0]}}}\n",
     )
     assert problems == ["distill.student.from_teacher.keep_layers: name each kept layer once"]
+
+
+def test_a_mixed_source_may_not_train_on_the_rows_scored(tmp_path: Path) -> None:
+    # The main source's validation or test split mixed in was trained on, then scored as
+    # unseen rows; another source's split of the same name is fine.
+    problems = _problems(
+        tmp_path,
+        "data: {source: d, task: classification, splits: {validation: dev, test: test},\n"
+        "  mix: [{source: d, split: dev, weight: 0.1}, {source: d, split: test, weight: 0.1},\n"
+        "        {source: e, split: test, weight: 0.1}]}\n",
+    )
+    assert problems == [
+        "data.mix.0.split: dev holds the main source's validation rows, which would be trained "
+        "on and then scored",
+        "data.mix.1.split: test holds the main source's test rows, which would be trained on and "
+        "then scored",
+    ]

@@ -291,10 +291,13 @@ def test_each_instruction_format_trains(
     assert sum(losses[-3:]) / 3 < 0.9 * sum(losses[:3]) / 3
 
 
-def test_a_run_with_a_mixed_source_resumes_exactly(resumes_exactly) -> None:
-    # The validation rows mixed into training as a second source, at a quarter of each epoch.
-    source = TEST_DATA / "sentiment"
-    mix = f"data.mix=[{{source: {source}, split: validation, weight: 0.25}}]"
+def test_a_run_with_a_mixed_source_resumes_exactly(resumes_exactly, tmp_path: Path) -> None:
+    # A copy of the validation rows mixed into training as a second source, at a quarter of
+    # each epoch (the main source's own validation split is refused as a mixed source).
+    source = tmp_path / "mixed"
+    source.mkdir()
+    shutil.copy(TEST_DATA / "sentiment" / "validation.jsonl", source / "train.jsonl")
+    mix = f"data.mix=[{{source: {source}, weight: 0.25}}]"
     expected = resumes_exactly("mixed", [mix])
     assert expected.summary["data"]["mix"][0]["examples"] > 0
 

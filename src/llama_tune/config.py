@@ -130,7 +130,9 @@ def _describe(error: dict[str, Any]) -> list[str]:
     for line in message.split("\n"):
         # Section validators prefix each line with the key inside the section.
         key, sep, rest = line.partition(": ")
-        if sep and all(part.isidentifier() for part in key.split(".")):
+        # A key may hold a list index (mix.0.split).
+        parts = key.split(".")
+        if sep and all(part.isidentifier() or part.isdigit() for part in parts):
             lines.append(f"{location}.{key}: {rest}" if location else line)
         else:
             lines.append(f"{location}: {line}" if location else line)

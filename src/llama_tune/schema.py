@@ -241,6 +241,7 @@ class DataConfig(Section):
             unknown = sorted(set(fields) - task.fields)
             if unknown:
                 problems.append(f"{key}: unknown task field(s) {unknown}; allowed: {allowed}")
+        problems += self._mix_leaks()
         if sum(mixed.weight for mixed in self.mix) >= 1.0:
             problems.append("mix: the weights must leave the main source a share (sum below 1)")
         if self.template is not None:
@@ -261,6 +262,18 @@ class DataConfig(Section):
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+    def _mix_leaks(self) -> list[str]:
+        """Mixed sources that would train on the rows the main source validates or tests on."""
+        scored = {self.splits.validation: "validation", self.splits.test: "test"}
+        problems = []
+        for index, mixed in enumerate(self.mix):
+            if str(mixed.source) == str(self.source) and mixed.split in scored:
+                problems.append(
+                    f"mix.{index}.split: {mixed.split} holds the main source's "
+                    f"{scored[mixed.split]} rows, which would be trained on and then scored"
+                )
+        return problems
 
 
 MOVED_KEYS = {
