@@ -236,3 +236,18 @@ def test_a_mixed_source_without_usable_rows_is_named_by_its_entry(
     )
     with pytest.raises(data.DataError, match=r"^data\.mix\.0: .*alpaca_en_demo.*: no usable rows"):
         data.build(settings, tokenizer)
+
+
+def test_a_mixed_source_may_not_train_on_held_out_rows(tmp_path: Path, tokenizer) -> None:
+    # Without a validation split, validation_fraction holds out training rows: the same split
+    # mixed in trained on them.
+    rows = [{"text": f"row {n}", "label": ["negative", "positive"][n % 2]} for n in range(20)]
+    source = _write(tmp_path / "rows", rows)
+    settings = DataConfig(
+        source=str(source),
+        task="classification",
+        splits={"validation_fraction": 0.2},
+        mix=[{"source": str(source), "weight": 0.2}],
+    )
+    with pytest.raises(data.DataError, match=r"^data\.mix\.0\.split: train holds the rows"):
+        data.build(settings, tokenizer)

@@ -850,6 +850,18 @@ def _check_listed_labels(config: DataConfig, splits: list[Split]) -> None:
         )
 
 
+def _refuse_mixing_held_out_rows(config: DataConfig) -> None:
+    """Stop when a `data.mix` source is the main source's training split, whose rows
+    `splits.validation_fraction` holds out: they would be trained on and then validated on."""
+    for index, mixed in enumerate(config.mix):
+        if str(mixed.source) == str(config.source) and mixed.split == config.splits.train:
+            raise DataError(
+                f"data.mix.{index}.split: {mixed.split} holds the rows "
+                "data.splits.validation_fraction holds out of the main source, which would be "
+                "trained on and then validated on"
+            )
+
+
 def build(config: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> Datasets:
     """Read, render and encode the train and validation splits of a recipe; `seed` (the
     recipe's train.seed) picks the rows `splits.validation_fraction` holds out."""
@@ -860,6 +872,7 @@ def build(config: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0)
         validation_opened = open_split(config.source, config.splits.validation)
     fraction = config.splits.validation_fraction
     if validation_opened is None and fraction is not None:
+        _refuse_mixing_held_out_rows(config)
         opened, validation_opened = held_out(*opened, fraction, seed)
     formatter = TaskFormatter(config, labels)
     train = _with_rows(build_split(*opened, formatter, tokenizer, config.max_train_rows))
