@@ -7,7 +7,6 @@ the run naming the file and row, as `data.bad_rows` says.
 
 from __future__ import annotations
 
-import array
 import contextlib
 import csv
 import functools
@@ -1020,13 +1019,11 @@ def collate_packed(
 
 
 def fingerprint(examples: list[Example]) -> str:
-    """A hash of the examples' tokens and of what their loss covers, in order: a resumed run
-    checks that the steps ahead are drawn from the rows it started with."""
+    """A hash of the encoded examples, in order: what a resumed run's steps ahead and a teacher
+    cache's shards are drawn from."""
     digest = hashlib.sha256()
     for example in examples:
-        spans = [example.prompt_length, example.source, *sum(example.earlier_answers, ())]
-        digest.update(array.array("q", [len(example.input_ids), *spans]).tobytes())
-        digest.update(array.array("q", example.input_ids).tobytes())
+        digest.update(json.dumps([example.prompt_length, example.input_ids]).encode())
     return digest.hexdigest()[:16]
 
 

@@ -16,8 +16,6 @@ cannot be read (a truncated file) is built again like an absent one, with a note
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import sys
 from collections.abc import Callable
@@ -47,14 +45,6 @@ class CacheError(UserError):
 
 def _shard_path(folder: Path, shard: int) -> Path:
     return folder / f"shard-{shard:05d}.safetensors"
-
-
-def data_fingerprint(examples: list[data.Example]) -> str:
-    """A hash of the encoded training examples, in order: the cache is only valid for them."""
-    digest = hashlib.sha256()
-    for example in examples:
-        digest.update(json.dumps([example.prompt_length, example.input_ids]).encode())
-    return digest.hexdigest()[:16]
 
 
 def teacher_fingerprint(teacher: schema.TeacherConfig) -> dict[str, str]:
@@ -99,7 +89,7 @@ def manifest(
         "compared_tokens": None if token_subset is None else token_subset.tolist(),
         "examples": len(examples),
         "examples_per_shard": settings.cache.examples_per_shard,
-        "data": data_fingerprint(examples),
+        "data": data.fingerprint(examples),
     }
 
 
