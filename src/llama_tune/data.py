@@ -97,12 +97,17 @@ class SplitStats:
         }
 
 
+def skip_reasons(skipped: Counter[str]) -> str:
+    """Skipped rows by reason, for a message: "empty_field:text 3, invalid_json 1"."""
+    return ", ".join(f"{reason} {count}" for reason, count in sorted(skipped.items()))
+
+
 def describe_rows(name: str, origin: str, used: str, skipped: Counter[str], details: Path) -> str:
     """One console line on a split's rows: how many are used, and which were skipped and why
     (`details` names the file that records them)."""
     line = f"{name}: {origin}: {used}"
     if skipped:
-        reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(skipped.items()))
+        reasons = skip_reasons(skipped)
         line += f"; skipped {sum(skipped.values())} rows ({reasons}; recorded in {details})"
     return line
 
@@ -799,9 +804,8 @@ def label_set(config: DataConfig) -> list[str] | None:
         raise DataError(f"{origin}: the file holds no rows")
     if not labels:
         column = TaskFormatter(config).column("label")
-        reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(problems.items()))
         raise DataError(
-            f"{origin}: no row has a usable label in column {column!r} ({reasons}); "
+            f"{origin}: no row has a usable label in column {column!r} ({skip_reasons(problems)}); "
             "name the label column with data.fields: {label: COLUMN}"
         )
     return labels
@@ -845,7 +849,7 @@ def _check_listed_labels(config: DataConfig, splits: list[Split]) -> None:
         )
         raise DataError(
             f"data.labels: {unused} label no usable row of {splits[0].stats.origin}{within} "
-            f"(skipped: {dict(splits[0].stats.skipped) or 'none'})"
+            f"(skipped: {skip_reasons(splits[0].stats.skipped) or 'none'})"
         )
 
 

@@ -309,12 +309,10 @@ def run(
     precision = resolve_precision(recipe.train.precision)
     tokenizer = models.load_tokenizer(recipe.model.name, recipe.model.revision)
     eval_set = scoring.load_eval_set(recipe, tokenizer, split, limit or settings.max_rows)
-    if not eval_set.examples:
-        # Refused before any model loads, and before earlier results are replaced by none.
-        skipped = ", ".join(f"{reason} {count}" for reason, count in eval_set.skipped.items())
-        raise EvaluationError(
-            f"{eval_set.origin}: no usable rows to score (skipped: {skipped or 'none'})"
-        )
+    problem = scoring.unscorable(eval_set)
+    if problem is not None:
+        # Before earlier results are replaced by none.
+        raise EvaluationError(problem)
     if settings.robustness is not None:
         data.refuse_perturbing(eval_set.row_format, eval_set.origin, "evaluation.robustness")
 

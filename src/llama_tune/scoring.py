@@ -120,6 +120,15 @@ def load_eval_set(
     return eval_set
 
 
+def unscorable(eval_set: EvalSet) -> str | None:
+    """What is wrong with a split that left no row to score, None when it has rows: refused
+    before any model loads (and, for an evaluation after training, before training)."""
+    if eval_set.examples:
+        return None
+    skipped = data.skip_reasons(eval_set.skipped) or "none"
+    return f"{eval_set.origin}: no usable rows to score (skipped: {skipped})"
+
+
 def _references_span_lines(
     examples: list[EvalExample], unread: Iterator[data.RawRow], formatter: data.TaskFormatter
 ) -> bool:

@@ -241,12 +241,9 @@ def check_evaluation_splits(
         )
     # Read as evaluation will read it: hidden labels and unusable rows are named now.
     eval_set = scoring.load_eval_set(recipe, tokenizer, split, recipe.evaluation.max_rows)
-    if not eval_set.examples:
-        skipped = ", ".join(f"{reason} {count}" for reason, count in eval_set.skipped.items())
-        raise TrainError(
-            f"evaluation.after_training: {eval_set.origin} has no usable rows to score "
-            f"(skipped: {skipped or 'none'}); set evaluation.split"
-        )
+    problem = scoring.unscorable(eval_set)
+    if problem is not None:
+        raise TrainError(f"evaluation.after_training: {problem}; set evaluation.split")
 
 
 def check_folder_is_shared(run_dir: Path, accelerator: Accelerator) -> None:

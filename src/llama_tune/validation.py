@@ -51,11 +51,9 @@ class MetricProbe:
         split, rows = recipe.data.splits.validation, recipe.validation.metric_rows
         assert split is not None
         eval_set = scoring.load_eval_set(recipe, tokenizer, split, rows)
-        if not eval_set.examples:
-            raise UserError(
-                f"validation.metric_rows: {eval_set.origin} has no usable rows to score "
-                f"(skipped: {dict(eval_set.skipped) or 'none'})"
-            )
+        problem = scoring.unscorable(eval_set)
+        if problem is not None:
+            raise UserError(f"validation.metric_rows: {problem}")
         return cls(recipe, tokenizer, eval_set, precision)
 
     def score(self, model: PeftModel, synced: bool) -> dict[str, float]:
