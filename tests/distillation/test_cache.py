@@ -33,6 +33,20 @@ def _examples(tokenizer, count: int) -> list[data.Example]:
     return data.build(recipe, tokenizer).train.examples
 
 
+def _count_computed_shards(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The sizes of the shards the teacher computes from now on, in order."""
+    computed: list[int] = []
+    real_shard = cache._teacher_shard
+    monkeypatch.setattr(
+        cache,
+        "_teacher_shard",
+        lambda teacher, shard_examples, *rest: (
+            computed.append(len(shard_examples)) or real_shard(teacher, shard_examples, *rest)
+        ),
+    )
+    return computed
+
+
 def _build(run_dir: Path, settings, teacher, examples, tokenizer) -> Path:
     return cache.build(
         run_dir,
@@ -121,15 +135,7 @@ def test_interrupted_build_keeps_finished_shards(
     assert sorted(finished) == ["shard-00000.safetensors", "shard-00001.safetensors"]
     assert cache.missing_shards(folder, len(examples), 2) == [2]
 
-    computed = []
-    real_shard = cache._teacher_shard
-    monkeypatch.setattr(
-        cache,
-        "_teacher_shard",
-        lambda teacher, shard_examples, *rest: (
-            computed.append(len(shard_examples)) or real_shard(teacher, shard_examples, *rest)
-        ),
-    )
+    computed = _count_computed_shards(monkeypatch)
     _build(tmp_path, settings, teacher, examples, tokenizer)
     assert computed == [2]
     assert cache.missing_shards(folder, len(examples), 2) == []
@@ -153,15 +159,7 @@ def test_a_damaged_shard_is_built_again_with_a_note(
     expected = load_file(damaged)
     os.truncate(damaged, 500)
     assert cache.missing_shards(folder, len(examples), 2) == [2]
-    computed = []
-    real_shard = cache._teacher_shard
-    monkeypatch.setattr(
-        cache,
-        "_teacher_shard",
-        lambda teacher, shard_examples, *rest: (
-            computed.append(len(shard_examples)) or real_shard(teacher, shard_examples, *rest)
-        ),
-    )
+    computed = _count_computed_shards(monkeypatch)
     _build(tmp_path, settings, teacher, examples, tokenizer)
     assert computed == [2]
     assert f"note: {damaged} cannot be read (truncated or damaged)" in capsys.readouterr().err
