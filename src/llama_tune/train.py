@@ -231,9 +231,9 @@ def check_evaluation_splits(
             f"{', '.join(keys)}: data source {recipe.data.source} has {found}; name one with "
             "data.splits.validation or hold rows out with data.splits.validation_fraction"
         )
-    split = recipe.evaluation.split
     if not recipe.evaluation.after_training:
         return
+    split = recipe.evaluation.split
     if data.open_split(recipe.data.source, split) is None:
         raise TrainError(
             f"evaluation.after_training: data source {recipe.data.source} has no {split!r} "
