@@ -47,7 +47,7 @@ def _count_computed_shards(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return computed
 
 
-def _build(run_dir: Path, settings, teacher, examples, tokenizer) -> Path:
+def _build(run_dir: Path, settings, teacher, examples, tokenizer, precision: str = "no") -> Path:
     return cache.build(
         run_dir,
         settings,
@@ -57,7 +57,7 @@ def _build(run_dir: Path, settings, teacher, examples, tokenizer) -> Path:
         None,
         4,
         tokenizer.pad_token_id,
-        "no",
+        precision,
     )
 
 
@@ -147,6 +147,34 @@ def test_interrupted_build_keeps_finished_shards(
     hotter = settings.model_copy(update={"temperature": 3.0})
     with pytest.raises(cache.CacheError, match=r"temperature differ"):
         _build(tmp_path, hotter, teacher, examples, tokenizer)
+
+
+def test_shards_are_not_added_in_another_precision(
+    tmp_path, tiny_model_dir, teacher, tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = _settings(tiny_model_dir, cache={"top_k": 3, "examples_per_shard": 2})
+    examples = _examples(tokenizer, 6)
+    folder = _build(tmp_path, settings, teacher, examples, tokenizer)
+    manifest = folder / cache.MANIFEST
+    assert json.loads(manifest.read_text())[cache.PRECISION] == "no"
+    # A finished cache is read under another precision as it was built.
+    computed = _count_computed_shards(monkeypatch)
+    _build(tmp_path, settings, teacher, examples, tokenizer, precision="bf16")
+    assert computed == []
+    assert json.loads(manifest.read_text())[cache.PRECISION] == "no"
+    # Completing it in bf16 would mix two roundings of the teacher: refused, nothing changed.
+    (folder / "shard-00001.safetensors").unlink()
+    kept = {path.name: path.read_bytes() for path in folder.iterdir()}
+    with pytest.raises(cache.CacheError, match=r"computed in precision 'no'; this run would add"):
+        _build(tmp_path, settings, teacher, examples, tokenizer, precision="bf16")
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == kept
+    assert computed == []
+    # With every shard missing there is nothing to mix with: built in the new precision.
+    for shard in folder.glob("shard-*"):
+        shard.unlink()
+    _build(tmp_path, settings, teacher, examples, tokenizer, precision="bf16")
+    assert computed == [2, 2, 2]
+    assert json.loads(manifest.read_text())[cache.PRECISION] == "bf16"
 
 
 def test_a_damaged_shard_is_built_again_with_a_note(

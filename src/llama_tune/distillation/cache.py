@@ -8,9 +8,10 @@ equal to the vocabulary there is no remainder and the loss equals online distill
 
 The cache lives in `<run>/teacher-cache/` as shards of `examples_per_shard` examples, each
 written atomically, with a manifest of what it was built from, the teacher's weights included
-(fingerprints of its model and adapter, so a teacher retrained in place is noticed). Building
-resumes: finished shards are kept, and a manifest that no longer matches the recipe, the
-teacher's weights or the data is an error, not a silent mix of two teachers. A shard that
+(fingerprints of its model and adapter, so a teacher retrained in place is noticed) and the
+precision of its shards. Building resumes: finished shards are kept, and a manifest that no
+longer matches the recipe, the teacher's weights or the data is an error, not a silent mix of
+two teachers; so is adding shards in another precision than the finished ones. A shard that
 cannot be read (a truncated file) is built again like an absent one, with a note naming it.
 """
 
@@ -97,10 +98,16 @@ FINGERPRINTS = ("teacher_model_weights", "teacher_adapter_weights")
 """Manifest keys compared only where both the cache and the recipe's teacher have them."""
 
 
-def _check_manifest(folder: Path, expected: dict[str, Any]) -> None:
+PRECISION = "precision"
+"""The precision the shards were computed in: recorded, and compared only when shards are
+to be added (`_shard_precision`); a finished cache is read under any precision."""
+
+
+def _check_manifest(folder: Path, expected: dict[str, Any]) -> dict[str, Any] | None:
+    """The cache's manifest, if any, after checking it against `expected`."""
     path = folder / MANIFEST
     if not path.is_file():
-        return
+        return None
     found = read_json(path)
     if isinstance(found.get("teacher"), dict):
         # Paths a cache built before recipes' paths were made absolute recorded as written.
@@ -110,13 +117,36 @@ def _check_manifest(folder: Path, expected: dict[str, Any]) -> None:
                 teacher[key] = config.anchor(teacher[key])
     # A fingerprint one side lacks (an older cache, a teacher not found here) is not compared.
     unchecked = {key for key in FINGERPRINTS if key not in found or key not in expected}
-    compared = (expected.keys() | found.keys()) - unchecked
+    compared = (expected.keys() | found.keys()) - unchecked - {PRECISION}
     changed = sorted(key for key in compared if found.get(key) != expected.get(key))
     if changed:
         raise CacheError(
             f"{folder} was built for another teacher, data or setting ({', '.join(changed)} "
             f"differ); delete the folder to build it again"
         )
+    return found
+
+
+def _shard_precision(
+    folder: Path, found: dict[str, Any] | None, missing: list[int], shards: int, precision: str
+) -> str | None:
+    """The precision the cache's shards hold once this build is done: a build that adds shards
+    in another precision than the finished ones is refused (a teacher whose targets change
+    rounding part-way through the epoch), a finished cache keeps what it was built in."""
+    built = None if found is None else found.get(PRECISION)
+    if not missing:
+        return built
+    if built is not None and built != precision and len(missing) < shards:
+        raise CacheError(
+            f"{folder} holds shards computed in precision {built!r}; this run would add "
+            f"{len(missing)} in {precision!r}: set train.precision to match, or delete the "
+            f"folder to build it again"
+        )
+    return precision
+
+
+def _shard_count(example_count: int, per_shard: int) -> int:
+    return -(-example_count // per_shard)
 
 
 @torch.no_grad()
@@ -199,14 +229,16 @@ def build(
     folder = run_dir / TEACHER_CACHE
     expected = manifest(settings, examples, vocab_size, token_subset)
     # Every process checks, so a stale cache stops each with the same error.
-    _check_manifest(folder, expected)
+    found = _check_manifest(folder, expected)
+    per_shard = settings.cache.examples_per_shard
+    missing = missing_shards(folder, len(examples), per_shard)
+    shard_total = _shard_count(len(examples), per_shard)
+    expected[PRECISION] = _shard_precision(folder, found, missing, shard_total, precision)
     if share.index == 0:
         folder.mkdir(parents=True, exist_ok=True)
         write_json(folder / MANIFEST, expected)
     # The manifest is written before any shard: shards never sit in a folder without one.
     share.wait()
-    per_shard = settings.cache.examples_per_shard
-    missing = missing_shards(folder, len(examples), per_shard)
     missing = [shard for shard in missing if shard % share.count == share.index]
     if not missing:
         return folder
@@ -244,7 +276,7 @@ def build(
 
 def missing_shards(folder: Path, example_count: int, per_shard: int) -> list[int]:
     """Shards of a cache folder not written yet, or unreadable: both are built (again)."""
-    shards = range(-(-example_count // per_shard))
+    shards = range(_shard_count(example_count, per_shard))
     return [shard for shard in shards if not _readable(_shard_path(folder, shard))]
 
 
@@ -277,7 +309,7 @@ class CachedTeacher:
     def __init__(self, folder: Path) -> None:
         self.manifest = read_json(folder / MANIFEST)
         self.per_shard = self.manifest["examples_per_shard"]
-        shard_count = -(-self.manifest["examples"] // self.per_shard)
+        shard_count = _shard_count(self.manifest["examples"], self.per_shard)
         self.shards = [load_file(_shard_path(folder, shard)) for shard in range(shard_count)]
         # With every compared token kept there is no remainder, and none is compared.
         self.has_rest = self.manifest["top_k"] < self.manifest["compared_width"]
