@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from llama_tune import config, evaluation, run_folder, train
+import pytest
+
+from llama_tune import config, data, evaluation, run_folder, train
 
 ROBUSTNESS = [
     "evaluation.robustness.methods=[char,gradient]",
+    "evaluation.robustness.gradient_candidates=misspellings",
     "evaluation.robustness.strengths=[0.2,0.5]",
     "evaluation.split=validation",
 ]
@@ -18,10 +21,23 @@ def _lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.open()]
 
 
-def test_robustness_is_scored_and_reported_for_every_system(tiny_recipe) -> None:
+def test_robustness_is_scored_and_reported_for_every_system(
+    tiny_recipe, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = tiny_recipe(max_steps=4, lr=5e-3)
     trained = train.run(config.load(path), path)
+    reads = []
+    training_inputs = data.training_inputs
+
+    def counted(formatter: data.TaskFormatter):
+        reads.append(formatter)
+        return training_inputs(formatter)
+
+    monkeypatch.setattr(data, "training_inputs", counted)
     results = evaluation.run(trained.run_dir, ROBUSTNESS, limit=24, base=True)
+    # The misspellings' word list is read from the training split once per system, not once
+    # per strength.
+    assert len(reads) == 2
     out_dir = Path(results["output_dir"])
     saved = json.loads((out_dir / run_folder.RESULTS).read_text())
     for system in ("tuned", "base"):

@@ -47,6 +47,22 @@ def needs_model(methods: list[str]) -> bool:
     return bool({"neighbour", "gradient"} & set(methods))
 
 
+def needs_lexicon(methods: list[str], gradient_candidates: str) -> bool:
+    """Whether the gradient method offers misspellings, which reads the data's own words."""
+    return "gradient" in methods and gradient_candidates == "misspellings"
+
+
+def misspellings_lexicon(formatter: data.TaskFormatter) -> frozenset[str]:
+    """The words of the training split (`text_noise.lexicon`) a misspelling must not make."""
+    try:
+        return text_noise.lexicon(data.training_inputs(formatter))
+    except data.DataError as error:
+        raise data.DataError(
+            "gradient_candidates: misspellings (adversarial.augment or "
+            f"evaluation.robustness) reads its lexicon from the training split: {error}"
+        ) from None
+
+
 class Augmenter:
     """Turns the clean examples of a training step into the ones the model trains on."""
 
@@ -59,8 +75,10 @@ class Augmenter:
         seed: int,
         precision: str,
         substitutes: token_substitutes.Substitutes | None = None,
+        lexicon: frozenset[str] | None = None,
     ) -> None:
-        """`substitutes` reuses a table already built for this model's embeddings."""
+        """`substitutes` reuses a table already built for this model's embeddings, `lexicon`
+        the words already read from the training split (`misspellings_lexicon`)."""
         self.settings = settings
         self.formatter = formatter
         self.tokenizer = tokenizer
@@ -68,15 +86,9 @@ class Augmenter:
         self.seed = seed
         self.precision = precision
         self.substitutes = substitutes
-        self.lexicon = None
-        if "gradient" in settings.methods and settings.gradient_candidates == "misspellings":
-            try:
-                self.lexicon = text_noise.lexicon(data.training_inputs(formatter))
-            except data.DataError as error:
-                raise data.DataError(
-                    "gradient_candidates: misspellings (adversarial.augment or "
-                    f"evaluation.robustness) reads its lexicon from the training split: {error}"
-                ) from None
+        self.lexicon = lexicon
+        if lexicon is None and needs_lexicon(settings.methods, settings.gradient_candidates):
+            self.lexicon = misspellings_lexicon(formatter)
         if needs_model(settings.methods) and substitutes is None:
             assert model is not None
             embeddings = models.causal_lm(model).get_input_embeddings().weight

@@ -18,7 +18,12 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from llama_tune import data, models, schema, scoring
-from llama_tune.adversarial.augment import Augmenter, needs_model
+from llama_tune.adversarial.augment import (
+    Augmenter,
+    misspellings_lexicon,
+    needs_lexicon,
+    needs_model,
+)
 from llama_tune.adversarial.token_substitutes import Substitutes
 from llama_tune.runtime import process_state
 from llama_tune.scoring import own_rows
@@ -115,6 +120,10 @@ def measure(
     if needs_model(robustness.methods):
         embeddings = models.causal_lm(model).get_input_embeddings().weight
         substitutes = Substitutes(embeddings, tokenizer)
+    # Read once for every method and strength: the training split may be large.
+    lexicon = None
+    if needs_lexicon(robustness.methods, robustness.gradient_candidates):
+        lexicon = misspellings_lexicon(formatter)
     records, predictions = [], []
     count = len(eval_set.examples)
     for method in robustness.methods:
@@ -127,7 +136,14 @@ def measure(
                 gradient_candidates=robustness.gradient_candidates,
             )
             augmenter = Augmenter(
-                augment, formatter, tokenizer, model, settings.seed, precision, substitutes
+                augment,
+                formatter,
+                tokenizer,
+                model,
+                settings.seed,
+                precision,
+                substitutes,
+                lexicon,
             )
             perturbed, changed = perturbed_set(
                 eval_set, augmenter, method, settings.batch_size, shared
