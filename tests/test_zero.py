@@ -62,6 +62,19 @@ def test_zero2_trains_as_ddp_and_resumes_a_ddp_checkpoint(
     resumes_to(partitioned, ddp, adapter, ZERO2, tmp_path)
 
 
+def test_zero3_trains_as_ddp_with_a_consistency_term(ddp_reference, tiny_recipe) -> None:
+    # The compared LoRA run adds perturbed copies with a consistency term: a process whose
+    # micro-batch holds no copy calls the head all the same, as ZeRO-3 gathers it in every call
+    # (a gloo abort at step 3 before).
+    ddp = ddp_reference("lora")
+    partitioned = launched(
+        tiny_recipe("zero3", **COMPARED["lora"]), *COMPARED_OVERRIDES["lora"], launch=ZERO3
+    )
+    keys = ("loss", "consistency_loss", "grad_norm", "eval_loss", COMPARED_METRICS["lora"])
+    same_steps(ddp, partitioned, keys)
+    same_tensors(ddp / ADAPTER, partitioned / ADAPTER)
+
+
 def test_zero2_with_its_optimizer_in_cpu_memory_trains_as_one_process(
     tiny_recipe, tmp_path: Path
 ) -> None:
