@@ -110,10 +110,12 @@ def test_zero_trains_a_quantised_base_as_one_process(
     tiny_recipe, tmp_path: Path, launch: dict[str, str], quantization: str
 ) -> None:
     # ZeRO-3 partitions the 4-bit bytes and gathers them back into the same bitsandbytes
-    # parameter, quantisation constants and all.
+    # parameter, quantisation constants and all. ZeRO-2 holds the 8-bit base whole: its
+    # resume is the offloaded test's (a frozen base is read again from its files either way).
     stage = 3 if launch is ZERO3 else 2
     overrides = [f"model.quantization={quantization}"]
-    trains_as_one_process(tiny_recipe, overrides, launch, f"deepspeed zero-{stage}", tmp_path)
+    layout = f"deepspeed zero-{stage}"
+    trains_as_one_process(tiny_recipe, overrides, launch, layout, tmp_path, resumed=stage == 3)
 
 
 FULL_MODEL = Path(run_folder.FULL_MODEL) / "model.safetensors"
@@ -145,8 +147,9 @@ def test_zero3_creates_the_model_partitioned_and_trains_bf16_as_zero2(
         run = f"zero3{offloaded and '-offloaded'}"
         partitioned = launched(tiny_recipe(run, **settings), *overrides, launch=launch)
         _trains_bf16_as(whole, partitioned, "deepspeed zero-3, created partitioned" + offloaded)
-        # A resume puts the checkpoint's fp32 values into the partitions and the fp32 copies.
-        resumes_to(partitioned, partitioned, saved, launch, tmp_path)
+    # A resume puts the checkpoint's fp32 values into the partitions and the fp32 copies: the
+    # last launch's (the whole model's: offloaded).
+    resumes_to(partitioned, partitioned, saved, launch, tmp_path)
 
 
 def _trains_bf16_as(whole: Path, partitioned: Path, layout: str) -> None:
