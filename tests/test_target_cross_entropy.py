@@ -130,3 +130,53 @@ def test_scoring_losses_come_per_target_token_in_chunks(
     assert torch.equal(selected, targets != data.IGNORE_INDEX)
     assert len(losses) > 3 * objective.HEAD_CHUNK
     torch.testing.assert_close(losses, expected[selected])
+
+
+class _CountedHead(torch.nn.Linear):
+    """An output head that counts its calls, forward and backward, as ZeRO-3's hooks see them."""
+
+    def __init__(self, trained: bool) -> None:
+        super().__init__(8, 16, bias=False)
+        self.weight.requires_grad_(trained)
+        self.calls: list[str] = []
+        self.register_forward_pre_hook(lambda *_: self.calls.append("forward"))
+        self.register_full_backward_pre_hook(lambda *_: self.calls.append("backward"))
+
+
+def _head_sum(head: _CountedHead, states: torch.Tensor, paired: bool) -> torch.Tensor:
+    """A loss over `states` in chunks of 4 positions: one side, or paired with other states."""
+    if paired:
+        squared = lambda first, second: (first - second).pow(2).sum()  # noqa: E731
+        return objective.head_paired_sum(head, squared, states, states.flip(0) * 2, 4)
+    return objective.head_chunked_sum(head, lambda chunk, *_: head(chunk).pow(2).sum(), states, 4)
+
+
+@pytest.mark.parametrize("trained", [False, True], ids=["frozen head", "trained head"])
+@pytest.mark.parametrize("paired", [False, True], ids=["one side", "paired"])
+def test_agreed_head_calls_add_fillers_that_change_nothing(trained: bool, paired: bool) -> None:
+    # Three processes of a ZeRO-3 run holding 3 chunks of positions, 1 and none: each calls the
+    # head as the busiest does, forward and backward, and the fillers add no loss or gradient.
+    torch.manual_seed(0)
+    calls = []
+    for positions in (12, 1, 0):
+        head = _CountedHead(trained)
+        states = torch.randn(positions, 8, requires_grad=True)
+        results = []
+        for agreed in (False, True):
+            if agreed:
+                setattr(head, objective.AGREED_CALLS, lambda count: max(count, 3))
+            head.calls.clear()
+            loss = _head_sum(head, states, paired)
+            if loss.requires_grad:
+                loss.backward()
+            gradients = [states.grad, head.weight.grad]
+            states.grad, head.weight.grad = None, None
+            results.append((loss.item(), gradients))
+        (loss, gradients), (agreed_loss, agreed_gradients) = results
+        assert agreed_loss == loss
+        for gradient, agreed_gradient in zip(gradients, agreed_gradients, strict=True):
+            if gradient is not None:
+                torch.testing.assert_close(agreed_gradient, gradient, rtol=0, atol=0)
+        calls.append(head.calls)
+    assert calls[0] == calls[1] == calls[2]
+    assert calls[0].count("forward") == 3 * (2 if paired else 1) * (2 if trained else 1)

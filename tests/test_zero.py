@@ -174,17 +174,20 @@ def test_zero3_attacks_training_examples_through_the_model_as_ddp(tiny_recipe) -
     attacks_as_ddp(tiny_recipe, ZERO3)
 
 
-def test_zero3_trains_long_answers_as_one_process(tiny_recipe, data_root: Path) -> None:
+@pytest.mark.parametrize("packing", ["false", "true"])
+def test_zero3_trains_long_answers_as_one_process(
+    tiny_recipe, data_root: Path, packing: str
+) -> None:
     # Alpaca answers of up to 548 tokens: the head runs over 256 answer positions at a time,
-    # so the processes can call it a different number of times in a step, each call gathering its
-    # partitioned weights.
+    # so one process can have more chunks than the other in a micro-batch (packed rows: at
+    # every step), and each call gathers the partitioned head: the other calls it on fillers.
     long_answers = [
         f"data.source={data_root / 'instruction' / 'alpaca_en_demo'}",
         "data.task=instruction",
         "data.max_length=1024",
         "data.max_train_rows=64",
         "data.splits.validation=null",
-        "train.packing=false",
+        f"train.packing={packing}",
     ]
     one = tiny_recipe("one", max_steps=4, batch_size=4)
     reference = train.run(config.load(one, long_answers), one).run_dir
@@ -193,7 +196,10 @@ def test_zero3_trains_long_answers_as_one_process(tiny_recipe, data_root: Path) 
     )
     same_steps(reference, partitioned, ("loss", "grad_norm"))
     adapter = Path(run_folder.ADAPTER) / "adapter_model.safetensors"
-    same_tensors(reference / adapter, partitioned / adapter)
+    # One process packs a step's rows into other rows than two do: other orders of fp32 sums,
+    # which AdamW's normalised update turns into up to lr (1e-3) a step for an entry whose
+    # gradient is near zero (measured: 2.1e-6 and 1.9e-5, one entry each time).
+    same_tensors(reference / adapter, partitioned / adapter, 1e-6 if packing == "false" else 1e-4)
 
 
 def test_zero3_fine_tunes_the_whole_model_as_ddp_and_resumes(

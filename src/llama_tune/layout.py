@@ -21,6 +21,12 @@ from llama_tune.errors import UserError
 from llama_tune.runtime import PROCESS_GROUP_TIMEOUT, cpu_processes
 
 
+def most_of_processes(accelerator: Accelerator, count: int) -> int:
+    """The largest `count` of any process (every process calls it)."""
+    counts = accelerator.gather(torch.tensor([count], device=accelerator.device))
+    return int(counts.max().item())
+
+
 class LayoutError(UserError):
     """A recipe the launch's layout cannot train yet, named before any model loads."""
 

@@ -157,22 +157,38 @@ vocabulary makes [positions, vocab] float32 logits a step's largest tensors (an 
 row's answers), so only one chunk's exist at once."""
 
 
+AGREED_CALLS = "llama_tune_agreed_calls"
+"""The attribute a layout sets on an output head whose every call gathers its weights from
+every process (ZeRO-3's hooks, forward and backward): `most(count)`, the largest `count` of any
+process. A process with fewer chunks of positions than another then calls the head on filler
+chunks as often as the busiest does; one skipping a call would leave the others waiting in a
+gather it never joins. Its chunks are all checkpointed alike, so that the backward's calls
+match too."""
+
+
+def _agreed_chunk_count(head: torch.nn.Module, count: int) -> int:
+    most = getattr(head, AGREED_CALLS, None)
+    return count if most is None else most(count)
+
+
 def chunked_sum(
     chunk_loss: Callable[[torch.Tensor, int, int], torch.Tensor],
     states: torch.Tensor,
     chunk_size: int,
+    checkpoint_last: bool = False,
 ) -> torch.Tensor:
     """The sum of `chunk_loss(states[start:stop], start, stop)` over chunks of `states`' rows.
 
     Only the states are kept for backward: each chunk's loss (its logits) is recomputed there
-    (activation checkpointing). The last chunk is exempt: backward starts with it, so its
-    logits are freed before any other chunk's are recomputed, and the peak stays one chunk's.
+    (activation checkpointing). The last chunk is exempt unless `checkpoint_last`: backward
+    starts with it, so its logits are freed before any other chunk's are recomputed, and the
+    peak stays one chunk's.
     """
     total = states.new_zeros((), dtype=torch.float32)
     for start in range(0, states.shape[0], chunk_size):
         stop = min(start + chunk_size, states.shape[0])
         chunk = states[start:stop]
-        if chunk.requires_grad and stop < states.shape[0]:
+        if chunk.requires_grad and (checkpoint_last or stop < states.shape[0]):
             value = checkpoint(chunk_loss, chunk, start, stop, use_reentrant=False)
         else:
             value = chunk_loss(chunk, start, stop)
@@ -230,16 +246,46 @@ def head_chunked_sum(
     chunk_loss: Callable[[torch.Tensor, int, int], torch.Tensor],
     states: torch.Tensor,
     chunk_size: int = HEAD_CHUNK,
+    filler_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """`chunked_sum` of a loss that applies the output `head` to chunks of `states`.
 
     A frozen head (LoRA) gets each chunk's gradient in the forward, so nothing is computed
     twice (nor the head called again in backward, where a sharded one is no longer gathered);
-    a trained one recomputes each chunk's logits in backward.
+    a trained one recomputes each chunk's logits in backward. Where the processes must call
+    the head alike (`AGREED_CALLS`), filler chunks make up the difference: `filler_loss` of a
+    row of zeros calls the head as a real chunk's loss does (default: once).
     """
+    chunks = -(-states.shape[0] // chunk_size)
+    fillers = _agreed_chunk_count(head, chunks) - chunks
+    total = _head_chunks(head, chunk_loss, states, chunk_size)
+    if fillers == 0:
+        return total
+
+    def no_loss(chunk: torch.Tensor, _start: int, _stop: int) -> torch.Tensor:
+        value = head_logits(head, chunk) if filler_loss is None else filler_loss(chunk)
+        # Nonlinear in the logits, as every real loss is: a checkpointed chunk's backward
+        # then recomputes the head before calling its backward, in a real chunk's order.
+        return 0 * value.float().square().sum()
+
+    # One position of zeros each, through the path a real chunk takes (its backward included).
+    filler = states.detach().new_zeros(fillers, states.shape[-1])
+    filler.requires_grad_(states.requires_grad and torch.is_grad_enabled())
+    return total + _head_chunks(head, no_loss, filler, 1)
+
+
+def _head_chunks(
+    head: torch.nn.Module,
+    chunk_loss: Callable[[torch.Tensor, int, int], torch.Tensor],
+    states: torch.Tensor,
+    chunk_size: int,
+) -> torch.Tensor:
+    if states.shape[0] == 0:
+        return states.new_zeros((), dtype=torch.float32)
     trained_head = any(parameter.requires_grad for parameter in head.parameters())
     if trained_head or not (states.requires_grad and torch.is_grad_enabled()):
-        return chunked_sum(chunk_loss, states, chunk_size)
+        agreed = hasattr(head, AGREED_CALLS)
+        return chunked_sum(chunk_loss, states, chunk_size, checkpoint_last=agreed)
     gradients = []
 
     def loss_and_gradient(chunk: torch.Tensor, start: int, stop: int) -> torch.Tensor:
@@ -275,7 +321,9 @@ def head_paired_sum(
 
     second = second_states.detach() if second_fixed else second_states
     paired = torch.cat([first_states, second], dim=-1)
-    return head_chunked_sum(head, chunk_loss, paired, chunk_size)
+    return head_chunked_sum(
+        head, chunk_loss, paired, chunk_size, filler_loss=lambda chunk: chunk_loss(chunk, 0, 1)
+    )
 
 
 class _KnownGradient(torch.autograd.Function):
@@ -310,6 +358,8 @@ def target_token_losses(
         )
         for start in range(0, len(states), HEAD_CHUNK)
     ]
+    for _ in range(_agreed_chunk_count(head, len(losses)) - len(losses)):
+        head_logits(head, states.new_zeros(1, states.shape[-1]))
     return torch.cat(losses or [states.new_zeros(0, dtype=torch.float32)]), selected
 
 

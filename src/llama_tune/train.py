@@ -46,7 +46,7 @@ from llama_tune import (
 from llama_tune.checkpoint import StopSignals, TrainState
 from llama_tune.errors import UserError
 from llama_tune.jsonfiles import read_json, write_json
-from llama_tune.layout import adamw, trained_extras, trained_parameters
+from llama_tune.layout import adamw, most_of_processes, trained_extras, trained_parameters
 from llama_tune.objective import ModelCalls, Objective, combined, step_counts
 from llama_tune.runtime import (
     PROCESS_GROUP_TIMEOUT,
@@ -581,7 +581,9 @@ class TrainingRun:
         return ModelCalls(
             whole=lambda: layout.whole_model(objective),
             synced=layout.spreads_weights,
-            most=lambda count: _most(accelerator, count) if layout.spreads_weights else count,
+            most=lambda count: (
+                most_of_processes(accelerator, count) if layout.spreads_weights else count
+            ),
             regather=lambda: layout.regather(objective),
         )
 
@@ -940,12 +942,6 @@ def _nan_gradients_if_nonfinite(loss: torch.Tensor) -> torch.Tensor:
     can have finite gradients). A non-finite step is skipped: DeepSpeed's engine steps inside
     the last backward and skips only a step whose gradients overflow. No host sync."""
     return loss * torch.where(torch.isfinite(loss.detach()), 1.0, math.nan)
-
-
-def _most(accelerator: Accelerator, count: int) -> int:
-    """The largest `count` of any process."""
-    counts = accelerator.gather(torch.tensor([count], device=accelerator.device))
-    return int(counts.max().item())
 
 
 def _any_process(accelerator: Accelerator, flag: bool) -> bool:

@@ -14,6 +14,7 @@ DeepSpeed itself (an optional dependency, seconds to import) is imported where i
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 from safetensors import safe_open
 
 from llama_tune import checkpoint, layout, models, schema
+from llama_tune.objective import AGREED_CALLS
 from llama_tune.runtime import PROCESS_GROUP_TIMEOUT, LaunchError
 
 CONFIG_FILE = "ACCELERATE_DEEPSPEED_CONFIG_FILE"
@@ -247,6 +249,12 @@ class ZeroLayout(layout.Layout):
         from deepspeed.utils import safe_set_full_fp32_param
 
         engine, prepared = accelerator.prepare(objective, optimizer)
+        if self.stage == 3:
+            # Each call of the partitioned head gathers it from every process: they call it
+            # alike, however many positions each holds (objective.AGREED_CALLS).
+            head = models.causal_lm(objective.model).get_output_embeddings()
+            most = functools.partial(layout.most_of_processes, accelerator)
+            setattr(head, AGREED_CALLS, most)
         for param, value in self.masters:
             safe_set_full_fp32_param(param, value.to(accelerator.device))
         self.masters = []

@@ -66,15 +66,8 @@ def paired_divergence(
         assert counts[row] == counts[clean_row], "a perturbed copy's targets changed"
         perturbed_positions += range(starts[row], starts[row] + counts[row])
         clean_positions += range(starts[clean_row], starts[clean_row] + counts[row])
-    if not perturbed_positions:
-        # A micro-batch without a perturbed copy still calls the head as one with a few:
-        # ZeRO-3 gathers its weights in every call, forward and backward, and a process
-        # skipping the call would leave the others waiting in a gather it never joins. One
-        # position of zeros, its divergence (0) counted zero times; a millisecond.
-        filler = states.new_zeros(1, states.shape[-1]).requires_grad_(True)
-        return 0 * head_paired_sum(
-            head, _kl_from_clean, filler, filler, chunk_size, second_fixed=True
-        )
+    # A micro-batch without a perturbed copy sums over no position; under ZeRO-3 it still
+    # calls the head as often as another process's (`objective.AGREED_CALLS`).
     perturbed, clean = states[perturbed_positions], states[clean_positions]
     return head_paired_sum(head, _kl_from_clean, perturbed, clean, chunk_size, second_fixed=True)
 
