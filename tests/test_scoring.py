@@ -259,3 +259,33 @@ def test_answers_that_span_lines_are_not_cut_at_their_first(
     (summaries / "validation.jsonl").write_text("\n".join([*first, json.dumps(row)]) + "\n")
     # The split's every row counts, not only those scored.
     assert scoring.load_eval_set(recipe, tokenizer, "validation", 1).stop_strings == []
+
+
+def test_the_rows_a_validation_fraction_holds_out_are_the_ones_scored(
+    tiny_recipe, tmp_path: Path, tokenizer
+) -> None:
+    # A source with a training split alone: validation metrics during training, the scores
+    # after it and `evaluate --split validation` all read the rows training held out.
+    source = tmp_path / "train-only"
+    source.mkdir()
+    shutil.copy(TEST_DATA / "sentiment" / "train.jsonl", source / "train.jsonl")
+    path = tiny_recipe(max_steps=2, validation={"every": 2, "metric_rows": 4})
+    overrides = [
+        f"data.source={source}",
+        "data.splits.validation_fraction=0.25",
+        "train.seed=3",
+        "evaluation.split=validation",
+        "evaluation.after_training=true",
+    ]
+    recipe = config.load(path, overrides)
+    held_out = data.build(recipe.data, tokenizer, seed=3).validation
+    assert held_out is not None
+    scored = scoring.load_eval_set(recipe, tokenizer, "validation", None)
+    assert "held out: 16 of 64 rows, seed 3" in scored.origin
+    assert [e.row for e in scored.examples] == [e.row for e in held_out.examples]
+    # Training checks at its start that the split to score after it exists.
+    run_dir = train.run(recipe, path).run_dir
+    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval_accuracy" in line for line in logged)
+    results = evaluation.run(run_dir, [], limit=None, base=False)
+    assert results["n"] == 16

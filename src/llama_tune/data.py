@@ -826,6 +826,19 @@ def held_out(
     return (origin, iter(kept)), (label, iter(validation))
 
 
+def open_scored_split(
+    config: DataConfig, split: str, seed: int
+) -> tuple[str, Iterator[RawRow]] | None:
+    """The rows of `split` to score: the source's own, or, for a validation split the source
+    lacks, the training rows `splits.validation_fraction` held out (chosen with `seed`, the
+    recipe's train.seed, as training chose them); None when there are neither."""
+    opened = open_split(config.source, split)
+    fraction = config.splits.validation_fraction
+    if opened is None and split == config.splits.validation and fraction is not None:
+        _, opened = held_out(*_open_train(config), fraction, seed)
+    return opened
+
+
 def _with_rows(split: Split, key: str = "") -> Split:
     """The split, which must have usable rows to train on; `key` names the recipe entry it
     comes from where the file alone would not say (a `data.mix` source)."""

@@ -76,8 +76,9 @@ def _references(values: dict[str, Any], target: str) -> list[str]:
 def load_eval_set(
     recipe: Recipe, tokenizer: PreTrainedTokenizerBase, split: str, limit: int | None
 ) -> EvalSet:
-    """Read and render the split to score; bad rows are counted, never silently dropped."""
-    opened = data.open_split(recipe.data.source, split)
+    """Read and render the split to score (`data.open_scored_split`); bad rows are counted,
+    never silently dropped."""
+    opened = data.open_scored_split(recipe.data, split, recipe.train.seed)
     if opened is None:
         raise data.DataError(f"data source {recipe.data.source} has no {split!r} split")
     origin, rows = opened

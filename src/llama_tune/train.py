@@ -234,7 +234,7 @@ def check_evaluation_splits(
     if not recipe.evaluation.after_training:
         return
     split = recipe.evaluation.split
-    if data.open_split(recipe.data.source, split) is None:
+    if data.open_scored_split(recipe.data, split, recipe.train.seed) is None:
         raise TrainError(
             f"evaluation.after_training: data source {recipe.data.source} has no {split!r} "
             "split to score; set evaluation.split"
