@@ -156,21 +156,24 @@ def _head_sum(head: _CountedHead, states: torch.Tensor, paired: bool) -> torch.T
 def test_agreed_head_calls_add_fillers_that_change_nothing(trained: bool, paired: bool) -> None:
     # Three processes of a ZeRO-3 run holding 3 chunks of positions, 1 and none: each calls the
     # head as the busiest does, forward and backward, and the fillers add no loss or gradient.
+    # The gradient for the states' source alone (SMART's ascent), then for everything.
     torch.manual_seed(0)
     calls = []
     for positions in (12, 1, 0):
         head = _CountedHead(trained)
-        states = torch.randn(positions, 8, requires_grad=True)
+        source = torch.randn(positions, 8, requires_grad=True)
         results = []
         for agreed in (False, True):
             if agreed:
                 setattr(head, objective.AGREED_CALLS, lambda count: max(count, 3))
             head.calls.clear()
-            loss = _head_sum(head, states, paired)
+            loss = _head_sum(head, source * 2, paired)
             if loss.requires_grad:
+                (ascent,) = torch.autograd.grad(loss, source, retain_graph=True)
                 loss.backward()
-            gradients = [states.grad, head.weight.grad]
-            states.grad, head.weight.grad = None, None
+                torch.testing.assert_close(ascent, source.grad)
+            gradients = [source.grad, head.weight.grad]
+            source.grad, head.weight.grad = None, None
             results.append((loss.item(), gradients))
         (loss, gradients), (agreed_loss, agreed_gradients) = results
         assert agreed_loss == loss
@@ -179,4 +182,5 @@ def test_agreed_head_calls_add_fillers_that_change_nothing(trained: bool, paired
                 torch.testing.assert_close(agreed_gradient, gradient, rtol=0, atol=0)
         calls.append(head.calls)
     assert calls[0] == calls[1] == calls[2]
-    assert calls[0].count("forward") == 3 * (2 if paired else 1) * (2 if trained else 1)
+    # A trained head's chunks run again in each of the two backwards.
+    assert calls[0].count("forward") == 3 * (2 if paired else 1) * (3 if trained else 1)

@@ -268,9 +268,10 @@ def head_chunked_sum(
         # then recomputes the head before calling its backward, in a real chunk's order.
         return 0 * value.float().square().sum()
 
-    # One position of zeros each, through the path a real chunk takes (its backward included).
-    filler = states.detach().new_zeros(fillers, states.shape[-1])
-    filler.requires_grad_(states.requires_grad and torch.is_grad_enabled())
+    # One position of zeros each, through the path a real chunk takes, its backward included:
+    # tied to `states` (times zero), so that a gradient taken for what they come from alone
+    # (SMART's and PGD's ascents) passes through the fillers as through the real chunks.
+    filler = states.new_zeros(fillers, states.shape[-1]) + 0 * states.sum()
     return total + _head_chunks(head, no_loss, filler, 1)
 
 
