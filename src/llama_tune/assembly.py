@@ -87,7 +87,8 @@ def build(
     if recipe.adversarial is not None and recipe.adversarial.train is not None:
         from llama_tune.adversarial.embedding import AdversarialObjective
 
-        objective = AdversarialObjective(objective, recipe.adversarial.train)
+        reuse = not layout.weights_whole_per_module
+        objective = AdversarialObjective(objective, recipe.adversarial.train, reuse)
     augmenter = None
     if augment is not None:
         from llama_tune.adversarial.augment import Augmenter, refuse_unperturbable

@@ -105,9 +105,16 @@ class AdversarialObjective(WrappedObjective):
     `smoothness` counted over the task's target tokens.
     """
 
-    def __init__(self, objective: Objective, settings: AdversarialTrainConfig) -> None:
+    def __init__(
+        self, objective: Objective, settings: AdversarialTrainConfig, reuse_clean_graph: bool = True
+    ) -> None:
+        """`reuse_clean_graph`: FGM's and PGD's first ascent step takes its gradient through the
+        clean forward's graph, which the step's backward then runs again. ZeRO-3 cannot: the
+        first backward of its first step releases weights the second one reads (a size-0
+        tensor in the final norm's backward); there the ascent makes a forward of its own."""
         super().__init__(objective)
         self.settings = settings
+        self.reuse_clean_graph = reuse_clean_graph
         if settings.method == "smart":
             self.weights["smoothness"] = settings.weight
         elif settings.method is not None:
@@ -184,14 +191,17 @@ class AdversarialObjective(WrappedObjective):
             }
             return clean | {f"adversarial_{name}": value for name, value in adversarial.items()}
 
-        # FGM and PGD; the first ascent step reuses the clean forward's graph.
+        # FGM and PGD; the first ascent step reuses the clean forward's graph where it may.
         steps = 1 if settings.method == "fgm" else settings.steps
         step_size = epsilon if settings.method == "fgm" else step_size
         offset = torch.zeros_like(noise, requires_grad=True)
-        clean = self._run(batch, noise + offset)
-        sums = clean
+        if self.reuse_clean_graph:
+            clean = sums = self._run(batch, noise + offset)
+        else:
+            clean, sums = self._run(batch, noise), self._run(batch, noise + offset)
         for step in range(steps):
-            gradient = self._gradient(total(sums), offset, retain_graph=step == 0)
+            retain_graph = step == 0 and self.reuse_clean_graph
+            gradient = self._gradient(total(sums), offset, retain_graph=retain_graph)
             offset = projected(
                 offset.detach() + step_size * normalised(gradient, norm), epsilon, norm
             )
