@@ -205,9 +205,7 @@ def test_zero3_trains_long_answers_as_one_process(
     same_tensors(reference / adapter, partitioned / adapter, 1e-6 if packing == "false" else 1e-4)
 
 
-def test_zero3_fine_tunes_the_whole_model_as_ddp_and_resumes(
-    ddp_reference, tiny_recipe, tmp_path: Path
-) -> None:
+def test_zero3_fine_tunes_the_whole_model_as_ddp(ddp_reference, tiny_recipe) -> None:
     ddp = ddp_reference("full")
     # Gradient checkpointing recomputes each partitioned layer in the backward, gathering its
     # weights again; the steps stay DDP's (which runs without).
@@ -223,8 +221,9 @@ def test_zero3_fine_tunes_the_whole_model_as_ddp_and_resumes(
     same_tensors(ddp / weights, partitioned / weights, FULL_WEIGHTS_ATOL)
     step_weights = STEP / "model.safetensors"
     same_tensors(ddp / step_weights, partitioned / step_weights, FULL_WEIGHTS_ATOL)
+    # Its checkpoint holds DDP's optimizer state; a whole model's resume under ZeRO-3 is the
+    # bf16 test's (offloaded), an adapter's the bf16 and 4-bit tests'.
     same_optimizers(ddp / STEP, partitioned / STEP)
-    resumes_to(partitioned, partitioned, weights, ZERO3, tmp_path)
 
 
 def test_the_deepspeed_configs_leave_the_recipe_its_keys() -> None:
