@@ -264,7 +264,12 @@ def _augment(args: argparse.Namespace) -> int:
     from llama_tune.runtime import resolve_precision
 
     precision = resolve_precision(recipe.train.precision)
-    shown = augment.preview(recipe, args.show, precision)
+    student = None
+    if augment.needs_model(recipe.adversarial.augment.methods):
+        from llama_tune.distillation import loading
+
+        student = loading.cut_student(recipe, precision)
+    shown = augment.preview(recipe, args.show, precision, student)
     (field,) = augment.input_fields(recipe)
     width = max(len("perturbed"), len("clean"))
     for number, item in enumerate(shown, start=1):

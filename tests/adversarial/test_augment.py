@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import peft
 import pytest
 
 from llama_tune import cli, config, data, models, run_folder, schema, train
@@ -116,6 +117,30 @@ def test_preview_prints_clean_and_perturbed_rows(tiny_recipe, capsys) -> None:
     assert shown.count("perturbed") == 4
     assert cli.main(["augment", str(path)]) == cli.USAGE_ERROR
     assert "no adversarial.augment section" in capsys.readouterr().err
+
+
+def test_the_preview_attacks_a_student_cut_from_its_teacher(
+    tiny_recipe, tiny_model_dir, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The student trains on the attacks: the preview's gradient method attacks it (one of the
+    # teacher's two layers, a fresh adapter on it), not the recipe's base model.
+    attacked = []
+    real = augment.Augmenter.__init__
+
+    def recording(self, settings, formatter, tokenizer, model, *rest) -> None:
+        attacked.append(model)
+        real(self, settings, formatter, tokenizer, model, *rest)
+
+    monkeypatch.setattr(augment.Augmenter, "__init__", recording)
+    distilled = [
+        f"distill.teacher.name={tiny_model_dir}",
+        "distill.student.from_teacher.keep_layers=[1]",
+        "adversarial.augment={methods: [gradient]}",
+    ]
+    assert cli.main(["augment", str(tiny_recipe()), *distilled, "--show", "2"]) == 0
+    (model,) = attacked
+    assert isinstance(model, peft.PeftModel)
+    assert model.get_base_model().config.num_hidden_layers == 1
 
 
 def test_bad_adversarial_sections_are_named() -> None:

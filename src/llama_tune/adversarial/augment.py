@@ -287,17 +287,23 @@ def refuse_unperturbable(datasets: data.Datasets) -> None:
         data.refuse_perturbing(stats.format, stats.origin, "adversarial.augment")
 
 
-def preview(recipe: schema.Recipe, count: int, precision: str) -> list[Perturbed]:
+def preview(
+    recipe: schema.Recipe,
+    count: int,
+    precision: str,
+    student: PreTrainedModel | PeftModel | None = None,
+) -> list[Perturbed]:
     """The first `count` training rows, each perturbed by the recipe's methods in turn.
 
     Every row shown is perturbed (the probability is for training); the gradient method attacks
-    the model as training starts (the base model wearing a fresh adapter).
+    the model as training starts: `student` (a distillation's student cut from its teacher),
+    else the base model wearing a fresh adapter.
     """
     assert recipe.adversarial is not None
     assert recipe.adversarial.augment is not None
     settings = recipe.adversarial.augment
-    model = None
-    if needs_model(settings.methods):
+    model = student
+    if needs_model(settings.methods) and model is None:
         loaded = models.load(recipe.model, recipe.adapter, precision)
         tokenizer, model = loaded.tokenizer, loaded.model
     else:

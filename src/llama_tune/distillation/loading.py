@@ -228,14 +228,10 @@ def _student(
     assert recipe.distill is not None
     settings, mixed_precision = recipe.distill, accelerator.mixed_precision
     full = recipe.adapter is None
-    keep = None
-    if settings.student.from_teacher is not None:
+    cut = settings.student.from_teacher is not None
+    if cut:
         assert teacher is not None
-        keep = _kept_layers(
-            settings, models.resolve(settings.teacher.name, settings.teacher.revision)
-        )
-        dtype = models.storage_dtype(recipe.model, mixed_precision, trained=full)
-        built = student.from_teacher(teacher, keep).to(dtype).requires_grad_(True)
+        built = _cut_from(teacher, recipe, mixed_precision)
         if not full and accelerator.is_main_process:
             # The adapter's base must be found again at evaluation: keep it with the run.
             built.save_pretrained(run_dir / STUDENT_INIT)
@@ -248,10 +244,32 @@ def _student(
     if recipe.adapter is not None:
         # A student cut from the teacher sits on the run's own copy of itself.
         base = recipe.model
-        if keep is not None:
+        if cut:
             base = base.model_copy(update={"name": str(run_dir / STUDENT_INIT), "revision": None})
         student_model = models.add_adapter(student_model, recipe.adapter, base)
     return student_model
+
+
+def _cut_from(
+    teacher: PreTrainedModel, recipe: schema.Recipe, mixed_precision: str
+) -> PreTrainedModel:
+    """The student cut from `teacher` (`distill.student.from_teacher`), trainable, in the
+    dtype its weights are stored in."""
+    assert recipe.distill is not None
+    settings = recipe.distill
+    keep = _kept_layers(settings, models.resolve(settings.teacher.name, settings.teacher.revision))
+    dtype = models.storage_dtype(recipe.model, mixed_precision, trained=recipe.adapter is None)
+    return student.from_teacher(teacher, keep).to(dtype).requires_grad_(True)
+
+
+def cut_student(recipe: schema.Recipe, precision: str) -> PeftModel | PreTrainedModel | None:
+    """The student as training starts when it is cut from its teacher (a fresh adapter on it,
+    where the recipe has one), for `llama-tune augment`'s preview, whose gradient method
+    attacks it; None when the student has weights of its own (`model`). Writes nothing."""
+    if recipe.distill is None or recipe.distill.student.from_teacher is None:
+        return None
+    built = _cut_from(load_teacher(recipe.distill, precision), recipe, precision)
+    return built if recipe.adapter is None else models.add_adapter(built, recipe.adapter)
 
 
 def load(
