@@ -24,6 +24,16 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from llama_tune import allocator, checkpoint, models
 
+LONG_FIRST = ("test_zero.py", "test_sharding.py", "test_benchmarks.py")
+"""Modules of launched and benchmark tests, a minute or two each: run first, so that the two
+workers share them and the short tests fill in after, instead of one worker running the last
+long ones while the other waits (the modules sort last by name)."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: item.path.name not in LONG_FIRST)
+
+
 REPO = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "llama_tune"]
 SHARED_DATA = Path(os.environ.get("LLAMA_TUNE_DATA", REPO.parent / "shared" / "datasets"))

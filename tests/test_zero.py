@@ -129,7 +129,8 @@ OFFLOADED = ", optimizer state and weights in cpu memory"
     ("overrides", "saved", "launches"),
     [
         ([], ADAPTER, {"": ZERO3}),
-        (["adapter=null"], FULL_MODEL, {"": ZERO3, OFFLOADED: ZERO3_OFFLOAD}),
+        # A whole model created partitioned without offload: the fp32 test below.
+        (["adapter=null"], FULL_MODEL, {OFFLOADED: ZERO3_OFFLOAD}),
     ],
     ids=["lora", "full"],
 )
@@ -150,9 +151,8 @@ def test_zero3_creates_the_model_partitioned_and_trains_bf16_as_zero2(
         run = f"zero3{offloaded and '-offloaded'}"
         partitioned = launched(tiny_recipe(run, **settings), *overrides, launch=launch)
         _trains_bf16_as(whole, partitioned, "deepspeed zero-3, created partitioned" + offloaded)
-    # A resume puts the checkpoint's fp32 values into the partitions and the fp32 copies: the
-    # last launch's (the whole model's: offloaded).
-    resumes_to(partitioned, partitioned, saved, launch, tmp_path)
+        # A resume puts the checkpoint's fp32 values into the partitions and the fp32 copies.
+        resumes_to(partitioned, partitioned, saved, launch, tmp_path)
 
 
 def _trains_bf16_as(whole: Path, partitioned: Path, layout: str) -> None:

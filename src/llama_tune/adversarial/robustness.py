@@ -98,6 +98,24 @@ def perturbed_set(
     return dataclasses.replace(eval_set, examples=perturbed_examples), changed
 
 
+def _attack_tables(
+    model: PreTrainedModel | PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    robustness: schema.RobustnessConfig,
+    formatter: data.TaskFormatter,
+) -> tuple[Substitutes | None, frozenset[str] | None]:
+    """The neighbour table and the misspellings' lexicon the methods read, if they read them:
+    made once for every method and strength (the training split may be large)."""
+    substitutes = None
+    if needs_model(robustness.methods):
+        embeddings = models.causal_lm(model).get_input_embeddings().weight
+        substitutes = Substitutes(embeddings, tokenizer)
+    lexicon = None
+    if needs_lexicon(robustness.methods, robustness.gradient_candidates):
+        lexicon = misspellings_lexicon(formatter)
+    return substitutes, lexicon
+
+
 def measure(
     model: PreTrainedModel | PeftModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -116,14 +134,7 @@ def measure(
     robustness = settings.robustness
     assert robustness is not None
     formatter = data.TaskFormatter(recipe.data, eval_set.labels, strict_labels=False)
-    substitutes = None
-    if needs_model(robustness.methods):
-        embeddings = models.causal_lm(model).get_input_embeddings().weight
-        substitutes = Substitutes(embeddings, tokenizer)
-    # Read once for every method and strength: the training split may be large.
-    lexicon = None
-    if needs_lexicon(robustness.methods, robustness.gradient_candidates):
-        lexicon = misspellings_lexicon(formatter)
+    tables = _attack_tables(model, tokenizer, robustness, formatter)
     records, predictions = [], []
     count = len(eval_set.examples)
     for method in robustness.methods:
@@ -136,14 +147,7 @@ def measure(
                 gradient_candidates=robustness.gradient_candidates,
             )
             augmenter = Augmenter(
-                augment,
-                formatter,
-                tokenizer,
-                model,
-                settings.seed,
-                precision,
-                substitutes,
-                lexicon,
+                augment, formatter, tokenizer, model, settings.seed, precision, *tables
             )
             perturbed, changed = perturbed_set(
                 eval_set, augmenter, method, settings.batch_size, shared
