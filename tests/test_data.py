@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 from collections import Counter
 from pathlib import Path
@@ -457,3 +459,24 @@ def test_a_listed_label_may_come_from_a_mixed_source(tmp_path: Path, tokenizer) 
     settings = _config(tmp_path / "main.jsonl", "classification", mix=mix, labels=labels)
     built = data.build(settings, tokenizer)
     assert {example.target for example in built.train.examples} == {"negative", "positive"}
+
+
+def test_the_fingerprint_covers_the_tokens_the_loss_covers(data_root: Path, tokenizer) -> None:
+    # ShareGPT conversations train on their earlier answers too: the same tokens with the loss
+    # on the last answer alone are other training examples (a resume or a teacher cache of
+    # the one must not pass for the other). Rows without earlier answers hash as they always
+    # did (the teacher caches built before keep their manifests).
+    config = DataConfig(
+        source=str(data_root / "instruction" / "sharegpt_dummy"),
+        task="instruction",
+        max_length=256,
+        max_train_rows=3,
+    )
+    examples = data.build(config, tokenizer).train.examples
+    assert any(example.earlier_answers for example in examples)
+    last_answers = [dataclasses.replace(e, earlier_answers=()) for e in examples]
+    assert data.fingerprint(examples) != data.fingerprint(last_answers)
+    expected = hashlib.sha256()
+    for example in last_answers:
+        expected.update(json.dumps([example.prompt_length, example.input_ids]).encode())
+    assert data.fingerprint(last_answers) == expected.hexdigest()[:16]

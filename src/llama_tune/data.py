@@ -1036,11 +1036,17 @@ def collate_packed(
 
 
 def fingerprint(examples: list[Example]) -> str:
-    """A hash of the encoded examples, in order: what a resumed run's steps ahead and a teacher
-    cache's shards are drawn from."""
+    """A hash of the encoded examples and of the tokens their loss covers, in order: what a
+    resumed run's steps ahead and a teacher cache's shards (its distilled positions) are
+    drawn from."""
     digest = hashlib.sha256()
     for example in examples:
-        digest.update(json.dumps([example.prompt_length, example.input_ids]).encode())
+        covered = [example.prompt_length, example.input_ids]
+        if example.earlier_answers:
+            # A conversation's earlier answers the loss covers; rows without any hash as they
+            # always did, so existing caches and checkpoints stay valid.
+            covered.append(example.earlier_answers)
+        digest.update(json.dumps(covered).encode())
     return digest.hexdigest()[:16]
 
 
