@@ -47,12 +47,7 @@ def needs_model(methods: list[str]) -> bool:
     return bool({"neighbour", "gradient"} & set(methods))
 
 
-def needs_lexicon(methods: list[str], gradient_candidates: str) -> bool:
-    """Whether the gradient method offers misspellings, which reads the data's own words."""
-    return "gradient" in methods and gradient_candidates == "misspellings"
-
-
-def misspellings_lexicon(formatter: data.TaskFormatter) -> frozenset[str]:
+def _misspellings_lexicon(formatter: data.TaskFormatter) -> frozenset[str]:
     """The words of the training split (`text_noise.lexicon`) a misspelling must not make."""
     try:
         return text_noise.lexicon(data.training_inputs(formatter))
@@ -61,6 +56,31 @@ def misspellings_lexicon(formatter: data.TaskFormatter) -> frozenset[str]:
             "gradient_candidates: misspellings (adversarial.augment or "
             f"evaluation.robustness) reads its lexicon from the training split: {error}"
         ) from None
+
+
+AttackTables = tuple[token_substitutes.Substitutes | None, frozenset[str] | None]
+"""The neighbour table and the misspellings' lexicon of a set of methods (None: not read)."""
+
+
+def attack_tables(
+    methods: list[str],
+    gradient_candidates: str,
+    model: PreTrainedModel | PeftModel | None,
+    tokenizer: PreTrainedTokenizerBase,
+    formatter: data.TaskFormatter,
+) -> AttackTables:
+    """The tables `methods` read: the model's input-embedding neighbours, and the training
+    split's words where the gradient method offers misspellings (`_misspellings_lexicon`)."""
+    # The data first: a split it cannot read is named before the table's work.
+    lexicon = None
+    if "gradient" in methods and gradient_candidates == "misspellings":
+        lexicon = _misspellings_lexicon(formatter)
+    substitutes = None
+    if needs_model(methods):
+        assert model is not None
+        embeddings = models.causal_lm(model).get_input_embeddings().weight
+        substitutes = token_substitutes.Substitutes(embeddings, tokenizer)
+    return substitutes, lexicon
 
 
 class Augmenter:
@@ -74,25 +94,19 @@ class Augmenter:
         model: PreTrainedModel | PeftModel | None,
         seed: int,
         precision: str,
-        substitutes: token_substitutes.Substitutes | None = None,
-        lexicon: frozenset[str] | None = None,
+        tables: AttackTables | None = None,
     ) -> None:
-        """`substitutes` reuses a table already built for this model's embeddings, `lexicon`
-        the words already read from the training split (`misspellings_lexicon`)."""
+        """`tables` reuses the `attack_tables` already made for this model and these methods."""
         self.settings = settings
         self.formatter = formatter
         self.tokenizer = tokenizer
         self.model = model
         self.seed = seed
         self.precision = precision
-        self.substitutes = substitutes
-        self.lexicon = lexicon
-        if lexicon is None and needs_lexicon(settings.methods, settings.gradient_candidates):
-            self.lexicon = misspellings_lexicon(formatter)
-        if needs_model(settings.methods) and substitutes is None:
-            assert model is not None
-            embeddings = models.causal_lm(model).get_input_embeddings().weight
-            self.substitutes = token_substitutes.Substitutes(embeddings, tokenizer)
+        if tables is None:
+            methods, candidates = settings.methods, settings.gradient_candidates
+            tables = attack_tables(methods, candidates, model, tokenizer, formatter)
+        self.substitutes, self.lexicon = tables
 
     def share_tables(self, main_copy: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Take the main process's substitute table (`Layout.main_copy`): a process that made

@@ -17,14 +17,8 @@ from peft import PeftModel
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from llama_tune import data, models, schema, scoring
-from llama_tune.adversarial.augment import (
-    Augmenter,
-    misspellings_lexicon,
-    needs_lexicon,
-    needs_model,
-)
-from llama_tune.adversarial.token_substitutes import Substitutes
+from llama_tune import data, schema, scoring
+from llama_tune.adversarial.augment import Augmenter, attack_tables
 from llama_tune.runtime import process_state
 from llama_tune.scoring import own_rows
 
@@ -98,24 +92,6 @@ def perturbed_set(
     return dataclasses.replace(eval_set, examples=perturbed_examples), changed
 
 
-def _attack_tables(
-    model: PreTrainedModel | PeftModel,
-    tokenizer: PreTrainedTokenizerBase,
-    robustness: schema.RobustnessConfig,
-    formatter: data.TaskFormatter,
-) -> tuple[Substitutes | None, frozenset[str] | None]:
-    """The neighbour table and the misspellings' lexicon the methods read, if they read them:
-    made once for every method and strength (the training split may be large)."""
-    substitutes = None
-    if needs_model(robustness.methods):
-        embeddings = models.causal_lm(model).get_input_embeddings().weight
-        substitutes = Substitutes(embeddings, tokenizer)
-    lexicon = None
-    if needs_lexicon(robustness.methods, robustness.gradient_candidates):
-        lexicon = misspellings_lexicon(formatter)
-    return substitutes, lexicon
-
-
 def measure(
     model: PreTrainedModel | PeftModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -134,7 +110,9 @@ def measure(
     robustness = settings.robustness
     assert robustness is not None
     formatter = data.TaskFormatter(recipe.data, eval_set.labels, strict_labels=False)
-    tables = _attack_tables(model, tokenizer, robustness, formatter)
+    # Made once for every method and strength (the training split may be large).
+    methods, candidates = robustness.methods, robustness.gradient_candidates
+    tables = attack_tables(methods, candidates, model, tokenizer, formatter)
     records, predictions = [], []
     count = len(eval_set.examples)
     for method in robustness.methods:
@@ -147,7 +125,7 @@ def measure(
                 gradient_candidates=robustness.gradient_candidates,
             )
             augmenter = Augmenter(
-                augment, formatter, tokenizer, model, settings.seed, precision, *tables
+                augment, formatter, tokenizer, model, settings.seed, precision, tables
             )
             perturbed, changed = perturbed_set(
                 eval_set, augmenter, method, settings.batch_size, shared
