@@ -38,6 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "llama_tune"]
 SHARED_DATA = Path(os.environ.get("LLAMA_TUNE_DATA", REPO.parent / "shared" / "datasets"))
 TEST_DATA = REPO / "tests" / "data"
+"""Tiny datasets written for the tests (tests/data/README.md): unit tests need nothing else."""
 INSTRUCTION_FOLDERS = [
     ("instruction/alpaca_en_demo", "alpaca"),
     ("instruction/alpaca_en_demo_messages", "messages"),
@@ -45,7 +46,6 @@ INSTRUCTION_FOLDERS = [
     ("classification/sst2", "text"),
 ]
 """Shared folders read as instruction rows, and the format each one is written in."""
-"""Tiny datasets written for the tests (tests/data/README.md): unit tests need nothing else."""
 
 
 @pytest.fixture(scope="session")

@@ -31,11 +31,18 @@ COMPARED = {
         "checkpoint": {"every": 2},
         "validation": {"every": 2, "metric_rows": 5},
     },
+    "attack": {"max_steps": 3, "batch_size": 4},
 }
 """The runs each layout is compared with DDP on (tiny recipe keys), by name."""
 # Five metric rows in batches of two: one process scores three rows in two batches, the other
 # two in one; a spread-out model's second process runs a filler batch to keep up.
 SCORING = ["evaluation.batch_size=2", "evaluation.max_new_tokens=5"]
+GRADIENT_ATTACK = (
+    "adversarial.augment={methods: [gradient], probability: 0.4, budget: 0.25, mode: add}"
+)
+"""Some of each process's rows attacked through the model, in as many rounds as their budgets
+ask. On the tiny recipe's rows the processes attack unequally: at one step one process has no
+row to attack while the other takes 3 rounds, at another they need 3 and 4 rounds."""
 COMPARED_OVERRIDES = {
     # 20 validation rows make 5 eval batches: one process runs an extra forward, without which
     # a sharded model's other process would wait for it in every eval.
@@ -55,6 +62,9 @@ COMPARED_OVERRIDES = {
         "data.splits.train=validation",
         *SCORING,
     ],
+    # Without a validation split, the first attack comes before any forward of the objective
+    # (FSDP has not chosen its root yet).
+    "attack": [GRADIENT_ATTACK, "data.splits.validation=null"],
 }
 COMPARED_METRICS = {"lora": "eval_accuracy", "full": "eval_rougeL"}
 FULL_WEIGHTS_ATOL = 5e-6
@@ -180,23 +190,14 @@ def trains_as_one_process(
         resumes_to(spread, spread, adapter, launch, folder)
 
 
-GRADIENT_ATTACK = (
-    "adversarial.augment={methods: [gradient], probability: 0.4, budget: 0.25, mode: add}"
-)
-"""Some of each process's rows attacked through the model, in as many rounds as their budgets
-ask. On the tiny recipe's rows the processes attack unequally: at one step one process has no
-row to attack while the other takes 3 rounds, at another they need 3 and 4 rounds."""
-
-
-def attacks_as_ddp(tiny_recipe, launch: dict[str, str]) -> None:
-    """Train 3 steps attacking examples through the model under `launch` and under DDP, where
-    each process attacks its own rows with its whole model; check that they take the same
-    steps and save the same adapter. Without a validation split, the first attack comes
-    before any forward of the objective (FSDP has not chosen its root yet)."""
-    settings = {"max_steps": 3, "batch_size": 4}
-    overrides = [GRADIENT_ATTACK, "data.splits.validation=null"]
-    ddp = launched(tiny_recipe("ddp", **settings), *overrides)
-    spread = launched(tiny_recipe("spread", **settings), *overrides, launch=launch)
+def attacks_as_ddp(ddp_reference, tiny_recipe, launch: dict[str, str]) -> None:
+    """Train 3 steps attacking examples through the model under `launch`; check that they take
+    DDP's steps (each process attacking its own rows with its whole model) and save its
+    adapter."""
+    ddp = ddp_reference("attack")
+    spread = launched(
+        tiny_recipe("spread", **COMPARED["attack"]), *COMPARED_OVERRIDES["attack"], launch=launch
+    )
     same_steps(ddp, spread, ("loss", "grad_norm"))
     adapter = Path(run_folder.ADAPTER) / "adapter_model.safetensors"
     same_tensors(ddp / adapter, spread / adapter)

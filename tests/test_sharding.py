@@ -89,10 +89,12 @@ def test_fsdp_trains_qlora_as_one_process(tiny_recipe, tmp_path: Path) -> None:
     trains_as_one_process(tiny_recipe, quantised, FSDP_QLORA, "fsdp", tmp_path)
 
 
-def test_fsdp_attacks_training_examples_through_the_model_as_ddp(tiny_recipe) -> None:
+def test_fsdp_attacks_training_examples_through_the_model_as_ddp(
+    ddp_reference, tiny_recipe
+) -> None:
     # Each process attacks its own rows, but every forward and backward of the sharded model
     # needs both: the one with fewer rows or rounds joins the other's calls with a filler.
-    attacks_as_ddp(tiny_recipe, FSDP)
+    attacks_as_ddp(ddp_reference, tiny_recipe, FSDP)
 
 
 @pytest.mark.parametrize("method", ["pgd", "smart"])
