@@ -9,13 +9,18 @@ import json
 import shutil
 from pathlib import Path
 
+import peft
 import pytest
+import torch
 from huggingface_hub import ModelCard, constants
+from transformers import AutoModelForCausalLM
 
+from conftest import write_tiny_recipe
 from hub_stand_in import HubStandIn
-from llama_tune import config, evaluation, model_card, publish, train
+from llama_tune import config, evaluation, model_card, models, publish, train
 from llama_tune.jsonfiles import read_json
 from llama_tune.report import format_interval
+from llama_tune.schema import ModelConfig
 
 TOKEN = "hf_stand_in_secret_token_1234"
 
@@ -117,6 +122,42 @@ def test_the_card_names_the_builtin_models_origin_license_and_robustness(
         drop = format_interval(record["drop"]["accuracy"])
         assert f"| {system} | char | 0.3 | {record['changed']} |" in card.text
         assert f"| {drop} |" in card.text
+
+
+def test_a_base_from_the_hub_cache_is_published_as_its_repository_and_commit(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `hf download someone/tiny-llama` prints the snapshot's folder, which users pass as the
+    # base: the adapter names the repository and commit, which load on any machine.
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--someone--tiny-llama" / "snapshots" / commit
+    shutil.copytree(tiny_model_dir, snapshot)
+    path = write_tiny_recipe(tmp_path, snapshot, max_steps=1)
+    run_dir = train.run(config.load(path, []), path).run_dir
+    assert (
+        read_json(run_dir / "summary.json")["base_model"]["portable_name"] == "someone/tiny-llama"
+    )
+    folder = tmp_path / "to-publish"
+    publish.push(publish.PushRequest(run_dir, "someone/x", dry_run=True, output=folder))
+    assert "warning" not in capsys.readouterr().err
+    card = ModelCard((folder / "README.md").read_text(), ignore_metadata_errors=False)
+    assert card.data.base_model == "someone/tiny-llama"
+    assert f"`someone/tiny-llama` at revision `{commit}`" in card.text
+    # Offline, from the cache alone: the name and commit the adapter gives load its base.
+    adapter = peft.AutoPeftModelForCausalLM.from_pretrained(folder, cache_dir=cache)
+    settings = json.loads((folder / "adapter_config.json").read_text())
+    assert (settings["base_model_name_or_path"], settings["revision"]) == (
+        "someone/tiny-llama",
+        commit,
+    )
+    trained = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    base = adapter.get_base_model().state_dict()
+    torch.testing.assert_close(base["model.norm.weight"], trained["model.norm.weight"])
+    # A folder merely named like one stays a local folder.
+    (cache / "elsewhere" / "snapshots").mkdir(parents=True)
+    lookalike = shutil.copytree(tiny_model_dir, cache / "elsewhere" / "snapshots" / commit)
+    assert models.portable_base(ModelConfig(name=str(lookalike))) == (str(lookalike), None)
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import torch
-from huggingface_hub import hf_hub_download
+from huggingface_hub import constants, hf_hub_download
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
 from safetensors import SafetensorError, safe_open
@@ -505,11 +506,28 @@ def skip_adapter_input_casts(model: torch.nn.Module) -> None:
 
 def portable_base(config: ModelConfig) -> tuple[str, str | None]:
     """(name, revision) of a base model as another machine can load it: a built-in model's Hub
-    origin, a Hub id with its revision, or a local folder as the recipe gives it."""
+    origin, a Hub id with its revision, a snapshot folder's repository and commit, or another
+    local folder as the recipe gives it."""
     builtin = BUILTIN_MODELS.get(config.name)
     if builtin is not None:
         return builtin.origin, None
-    return config.name, config.revision
+    return _hub_snapshot(config.name) or (config.name, config.revision)
+
+
+def _hub_snapshot(name: str) -> tuple[str, str] | None:
+    """(repository id, commit) of a model folder in the Hugging Face cache, the path `hf
+    download` prints (HUB_CACHE/models--ORG--NAME/snapshots/COMMIT); None for any other name."""
+    folder = Path(name).expanduser()
+    if not folder.is_dir():
+        return None
+    folder = folder.resolve()
+    repository, prefix = folder.parent.parent.name, "models" + constants.REPO_ID_SEPARATOR
+    if folder.parent.name != "snapshots" or not repository.startswith(prefix):
+        return None
+    if not re.fullmatch("[0-9a-f]{40}", folder.name):
+        return None
+    # The Hub forbids the separator inside an owner's or a repository's name.
+    return repository.removeprefix(prefix).replace(constants.REPO_ID_SEPARATOR, "/"), folder.name
 
 
 def base_record(config: ModelConfig) -> dict[str, str | None]:
