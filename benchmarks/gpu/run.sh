@@ -42,10 +42,10 @@ TOKENIZER=$REPO/.gpu/smollm2-tokenizer
 # SMALL=1 swaps every shape for the tiny one and shortens runs: a dry run of this script.
 if [ -n "${SMALL:-}" ]; then
     QUICK_SHAPE=tiny LARGE_SHAPE=tiny HUGE_SHAPE=tiny STEPS=6 QUICK="train.max_steps=6 data.max_eval_rows=16"
-    SST2_BATCH=8 AESLC_BATCH=4
+    SST2_BATCH=8 AESLC_BATCH=4 PACKED_ROWS=8
 else
     QUICK_SHAPE=smollm2-135m LARGE_SHAPE=llama-3.2-1b HUGE_SHAPE=llama-3.1-8b STEPS=${STEPS:-100} QUICK=""
-    SST2_BATCH=64 AESLC_BATCH=16
+    SST2_BATCH=64 AESLC_BATCH=16 PACKED_ROWS=32
 fi
 export PYTHON RUNS OUT TOKENIZER QUICK_SHAPE LARGE_SHAPE HUGE_SHAPE STEPS QUICK
 
@@ -113,7 +113,8 @@ phase parity 90 bash -c "'$PYTHON' benchmarks/gpu/parity.py run .gpu/tiny '$RUNS
     '$PYTHON' benchmarks/gpu/parity.py compare .gpu/parity-cpu '$RUNS/parity-gpu'"
 phase quickstart 150 quickstart
 phase large-shape 60 "$PYTHON" benchmarks/gpu/shapes.py "$LARGE_SHAPE" "$RUNS/large-model" --tokenizer "$TOKENIZER"
-phase packed-attention 60 "$PYTHON" benchmarks/gpu/packed_attention.py --model "$RUNS/large-model"
+phase packed-attention 60 "$PYTHON" benchmarks/gpu/packed_attention.py --model "$RUNS/large-model" \
+    --rows "$PACKED_ROWS"
 phase throughput-sst2 150 throughput sst2 "$SST2_BATCH" 128
 phase throughput-sst2-compiled 150 throughput sst2 "$SST2_BATCH" 128 --ours-only --compile
 phase throughput-aeslc 150 throughput aeslc "$AESLC_BATCH" 512
