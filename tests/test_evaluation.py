@@ -61,7 +61,9 @@ if os.environ.get("RANK") == "0":
 """A sitecustomize that makes the main process of a launch slow to save its adapter."""
 
 
-def test_two_processes_score_each_row_once_as_one_process(cli, tiny_recipe, tmp_path: Path) -> None:
+def test_two_processes_score_each_row_once_as_one_process(
+    cli_here, tiny_recipe, tmp_path: Path
+) -> None:
     path = tiny_recipe(max_steps=4, lr=5e-3)
     recipe = json.loads(path.read_text())
     # 23 rows: the processes' shares differ in size. Robustness: each process perturbs the
@@ -84,8 +86,10 @@ def test_two_processes_score_each_row_once_as_one_process(cli, tiny_recipe, tmp_
     out_dir = path.parent / "run" / "evaluation" / "validation"
     two, two_rows = _scored(out_dir)
     two_perturbed = (out_dir / "robustness-tuned.jsonl").read_text().splitlines()
-    # The same run scored again by one process.
-    cli("evaluate", str(path.parent / "run"), "--split", "validation", "--limit", "23", "--base")
+    # The same run scored again by one process (this one).
+    cli_here(
+        "evaluate", str(path.parent / "run"), "--split", "validation", "--limit", "23", "--base"
+    )
     one, one_rows = _scored(out_dir)
     one_perturbed = (out_dir / "robustness-tuned.jsonl").read_text().splitlines()
     assert len(one_perturbed) == 2 * 23
