@@ -139,6 +139,7 @@ def test_a_base_from_the_hub_cache_is_published_as_its_repository_and_commit(
         read_json(run_dir / "summary.json")["base_model"]["portable_name"] == "someone/tiny-llama"
     )
     folder = tmp_path / "to-publish"
+    capsys.readouterr()  # what training printed
     publish.push(publish.PushRequest(run_dir, "someone/x", dry_run=True, output=folder))
     assert "warning" not in capsys.readouterr().err
     card = ModelCard((folder / "README.md").read_text(), ignore_metadata_errors=False)

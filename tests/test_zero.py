@@ -225,7 +225,7 @@ def test_zero3_fine_tunes_the_whole_model_as_ddp(ddp_reference, tiny_recipe) -> 
     step_weights = STEP / "model.safetensors"
     same_tensors(ddp / step_weights, partitioned / step_weights, FULL_WEIGHTS_ATOL)
     # Its checkpoint holds DDP's optimizer state; a whole model's resume under ZeRO-3 is the
-    # bf16 test's (offloaded), an adapter's the bf16 and 4-bit tests'.
+    # bf16 test's (offloaded), an adapter's the bf16 LoRA test's.
     same_optimizers(ddp / STEP, partitioned / STEP)
 
 
