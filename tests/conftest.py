@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import subprocess
@@ -291,12 +292,15 @@ def cli_here(capsys: pytest.CaptureFixture[str]):
 
     def run(*args: str, expect: int = 0) -> str:
         reset_accelerate_state()
+        frozen = gc.get_freeze_count()
         try:
             code = main(list(args))
         except SystemExit as stopped:  # argparse's usage errors
             code = stopped.code
         err = capsys.readouterr().err
         assert code == expect, err[-3000:]
+        # Only the command freezes what its imports made: here this process's garbage would stay.
+        assert gc.get_freeze_count() == frozen
         return err
 
     return run

@@ -7,6 +7,8 @@ exit with code 2; a stop signal saves a checkpoint and exits with 128 + the sign
 from __future__ import annotations
 
 import argparse
+import gc
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -19,6 +21,18 @@ if TYPE_CHECKING:
     from llama_tune.train import RunResult
 
 USAGE_ERROR = 2
+VERB_MODULES = {
+    "train": "llama_tune.train",
+    "evaluate": "llama_tune.evaluation",
+    "distill": "llama_tune.distillation.loading",
+    "augment": "llama_tune.adversarial.augment",
+    "chat": "llama_tune.chat",
+    "export": "llama_tune.export",
+    "push": "llama_tune.publish",
+    "lm-eval": "llama_tune.harness",
+}
+"""The module each verb's handler imports, which loads torch and transformers (lazily: `validate`
+and `--help` stay fast)."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -355,8 +369,28 @@ def _validate(args: argparse.Namespace) -> int:
     return USAGE_ERROR if failed else 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `llama-tune` console script."""
+def _import_uncollected(verb: str) -> None:
+    """Import what `verb` needs with the cyclic garbage collector off, then freeze everything
+    made so far.
+
+    torch, transformers and peft make half a million objects that live until the exit: while
+    they import, the collector walks them all eight times (1.6 s of CPU), and the interpreter's
+    last collection once more (1.1 s), 2.7 s of a launched tiny run's 6.5 s a process
+    (measured, 2026-12-07). Frozen objects are never walked again; what the run makes later is
+    collected as usual."""
+    if verb not in VERB_MODULES:
+        return
+    gc.disable()
+    try:
+        importlib.import_module(VERB_MODULES[verb])
+    finally:
+        gc.freeze()
+        gc.enable()
+
+
+def main(argv: list[str] | None = None, *, command: bool = False) -> int:
+    """Entry point of the `llama-tune` console script (`command`: called by it, not in-process,
+    where freezing the caller's objects would keep its garbage for good)."""
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     if extra:
@@ -384,6 +418,8 @@ def main(argv: list[str] | None = None) -> int:
         "push": _push,
         "lm-eval": _lm_eval,
     }
+    if command:
+        _import_uncollected(args.verb)
     try:
         return handlers[args.verb](args)
     except UserError as error:
@@ -400,4 +436,4 @@ def console() -> int:
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return USAGE_ERROR
-    return main()
+    return main(command=True)
