@@ -299,8 +299,9 @@ def cli_here(capsys: pytest.CaptureFixture[str]):
             code = stopped.code
         err = capsys.readouterr().err
         assert code == expect, err[-3000:]
-        # Only the command freezes what its imports made: here this process's garbage would stay.
-        assert gc.get_freeze_count() == frozen
+        # Only the command freezes what its imports made: here this process's garbage would stay
+        # (frozen objects freed since leave the count).
+        assert gc.get_freeze_count() <= frozen
         return err
 
     return run
