@@ -86,9 +86,17 @@ def torchrun(
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     command += ["--nproc_per_node", str(processes), "-m", "llama_tune", *arguments]
     environment = os.environ | {"OMP_NUM_THREADS": "1"} | (launch or {})
-    return subprocess.run(
-        command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=timeout
-    )
+    output = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    with subprocess.Popen(command, cwd=REPO, env=environment, **output) as launched:
+        try:
+            stdout, stderr = launched.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            # torchrun starts each process in a session of its own, which killing torchrun
+            # would leave spinning through the rest of the suite: stopped, it stops them.
+            launched.terminate()
+            launched.communicate(timeout=60)
+            raise
+    return subprocess.CompletedProcess(command, launched.returncode, stdout, stderr)
 
 
 def expected_malloc() -> str:
