@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -112,6 +113,41 @@ def test_two_processes_score_each_row_once_as_one_process(
             for run in (two, one)
         ]
         assert robustness[0] == robustness[1]
+
+
+OWN_DISKS = """
+import os
+if "RANK" in os.environ:
+    os.chdir(os.path.join(os.environ["MACHINES"], "machine-" + os.environ["RANK"]))
+"""
+"""A sitecustomize that starts each launched process in a folder of its own: a relative run
+folder names each process's own copy, as on machines with disks of their own."""
+
+
+def test_processes_with_their_own_copies_of_a_run_score_the_systems_the_main_ones_holds(
+    cli_here, tiny_recipe, tmp_path: Path
+) -> None:
+    path = tiny_recipe(max_steps=2)
+    cli_here("train", str(path))
+    for machine in ("machine-0", "machine-1"):
+        shutil.copytree(path.parent / "run", tmp_path / machine / "run")
+    # Only the main machine's copy was scored with the base before: its results keep the base
+    # only if every process scores it again (a process scoring fewer systems would leave the
+    # others waiting in their collectives).
+    results = tmp_path / "machine-0" / "run" / run_folder.EVALUATION / "validation"
+    results.mkdir(parents=True)
+    (results / run_folder.RESULTS).write_text(json.dumps({"systems": {"base": {}}}))
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(OWN_DISKS)
+    search = os.pathsep.join(filter(None, [str(tmp_path / "site"), os.environ.get("PYTHONPATH")]))
+    arguments = ["evaluate", "run", "--split", "validation", "--limit", "8"]
+    done = torchrun(
+        arguments, launch={"PYTHONPATH": search, "MACHINES": str(tmp_path)}, timeout=120
+    )
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert done.stderr.count("scoring the base model too") == 1
+    written = json.loads((results / run_folder.RESULTS).read_text())
+    assert set(written["systems"]) == {"tuned", "base"}
 
 
 def test_a_recipes_base_scores_neither_block_its_training_nor_replace_its_runs(

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from accelerate.utils import broadcast_object_list
 from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -319,7 +320,10 @@ def run(
     best = resolved.weights_dir is not None and resolved.weights_dir.name == BEST
     out_dir = evaluation_folder(resolved.run_dir, split, best)
     main = process_state().is_main_process
-    if not base and _scored_the_base(out_dir / RESULTS):
+    # The main process's results decide for every process: machines with copies of the run
+    # folder of their own could disagree, and a process scoring fewer systems would leave the
+    # others waiting in their collectives.
+    if not base and broadcast_object_list([main and _scored_the_base(out_dir / RESULTS)])[0]:
         # The results replace these whole: without the base again, its scores would be lost.
         base = True
         if main:
