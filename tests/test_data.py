@@ -461,6 +461,23 @@ def test_a_listed_label_may_come_from_a_mixed_source(tmp_path: Path, tokenizer) 
     assert {example.target for example in built.train.examples} == {"negative", "positive"}
 
 
+def test_training_inputs_are_read_from_every_source_training_reads(tmp_path: Path) -> None:
+    # The misspellings attack's lexicon: a word only a mixed source holds is a word too. The
+    # mixed source names its text column itself; rows it cannot read are left out.
+    (tmp_path / "main.jsonl").write_text('{"text": "fine", "label": "positive"}\n')
+    rows = ['{"review": "dull", "label": "negative"}', '{"label": "negative"}']
+    (tmp_path / "more.jsonl").write_text("\n".join(rows) + "\n")
+    mix = [{"source": str(tmp_path / "more.jsonl"), "weight": 0.5, "fields": {"text": "review"}}]
+    settings = _config(tmp_path / "main.jsonl", "classification", mix=mix)
+    formatter = data.TaskFormatter(settings, ["negative", "positive"])
+    assert list(data.training_inputs(formatter)) == ["fine", "dull"]
+    missing = settings.model_copy(
+        update={"mix": [settings.mix[0].model_copy(update={"split": "x"})]}
+    )
+    with pytest.raises(data.DataError, match=r"data.mix.0: .*more.jsonl has no 'x' split"):
+        list(data.training_inputs(data.TaskFormatter(missing)))
+
+
 def test_the_fingerprint_covers_the_tokens_the_loss_covers(data_root: Path, tokenizer) -> None:
     # ShareGPT conversations train on their earlier answers too: the same tokens with the loss
     # on the last answer alone are other training examples (a resume or a teacher cache of

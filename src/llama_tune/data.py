@@ -765,16 +765,39 @@ def refuse_perturbing(row_format: str | None, origin: str, key: str) -> None:
         )
 
 
+def _mix_settings(config: DataConfig, index: int) -> DataConfig:
+    """The data settings `data.mix[index]` is read with: the recipe's, with that source's own
+    folder, row format and fields."""
+    mixed = config.mix[index]
+    return config.model_copy(
+        update={"source": mixed.source, "format": mixed.format, "fields": mixed.fields}
+    )
+
+
+def _open_mixed(config: DataConfig, index: int) -> tuple[str, Iterator[RawRow]]:
+    mixed = config.mix[index]
+    opened = open_split(mixed.source, mixed.split)
+    if opened is None:
+        raise DataError(f"data.mix.{index}: {mixed.source} has no {mixed.split!r} split")
+    return opened
+
+
 def training_inputs(formatter: TaskFormatter) -> Iterator[str]:
-    """The input-field texts of every readable row of the recipe's training split, whatever
-    `max_train_rows` says: the text a lexicon of the data's own words is read from."""
-    _, rows = _open_train(formatter.config)
-    for row in rows:
-        if row.values is None:
-            continue
-        for name in formatter.task.input_fields:
-            with contextlib.suppress(ValueError):
-                yield formatter.text_field(row.values, name)
+    """The input-field texts of every readable row training reads (the training split and each
+    `data.mix` source's), whatever `max_train_rows` says: the text a lexicon of the data's own
+    words is read from."""
+    config = formatter.config
+    sources = [(formatter, _open_train(config)[1])]
+    for index in range(len(config.mix)):
+        mixed = TaskFormatter(_mix_settings(config, index), formatter.labels)
+        sources.append((mixed, _open_mixed(config, index)[1]))
+    for source, rows in sources:
+        for row in rows:
+            if row.values is None:
+                continue
+            for name in source.task.input_fields:
+                with contextlib.suppress(ValueError):
+                    yield source.text_field(row.values, name)
 
 
 def adopt_training_format(formatter: TaskFormatter) -> None:
@@ -918,21 +941,16 @@ def mixed_examples(
     """The examples `data.mix[index]` adds to an epoch whose `main_count` main-source examples
     are the share its weights leave: drawn with `seed` in a shuffled order, again and again
     when the source has fewer rows than its share."""
-    mixed = config.mix[index]
-    settings = config.model_copy(
-        update={"source": mixed.source, "format": mixed.format, "fields": mixed.fields}
-    )
-    opened = open_split(mixed.source, mixed.split)
-    if opened is None:
-        raise DataError(f"data.mix.{index}: {mixed.source} has no {mixed.split!r} split")
-    split = build_split(*opened, TaskFormatter(settings, labels), tokenizer)
+    formatter = TaskFormatter(_mix_settings(config, index), labels)
+    split = build_split(*_open_mixed(config, index), formatter, tokenizer)
     split = _with_rows(split, f"data.mix.{index}")
+    weight = config.mix[index].weight
     main_share = 1.0 - sum(source.weight for source in config.mix)
-    wanted = round(mixed.weight * main_count / main_share)
+    wanted = round(weight * main_count / main_share)
     if wanted == 0:
         # Rounded to no example, the source would be read, listed in the summary and never trained.
         raise DataError(
-            f"data.mix.{index}.weight: {mixed.weight} of an epoch whose main source gives "
+            f"data.mix.{index}.weight: {weight} of an epoch whose main source gives "
             f"{main_count} examples is less than half an example; raise the weight"
         )
     generator = torch.Generator().manual_seed(seed + index + 1)

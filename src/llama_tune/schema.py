@@ -559,9 +559,10 @@ class AugmentConfig(Section):
     """Tokens the gradient attack may substitute. spelling: tokens one typo away (a letter
     deleted, swapped, substituted or inserted, or its case flipped): misspellings, and for whole
     words often other words ('fun' -> 'run'); misspellings: those of them that make no word of
-    the training split's inputs (seen twice or more), so the input keeps its words, misspelt;
-    neighbours: the `neighbours` nearest tokens in the input embeddings, which include antonyms
-    (SST-2: 'funny' became 'nasty'), so an attacked input may deserve the other label."""
+    the training inputs (data.mix's too; seen twice or more), so the input keeps its words,
+    misspelt; neighbours: the `neighbours` nearest tokens in the input embeddings, which include
+    antonyms (SST-2: 'funny' became 'nasty'), so an attacked input may deserve the other
+    label."""
     gradient_every: int = Field(1, ge=1)
     """The gradient attack (a forward and backward of the model) runs on every N-th step; on
     other steps examples that drew it stay clean."""

@@ -48,13 +48,14 @@ def needs_model(methods: list[str]) -> bool:
 
 
 def _misspellings_lexicon(formatter: data.TaskFormatter) -> frozenset[str]:
-    """The words of the training split (`text_noise.lexicon`) a misspelling must not make."""
+    """The words of the training data (`text_noise.lexicon`: the training split and the
+    `data.mix` sources) a misspelling must not make."""
     try:
         return text_noise.lexicon(data.training_inputs(formatter))
     except data.DataError as error:
         raise data.DataError(
             "gradient_candidates: misspellings (adversarial.augment or "
-            f"evaluation.robustness) reads its lexicon from the training split: {error}"
+            f"evaluation.robustness) reads its lexicon from the training data: {error}"
         ) from None
 
 
@@ -70,7 +71,7 @@ def attack_tables(
     formatter: data.TaskFormatter,
 ) -> AttackTables:
     """The tables `methods` read: the model's input-embedding neighbours, and the training
-    split's words where the gradient method offers misspellings (`_misspellings_lexicon`)."""
+    data's words where the gradient method offers misspellings (`_misspellings_lexicon`)."""
     # The data first: a split it cannot read is named before the table's work.
     lexicon = None
     if "gradient" in methods and gradient_candidates == "misspellings":
