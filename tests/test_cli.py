@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import ast
+import inspect
 import json
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -15,6 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import CLI, REPO, expected_malloc
 from llama_tune import allocator
+from llama_tune import cli as cli_module
 
 
 def _metric_lines(run_dir: Path) -> int:
@@ -137,6 +141,19 @@ def test_the_command_imports_without_collecting_and_freezes_what_it_imported(cli
     assert collections == 0
     assert frozen > 100_000
     assert enabled
+
+
+def test_every_verb_that_imports_is_imported_without_collecting() -> None:
+    # A verb missing from VERB_MODULES would import its libraries with the collector on.
+    for verb, handler in cli_module.HANDLERS.items():
+        imports = [
+            node
+            for node in ast.walk(ast.parse(textwrap.dedent(inspect.getsource(handler))))
+            if isinstance(node, ast.ImportFrom)
+        ]
+        imported = {f"{node.module}.{alias.name}" for node in imports for alias in node.names}
+        assert (verb in cli_module.VERB_MODULES) == bool(imports), verb
+        assert not imports or cli_module.VERB_MODULES[verb] in imported | {imports[0].module}
 
 
 def test_the_allocator_setting_is_checked_before_anything_runs(cli) -> None:

@@ -18,12 +18,15 @@ from llama_tune import __version__, allocator, config, run_folder
 from llama_tune.errors import UserError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from llama_tune.train import RunResult
 
 USAGE_ERROR = 2
 VERB_MODULES = {
     "train": "llama_tune.train",
     "evaluate": "llama_tune.evaluation",
+    "report": "llama_tune.report",
     "distill": "llama_tune.distillation.loading",
     "augment": "llama_tune.adversarial.augment",
     "chat": "llama_tune.chat",
@@ -369,6 +372,21 @@ def _validate(args: argparse.Namespace) -> int:
     return USAGE_ERROR if failed else 0
 
 
+HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "train": _train,
+    "evaluate": _evaluate,
+    "report": _report,
+    "distill": _distill,
+    "augment": _augment,
+    "chat": _chat,
+    "validate": _validate,
+    "export": _export,
+    "push": _push,
+    "lm-eval": _lm_eval,
+}
+"""The function each verb calls; it returns the exit code."""
+
+
 def _import_uncollected(verb: str) -> None:
     """Import what `verb` needs with the cyclic garbage collector off, then freeze everything
     made so far.
@@ -406,22 +424,10 @@ def main(argv: list[str] | None = None, *, command: bool = False) -> int:
             print(f"error: --data {args.data}: no such folder", file=sys.stderr)
             return USAGE_ERROR
         os.environ["LLAMA_TUNE_DATA"] = str(Path(args.data).resolve())
-    handlers = {
-        "train": _train,
-        "evaluate": _evaluate,
-        "report": _report,
-        "distill": _distill,
-        "augment": _augment,
-        "chat": _chat,
-        "validate": _validate,
-        "export": _export,
-        "push": _push,
-        "lm-eval": _lm_eval,
-    }
     if command:
         _import_uncollected(args.verb)
     try:
-        return handlers[args.verb](args)
+        return HANDLERS[args.verb](args)
     except UserError as error:
         # Anything else is a bug and keeps its traceback.
         print(f"error: {error}", file=sys.stderr)
