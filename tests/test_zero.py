@@ -353,8 +353,9 @@ from deepspeed.accelerator import get_accelerator
 
 from llama_tune import zero
 
-# DeepSpeed's CPU accelerator offers fp16 only where oneDNN has fp16 kernels (not on an AMD EPYC
-# without AVX-512): a check of the device, not of the scaler; torch computes fp16 on any CPU.
+# DeepSpeed's CPU accelerator offers fp16 only where oneDNN has fp16 kernels (AVX512-FP16 or AMX;
+# not on an AMD EPYC, whose AVX-512 has no fp16 instructions): a check of the device, not of the
+# scaler; torch computes fp16 on any CPU.
 get_accelerator().is_fp16_supported = lambda: True
 
 def engine():
